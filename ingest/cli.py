@@ -1,0 +1,139 @@
+"""The `qsnet` command line.
+
+Commands of this package are defined here; higher packages (train, tune, serve) add theirs
+through the `qsnet.commands` entry-point group, so this, the lowest package, never imports them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    name="qsnet",
+    help="QS-Net platform: MRF maps to synthetic clinical contrasts, from DICOM to served models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def fail(command: str, message: str, code: int = 1) -> None:
+    """One line on stderr and a non-zero exit: the contract for every error a user can cause."""
+    typer.echo(f"qsnet {command}: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _run(command: str, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        fail(command, "interrupted", 130)
+    except Exception as exc:  # noqa: BLE001 - the CLI boundary turns every failure into one line
+        if os.environ.get("QSNET_DEBUG"):
+            raise
+        msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        fail(command, msg)
+
+
+@app.command()
+def simulate(
+    out: Path = typer.Option(Path("data"), "--out", help="Output folder (written atomically)."),
+    size: str = typer.Option("demo", "--size", help="demo (CPU minutes) or paper (Table 1 geometry, 32 + 18 exams)."),
+    anatomy: Optional[Path] = typer.Option(None, "--anatomy", help="Folder with gm.nii.gz, wm.nii.gz, csf.nii.gz "
+                                           "probability maps on one grid (default: MNI152 2009 from nilearn)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of every random choice."),
+    site: Optional[list[str]] = typer.Option(None, "--site", help="Only these sites (repeatable): site-A, site-B."),
+    subjects: Optional[int] = typer.Option(None, "--subjects", help="At most this many exams per site (a quick look; "
+                                            "the default is the size's full cohort)."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Exams simulated in parallel (default: CPU count)."),
+    force: bool = typer.Option(False, "--force", help="Regenerate even if OUT already holds this exact phantom."),
+):
+    """Simulate the two phantom sites of the paper as DICOM (site A: Siemens Prisma, healthy;
+    site B: GE SIGNA Premier, glioblastoma)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ingest.phantom.simulate import SITES, plan, simulate as run
+
+    sites = tuple(site) if site else SITES
+    tasks = _run("simulate", plan, size, sites, subjects)
+    with Progress(TextColumn("simulate"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                  TimeElapsedColumn(), transient=False, disable=not sys.stderr.isatty()) as prog:
+        bar = prog.add_task("", total=len(tasks))
+
+        def tick(result):
+            prog.update(bar, advance=1, description=f"{result['site']}/{result['exam']}")
+
+        summary = _run("simulate", run, out, size=size, anatomy_dir=anatomy, seed=seed, sites=sites,
+                       subjects=subjects, jobs=jobs, force=force, progress=tick)
+    if summary["up_to_date"]:
+        typer.echo(f"{out}: already holds this phantom (size {size}, seed {seed}); nothing to do (--force regenerates)")
+    else:
+        typer.echo(f"{out}: wrote {len(summary['exams'])} exams (size {size}, seed {seed})")
+
+
+@app.command()
+def view(
+    path: Path = typer.Argument(..., help="An exam folder (one sub-folder per DICOM series)."),
+    out: Path = typer.Option(..., "--out", help="PNG file to write."),
+):
+    """Mosaic of the middle slice of each series of an exam."""
+    from ingest.view import render
+
+    png = _run("view", render, path, out)
+    typer.echo(str(png))
+
+
+@app.command("phantom-qa")
+def phantom_qa(
+    data: Path = typer.Argument(Path("data"), help="A phantom tree written by `qsnet simulate`."),
+    out: Path = typer.Option(Path("reports/phantom_qa.json"), "--out", help="Metrics JSON to write."),
+    strict: bool = typer.Option(False, "--strict", help="Exit non-zero when a physics check fails."),
+):
+    """Physics QA of a phantom tree: contrasts by ground-truth label, MRF T1/T2 vs 3T literature."""
+    import json
+
+    from ingest.phantom.qa import run_qa
+
+    if not data.is_dir():
+        fail("phantom-qa", f"{data}: not a folder")
+    if not any(data.glob("site-*/*/truth/truth.json")):
+        report = {"phantom": False, "note": "no phantom ground truth under this tree; nothing to check"}
+    else:
+        report = _run("phantom-qa", run_qa, data)
+        report["phantom"] = True
+        failed = [f"{site}:{name}" for site, c in report["checks"].items() for name, ok in c.items() if not ok]
+        report["all_passed"] = not failed
+        for f in failed:
+            typer.echo(f"qsnet phantom-qa: warning: check failed: {f}", err=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+    tmp.replace(out)
+    typer.echo(f"{out}: {'all checks passed' if report.get('all_passed', True) else 'some checks failed'}")
+    if strict and not report.get("all_passed", True):
+        raise typer.Exit(1)
+
+
+def _load_plugins() -> None:
+    for ep in entry_points(group="qsnet.commands"):
+        try:
+            ep.load()(app)
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the CLI down
+            typer.echo(f"qsnet: warning: command plugin {ep.name!r} failed to load: {exc}", err=True)
+
+
+def main() -> None:
+    _load_plugins()
+    app()
+
+
+if __name__ == "__main__":
+    main()

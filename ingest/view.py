@@ -1,0 +1,72 @@
+"""`qsnet view`: a mosaic of the middle slice of every series of an exam, for a person to look at.
+
+Titles carry the series description and geometry only, never header identity fields.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+class ViewError(ValueError):
+    pass
+
+
+def _exam_series(exam: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    from ingest.reader import read_series
+
+    out = []
+    for folder in sorted(p for p in exam.iterdir() if p.is_dir() and p.name != "truth"):
+        files = sorted(f for f in folder.iterdir() if f.is_file())
+        if not files:
+            continue
+        vol, aff, meta = read_series(files)
+        out.append((meta["series_description"] or folder.name, vol, aff))
+    truth = exam / "truth" / "labels.nii.gz"
+    if truth.exists():
+        import nibabel as nib
+
+        img = nib.load(str(truth))
+        lab = np.asarray(img.dataobj).transpose(2, 1, 0).astype(np.float32)
+        out.append(("truth labels", lab, np.diag([-1.0, -1.0, 1.0, 1.0]) @ img.affine[:, [2, 1, 0, 3]]))
+    return out
+
+
+def render(path: Path, out_png: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    if not path.exists():
+        raise ViewError(f"{path}: does not exist")
+    if not path.is_dir():
+        raise ViewError(f"{path}: expected an exam folder (one sub-folder per series)")
+    series = _exam_series(path)
+    if not series:
+        raise ViewError(f"{path}: no DICOM series found")
+    n = len(series)
+    cols = min(4, n)
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (title, vol, aff) in zip(axes.ravel(), series):
+        sl = vol[vol.shape[0] // 2]
+        if title == "truth labels":
+            ax.imshow(sl, cmap="tab20", vmin=0, vmax=19, interpolation="nearest")
+        else:
+            lo, hi = np.percentile(sl, [1, 99.5])
+            ax.imshow(sl, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
+        sp = np.linalg.norm(aff[:3, :3], axis=0)
+        ax.set_title(f"{title}\n{vol.shape[2]}x{vol.shape[1]}x{vol.shape[0]}, "
+                     f"{sp[2]:.2f}x{sp[1]:.2f}x{sp[0]:.2f} mm", fontsize=8)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+    return out_png

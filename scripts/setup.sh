@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up qsnet on a fresh machine: a virtualenv in .venv (unless one is already active),
+# torch==2.13.0 first (any other torch requirement pulls a multi-GB CUDA build), then the
+# project with its test extras. Safe to rerun.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -z "${VIRTUAL_ENV:-}" ]; then
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  # shellcheck disable=SC1091
+  . .venv/bin/activate
+fi
+python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+python -m pip install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+python -c "import torch, ingest; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+# DVC needs a git repository; a source tarball without one still gets a working pipeline.
+[ -d .git ] || git init -q
