@@ -91,6 +91,39 @@ def view(
     typer.echo(str(png))
 
 
+@app.command()
+def ingest(
+    src: Path = typer.Argument(..., help="Input tree: <site>/<exam>/... of DICOM files."),
+    dst: Path = typer.Argument(..., help="Store root: one <site>/<subject>.zarr per exam."),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", help="Manifest CSV (default: DST/../manifest.csv)."),
+    sites: Optional[Path] = typer.Option(None, "--sites", help="Extra site files (*.yaml) besides the built-in ones."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Exams in parallel (default: CPU count)."),
+    strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any file is quarantined."),
+):
+    """DICOM tree -> de-identified, versioned Zarr stores and a manifest with one row per input file."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ingest.service import ingest as run
+
+    with Progress(TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  disable=not sys.stderr.isatty()) as prog:
+        bar = prog.add_task("", total=None)
+
+        def tick(_result):
+            prog.update(bar, advance=1)
+
+        summary = _run("ingest", run, src, dst, manifest=manifest, sites_dir=sites, jobs=jobs, strict=strict,
+                       progress=tick)
+    if summary["key_source"] == "development-key":
+        typer.echo("qsnet ingest: warning: pseudonyms use the built-in development key; set "
+                   "QSNET_PSEUDONYM_KEY before ingesting real patient data", err=True)
+    typer.echo(f"{summary['exams']} exams: {summary['written']} written, {summary['unchanged']} unchanged, "
+               f"{summary['no_store']} without a store; {summary['files']} files: {summary['ingested']} ingested, "
+               f"{summary['quarantined']} quarantined, {summary['ignored']} ignored; manifest {summary['manifest']}")
+    if summary.get("strict_failed"):
+        fail("ingest", f"{summary['quarantined']} file(s) quarantined (--strict); see {summary['manifest']}")
+
+
 @app.command("phantom-qa")
 def phantom_qa(
     data: Path = typer.Argument(Path("data"), help="A phantom tree written by `qsnet simulate`."),

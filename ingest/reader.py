@@ -1,76 +1,817 @@
 """Reading one DICOM series into an array and its LPS affine.
 
-This is the classic single-frame path (one file per slice). The ingest service extends it
-to enhanced multi-frame, mosaics and multi-volume series.
+``read_series(paths)`` takes the files of ONE series (see :mod:`ingest.series` for
+finding and grouping them) and returns ``(array, affine_lps, meta)``:
+
+* ``array``: float32 after RescaleSlope/RescaleIntercept, ``(Z, Y, X)``, or
+  ``(T, Z, Y, X)`` for a multi-volume series (fMRI, diffusion, ASL...), volumes in
+  acquisition order;
+* ``affine_lps``: 4x4, maps the voxel index ``(z, y, x)`` to DICOM patient LPS mm:
+  column 2 = row cosine * column spacing (PixelSpacing[1]), column 1 = column
+  cosine * row spacing (PixelSpacing[0]), column 0 = the step between consecutive
+  slices sorted along the slice normal (row cosine x column cosine), ascending,
+  column 3 = ImagePositionPatient of slice 0.  PatientPosition (HFS, FFS, HFDL...)
+  is never "corrected" for: IPP/IOP already encode it;
+* ``meta``: non-identifying header fields only (never names, IDs, dates, institution).
+
+Supported storage: classic single-frame (one file per slice), enhanced multi-frame
+(geometry and rescale per frame from the Per-frame / Shared Functional Groups, one
+or several files), Siemens mosaic (de-tiled with the CSA header), and every transfer
+syntax pydicom can decode with the installed plugins (implicit/explicit VR little
+endian, big endian, deflate, JPEG lossless/baseline, JPEG-LS, JPEG 2000, RLE).
+Everything else raises :class:`SeriesError` with one line naming the file.
+
+All series, whatever their storage, go through one path: every file is expanded
+into *frames* (a slice, an enhanced frame, or a mosaic tile) with their own
+position, orientation and rescale; the frames are sorted along the slice normal,
+grouped by position (repeats = volumes), checked (orientation, matrix, spacing,
+duplicates, gaps, even spacing, complete volumes) and only then decoded.
 """
 
 from __future__ import annotations
 
+import math
+import struct
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import get_decoder
+from pydicom.uid import UID
+
+__all__ = ["SeriesError", "read_series", "parse_csa_header", "siemens_csa_image_header"]
 
 
 class SeriesError(ValueError):
-    pass
+    """A series that cannot be read; the message is one line: "<file or folder>: <reason>"."""
+
+    def __init__(self, message: str):
+        # exception texts of decoders can span lines; a manifest reason must not
+        super().__init__(" ".join(part.strip() for part in str(message).splitlines() if part.strip()))
 
 
-def _float_list(ds, tag: str, path) -> list[float]:
-    val = getattr(ds, tag, None)
-    if val is None:
-        raise SeriesError(f"{path}: no {tag}: cannot place the slice in space")
-    return [float(v) for v in val]
+# Tolerances (mm unless said otherwise).
+_ORIENT_TOL = 1e-3        # direction cosines of frames of one series (about 0.06 degree)
+_SPACING_TOL = 1e-3       # PixelSpacing of frames of one series
+_SAME_POS_MM = 0.05       # two frames closer than this along the normal share a slice position
+_INPLANE_TOL_MM = 0.1     # frames at one slice position must start at the same point
+_STEP_REL_TOL = 0.02      # slice steps may differ by 2 % (+ 0.01 mm) before "uneven"
+_STEP_ABS_TOL = 0.01
+
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_NATIVE_SYNTAXES = {
+    "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2",
+    "1.2.840.10008.1.2.1.99",  # deflated: pydicom inflates the whole dataset on read
+}
+
+
+# ------------------------------------------------------------------- Siemens CSA header
+
+def parse_csa_header(raw: bytes) -> dict[str, list[str]]:
+    """Parse a Siemens CSA2 header (``(0029,xx10)`` image / ``(0029,xx20)`` series info).
+
+    Written here because the only Python reader of it, ``nibabel.nicom.csareader``,
+    lives in a module that nibabel itself flags as experimental and unstable; the
+    format is small.  CSA2 layout (all integers little-endian, whatever the DICOM
+    transfer syntax)::
+
+        offset 0   4 bytes  b"SV10"                      signature of CSA2
+               4   4 bytes  unused (b"\\x04\\x03\\x02\\x01")
+               8   uint32   number of tags (1..128)
+              12   uint32   unused (77)
+        then, per tag (84 bytes + items):
+                   64 bytes name, NUL-terminated ASCII ("NumberOfImagesInMosaic")
+                   int32    VM
+                   4 bytes  VR, NUL-terminated ("US", "FD", "IS"...)
+                   int32    SyngoDT
+                   int32    number of items
+                   int32    77 or 205 (check value)
+            then, per item:
+                   4 x int32 (xx0, item_length, xx2, xx3)
+                   item_length bytes of ASCII text (NUL-padded), then padding up to a
+                   multiple of 4 bytes
+    Values are returned as text, one string per non-empty item, NULs stripped.
+    The older CSA1 layout (no "SV10", lengths coded differently) is refused:
+    ValueError, like any malformed header (lengths running past the buffer).
+    """
+    if len(raw) < 16 or raw[:4] != b"SV10":
+        raise ValueError("not a CSA2 header (no 'SV10' signature)")
+    n_tags, _ = struct.unpack_from("<2I", raw, 8)
+    if not 1 <= n_tags <= 128:
+        raise ValueError(f"CSA header claims {n_tags} tags (1..128 expected): corrupt")
+    pos = 16
+    out: dict[str, list[str]] = {}
+    for _ in range(n_tags):
+        if pos + 84 > len(raw):
+            raise ValueError("CSA header truncated inside a tag")
+        name_b, _vm, _vr, _dt, n_items, _chk = struct.unpack_from("<64si4s3i", raw, pos)
+        pos += 84
+        if not 0 <= n_items <= 10000:
+            raise ValueError(f"CSA tag with {n_items} items: corrupt")
+        name = name_b.split(b"\0", 1)[0].decode("latin-1")
+        items: list[str] = []
+        for _ in range(n_items):
+            if pos + 16 > len(raw):
+                raise ValueError("CSA header truncated inside an item")
+            _x0, length, _x2, _x3 = struct.unpack_from("<4i", raw, pos)
+            pos += 16
+            if length < 0 or pos + length > len(raw):
+                raise ValueError("CSA item runs past the end of the header")
+            text = raw[pos:pos + length].split(b"\0", 1)[0].decode("latin-1").strip()
+            if text:
+                items.append(text)
+            pos += (length + 3) // 4 * 4
+        out[name] = items
+    return out
+
+
+def siemens_csa_image_header(ds) -> dict[str, list[str]] | None:
+    """The CSA Image Header Info of a Siemens dataset, parsed; None when absent/unreadable."""
+    try:
+        block = ds.private_block(0x0029, "SIEMENS CSA HEADER")
+        raw = block[0x10].value
+    except (KeyError, ValueError):
+        return None
+    if not isinstance(raw, (bytes, bytearray)):
+        return None
+    try:
+        return parse_csa_header(bytes(raw))
+    except (ValueError, struct.error):
+        return None
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _f(v) -> float | None:
+    if v is None or v == "":
+        return None
+    try:
+        if isinstance(v, (list, tuple, pydicom.multival.MultiValue)):
+            if not len(v):
+                return None
+            v = v[0]
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _i(v) -> int | None:
+    x = _f(v)
+    return None if x is None else int(round(x))
+
+
+def _vec(v, n: int, what: str, path: Path) -> np.ndarray:
+    if v is None or v == "":
+        raise SeriesError(f"{path}: no {what}: cannot place the image in space")
+    try:
+        a = np.array([float(x) for x in v], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise SeriesError(f"{path}: unreadable {what} {v!r} ({exc})") from None
+    if a.shape != (n,) or not np.all(np.isfinite(a)):
+        raise SeriesError(f"{path}: {what} must hold {n} numbers, got {list(v)!r}")
+    return a
+
+
+def _unit(v: np.ndarray, what: str, path: Path) -> np.ndarray:
+    n = float(np.linalg.norm(v))
+    if not n > 0.5:  # a cosine vector: length 1 up to rounding
+        raise SeriesError(f"{path}: {what} {v.tolist()} is not a unit vector")
+    return v / n
+
+
+def _dt_seconds(date_time: str | None) -> float | None:
+    """DICOM DT / TM text -> seconds (only for ordering)."""
+    if not date_time:
+        return None
+    s = str(date_time).strip().split("+")[0].split("-")[0]
+    try:
+        if len(s) >= 14 and "." not in s[:14]:  # DT: YYYYMMDDHHMMSS[.ffffff]
+            base = datetime.strptime(s[:14], "%Y%m%d%H%M%S").timestamp()
+            frac = float("0" + s[14:]) if len(s) > 14 and s[14] == "." else 0.0
+            return base + frac
+        # TM: HHMMSS[.ffffff] or HH:MM:SS
+        s = s.replace(":", "")
+        hh, mm = int(s[0:2] or 0), int(s[2:4] or 0)
+        ss = float(s[4:] or 0)
+        return hh * 3600 + mm * 60 + ss
+    except ValueError:
+        return None
+
+
+def _fg_item(ds, frame: int, macro: str):
+    """First item of functional-group macro `macro` for one frame (per-frame, else shared)."""
+    for fg_kw, idx in (("PerFrameFunctionalGroupsSequence", frame),
+                       ("SharedFunctionalGroupsSequence", 0)):
+        fg = ds.get(fg_kw)
+        if fg is None or len(fg) <= idx:
+            continue
+        seq = fg[idx].get(macro)
+        if seq is not None and len(seq):
+            return seq[0]
+    return None
+
+
+def _fg_attr(ds, frame: int, macro: str, keyword: str):
+    item = _fg_item(ds, frame, macro)
+    if item is not None:
+        v = item.get(keyword)
+        if v is not None and v != "":
+            return v
+    return None
+
+
+def _find(ds, keyword: str, frame: int = 0):
+    """A value at the top level, else in any functional-group macro of `frame`."""
+    v = ds.get(keyword)
+    if v is not None and v != "":
+        return v
+    for fg_kw, idx in (("PerFrameFunctionalGroupsSequence", frame),
+                       ("SharedFunctionalGroupsSequence", 0)):
+        fg = ds.get(fg_kw)
+        if fg is None or len(fg) <= idx:
+            continue
+        for elem in fg[idx]:
+            if elem.VR == "SQ" and elem.value:
+                v = elem.value[0].get(keyword)
+                if v is not None and v != "":
+                    return v
+    return None
+
+
+def _ts_of(ds) -> UID:
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    if ts:
+        return UID(str(ts))
+    # no file meta: what pydicom decoded it as
+    le, implicit = getattr(ds, "original_encoding", (True, True))
+    if implicit:
+        return UID("1.2.840.10008.1.2")
+    return UID("1.2.840.10008.1.2.1" if le else "1.2.840.10008.1.2.2")
+
+
+def _ts_text(ts: UID) -> str:
+    return f"{ts.name} ({ts})" if ts.name and ts.name != str(ts) else str(ts)
+
+
+# ------------------------------------------------------------------------------ frames
+
+@dataclass
+class _Frame:
+    file: int                    # index into the sorted file list
+    frame: int                   # frame index in the decoded pixel array of that file
+    tile: tuple[int, int] | None  # (row, column) offset of a mosaic tile, else None
+    rows: int
+    cols: int
+    ipp: np.ndarray
+    iop: np.ndarray
+    spacing: np.ndarray          # (row spacing, column spacing)
+    slope: float
+    intercept: float
+    tkey: tuple                  # acquisition-order key among frames at one position
+    tpi: int | None              # temporal position (identifier / index), when given
+    echo: int | None
+
+
+def _rescale(slope, intercept, path: Path) -> tuple[float, float]:
+    s = _f(slope)
+    b = _f(intercept)
+    s = 1.0 if s is None else s
+    b = 0.0 if b is None else b
+    if s == 0.0:
+        raise SeriesError(f"{path}: RescaleSlope is 0: every voxel would be {b}")
+    return s, b
+
+
+def _time_key(tpi, acq, t, inst, frame) -> tuple:
+    def k(v):
+        return (0, 0.0) if v is None else (1, float(v))
+    return (k(tpi), k(acq), k(t), k(inst), frame)
+
+
+def _is_mosaic(ds) -> bool:
+    itype = ds.get("ImageType")
+    if itype is None:
+        return False
+    vals = [str(v).strip().upper() for v in (itype if not isinstance(itype, str) else itype.split("\\"))]
+    return "MOSAIC" in vals
+
+
+def _mosaic_count(ds, csa: dict | None, path: Path) -> int:
+    n = None
+    try:  # (0019,xx0A) NumberOfImagesInMosaic, private creator "SIEMENS MR HEADER"
+        n = _i(ds.private_block(0x0019, "SIEMENS MR HEADER")[0x0A].value)
+    except (KeyError, ValueError):
+        n = None
+    if not n and csa is not None:
+        n = _i((csa.get("NumberOfImagesInMosaic") or [None])[0])
+    if not n or n < 1:
+        raise SeriesError(
+            f"{path}: Siemens MOSAIC image without NumberOfImagesInMosaic (neither (0019,100A) nor "
+            "the CSA image header (0029,1010)): cannot de-tile; was the private header removed?")
+    return n
+
+
+def _frames_of(ds, path: Path, fidx: int) -> tuple[list[_Frame], str]:
+    """Frames of one file and its kind ("classic", "enhanced", "mosaic")."""
+    rows, cols = _i(ds.get("Rows")), _i(ds.get("Columns"))
+    if not rows or not cols:
+        raise SeriesError(f"{path}: no Rows/Columns: not an image")
+    n_frames = _i(ds.get("NumberOfFrames")) or 1
+    has_fg = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+    manufacturer = str(ds.get("Manufacturer", "")).upper()
+    if (manufacturer.startswith("UIH") or "UNITED IMAGING" in manufacturer) and \
+            (_i(ds.get((0x0065, 0x1050)).value if (0x0065, 0x1050) in ds else None) or 0) > 1:
+        raise SeriesError(
+            f"{path}: UIH grid (mosaic) image: the slice count (0065,1050) is private and the slice "
+            "direction is not in standard fields; not supported - export the series as single slices")
+    acq = _i(ds.get("AcquisitionNumber"))
+    inst = _i(ds.get("InstanceNumber"))
+    echo = _i(ds.get("EchoNumbers"))
+
+    if has_fg:
+        frames = []
+        pffg = ds.get("PerFrameFunctionalGroupsSequence")
+        if pffg is not None and len(pffg) not in (0, n_frames):
+            raise SeriesError(f"{path}: {len(pffg)} per-frame functional groups for {n_frames} frames: corrupt header")
+        top_slope, top_icpt = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+        for i in range(n_frames):
+            ipp = _vec(_fg_attr(ds, i, "PlanePositionSequence", "ImagePositionPatient")
+                       or ds.get("ImagePositionPatient"), 3, f"ImagePositionPatient of frame {i + 1}", path)
+            iop = _vec(_fg_attr(ds, i, "PlaneOrientationSequence", "ImageOrientationPatient")
+                       or ds.get("ImageOrientationPatient"), 6, f"ImageOrientationPatient of frame {i + 1}", path)
+            ps = _vec(_fg_attr(ds, i, "PixelMeasuresSequence", "PixelSpacing")
+                      or ds.get("PixelSpacing"), 2, f"PixelSpacing of frame {i + 1}", path)
+            pvt = _fg_item(ds, i, "PixelValueTransformationSequence")
+            if pvt is not None and (pvt.get("RescaleSlope") is not None or pvt.get("RescaleIntercept") is not None):
+                slope, icpt = _rescale(pvt.get("RescaleSlope"), pvt.get("RescaleIntercept"), path)
+            else:
+                slope, icpt = _rescale(top_slope, top_icpt, path)
+            fc = _fg_item(ds, i, "FrameContentSequence")
+            tpi = _i(fc.get("TemporalPositionIndex")) if fc is not None else None
+            facq = _i(fc.get("FrameAcquisitionNumber")) if fc is not None else None
+            ftime = _dt_seconds(str(fc.get("FrameAcquisitionDateTime", "")) if fc is not None else None)
+            frames.append(_Frame(fidx, i, None, rows, cols, ipp, iop, ps, slope, icpt,
+                                 _time_key(tpi, facq if facq is not None else acq, ftime, inst, i),
+                                 tpi, echo))
+        return frames, "enhanced"
+
+    if n_frames > 1:
+        raise SeriesError(
+            f"{path}: {n_frames}-frame image without functional groups: no per-frame position, "
+            "cannot build a volume (legacy multi-frame is not supported)")
+    ipp = _vec(ds.get("ImagePositionPatient"), 3, "ImagePositionPatient", path)
+    iop = _vec(ds.get("ImageOrientationPatient"), 6, "ImageOrientationPatient", path)
+    ps = _vec(ds.get("PixelSpacing"), 2, "PixelSpacing", path)
+    slope, icpt = _rescale(ds.get("RescaleSlope"), ds.get("RescaleIntercept"), path)
+    tpi = _i(ds.get("TemporalPositionIdentifier"))
+    t = _dt_seconds(str(ds.get("AcquisitionTime", "") or ""))
+    key = _time_key(tpi, acq, t, inst, 0)
+
+    if not _is_mosaic(ds):
+        return [_Frame(fidx, 0, None, rows, cols, ipp, iop, ps, slope, icpt, key, tpi, echo)], "classic"
+
+    # Siemens mosaic: n slices tiled row by row in a g x g grid, g = ceil(sqrt(n)).
+    csa = siemens_csa_image_header(ds)
+    n = _mosaic_count(ds, csa, path)
+    g = math.ceil(math.sqrt(n))
+    if rows % g or cols % g:
+        raise SeriesError(f"{path}: mosaic of {rows}x{cols} pixels cannot hold a {g}x{g} grid of "
+                          f"{n} images: inconsistent NumberOfImagesInMosaic")
+    tr, tc = rows // g, cols // g
+    row_dir = _unit(iop[:3], "row direction cosine", path)
+    col_dir = _unit(iop[3:], "column direction cosine", path)
+    # IPP of a mosaic is the top-left corner of the whole tiled image; the first tile
+    # starts (cols - tile_cols)/2 columns and (rows - tile_rows)/2 rows further
+    # (dcm2niix nii_dicom.cpp set_nii_header_x: lFactorX/lFactorY; nibabel
+    # dicomwrappers.MosaicWrapper.image_position: the same correction).
+    ipp0 = ipp + row_dir * ps[1] * (cols - tc) / 2.0 + col_dir * ps[0] * (rows - tr) / 2.0
+    # Tiles are stored in the order of the CSA SliceNormalVector, which may point
+    # against row x column ("Siemens sagittal are R>>L", dcm2niix set_nii_header_x:
+    # it flips the slice axis when det[row, column, SliceNormalVector] < 0).  Tile k
+    # sits k slice spacings from the first along +/- the normal, by that sign.  Without
+    # the vector the order is unknown: refuse rather than risk a flipped volume.
+    normal = np.cross(row_dir, col_dir)
+    snv = None
+    if csa is not None and len(csa.get("SliceNormalVector", [])) == 3:
+        try:
+            snv = np.array([float(x) for x in csa["SliceNormalVector"]])
+        except ValueError:
+            snv = None
+    if snv is None or abs(float(snv @ normal)) < 0.5 * max(float(np.linalg.norm(snv)), 1e-9):
+        raise SeriesError(
+            f"{path}: Siemens mosaic without a usable SliceNormalVector in the CSA image header (0029,1010): "
+            "the order of its slices is unknown (private header removed by an anonymiser?)")
+    direction = normal if float(snv @ normal) > 0 else -normal
+    spacing = _f(ds.get("SpacingBetweenSlices")) or _f(ds.get("SliceThickness"))
+    if not spacing or spacing <= 0:
+        raise SeriesError(f"{path}: mosaic without SpacingBetweenSlices or SliceThickness: "
+                          "cannot place its slices")
+    frames = []
+    for k in range(n):
+        frames.append(_Frame(fidx, 0, ((k // g) * tr, (k % g) * tc), tr, tc,
+                             ipp0 + k * spacing * direction, iop, ps, slope, icpt, key, tpi, echo))
+    return frames, "mosaic"
+
+
+# ------------------------------------------------------------------------ pixel data
+
+def _check_pixel_data(ds, path: Path, ts: UID) -> None:
+    kw = next((k for k in _PIXEL_KEYWORDS if k in ds), None)
+    if kw is None:
+        raise SeriesError(f"{path}: no pixel data (header-only or non-image object)")
+    spp = _i(ds.get("SamplesPerPixel")) or 1
+    if spp != 1:
+        raise SeriesError(f"{path}: {spp} samples per pixel ({ds.get('PhotometricInterpretation', '')}): "
+                          "colour images are not supported")
+    if str(ts) in _NATIVE_SYNTAXES:
+        raw = ds.get_item(kw)
+        actual = len(raw.value) if raw.value is not None else 0
+        declared = getattr(raw, "length", actual)
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = _i(ds.get("NumberOfFrames")) or 1
+        bits = _i(ds.get("BitsAllocated")) or {"FloatPixelData": 32, "DoubleFloatPixelData": 64}.get(kw, 16)
+        need = (rows * cols * frames + 7) // 8 if bits == 1 else rows * cols * frames * (bits // 8)
+        if declared not in (None, 0xFFFFFFFF) and actual < declared:
+            raise SeriesError(
+                f"{path}: pixel data truncated: the file ends {actual} bytes into its {declared}-byte "
+                "Pixel Data element (incomplete copy?)")
+        if actual < need:
+            if need >= 2 * actual:
+                raise SeriesError(
+                    f"{path}: Rows x Columns ({rows} x {cols}) x {frames} frame(s) x {bits // 8 or 1} byte(s) "
+                    f"= {need} bytes, far more than the {actual} bytes of pixel data present: "
+                    "header and pixel data disagree (corrupt or edited header)")
+            raise SeriesError(
+                f"{path}: pixel data shorter than Rows x Columns x frames x bytes: {actual} bytes present, "
+                f"{need} needed (truncated?)")
+        return
+    try:
+        decoder = get_decoder(ts)
+    except NotImplementedError:
+        raise SeriesError(
+            f"{path}: transfer syntax {_ts_text(ts)} is not supported: no installed pixel decoder "
+            "handles it; ask for an uncompressed or a lossless JPEG / JPEG-LS / JPEG 2000 / RLE export") from None
+    if not decoder.is_available:
+        missing = "; ".join(f"{k}: {v}" for k, v in decoder.missing_dependencies.items()) \
+            if hasattr(decoder, "missing_dependencies") else ""
+        raise SeriesError(f"{path}: transfer syntax {_ts_text(ts)} needs a pixel decoder plugin that is not "
+                          f"installed ({missing or 'see pydicom pixel handlers'})")
+
+
+def _decode(ds, path: Path, ts: UID) -> np.ndarray:
+    """Stored values, shape (frames, rows, cols)."""
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - decoder errors come in many types
+        msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise SeriesError(f"{path}: cannot decode the {_ts_text(ts)} pixel data: {msg}") from None
+    arr = np.asarray(arr)
+    n_frames = _i(ds.get("NumberOfFrames")) or 1
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3 or arr.shape != (n_frames, int(ds.Rows), int(ds.Columns)):
+        raise SeriesError(f"{path}: decoded pixel data has shape {arr.shape}, expected "
+                          f"({n_frames}, {ds.Rows}, {ds.Columns})")
+    return arr
+
+
+# ---------------------------------------------------------------------------- geometry
+
+def _fmt_pos(p: np.ndarray) -> str:
+    return "(" + ", ".join(f"{v:.2f}" for v in p) + ") mm"
+
+
+def _where(paths: list[Path]) -> Path:
+    parents = {p.parent for p in paths}
+    return parents.pop() if len(parents) == 1 else paths[0]
+
+
+def _check_consistency(frames: list[_Frame], paths: list[Path], kind: str) -> None:
+    f0 = frames[0]
+    p0 = _frame_name(f0, paths, kind)
+    for fr in frames[1:]:
+        p = _frame_name(fr, paths, kind)
+        if (fr.rows, fr.cols) != (f0.rows, f0.cols):
+            raise SeriesError(
+                f"{p}: image is {fr.rows} x {fr.cols} (rows x columns) but {p0} is {f0.rows} x {f0.cols}: "
+                "inconsistent dimensions, not one series")
+        if not np.allclose(fr.iop, f0.iop, atol=_ORIENT_TOL, rtol=0):
+            raise SeriesError(
+                f"{p}: orientation {np.round(fr.iop, 4).tolist()} differs from {np.round(f0.iop, 4).tolist()} "
+                f"of {p0}: not one stack (split the series by orientation)")
+        if not np.allclose(fr.spacing, f0.spacing, atol=_SPACING_TOL, rtol=0):
+            raise SeriesError(
+                f"{p}: pixel spacing {fr.spacing.tolist()} differs from {f0.spacing.tolist()} of {p0}: "
+                "not one series")
+
+
+def _cluster_positions(frames: list[_Frame], normal: np.ndarray, paths: list[Path]):
+    """Frames grouped by slice position (ascending along the normal)."""
+    d = np.array([float(fr.ipp @ normal) for fr in frames])
+    order = sorted(range(len(frames)), key=lambda i: (d[i], frames[i].tkey))
+    clusters: list[list[int]] = []
+    for i in order:
+        if clusters and d[i] - d[clusters[-1][0]] <= _SAME_POS_MM:
+            clusters[-1].append(i)
+        else:
+            clusters.append([i])
+    for c in clusters:
+        ref = frames[c[0]].ipp
+        for i in c[1:]:
+            if np.linalg.norm(frames[i].ipp - ref) > _INPLANE_TOL_MM:
+                raise SeriesError(
+                    f"{paths[frames[i].file]}: slice at {_fmt_pos(frames[i].ipp)} lies in the plane of "
+                    f"{paths[frames[c[0]].file]} ({_fmt_pos(ref)}) but starts elsewhere: two stacks in one series?")
+        c.sort(key=lambda i: frames[i].tkey)
+    return clusters, d
+
+
+def _frame_name(fr: _Frame, paths: list[Path], kind: str) -> str:
+    p = paths[fr.file]
+    if kind == "enhanced":
+        return f"{p} frame {fr.frame + 1}"
+    if kind == "mosaic":
+        return f"{p} (mosaic tile)"
+    return str(p)
+
+
+def _check_counts(clusters, frames, paths, kind) -> int:
+    counts = [len(c) for c in clusters]
+    common = Counter(counts).most_common()
+    n_vol = max(common, key=lambda kv: (kv[1], -kv[0]))[0]  # most frequent, fewer volumes on a tie
+    for c in clusters:
+        if len(c) == n_vol:
+            continue
+        pos = _fmt_pos(frames[c[0]].ipp)
+        names = [_frame_name(frames[i], paths, kind) for i in c]
+        if n_vol == 1:
+            raise SeriesError(
+                f"{names[1]}: duplicated slice position {pos}: {names[0]} is at the same position "
+                "(one volume cannot hold two slices at one position)")
+        if len(c) > n_vol:
+            raise SeriesError(
+                f"{names[0]}: slice position {pos} has {len(c)} images but the other positions have "
+                f"{n_vol} (one per volume): duplicated slice?")
+        raise SeriesError(
+            f"{names[0]}: slice position {pos} has {len(c)} images but the other positions have {n_vol} "
+            f"(one per volume): a volume is incomplete (missing file?)")
+    return n_vol
+
+
+def _check_spacing(reps: list[_Frame], d: np.ndarray, paths, kind, where) -> np.ndarray:
+    """Slice step vector (3,) after checking gaps and even spacing."""
+    z = len(reps)
+    steps = np.diff(d)
+    nominal = float(np.median(steps))
+    ratios = steps / nominal
+    near = np.rint(ratios)
+    tol = _STEP_REL_TOL + _STEP_ABS_TOL / nominal
+    on_grid = np.all(np.abs(ratios - near) <= tol * np.maximum(near, 1)) and np.all(near >= 1)
+    if on_grid and np.any(near >= 2):
+        k = int(np.argmax(near >= 2))
+        m = int(near[k])
+        a, b = reps[k], reps[k + 1]
+        missing = [a.ipp + (b.ipp - a.ipp) * j / m for j in range(1, m)]
+        n_missing = int(np.sum(near - 1))
+        raise SeriesError(
+            f"{where}: missing slice: no image at {', '.join(_fmt_pos(p) for p in missing)} between "
+            f"{_frame_name(a, paths, kind)} and {_frame_name(b, paths, kind)} (slices are {nominal:.4g} mm "
+            f"apart elsewhere; {n_missing} position(s) missing in all)")
+    if not on_grid or np.any(np.abs(ratios - 1) > tol):
+        k = int(np.argmax(np.abs(ratios - 1)))
+        raise SeriesError(
+            f"{where}: unevenly spaced slices: step {steps[k]:.4g} mm between "
+            f"{_frame_name(reps[k], paths, kind)} and {_frame_name(reps[k + 1], paths, kind)}, "
+            f"{nominal:.4g} mm elsewhere (steps range {steps.min():.4g}..{steps.max():.4g} mm)")
+    ipps = np.array([r.ipp for r in reps])
+    step = (ipps[-1] - ipps[0]) / (z - 1)
+    grid = ipps[0][None, :] + np.arange(z)[:, None] * step[None, :]
+    dev = np.linalg.norm(ipps - grid, axis=1)
+    limit = max(_INPLANE_TOL_MM, _STEP_REL_TOL * float(np.linalg.norm(step)))
+    if float(dev.max()) > limit:
+        k = int(np.argmax(dev))
+        raise SeriesError(
+            f"{_frame_name(reps[k], paths, kind)}: slice positions do not lie on one straight line "
+            f"({dev.max():.3g} mm off): shifted slices or two stacks in one series")
+    return step
+
+
+# ------------------------------------------------------------------------------- meta
+
+def _units(ds, slope: float | None, intercept: float | None) -> tuple[str | None, dict | None]:
+    """Units of the rescaled values when the header says; plus a real-world-value note."""
+    rwv = None
+    seq = ds.get("RealWorldValueMappingSequence")
+    if not seq:
+        seq = None
+        for fg_kw in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
+            fg = ds.get(fg_kw)
+            if fg:
+                seq = fg[0].get("RealWorldValueMappingSequence")
+                if seq:
+                    break
+    if seq:
+        item = seq[0]
+        codes = item.get("MeasurementUnitsCodeSequence")
+        unit = str(codes[0].get("CodeValue", "")).strip() if codes else ""
+        rs, ri = _f(item.get("RealWorldValueSlope")), _f(item.get("RealWorldValueIntercept"))
+        rwv = {"units": unit or None, "slope": rs, "intercept": ri}
+        same = (slope is not None and intercept is not None
+                and (rs is None or math.isclose(rs, slope, rel_tol=1e-6, abs_tol=1e-12))
+                and (ri is None or math.isclose(ri, intercept, rel_tol=1e-6, abs_tol=1e-9)))
+        if unit and same:
+            return unit, rwv
+    rtype = str(_find(ds, "RescaleType") or "").strip()
+    if rtype and rtype.upper() != "US":
+        return rtype, rwv
+    return None, rwv
+
+
+def _philips_scale_slope(ds) -> float | None:
+    """Philips private scale slope (2005,xx0E) (for "precise" values = displayed / (RS * SS))."""
+    def get(d):
+        try:
+            return _f(d.private_block(0x2005, "Philips MR Imaging DD 001")[0x0E].value)
+        except (KeyError, ValueError):
+            return None
+    v = get(ds)
+    if v is None:
+        fg = ds.get("PerFrameFunctionalGroupsSequence")
+        if fg:
+            try:
+                inner = fg[0][0x2005, 0x140F].value[0]
+                v = get(inner)
+            except (KeyError, IndexError, TypeError, AttributeError):
+                v = None
+    return v
+
+
+def _meta(ds, frames_used: list[_Frame], kind: str, ts_list: list[str], n_files: int,
+          shape: tuple[int, ...], step: np.ndarray, n_slices: int) -> dict:
+    slopes = {fr.slope for fr in frames_used}
+    icpts = {fr.intercept for fr in frames_used}
+    slope = slopes.pop() if len(slopes) == 1 else None
+    icpt = icpts.pop() if len(icpts) == 1 else None
+    units, rwv = _units(ds, slope, icpt)
+    itype = ds.get("ImageType")
+    image_type = [str(t).strip() for t in itype] if itype is not None and not isinstance(itype, str) \
+        else ([t.strip() for t in str(itype).split("\\")] if itype else [])
+    seq = str(ds.get("SequenceName", "") or "").strip() or str(_find(ds, "PulseSequenceName") or "").strip()
+    te = _f(ds.get("EchoTime"))
+    if te is None:
+        te = _f(_find(ds, "EffectiveEchoTime"))
+    ti = _f(ds.get("InversionTime"))
+    if ti is None:
+        ti = _f(_find(ds, "InversionTimes"))
+    ts_unique = sorted(set(ts_list))
+    f0 = frames_used[0]
+    meta = {
+        "manufacturer": str(ds.get("Manufacturer", "") or "").strip(),
+        "model": str(ds.get("ManufacturerModelName", "") or "").strip(),
+        "modality": str(ds.get("Modality", "") or "").strip(),
+        "series_description": str(ds.get("SeriesDescription", "") or "").strip(),
+        "protocol_name": str(ds.get("ProtocolName", "") or "").strip(),
+        "sequence_name": seq,
+        "image_type": image_type,
+        "tr": _f(_find(ds, "RepetitionTime")),
+        "te": te,
+        "ti": ti,
+        "flip_angle": _f(_find(ds, "FlipAngle")),
+        "echo_numbers": sorted({fr.echo for fr in frames_used if fr.echo is not None}),
+        "series_number": _i(ds.get("SeriesNumber")),
+        "transfer_syntax": ts_unique[0] if len(ts_unique) == 1 else ts_unique,
+        "rows": int(shape[-2]),
+        "columns": int(shape[-1]),
+        "n_slices": int(n_slices),
+        "n_volumes": int(shape[0]) if len(shape) == 4 else 1,
+        "pixel_spacing": [float(f0.spacing[0]), float(f0.spacing[1])],
+        "slice_thickness": _f(_find(ds, "SliceThickness")),
+        "spacing_between_slices": float(np.linalg.norm(step)),
+        "rescale_slope": slope,
+        "rescale_intercept": icpt,
+        "rescale_type": (str(_find(ds, "RescaleType") or "").strip() or None),
+        "units": units,
+        "patient_position": str(ds.get("PatientPosition", "") or "").strip(),
+        "mosaic": kind == "mosaic",
+        "enhanced": kind == "enhanced",
+        "n_files": int(n_files),
+    }
+    if slope is None or icpt is None:
+        meta["rescale_per_frame"] = True
+    if rwv is not None:
+        meta["real_world_value_mapping"] = rwv
+    pss = _philips_scale_slope(ds)
+    if pss is not None:
+        meta["philips_scale_slope"] = pss
+    return meta
+
+
+# --------------------------------------------------------------------------- read_series
+
+def _read_file(p: Path):
+    try:
+        return pydicom.dcmread(p, force=False)
+    except FileNotFoundError:
+        raise SeriesError(f"{p}: file not found") from None
+    except InvalidDicomError:
+        raise SeriesError(f"{p}: not a DICOM file (no 'DICM' signature)") from None
+    except Exception as exc:  # noqa: BLE001
+        raise SeriesError(f"{p}: unreadable DICOM file ({exc.__class__.__name__}: {exc})") from None
 
 
 def read_series(paths) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Files of one series -> (array (Z, Y, X) float32 after rescale, affine_lps, meta).
+    """The files of ONE series -> (array float32, affine_lps, meta).
 
-    Slices are sorted along the slice normal (not by InstanceNumber, which vendors number
-    either way); `affine_lps` maps (z, y, x) to patient LPS mm.
+    ``array`` is ``(Z, Y, X)``, or ``(T, Z, Y, X)`` when every slice position holds
+    T > 1 images (volumes in acquisition order: temporal position, acquisition
+    number, acquisition time, instance number).  Raises :class:`SeriesError` (one
+    line, naming the file or folder) for anything that does not make one regular
+    grid: mixed orientation / matrix / pixel spacing, duplicated or missing slices,
+    uneven spacing, incomplete volumes, missing or short pixel data, undecodable
+    transfer syntaxes.
     """
-    paths = [Path(p) for p in paths]
-    if not paths:
-        raise SeriesError("no files given")
-    slices = []
-    for p in paths:
-        ds = pydicom.dcmread(p)
-        iop = np.array(_float_list(ds, "ImageOrientationPatient", p))
-        ipp = np.array(_float_list(ds, "ImagePositionPatient", p))
-        slices.append((ds, iop, ipp, p))
-    iop0 = slices[0][1]
-    for ds, iop, _, p in slices:
-        if not np.allclose(iop, iop0, atol=1e-4):
-            raise SeriesError(f"{p}: orientation differs from the rest of the series")
-    row, col = iop0[:3], iop0[3:]
-    normal = np.cross(row, col)
-    slices.sort(key=lambda s: float(np.dot(s[2], normal)))
-    pos = np.array([float(np.dot(s[2], normal)) for s in slices])
-    if len(pos) > 1:
-        steps = np.diff(pos)
-        if np.any(steps < 1e-3):
-            raise SeriesError(f"{slices[0][3].parent}: two slices at the same position")
-        if np.ptp(steps) > 0.01 * max(abs(steps.mean()), 1e-3) + 1e-3:
-            raise SeriesError(f"{slices[0][3].parent}: uneven slice spacing (missing slice?)")
-    ds0 = slices[0][0]
-    dy, dx = _float_list(ds0, "PixelSpacing", slices[0][3])
-    vol = np.stack([
-        s[0].pixel_array.astype(np.float32) * float(getattr(s[0], "RescaleSlope", 1) or 1)
-        + float(getattr(s[0], "RescaleIntercept", 0) or 0)
-        for s in slices
-    ])
-    affine = np.eye(4)
-    affine[:3, 2] = row * dx
-    affine[:3, 1] = col * dy
-    affine[:3, 3] = slices[0][2]
-    if len(slices) > 1:
-        affine[:3, 0] = (slices[-1][2] - slices[0][2]) / (len(slices) - 1)
+    if isinstance(paths, (str, Path)):  # one file, or a folder holding one series
+        paths = sorted(p for p in Path(paths).iterdir() if p.is_file()) if Path(paths).is_dir() else [paths]
+    plist = sorted({Path(p) for p in paths}, key=str)
+    if not plist:
+        raise SeriesError("(no files): read_series needs the files of one series, got none")
+    where = _where(plist)
+
+    dsets, kinds, frames, ts_list = [], set(), [], []
+    for fidx, p in enumerate(plist):
+        ds = _read_file(p)
+        ts = _ts_of(ds)
+        _check_pixel_data(ds, p, ts)
+        fr, kind = _frames_of(ds, p, fidx)
+        dsets.append(ds)
+        kinds.add(kind)
+        frames.extend(fr)
+        ts_list.append(str(ts))
+    if len(kinds) > 1:
+        raise SeriesError(f"{where}: mixes {' and '.join(sorted(kinds))} images: not one series "
+                          "(a classic and an enhanced export of one acquisition?)")
+    kind = kinds.pop()
+
+    _check_consistency(frames, plist, kind)
+    f0 = frames[0]
+    row_dir = _unit(f0.iop[:3], "row direction cosine", plist[f0.file])
+    col_dir = _unit(f0.iop[3:], "column direction cosine", plist[f0.file])
+    if abs(float(row_dir @ col_dir)) > 1e-3:
+        raise SeriesError(f"{plist[f0.file]}: row and column cosines are not orthogonal "
+                          f"(cos = {float(row_dir @ col_dir):.3g}): corrupt ImageOrientationPatient")
+    normal = np.cross(row_dir, col_dir)
+
+    clusters, d = _cluster_positions(frames, normal, plist)
+    n_vol = _check_counts(clusters, frames, plist, kind)
+    # volume t = the t-th image (in acquisition order) at every position
+    for t in range(n_vol):
+        tpis = {frames[c[t]].tpi for c in clusters}
+        if n_vol > 1 and None not in tpis and len(tpis) > 1:
+            raise SeriesError(
+                f"{where}: volume {t + 1} would mix temporal positions {sorted(tpis)}: the volumes do not "
+                "cover the same slice positions (missing or extra files)")
+    reps = [frames[c[0]] for c in clusters]
+    z = len(clusters)
+    if z > 1:
+        step = _check_spacing(reps, np.array([d[c[0]] for c in clusters]), plist, kind, where)
     else:
-        affine[:3, 0] = normal * float(getattr(ds0, "SliceThickness", 1.0) or 1.0)
-    meta = {
-        "series_description": str(getattr(ds0, "SeriesDescription", "")),
-        "manufacturer": str(getattr(ds0, "Manufacturer", "")),
-        "image_type": list(getattr(ds0, "ImageType", [])),
-        "n_files": len(paths),
-    }
-    return vol, affine, meta
+        ds0 = dsets[f0.file]
+        sp = _f(_find(ds0, "SpacingBetweenSlices")) or _f(_find(ds0, "SliceThickness")) or 1.0
+        step = normal * abs(sp)
+
+    affine = np.eye(4)
+    affine[:3, 0] = step
+    affine[:3, 1] = col_dir * float(f0.spacing[0])
+    affine[:3, 2] = row_dir * float(f0.spacing[1])
+    affine[:3, 3] = reps[0].ipp
+
+    first = frames[clusters[0][0]]
+    shape = (n_vol, z, f0.rows, f0.cols) if n_vol > 1 else (z, f0.rows, f0.cols)
+    meta = _meta(dsets[first.file], frames, kind, ts_list, len(plist), shape, step, z)
+
+    # decode file by file, placing each frame at (t, z)
+    out = np.empty((n_vol, z, f0.rows, f0.cols), dtype=np.float32)
+    place: dict[int, list[tuple[int, int, _Frame]]] = {}
+    for zi, c in enumerate(clusters):
+        for t, i in enumerate(c):
+            place.setdefault(frames[i].file, []).append((t, zi, frames[i]))
+    for fidx in sorted(place):
+        arr = _decode(dsets[fidx], plist[fidx], UID(ts_list[fidx]))
+        dsets[fidx] = None  # drop the pixel bytes as we go
+        for t, zi, fr in place[fidx]:
+            img = arr[fr.frame]
+            if fr.tile is not None:
+                r0, c0 = fr.tile
+                img = img[r0:r0 + fr.rows, c0:c0 + fr.cols]
+            if fr.slope == 1.0 and fr.intercept == 0.0:
+                out[t, zi] = img
+            else:
+                out[t, zi] = img.astype(np.float64) * fr.slope + fr.intercept
+        del arr
+    return (out[0] if n_vol == 1 else out), affine, meta

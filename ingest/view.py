@@ -34,6 +34,22 @@ def _exam_series(exam: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
     return out
 
 
+def _store_series(path: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    from ingest.store import open_store
+
+    st = open_store(path)
+    out = []
+    for role in st.roles:
+        arr = st.array(role)
+        mid = arr.shape[-3] // 2
+        sl = st.slice(role, mid) if len(arr.shape) == 3 else np.asarray(arr[0, mid])
+        aff = np.array(st.attrs_of(role).get("affine_lps", np.eye(4)))
+        # a 1-slice stand-in volume keeps render() uniform: it shows the middle slice
+        out.append((role if role not in ("labels", "brain") else f"truth {role}", sl[None], aff,
+                    tuple(arr.shape[-3:])))
+    return out
+
+
 def render(path: Path, out_png: Path) -> Path:
     import matplotlib
 
@@ -44,8 +60,11 @@ def render(path: Path, out_png: Path) -> Path:
     if not path.exists():
         raise ViewError(f"{path}: does not exist")
     if not path.is_dir():
-        raise ViewError(f"{path}: expected an exam folder (one sub-folder per series)")
-    series = _exam_series(path)
+        raise ViewError(f"{path}: expected an exam folder (one sub-folder per series) or a .zarr store")
+    if (path / "zarr.json").exists():
+        series = _store_series(path)
+    else:
+        series = [(t, v, a, v.shape) for t, v, a in _exam_series(path)]
     if not series:
         raise ViewError(f"{path}: no DICOM series found")
     n = len(series)
@@ -54,15 +73,15 @@ def render(path: Path, out_png: Path) -> Path:
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, (title, vol, aff) in zip(axes.ravel(), series):
+    for ax, (title, vol, aff, shape) in zip(axes.ravel(), series):
         sl = vol[vol.shape[0] // 2]
-        if title == "truth labels":
+        if title in ("truth labels", "truth brain"):
             ax.imshow(sl, cmap="tab20", vmin=0, vmax=19, interpolation="nearest")
         else:
             lo, hi = np.percentile(sl, [1, 99.5])
             ax.imshow(sl, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
         sp = np.linalg.norm(aff[:3, :3], axis=0)
-        ax.set_title(f"{title}\n{vol.shape[2]}x{vol.shape[1]}x{vol.shape[0]}, "
+        ax.set_title(f"{title}\n{shape[2]}x{shape[1]}x{shape[0]}, "
                      f"{sp[2]:.2f}x{sp[1]:.2f}x{sp[0]:.2f} mm", fontsize=8)
     fig.tight_layout()
     out_png = Path(out_png)

@@ -129,3 +129,13 @@ def compare_to_nifti(volume_zyx, affine_lps, nii_path, atol_mm: float = 0.01, *,
             f"first at ours index {ours_idx} ((t,) z, y, x): NIfTI "
             f"{data[idx]!r} vs ours {ref[idx]!r}; max |diff| "
             f"{float(np.nanmax(np.abs(data - ref))):.6g} ({desc})")
+
+
+def rot(axis: int, deg: float) -> np.ndarray:
+    """Rotation by `deg` about coordinate axis `axis` (0, 1, 2): oblique test geometries."""
+    t = np.deg2rad(deg)
+    c, s = np.cos(t), np.sin(t)
+    i, j = [k for k in range(3) if k != axis]
+    r = np.eye(3)
+    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+    return r

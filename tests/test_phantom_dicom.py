@@ -27,6 +27,7 @@ from ingest.phantom.dicomio import (  # noqa: E402
     write_series,
 )
 from niftiref import compare_to_nifti, nifti_to_zyx_lps  # noqa: E402
+from niftiref import rot as _rot  # noqa: E402
 
 def _testdata() -> Path:
     """Shared vendor DICOM test data: $QSNET_TESTDATA, else ../shared/testdata beside the repository."""
@@ -42,13 +43,6 @@ DCM2NIIX = shutil.which("dcm2niix")
 # ----------------------------------------------------------------- fixtures
 
 
-def _rot(axis: int, deg: float) -> np.ndarray:
-    t = np.deg2rad(deg)
-    c, s = np.cos(t), np.sin(t)
-    i, j = [k for k in range(3) if k != axis]
-    r = np.eye(3)
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
 
 
 def make_affine(spacing_zyx=(3.3, 0.94, 1.17), rot=(10.0, 5.0), sign=1.0,

@@ -257,6 +257,13 @@ def test_dvc_status_clean_for_committed_data_dvc(demo_tree, repo, tmp_path):
     shutil.copytree(demo_tree, work / "data")
     res = subprocess.run(["dvc", "status", "data.dvc", "--json"], cwd=work, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+    # A fresh clone has an empty cache: DVC says "not in cache" when the workspace matches
+    # data.dvc and "modified" when it does not.
+    assert json.loads(res.stdout) in ({}, {"data.dvc": [{"changed outs": {"data": "not in cache"}}]}), res.stdout
+    committed = (work / "data.dvc").read_bytes()
+    subprocess.run(["dvc", "add", "-q", "data"], cwd=work, check=True)
+    assert (work / "data.dvc").read_bytes() == committed, "fresh simulation does not hash like data.dvc"
+    res = subprocess.run(["dvc", "status", "data.dvc", "--json"], cwd=work, capture_output=True, text=True)
     assert json.loads(res.stdout or "{}") == {}, res.stdout
 
 

@@ -1,0 +1,411 @@
+"""De-identification helpers: keyed pseudonyms, the PS3.15 basic-profile keyword list, and a
+whitelist of acquisition header fields that are safe to keep in stores, logs and model cards.
+
+Nothing in a store names a person or an exam: subjects and series are keyed hashes
+(:func:`pseudonym`), and the only DICOM header content that is copied is
+:func:`safe_header_fields` (a whitelist, not a blacklist), with strings scrubbed of anything
+that looks like a date or a DICOM person name as a defence in depth.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CLEANED_DESCRIPTORS",
+    "DEVELOPMENT_KEY_SOURCE",
+    "KEY_ENV",
+    "PHI_KEYWORDS",
+    "SAFE_FIELDS",
+    "load_key",
+    "pseudonym",
+    "safe_header_fields",
+    "scan_for_phi",
+    "scrub_text",
+]
+
+KEY_ENV = "QSNET_PSEUDONYM_KEY"
+DEVELOPMENT_KEY_SOURCE = "development-key"
+MIN_KEY_BYTES = 16
+# Public on purpose: pseudonyms made with it are reproducible by anyone, which is fine for
+# the phantom and wrong for real patients (callers must warn when load_key returns it).
+_DEVELOPMENT_KEY = b"qsnet-development-key: NOT for real patient data"
+
+
+def pseudonym(key: bytes, *parts: str, prefix: str = "sub-") -> str:
+    """``prefix`` + 12 hex digits of HMAC-SHA256(key, parts). The parts are length-prefixed
+    before hashing, so ("ab", "c") and ("a", "bc") differ. Stable for the same key and parts;
+    without the key it can be neither reversed nor recomputed from the real ID."""
+    if not isinstance(key, (bytes, bytearray)) or not key:
+        raise ValueError("pseudonym: key must be non-empty bytes")
+    if not parts:
+        raise ValueError("pseudonym: need at least one part")
+    msg = bytearray()
+    for p in parts:
+        if not isinstance(p, str):
+            raise TypeError(f"pseudonym: parts must be str, got {type(p).__name__}")
+        b = p.encode("utf-8")
+        msg += len(b).to_bytes(4, "big") + b
+    return prefix + hmac.new(bytes(key), bytes(msg), hashlib.sha256).hexdigest()[:12]
+
+
+def load_key(explicit: str | os.PathLike[str] | None = None) -> tuple[bytes, str]:
+    """The pseudonym key and where it came from, in this order:
+
+    1. ``$QSNET_PSEUDONYM_KEY`` (the key itself, UTF-8) -> source ``"env:QSNET_PSEUDONYM_KEY"``;
+    2. the key file ``explicit`` (its bytes, surrounding whitespace stripped) -> ``"file:<path>"``;
+    3. the built-in development key -> ``"development-key"``: callers must warn (fine for the
+       phantom, not for real patient data).
+
+    A key from 1 or 2 shorter than 16 bytes, or a key file that cannot be read, is an error
+    (never a silent fall back to the development key).
+    """
+    env = os.environ.get(KEY_ENV, "").strip()
+    if env:
+        key, source = env.encode("utf-8"), f"env:{KEY_ENV}"
+    elif explicit is not None:
+        path = Path(explicit)
+        try:
+            key = path.read_bytes().strip()
+        except OSError as exc:
+            raise ValueError(f"{path}: cannot read the pseudonym key file ({exc.strerror or exc})") from None
+        source = f"file:{path}"
+    else:
+        return _DEVELOPMENT_KEY, DEVELOPMENT_KEY_SOURCE
+    if len(key) < MIN_KEY_BYTES:
+        raise ValueError(f"pseudonym key from {source} is {len(key)} bytes; use at least {MIN_KEY_BYTES} random bytes")
+    return key, source
+
+
+# DICOM keywords of every attribute in PS3.15 (2024b) Table E.1-1 that the Basic Application
+# Level Confidentiality Profile removes, empties or replaces (actions D, Z, X, U and their
+# combinations): names, IDs, birth date, addresses, institution, physicians, operators,
+# accession and study IDs, dates and times, UIDs, free-text comments and descriptions,
+# device serial numbers and labels ... Repeating-group attributes (overlays, curves) are not
+# listed: nothing here copies them. SeriesDescription and ProtocolName are in the profile
+# (see CLEANED_DESCRIPTORS): they are kept only after scrub_text, as the profile's Clean
+# Descriptors Option allows.
+PHI_KEYWORDS: frozenset[str] = frozenset(
+    """
+    AccessionNumber AcquisitionComments AcquisitionContextSequence AcquisitionDate
+    AcquisitionDateTime AcquisitionDeviceProcessingDescription AcquisitionFieldOfViewLabel
+    AcquisitionProtocolDescription AcquisitionTime AcquisitionUID ActualHumanPerformersSequence
+    AdditionalPatientHistory AddressTrial AdmissionID AdmittingDate
+    AdmittingDiagnosesCodeSequence AdmittingDiagnosesDescription AdmittingTime
+    AffectedSOPInstanceUID Allergies AnnotationGroupDescription AnnotationGroupLabel
+    AnnotationGroupUID ApprovalStatusDateTime Arbitrary AssertionDateTime
+    AssertionExpirationDateTime AttributeModificationDateTime AuthorObserverSequence
+    BarcodeValue BeamDescription BeamHoldTransitionDateTime BolusDescription BranchOfService
+    CalibrationDate CalibrationDateTime CalibrationTime CameraOwnerName CassetteID
+    CertificateOfSigner CertifiedTimestamp ClinicalTrialCoordinatingCenterName
+    ClinicalTrialProtocolEthicsCommitteeApprovalNumber ClinicalTrialProtocolEthicsCommitteeName
+    ClinicalTrialProtocolID ClinicalTrialProtocolName ClinicalTrialSeriesDescription
+    ClinicalTrialSeriesID ClinicalTrialSiteID ClinicalTrialSiteName ClinicalTrialSponsorName
+    ClinicalTrialSubjectID ClinicalTrialSubjectReadingID ClinicalTrialTimePointDescription
+    ClinicalTrialTimePointID CommentsOnRadiationDose CommentsOnThePerformedProcedureStep
+    CompensatorDescription ConcatenationUID ConceptualVolumeCombinationDescription
+    ConceptualVolumeDescription ConceptualVolumeUID
+    ConfidentialityConstraintOnPatientDataDescription ConstituentConceptualVolumeUID
+    ConsultingPhysicianIdentificationSequence ConsultingPhysicianName ContainerComponentID
+    ContainerDescription ContainerIdentifier ContentCreatorIdentificationCodeSequence
+    ContentCreatorName ContentDate ContentSequence ContentTime ContextGroupLocalVersion
+    ContextGroupVersion ContrastBolusAgent ContrastBolusStartTime ContrastBolusStopTime
+    ContributionDateTime ContributionDescription CountryOfResidence CreationDate CreationTime
+    CurrentObserverTrial CurrentPatientLocation CurveDate CurveTime
+    CustodialOrganizationSequence DataSetTrailingPadding Date
+    DateOfDocumentOrVerbalTransactionTrial DateOfInstallation DateOfLastCalibration
+    DateOfLastDetectorCalibration DateOfManufacture DateOfSecondaryCapture DateTime
+    DateTimeOfLastCalibration DecayCorrectionDateTime DecompositionDescription
+    DerivationDescription DestinationAE DetectorID DeviceAlternateIdentifier DeviceDescription
+    DeviceLabel DeviceSerialNumber DeviceSettingDescription DeviceUID DigitalSignatureDateTime
+    DigitalSignatureUID DigitalSignaturesSequence DimensionOrganizationUID DischargeDate
+    DischargeDiagnosisDescription DischargeTime DisplacementReferenceLabel DistributionAddress
+    DistributionName DoseReferenceDescription DoseReferenceUID DosimetricObjectiveUID
+    EffectiveDateTime EncapsulatedDocument EndAcquisitionDateTime EntityDescription EntityLabel
+    EntityLongLabel EntityName EquipmentFrameOfReferenceDescription
+    EthicsCommitteeApprovalEffectivenessEndDate EthicsCommitteeApprovalEffectivenessStartDate
+    EthnicGroup ExclusionStartDateTime ExpectedCompletionDateTime FailedSOPInstanceUIDList
+    FiducialUID FillerOrderNumberImagingServiceRequest FilterLookupTableDescription
+    FindingsGroupRecordingDateTrial FindingsGroupRecordingTimeTrial FirstTreatmentDate
+    FixationDeviceDescription FlowIdentifier FlowIdentifierSequence FractionGroupDescription
+    FractionationNotes FrameAcquisitionDateTime FrameComments FrameOfReferenceUID
+    FrameOriginTimestamp FrameReferenceDateTime FunctionalSyncPulse GPSAltitude GPSAltitudeRef
+    GPSAreaInformation GPSDOP GPSDateStamp GPSDestBearing GPSDestBearingRef GPSDestDistance
+    GPSDestDistanceRef GPSDestLatitude GPSDestLatitudeRef GPSDestLongitude GPSDestLongitudeRef
+    GPSDifferential GPSImgDirection GPSImgDirectionRef GPSLatitude GPSLatitudeRef GPSLongitude
+    GPSLongitudeRef GPSMapDatum GPSMeasureMode GPSProcessingMethod GPSSatellites GPSSpeed
+    GPSSpeedRef GPSStatus GPSTimeStamp GPSTrack GPSTrackRef GPSVersionID GantryID GeneratorID
+    GraphicAnnotationSequence HL7DocumentEffectiveTime HangingProtocolCreationDateTime
+    HumanPerformerName HumanPerformerOrganization IconImageSequence IdentifyingComments
+    ImageComments ImagePresentationComments ImagingServiceRequestComments
+    ImpedanceMeasurementDateTime Impressions InformationIssueDateTime InstanceCoercionDateTime
+    InstanceCreationDate InstanceCreationTime InstanceCreatorUID InstanceOriginStatus
+    InstitutionAddress InstitutionCodeSequence InstitutionName InstitutionalDepartmentName
+    InstitutionalDepartmentTypeCodeSequence InstructionPerformedDateTime
+    InsurancePlanIdentification IntendedFractionStartTime IntendedPhaseEndDate
+    IntendedPhaseStartDate IntendedRecipientsOfResultsIdentificationSequence InterlockDateTime
+    InterlockDescription InterlockOriginDescription InterpretationApprovalDate
+    InterpretationApprovalTime InterpretationApproverSequence InterpretationAuthor
+    InterpretationDiagnosisDescription InterpretationID InterpretationIDIssuer
+    InterpretationRecordedDate InterpretationRecordedTime InterpretationRecorder
+    InterpretationText InterpretationTranscriber InterpretationTranscriptionDate
+    InterpretationTranscriptionTime InterventionDrugStartTime InterventionDrugStopTime
+    IrradiationEventUID IssueDateOfImagingServiceRequest IssueTimeOfImagingServiceRequest
+    IssuerOfAdmissionID IssuerOfAdmissionIDSequence IssuerOfClinicalTrialProtocolID
+    IssuerOfClinicalTrialSeriesID IssuerOfClinicalTrialSiteID IssuerOfClinicalTrialSubjectID
+    IssuerOfClinicalTrialSubjectReadingID IssuerOfClinicalTrialTimePointID IssuerOfPatientID
+    IssuerOfServiceEpisodeID IssuerOfServiceEpisodeIDSequence
+    IssuerOfTheContainerIdentifierSequence IssuerOfTheSpecimenIdentifierSequence LabelText
+    LargePaletteColorLookupTableUID LastMenstrualDate LensMake LensModel LensSerialNumber
+    LensSpecification LongDeviceDescription MAC MakerNote ManufacturerDeviceClassUID
+    ManufacturerDeviceIdentifier MediaStorageSOPInstanceUID MedicalAlerts MedicalRecordLocator
+    MilitaryRank ModifiedAttributesSequence ModifiedImageDate ModifiedImageDescription
+    ModifiedImageTime ModifyingDeviceID ModifyingSystem MostRecentTreatmentDate
+    MultienergyAcquisitionDescription MultiplexGroupUID NameOfPhysiciansReadingStudy
+    NamesOfIntendedRecipientsOfResults NetworkID NonconformingDataElementValue
+    NonconformingModifiedAttributesSequence ObservationDateTime ObservationDateTrial
+    ObservationStartDateTime ObservationSubjectUIDTrial ObservationTimeTrial ObservationUID
+    Occupation OperatorIdentificationSequence OperatorsName OrderCallbackPhoneNumber
+    OrderCallbackTelecomInformation OrderEnteredBy OrderEntererLocation
+    OriginalAttributesSequence Originator OtherClinicalTrialProtocolIDsSequence OtherPatientIDs
+    OtherPatientIDsSequence OtherPatientNames OverlayDate OverlayTime OverrideDateTime
+    PaletteColorLookupTableUID ParticipantSequence ParticipationDateTime PatientAddress
+    PatientAge PatientBirthDate PatientBirthName PatientBirthTime PatientComments PatientID
+    PatientInstitutionResidence PatientInsurancePlanCodeSequence PatientMotherBirthName
+    PatientName PatientPrimaryLanguageCodeSequence PatientPrimaryLanguageModifierCodeSequence
+    PatientReligiousPreference PatientSetupPhotoDescription PatientSetupUID PatientSex
+    PatientSexNeutered PatientSize PatientState PatientTelecomInformation
+    PatientTelephoneNumbers PatientTransportArrangements
+    PatientTreatmentPreparationMethodDescription
+    PatientTreatmentPreparationProcedureParameterDescription PatientWeight PerformedLocation
+    PerformedProcedureStepDescription PerformedProcedureStepEndDate
+    PerformedProcedureStepEndDateTime PerformedProcedureStepEndTime PerformedProcedureStepID
+    PerformedProcedureStepStartDate PerformedProcedureStepStartDateTime
+    PerformedProcedureStepStartTime PerformedStationAETitle
+    PerformedStationGeographicLocationCodeSequence PerformedStationName
+    PerformedStationNameCodeSequence PerformingPhysicianIdentificationSequence
+    PerformingPhysicianName PersonAddress PersonIdentificationCodeSequence PersonName
+    PersonTelecomInformation PersonTelephoneNumbers PhysicianApprovingInterpretation
+    PhysiciansOfRecord PhysiciansOfRecordIdentificationSequence
+    PhysiciansReadingStudyIdentificationSequence PlacerOrderNumberImagingServiceRequest PlateID
+    PositionAcquisitionTemplateDescription PositionAcquisitionTemplateName PreMedication
+    PregnancyStatus PrescriptionDescription PrescriptionNotes PrescriptionNotesSequence
+    PresentationCreationDate PresentationCreationTime PresentationDisplayCollectionUID
+    PresentationSequenceCollectionUID PriorTreatmentDoseDescription
+    ProcedureStepCancellationDateTime ProductExpirationDateTime ProtocolName PyramidDescription
+    PyramidLabel PyramidUID ROICreatorSequence ROIDateTime ROIDescription
+    ROIGenerationDescription ROIInterpreter ROIInterpreterSequence ROIName
+    ROIObservationDateTime ROIObservationDescription ROIObservationLabel
+    RTAccessoryDeviceSlotID RTAccessoryHolderSlotID RTPhysicianIntentNarrative RTPlanDate
+    RTPlanDescription RTPlanLabel RTPlanName RTPlanTime RTPrescriptionLabel RTToleranceSetLabel
+    RTTreatmentApproachLabel RTTreatmentPhaseUID RadiationDoseIdentificationLabel
+    RadiationDoseInVivoMeasurementLabel RadiationGenerationModeDescription
+    RadiationGenerationModeLabel RadiopharmaceuticalStartDateTime RadiopharmaceuticalStartTime
+    RadiopharmaceuticalStopDateTime RadiopharmaceuticalStopTime ReasonForOmissionDescription
+    ReasonForRequestedProcedureCodeSequence ReasonForStudy ReasonForSuperseding
+    ReasonForTheAttributeModification ReasonForTheImagingServiceRequest
+    ReasonForTheRequestedProcedure ReasonForVisit ReasonForVisitCodeSequence ReceivingAE
+    RecordedRTControlPointDateTime ReferencedConceptualVolumeUID ReferencedDateTime
+    ReferencedDigitalSignatureSequence ReferencedDoseReferenceUID
+    ReferencedDosimetricObjectiveUID ReferencedFiducialsUID ReferencedFrameOfReferenceUID
+    ReferencedGeneralPurposeScheduledProcedureStepTransactionUID ReferencedImageSequence
+    ReferencedObservationUIDTrial ReferencedPatientAliasSequence ReferencedPatientPhotoSequence
+    ReferencedPatientSequence ReferencedPerformedProcedureStepSequence
+    ReferencedSOPInstanceMACSequence ReferencedSOPInstanceUID ReferencedSOPInstanceUIDInFile
+    ReferencedStudySequence ReferencedTreatmentPositionGroupUID ReferringPhysicianAddress
+    ReferringPhysicianIdentificationSequence ReferringPhysicianName
+    ReferringPhysicianTelephoneNumbers RegionOfResidence RelatedFrameOfReferenceUID
+    RequestAttributesSequence RequestedContrastAgent RequestedProcedureComments
+    RequestedProcedureDescription RequestedProcedureID RequestedProcedureLocation
+    RequestedSOPInstanceUID RequestedSeriesDescription RequestingAE RequestingPhysician
+    RequestingService RespiratoryMotionCompensationTechniqueDescription ResponsibleOrganization
+    ResponsiblePerson ResultsComments ResultsDistributionListSequence ResultsID ResultsIDIssuer
+    RetrieveAETitle ReviewDate ReviewTime ReviewerName SOPAuthorizationDateTime SOPInstanceUID
+    SafePositionExitDate SafePositionExitTime SafePositionReturnDate SafePositionReturnTime
+    ScheduledAdmissionDate ScheduledAdmissionTime ScheduledDischargeDate ScheduledDischargeTime
+    ScheduledHumanPerformersSequence ScheduledPatientInstitutionResidence
+    ScheduledPerformingPhysicianIdentificationSequence ScheduledPerformingPhysicianName
+    ScheduledProcedureStepDescription ScheduledProcedureStepEndDate
+    ScheduledProcedureStepEndTime ScheduledProcedureStepExpirationDateTime
+    ScheduledProcedureStepID ScheduledProcedureStepLocation
+    ScheduledProcedureStepModificationDateTime ScheduledProcedureStepStartDate
+    ScheduledProcedureStepStartDateTime ScheduledProcedureStepStartTime ScheduledStationAETitle
+    ScheduledStationGeographicLocationCodeSequence ScheduledStationName
+    ScheduledStationNameCodeSequence ScheduledStudyLocation ScheduledStudyLocationAETitle
+    ScheduledStudyStartDate ScheduledStudyStartTime ScheduledStudyStopDate
+    ScheduledStudyStopTime SelectorAEValue SelectorASValue SelectorDAValue SelectorDTValue
+    SelectorLOValue SelectorLTValue SelectorOBValue SelectorPNValue SelectorSHValue
+    SelectorSTValue SelectorTMValue SelectorUNValue SelectorURValue SelectorUTValue SeriesDate
+    SeriesDescription SeriesInstanceUID SeriesTime ServiceEpisodeDescription ServiceEpisodeID
+    SetupTechniqueDescription ShieldingDeviceDescription SlideIdentifier SmokingStatus
+    SourceConceptualVolumeUID SourceEndDateTime SourceFrameOfReferenceUID SourceIdentifier
+    SourceImageSequence SourceManufacturer SourceOfPreviousValues SourceSerialNumber
+    SourceStartDateTime SourceStrengthReferenceDate SourceStrengthReferenceTime SpecialNeeds
+    SpecimenAccessionNumber SpecimenDetailedDescription SpecimenIdentifier
+    SpecimenPreparationSequence SpecimenShortDescription SpecimenUID StartAcquisitionDateTime
+    StationAETitle StationName StorageMediaFileSetUID StructureSetDate StructureSetDescription
+    StructureSetLabel StructureSetName StructureSetTime StudyArrivalDate StudyArrivalTime
+    StudyComments StudyCompletionDate StudyCompletionTime StudyDate StudyDescription StudyID
+    StudyIDIssuer StudyInstanceUID StudyReadDate StudyReadTime StudyTime StudyVerifiedDate
+    StudyVerifiedTime SubstanceAdministrationDateTime SynchronizationFrameOfReferenceUID
+    TargetUID TelephoneNumberTrial TemplateExtensionCreatorUID TemplateExtensionOrganizationUID
+    TemplateLocalVersion TemplateVersion TextComments TextString Time
+    TimeOfDocumentCreationOrVerbalTransactionTrial TimeOfLastCalibration
+    TimeOfLastDetectorCalibration TimeOfSecondaryCapture TimezoneOffsetFromUTC TopicAuthor
+    TopicKeywords TopicSubject TopicTitle TrackingUID TransactionUID
+    TransducerIdentificationSequence TreatmentControlPointDate TreatmentControlPointTime
+    TreatmentDate TreatmentMachineName TreatmentPositionGroupLabel TreatmentPositionGroupUID
+    TreatmentSessionUID TreatmentSite TreatmentSites TreatmentTechniqueNotes TreatmentTime
+    TreatmentToleranceViolationDateTime TreatmentToleranceViolationDescription UDISequence UID
+    UniqueDeviceIdentifier UserContentLabel UserContentLongLabel
+    VerbalSourceIdentifierCodeSequenceTrial VerbalSourceTrial VerificationDateTime
+    VerifyingObserverIdentificationCodeSequence VerifyingObserverName VerifyingObserverSequence
+    VerifyingOrganization VisitComments WaveformFilterDescription XRayDetectorID
+    XRayDetectorLabel XRaySourceID
+    """.split()
+)
+
+# In the basic profile, but kept (scrubbed) under the Clean Descriptors Option: a site's
+# role detection needs them, and they carry no identity once dates and names are removed.
+CLEANED_DESCRIPTORS: frozenset[str] = frozenset({"SeriesDescription", "ProtocolName"})
+
+# DICOM keyword -> (store attribute name, kind). The store contract's names for the
+# sequence parameters (vendor, model, tr, te, ti, flip_angle, sequence_name) are used as is.
+SAFE_FIELDS: dict[str, tuple[str, str]] = {
+    "Modality": ("modality", "str"),
+    "Manufacturer": ("vendor", "str"),
+    "ManufacturerModelName": ("model", "str"),
+    "SoftwareVersions": ("software_versions", "strs"),
+    "MagneticFieldStrength": ("field_strength", "float"),
+    "SeriesDescription": ("series_description", "str"),
+    "ProtocolName": ("protocol_name", "str"),
+    "SeriesNumber": ("series_number", "int"),
+    "SequenceName": ("sequence_name", "str"),
+    "ScanningSequence": ("scanning_sequence", "strs"),
+    "SequenceVariant": ("sequence_variant", "strs"),
+    "ScanOptions": ("scan_options", "strs"),
+    "MRAcquisitionType": ("mr_acquisition_type", "str"),
+    "ImageType": ("image_type", "strs"),
+    "RepetitionTime": ("tr", "float"),
+    "EchoTime": ("te", "float"),
+    "InversionTime": ("ti", "float"),
+    "FlipAngle": ("flip_angle", "float"),
+    "EchoTrainLength": ("echo_train_length", "int"),
+    "NumberOfAverages": ("number_of_averages", "float"),
+    "ImagingFrequency": ("imaging_frequency", "float"),
+    "PixelBandwidth": ("pixel_bandwidth", "float"),
+    "ReceiveCoilName": ("receive_coil", "str"),
+    "PatientPosition": ("patient_position", "str"),
+    "Rows": ("rows", "int"),
+    "Columns": ("columns", "int"),
+    "PixelSpacing": ("pixel_spacing", "floats"),
+    "SliceThickness": ("slice_thickness", "float"),
+    "SpacingBetweenSlices": ("spacing_between_slices", "float"),
+}
+
+_MONTHS = r"(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.?"
+_SCRUB_PATTERNS = [
+    # a DICOM person name (Family^Given^Middle...) anywhere in the text
+    re.compile(r"\S*\^\S*"),
+    # YYYYMMDD, YYYY-MM-DD, YYYY.MM.DD, YYYY/MM/DD, optionally followed by a time (DICOM DT)
+    re.compile(
+        r"(?<!\d)(?:19|20)\d{2}([-./]?)(?:0[1-9]|1[0-2])\1(?:0[1-9]|[12]\d|3[01])"
+        r"(?:[T _-]?[0-2]\d:?[0-5]\d(?::?[0-5]\d(?:\.\d+)?)?)?(?!\d)"
+    ),
+    # DD.MM.YYYY, MM/DD/YYYY, DD-MM-YYYY (4-digit year, so version numbers stay)
+    re.compile(r"(?<![\d.])\d{1,2}([-./])\d{1,2}\1(?:19|20)\d{2}(?![\d.])"),
+    # 12 Mar 2023, 12-Mar-2023, Mar 12, 2023
+    re.compile(rf"(?i)(?<!\w)\d{{1,2}}[ -]?{_MONTHS}[ ,-]*(?:19|20)\d{{2}}(?!\d)"),
+    re.compile(rf"(?i)(?<!\w){_MONTHS} \d{{1,2}},? (?:19|20)\d{{2}}(?!\d)"),
+]
+
+
+def scrub_text(text: str) -> str:
+    """``text`` without anything that looks like a date or a DICOM person name."""
+    for pat in _SCRUB_PATTERNS:
+        text = pat.sub(" ", text)
+    return " ".join(text.split())
+
+
+def _values(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        return [value]
+    return list(value)
+
+
+def _convert(value: Any, kind: str) -> Any:
+    vals = [v for v in _values(value) if v is not None and str(v).strip() != ""]
+    if not vals:
+        return None
+    if kind in ("str", "strs"):
+        out = [scrub_text(v.decode("ascii", "replace") if isinstance(v, bytes) else str(v)) for v in vals]
+        out = [s for s in out if s]
+        if not out:
+            return None
+        return out if kind == "strs" else "\\".join(out)
+    if kind in ("float", "floats"):
+        nums = [float(v) for v in vals]
+        if any(n != n or n in (float("inf"), float("-inf")) for n in nums):
+            return None
+        return nums if kind == "floats" else nums[0]
+    if kind == "int":
+        return int(float(vals[0]))
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+def safe_header_fields(ds: Any) -> dict[str, Any]:
+    """The whitelisted acquisition fields of a pydicom Dataset, as JSON-native values under
+    store attribute names (``vendor``, ``model``, ``tr``, ``te``, ``ti``, ``flip_angle``,
+    ``sequence_name``, ``pixel_spacing``, ...). Absent, empty or unparsable fields are left
+    out; strings are scrubbed (:func:`scrub_text`). Nothing else of the header is copied."""
+    out: dict[str, Any] = {}
+    for keyword, (name, kind) in SAFE_FIELDS.items():
+        try:
+            raw = ds.get(keyword)
+        except Exception:  # a malformed element: leave it out, never fail ingest over it
+            continue
+        raw = getattr(raw, "value", raw)  # a DataElement from a plain mapping
+        try:
+            value = _convert(raw, kind)
+        except (TypeError, ValueError):
+            continue
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def _variants(identity: str) -> set[str]:
+    v = {identity}
+    if "^" in identity:
+        comps = [c for c in identity.split("^") if c.strip()]
+        v.update(c for c in comps if len(c) >= 3)
+        if len(comps) >= 2:
+            v.add(f"{comps[1]} {comps[0]}")
+            v.add(f"{comps[0]} {comps[1]}")
+            v.add(f"{comps[0]}, {comps[1]}")
+    m = re.fullmatch(r"((?:19|20)\d{2})(\d{2})(\d{2})", identity)
+    if m:
+        y, mo, d = m.groups()
+        v.update({f"{y}-{mo}-{d}", f"{y}/{mo}/{d}", f"{y}.{mo}.{d}", f"{d}.{mo}.{y}", f"{mo}/{d}/{y}", f"{d}/{mo}/{y}"})
+    return v
+
+
+def scan_for_phi(text: str, identities: list[str]) -> list[str]:
+    """The identity strings (e.g. a patient name ``Doe^Jane``, ID, birth date ``19700101``,
+    institution) that occur in ``text``, case-insensitively, also as the obvious variants (name
+    components of 3+ characters, "Jane Doe", formatted dates). For tests and audits."""
+    hay = text.casefold()
+    found = []
+    for ident in identities:
+        ident = str(ident).strip()
+        if ident and ident not in found and any(v.casefold() in hay for v in _variants(ident)):
+            found.append(ident)
+    return found

@@ -1,0 +1,433 @@
+"""Finding DICOM files in a tree and grouping them into series.
+
+:func:`scan` walks a folder tree and reads the header of every file (pixel data is
+never read: ``pydicom.dcmread(stop_before_pixels=True, force=False)``), returning one
+small, picklable :class:`FileInfo` per DICOM image file and ``(path, reason)`` for
+every file that cannot be ingested (empty, not DICOM, truncated, not an image, a
+symlink loop...).
+
+:func:`group_series` groups those files into series the way dcm2niix does: by
+(SeriesInstanceUID, SeriesNumber) - several vendors' exports reuse one
+SeriesInstanceUID for series with different numbers (see the dcm_qa_ts test data) -
+and then splits a group whose files cannot form one image volume (different
+orientation, matrix, pixel spacing, echo, image type, or single-frame mixed with
+multi-frame exports of the same acquisition).  Every part of a split group gets a
+suffix in its key (``_e2`` for echo 2, ``_part2`` for the second geometry...).
+
+Nothing here stores identifying header fields: a FileInfo holds UIDs (needed to
+group), geometry and acquisition parameters only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+from ingest.reader import _f, _find, _i  # one parser for DICOM numbers (DS/IS, multi-valued, blank)
+
+__all__ = ["FileInfo", "SeriesGroup", "scan", "group_series", "is_image_sop_class"]
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """Header summary of one DICOM image file (no identifying fields)."""
+
+    path: Path
+    size: int
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_uid: str
+    series_number: int | None
+    study_uid: str
+    modality: str = ""
+    manufacturer: str = ""
+    model: str = ""
+    echo_number: int | None = None
+    orientation: tuple[float, ...] | None = None      # 6 direction cosines (row, column)
+    position: tuple[float, ...] | None = None         # ImagePositionPatient (first frame)
+    pixel_spacing: tuple[float, ...] | None = None    # (row spacing, column spacing) mm
+    rows: int | None = None
+    columns: int | None = None
+    transfer_syntax: str = ""
+    image_type: tuple[str, ...] = ()
+    description: str = ""
+    protocol: str = ""
+    sequence_name: str = ""
+    tr: float | None = None
+    te: float | None = None
+    ti: float | None = None
+    flip_angle: float | None = None
+    n_frames: int = 1
+    enhanced: bool = False                            # geometry in functional groups
+    acquisition_number: int | None = None
+    instance_number: int | None = None
+
+
+@dataclass
+class SeriesGroup:
+    """Files of one series (one image volume or one multi-volume series)."""
+
+    key: str
+    files: list[Path]
+    series_uid: str = ""
+    series_number: int | None = None
+    study_uid: str = ""
+    description: str = ""
+    protocol: str = ""
+    sequence_name: str = ""
+    image_type: list[str] = field(default_factory=list)
+    tr: float | None = None
+    te: float | None = None
+    ti: float | None = None
+    flip_angle: float | None = None
+    manufacturer: str = ""
+    model: str = ""
+    modality: str = ""
+    echo_number: int | None = None
+    rows: int | None = None
+    columns: int | None = None
+    orientation: tuple[float, ...] | None = None
+    n_frames: int = 0                                  # sum over its files
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def is_image_sop_class(uid: str) -> bool:
+    """True for SOP classes that carry pixel data we could read (image storage, maps)."""
+    name = UID(uid).name if uid else ""
+    if not name or name == uid:  # unknown / private SOP class: let the reader decide
+        return True
+    return "Image Storage" in name or "Parametric Map" in name
+
+
+def _s(ds, kw: str) -> str:
+    v = ds.get(kw)
+    if v is None:
+        return ""
+    return str(v).strip()
+
+
+def _floats(v, n: int) -> tuple[float, ...] | None:
+    if v is None:
+        return None
+    try:
+        vals = tuple(float(x) for x in v)
+    except (TypeError, ValueError):
+        return None
+    return vals if len(vals) == n else None
+
+
+def find_attr(ds, keyword: str, frame: int = 0):
+    """A header value, from the top level or else the functional groups of one frame
+    (enhanced multi-frame objects keep geometry one sequence deeper, PS3.3 C.7.6.16)."""
+    return _find(ds, keyword, frame)
+
+
+def header_summary(ds, path: Path, size: int) -> FileInfo:
+    """FileInfo from a (header-only) dataset."""
+    meta = getattr(ds, "file_meta", None)
+    ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    sop_class = _s(ds, "SOPClassUID") or (str(meta.get("MediaStorageSOPClassUID", "")) if meta else "")
+    enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+    itype = ds.get("ImageType")
+    image_type = tuple(str(t).strip() for t in itype) if itype is not None else ()
+    if isinstance(itype, str):
+        image_type = tuple(t.strip() for t in itype.split("\\"))
+    seq = _s(ds, "SequenceName")
+    if not seq:
+        seq = str(find_attr(ds, "PulseSequenceName") or "").strip()
+    ti = _f(ds.get("InversionTime"))
+    if ti is None:
+        ti = _f(find_attr(ds, "InversionTimes"))
+    te = _f(ds.get("EchoTime"))
+    if te is None:
+        te = _f(find_attr(ds, "EffectiveEchoTime"))
+    return FileInfo(
+        path=path,
+        size=size,
+        sop_instance_uid=_s(ds, "SOPInstanceUID"),
+        sop_class_uid=sop_class,
+        series_uid=_s(ds, "SeriesInstanceUID"),
+        series_number=_i(ds.get("SeriesNumber")),
+        study_uid=_s(ds, "StudyInstanceUID"),
+        modality=_s(ds, "Modality"),
+        manufacturer=_s(ds, "Manufacturer"),
+        model=_s(ds, "ManufacturerModelName"),
+        echo_number=_i(ds.get("EchoNumbers")),
+        orientation=_floats(find_attr(ds, "ImageOrientationPatient"), 6),
+        position=_floats(find_attr(ds, "ImagePositionPatient"), 3),
+        pixel_spacing=_floats(find_attr(ds, "PixelSpacing"), 2),
+        rows=_i(ds.get("Rows")),
+        columns=_i(ds.get("Columns")),
+        transfer_syntax=ts,
+        image_type=image_type,
+        description=_s(ds, "SeriesDescription"),
+        protocol=_s(ds, "ProtocolName"),
+        sequence_name=seq,
+        tr=_f(find_attr(ds, "RepetitionTime")),
+        te=te,
+        ti=ti,
+        flip_angle=_f(find_attr(ds, "FlipAngle")),
+        n_frames=_i(ds.get("NumberOfFrames")) or 1,
+        enhanced=enhanced,
+        acquisition_number=_i(ds.get("AcquisitionNumber")),
+        instance_number=_i(ds.get("InstanceNumber")),
+    )
+
+
+# uncompressed, not deflated: the file size alone tells whether the pixel data is complete
+_NATIVE_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
+
+
+def _native_pixel_bytes(ds) -> int | None:
+    """Bytes of uncompressed pixel data the header promises (None if it cannot tell)."""
+    rows, cols = _i(ds.get("Rows")), _i(ds.get("Columns"))
+    bits = _i(ds.get("BitsAllocated"))
+    if not rows or not cols or not bits:
+        return None
+    spp = _i(ds.get("SamplesPerPixel")) or 1
+    frames = _i(ds.get("NumberOfFrames")) or 1
+    n = rows * cols * frames * spp
+    return (n + 7) // 8 if bits == 1 else n * (bits // 8)
+
+
+def _read_header(path: Path, size: int) -> tuple[FileInfo | None, str]:
+    """(FileInfo, "") for a DICOM image file, else (None, reason)."""
+    if size == 0:
+        return None, "empty file (0 bytes): incomplete copy?"
+    try:
+        with open(path, "rb") as fh:
+            ds = pydicom.dcmread(fh, stop_before_pixels=True, force=False)
+            end = fh.tell()
+    except InvalidDicomError:
+        return None, "not DICOM (no 'DICM' signature after the 128-byte preamble)"
+    except PermissionError as exc:
+        return None, f"cannot read file: {exc.strerror or exc}"
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a property of the file
+        return None, f"unreadable DICOM header ({exc.__class__.__name__}: {exc}): truncated or corrupt file?"
+    meta = getattr(ds, "file_meta", None)
+    sop_class = _s(ds, "SOPClassUID") or (str(meta.get("MediaStorageSOPClassUID", "")) if meta else "")
+    if not is_image_sop_class(sop_class):
+        return None, f"not an image ({UID(sop_class).name}): no pixel data to ingest"
+    at_eof = end >= size
+    if at_eof:
+        # pydicom stops quietly at the end of a file: an image whose header read ran
+        # into the end of the file never reached its Pixel Data element.
+        if "Rows" not in ds or not _s(ds, "SeriesInstanceUID"):
+            return None, (f"truncated DICOM header: the file ends after {size} bytes, before the "
+                          "image attributes and the pixel data (incomplete copy?)")
+        return None, f"no pixel data: the file ends after {size} bytes, before any Pixel Data element"
+    if not _s(ds, "SeriesInstanceUID"):
+        return None, "DICOM file without SeriesInstanceUID: cannot tell which series it belongs to"
+    if "Rows" not in ds or "Columns" not in ds:
+        return None, "DICOM file without Rows/Columns: not an image"
+    ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    if ts in _NATIVE_SYNTAXES:
+        need = _native_pixel_bytes(ds)
+        # `end` is the start of the Pixel Data element (its 8-12 byte element header follows)
+        have = max(size - end - 8, 0)  # bytes after the header, less a short element header
+        if need is not None and have < need:
+            if need >= 2 * have + 64:
+                return None, (
+                    f"Rows x Columns ({_i(ds.get('Rows'))} x {_i(ds.get('Columns'))}) x frames x bytes = "
+                    f"{need} bytes, far more than the {have} bytes of pixel data in the file: header and "
+                    "pixel data disagree (corrupt or edited header)")
+            return None, (f"pixel data truncated: the file has {have} bytes after its header, "
+                          f"Rows x Columns x frames x bytes needs {need} (incomplete copy?)")
+    return header_summary(ds, path, size), ""
+
+
+# ------------------------------------------------------------------------------- scan
+
+def scan(root) -> tuple[list[FileInfo], list[tuple[Path, str]]]:
+    """Walk ``root``; header summaries of DICOM image files, and (path, reason) for the rest.
+
+    Symlinked folders are followed once: a link to a folder that is one of its own
+    ancestors (a loop) or that was already scanned through another path is reported
+    as a problem and not entered.  Broken links and unreadable folders are problems
+    too.  Paths are returned as found under ``root`` (not resolved), in sorted order.
+    """
+    root = Path(root)
+    infos: list[FileInfo] = []
+    problems: list[tuple[Path, str]] = []
+    if root.is_file():
+        files = [root]
+        _scan_files(files, infos, problems)
+        return infos, problems
+    if not root.is_dir():
+        return infos, [(root, "does not exist or is not a folder")]
+
+    visited: dict[str, Path] = {}
+
+    def walk(folder: Path, ancestors: tuple[str, ...]) -> None:
+        real = os.path.realpath(folder)
+        if real in ancestors:
+            problems.append((folder, f"symlink loop: {folder} points back to its ancestor {real}; not followed"))
+            return
+        if real in visited:
+            problems.append((folder, f"link to a folder already scanned as {visited[real]}; not followed twice"))
+            return
+        visited[real] = folder
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            problems.append((folder, f"cannot list folder: {exc.strerror or exc}"))
+            return
+        subdirs, files = [], []
+        for e in entries:
+            p = folder / e.name
+            try:
+                st = os.stat(p)  # follows links
+            except OSError:
+                if e.is_symlink():
+                    problems.append((p, f"broken symlink (points to {os.readlink(p)})"))
+                else:
+                    problems.append((p, "cannot stat file"))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                subdirs.append(p)
+            elif stat.S_ISREG(st.st_mode):
+                files.append(p)
+            else:
+                problems.append((p, "not a regular file (device, socket or pipe)"))
+        _scan_files(files, infos, problems)
+        for d in subdirs:
+            walk(d, ancestors + (real,))
+
+    walk(root, ())
+    return infos, problems
+
+
+def _scan_files(files: list[Path], infos: list, problems: list) -> None:
+    for p in files:
+        try:
+            size = os.stat(p).st_size
+        except OSError as exc:
+            problems.append((p, f"cannot stat file: {exc.strerror or exc}"))
+            continue
+        info, reason = _read_header(p, size)
+        if info is None:
+            problems.append((p, " ".join(x.strip() for x in reason.splitlines() if x.strip())))
+        else:
+            infos.append(info)
+
+
+# ----------------------------------------------------------------------- group_series
+
+def _split_signature(fi: FileInfo) -> tuple:
+    """What must agree inside one volume (besides echo): see group_series."""
+    return (
+        fi.orientation,
+        (fi.rows, fi.columns),
+        fi.pixel_spacing,
+        fi.n_frames > 1 or fi.enhanced,            # classic vs enhanced export of one series
+        tuple(t.upper() for t in fi.image_type),
+    )
+
+
+def _close(a, b, tol: float) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return len(a) == len(b) and all(abs(x - y) <= tol for x, y in zip(a, b))
+
+
+def _same_part(a: tuple, b: tuple) -> bool:
+    return (_close(a[0], b[0], 1e-3) and a[1] == b[1] and _close(a[2], b[2], 1e-3)
+            and a[3] == b[3] and a[4] == b[4])
+
+
+def group_series(files: list[FileInfo]) -> tuple[list[SeriesGroup], list[tuple[Path, str]]]:
+    """Group FileInfos into series; (path, reason) for duplicates.
+
+    1. group by (SeriesInstanceUID, SeriesNumber), as dcm2niix does;
+    2. within a group, a repeated SOPInstanceUID keeps the first file (sorted path
+       order) and reports the others: ``(path, "duplicate SOP instance <uid> of <first>")``;
+    3. split a group by EchoNumbers when it holds several echoes (key suffix
+       ``_e<n>``; files without EchoNumbers, e.g. enhanced exports, get no echo
+       suffix), then by what must agree inside one volume: orientation (1e-3),
+       Rows/Columns, pixel spacing (1e-3 mm), image type, and single-frame vs
+       multi-frame storage (suffix ``_part<k>``, k = 1, 2, ... in sorted-path order
+       of each part's first file).  An unsplit group's key is
+       ``<SeriesNumber>_<SeriesInstanceUID>`` (contains UIDs: pseudonymise it
+       before it leaves ingest).
+    Groups are returned sorted by (series number, key).
+    """
+    by_series: dict[tuple[str, int | None], list[FileInfo]] = {}
+    for fi in files:
+        by_series.setdefault((fi.series_uid, fi.series_number), []).append(fi)
+
+    problems: list[tuple[Path, str]] = []
+    groups: list[SeriesGroup] = []
+    for (uid, number), members in by_series.items():
+        members = sorted(members, key=lambda f: str(f.path))
+        seen: dict[str, Path] = {}
+        unique: list[FileInfo] = []
+        for fi in members:
+            sop = fi.sop_instance_uid
+            if sop and sop in seen:
+                problems.append((fi.path, f"duplicate SOP instance {sop} of {seen[sop]}"))
+                continue
+            if sop:
+                seen[sop] = fi.path
+            unique.append(fi)
+        base = f"{number if number is not None else 'x'}_{uid}"
+
+        by_echo: dict[int | None, list[FileInfo]] = {}
+        for fi in unique:
+            by_echo.setdefault(fi.echo_number, []).append(fi)
+        n_echoes = len([e for e in by_echo if e is not None])
+        named: dict[str, list[list[FileInfo]]] = {}
+        for echo in sorted(by_echo, key=lambda e: (e is None, e or 0)):
+            # an echo suffix only when the series really has several echoes; files
+            # without EchoNumbers (enhanced exports) go with the unsuffixed parts
+            ekey = base + (f"_e{echo}" if n_echoes > 1 and echo is not None else "")
+            parts: list[tuple[tuple, list[FileInfo]]] = []  # in order of each part's first file
+            for fi in by_echo[echo]:
+                sig = _split_signature(fi)
+                for psig, pfiles in parts:
+                    if _same_part(psig, sig):
+                        pfiles.append(fi)
+                        break
+                else:
+                    parts.append((sig, [fi]))
+            named.setdefault(ekey, []).extend(pfiles for _, pfiles in parts)
+        for ekey, plist in named.items():
+            for k, pfiles in enumerate(plist, start=1):
+                key = ekey + (f"_part{k}" if len(plist) > 1 else "")
+                groups.append(_make_group(key, pfiles))
+    groups.sort(key=lambda g: (g.series_number if g.series_number is not None else -1, g.key))
+    return groups, problems
+
+
+def _make_group(key: str, files: list[FileInfo]) -> SeriesGroup:
+    f0 = files[0]
+    return SeriesGroup(
+        key=key,
+        files=sorted(f.path for f in files),
+        series_uid=f0.series_uid,
+        series_number=f0.series_number,
+        study_uid=f0.study_uid,
+        description=f0.description,
+        protocol=f0.protocol,
+        sequence_name=f0.sequence_name,
+        image_type=list(f0.image_type),
+        tr=f0.tr,
+        te=f0.te,
+        ti=f0.ti,
+        flip_angle=f0.flip_angle,
+        manufacturer=f0.manufacturer,
+        model=f0.model,
+        modality=f0.modality,
+        echo_number=f0.echo_number,
+        rows=f0.rows,
+        columns=f0.columns,
+        orientation=f0.orientation,
+        n_frames=sum(f.n_frames for f in files),
+    )

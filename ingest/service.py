@@ -1,0 +1,370 @@
+"""`qsnet ingest SRC DST`: a tree of multi-site DICOM -> one Zarr store per exam + a manifest.
+
+Every input file ends as exactly one manifest row: `ingested`, `quarantined` (something is
+wrong with it; the reason says what) or `ignored` (not ours to ingest; the reason says why).
+A bad file never stops the other exams. Exams run in parallel processes; an exam whose inputs
+and configuration have not changed since its store was written is not rewritten.
+
+Layout expected under SRC: `<site>/<exam folder>/...` where `<site>` names a site file
+(`ingest/sites/<site>.yaml`, or one in `--sites DIR`). Files are grouped into exams by
+StudyInstanceUID within a site, into series as dcm2niix does, and given roles by the site's
+`match` rules. Phantom exams carry `truth/` (labels, brain mask, poses) beside the DICOM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ingest import __version__
+from ingest.siteconfig import ROLES, SiteConfigError, builtin_sites, load_site
+
+INGEST_VERSION = "1"
+
+
+class IngestError(ValueError):
+    pass
+
+
+@dataclass
+class ExamJob:
+    site: str
+    exam_dir: str                      # relative to SRC, e.g. "site-A/sub-A01"
+    files: list[str] = field(default_factory=list)   # relative DICOM paths
+    truth: list[str] = field(default_factory=list)   # relative truth/ paths (phantom only)
+    infos: list = field(default_factory=list)        # header summaries from the scan, one per file
+
+
+# ---------------------------------------------------------------- roles
+
+def recognise(site_cfg: dict, group) -> tuple[str | None, str]:
+    """Role of a series by the site's `match` rules, or None with the reason."""
+    desc = group.description or ""
+    itype = [str(t).upper() for t in (group.image_type or [])]
+    hits = []
+    for role in ROLES:
+        rule = site_cfg["series"].get(role, {}).get("match")
+        if not rule:
+            continue
+        if "description" in rule and not re.search(rule["description"], desc):
+            continue
+        if any(str(t).upper() not in itype for t in rule.get("image_type_all", [])):
+            continue
+        hits.append(role)
+    if not hits:
+        return None, f"series '{desc}' matches no role of {site_cfg['site']} (see {site_cfg['_source']})"
+    if len(hits) > 1:
+        return None, f"series '{desc}' matches several roles ({', '.join(hits)}) of {site_cfg['site']}: ambiguous"
+    return hits[0], ""
+
+
+def load_sites(sites_dir: Path | None) -> dict[str, dict]:
+    sites = {name: load_site(name) for name in builtin_sites()}
+    if sites_dir is not None:
+        for p in sorted(Path(sites_dir).glob("*.y*ml")):
+            cfg = load_site(p)
+            sites[cfg["site"]] = cfg
+    return sites
+
+
+# ---------------------------------------------------------------- planning
+
+def plan_exams(src: Path, sites: dict[str, dict]):
+    """Scan SRC once: DICOM files grouped by (site folder, exam folder), plus rows for the rest."""
+    from ingest.series import scan
+
+    infos, problems = scan(src)
+    rows: list[Row] = []
+    jobs: dict[tuple[str, str], ExamJob] = {}
+
+    def where(path: Path) -> tuple[str | None, str | None, str]:
+        rel = path.relative_to(src)
+        if len(rel.parts) < 3:
+            return None, None, str(rel)
+        return rel.parts[0], rel.parts[1], str(rel)
+
+    truth_files: dict[tuple[str, str], list[str]] = {}
+    for path, reason in problems:
+        path = Path(path)
+        site, folder, rel = where(path) if path.is_relative_to(src) else (None, None, str(path))
+        if site in sites and Path(rel).parts[2:3] == ("truth",):
+            truth_files.setdefault((site, folder), []).append(rel)
+            continue
+        # Valid DICOM that is not an image (DICOMDIR, reports, presentation states) and
+        # non-DICOM files are not ours to ingest; anything else wrong is quarantined.
+        benign = reason.startswith(("not DICOM", "not an image"))
+        status = "ignored" if benign else "quarantined"
+        rows.append(_row(src, rel, status, reason, site=site or ""))
+    # Exams are studies (StudyInstanceUID within a site), as a PACS sees them: copies of one
+    # study in two folders are one exam, one folder holding two studies is two exams.
+    folders_of: dict[tuple[str, str], dict[str, int]] = {}
+    for info in infos:
+        site, folder, rel = where(Path(info.path))
+        if site is None:
+            rows.append(_row(src, rel, "quarantined", "not inside a <site>/<exam>/ folder: cannot tell its site"))
+            continue
+        if site not in sites:
+            rows.append(_row(src, rel, "quarantined",
+                             f"unknown site folder '{site}': add a site file ingest/sites/{site}.yaml or --sites DIR",
+                             site=site))
+            continue
+        key = (site, info.study_uid or f"folder:{folder}")
+        job = jobs.setdefault(key, ExamJob(site, f"{site}/{folder}"))
+        job.files.append(rel)
+        job.infos.append(info)
+        counts = folders_of.setdefault(key, {})
+        counts[folder] = counts.get(folder, 0) + 1
+    # Phantom ground truth belongs to the study that owns most files of its folder.
+    owner = {}
+    for key, counts in folders_of.items():
+        for folder, n in counts.items():
+            best = owner.get((key[0], folder))
+            if best is None or n > best[1]:
+                owner[(key[0], folder)] = (key, n)
+    for (site, folder), rels in truth_files.items():
+        if (site, folder) in owner:
+            jobs[owner[(site, folder)][0]].truth.extend(rels)
+        else:
+            rows.extend(_row(src, r, "ignored", "ground truth without DICOM of its exam", site=site) for r in rels)
+    return sorted(jobs.values(), key=lambda j: j.exam_dir), rows
+
+
+def _row(src: Path, rel: str, status: str, reason: str, **kw):
+    from ingest.manifest import Row, file_sha256
+
+    p = src / rel
+    try:
+        size = p.stat().st_size if not p.is_symlink() or p.exists() else 0
+        digest = file_sha256(p) if p.is_file() else ""
+    except OSError:
+        size, digest = 0, ""
+    base = dict(path=rel, size=size, sha256=digest, status=status, reason=reason,
+                site=kw.get("site", ""), subject=kw.get("subject", ""), series=kw.get("series", ""),
+                role=kw.get("role", ""))
+    return Row(**base)
+
+
+# ---------------------------------------------------------------- one exam (runs in a worker process)
+
+def _header_identity(path: Path) -> tuple[str, str]:
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID", "StudyInstanceUID"])
+    return str(getattr(ds, "PatientID", "") or ""), str(getattr(ds, "StudyInstanceUID", "") or "")
+
+
+def _exam_digest(src: Path, job: ExamJob, shas: dict[str, str], site_cfg: dict) -> str:
+    h = hashlib.sha256()
+    h.update(f"ingest {INGEST_VERSION}\n".encode())
+    h.update(json.dumps({k: v for k, v in site_cfg.items() if not k.startswith("_")}, sort_keys=True).encode())
+    for rel in sorted(job.files + job.truth):
+        h.update(f"{rel}\0{shas[rel]}\n".encode())
+    return h.hexdigest()
+
+
+def _split(subject: str, site_cfg: dict, fractions: dict) -> str:
+    """Deterministic from the pseudonym: the same subject lands in the same split everywhere."""
+    u = int(hashlib.sha256(subject.encode()).hexdigest()[:8], 16) / 2 ** 32
+    first, second = ("finetune", "test") if site_cfg.get("cohort") == "gbm" else ("train", "test")
+    return first if u < fractions.get(site_cfg["site"], 0.5) else second
+
+
+def ingest_exam(src: str, dst: str, job: ExamJob, site_cfg: dict, key: bytes, split_fractions: dict) -> dict:
+    """Read, recognise and store one exam; return its manifest rows (as dicts) and a status."""
+    from ingest.deid import pseudonym, scrub_text
+    from ingest.manifest import file_sha256
+    from ingest.reader import SeriesError, read_series
+    from ingest.series import group_series
+    from ingest.store import open_store, write_exam_store
+
+    src_p, dst_p = Path(src), Path(dst)
+    rows: dict[str, dict] = {}
+    shas = {rel: file_sha256(src_p / rel) for rel in job.files + job.truth}
+
+    def row(rel, status, reason="", **kw):
+        rows[rel] = dict(path=rel, size=(src_p / rel).stat().st_size, sha256=shas[rel], status=status,
+                         reason=reason, site=job.site, subject=kw.get("subject", ""),
+                         series=kw.get("series", ""), role=kw.get("role", ""))
+
+    groups, dup_problems = group_series(job.infos)
+    patient_id, study_uid = _header_identity(src_p / job.files[0]) if job.files else ("", "")
+    # One store per exam (a subject's visit): named by a keyed hash of patient and study, so
+    # a second visit of the same patient gets its own store; `patient` links the visits.
+    subject = pseudonym(key, job.site, patient_id or job.exam_dir, study_uid)
+    patient = pseudonym(key, job.site, patient_id or job.exam_dir, prefix="pat-")
+    for path, reason in dup_problems:
+        row(str(Path(path).relative_to(src_p)), "quarantined", reason, subject=subject)
+
+    digest = _exam_digest(src_p, job, shas, site_cfg)
+    store_path = dst_p / job.site / f"{subject}.zarr"
+    arrays: dict[str, tuple[np.ndarray, dict]] = {}
+    chosen: dict[str, tuple[object, str]] = {}
+    for g in groups:
+        rels = [str(Path(f).relative_to(src_p)) for f in g.files]
+        series_id = pseudonym(key, job.site, g.key, prefix="ser-")
+        role, why = recognise(site_cfg, g)
+        if role is None:
+            for r in rels:
+                row(r, "ignored", why, subject=subject, series=series_id)
+            continue
+        if role in chosen:
+            for r in rels:
+                row(r, "ignored", f"a second series for role {role} (kept {chosen[role][1]})",
+                    subject=subject, series=series_id, role=role)
+            continue
+        chosen[role] = (g, series_id)
+    reuse = False
+    if store_path.exists():
+        try:
+            reuse = open_store(store_path).attrs.get("input_digest") == digest
+        except ValueError:
+            reuse = False
+    for role, (g, series_id) in chosen.items():
+        rels = [str(Path(f).relative_to(src_p)) for f in g.files]
+        try:
+            vol, affine, meta = read_series(g.files)
+        except SeriesError as exc:
+            for r in rels:
+                row(r, "quarantined", str(exc), subject=subject, series=series_id, role=role)
+            continue
+        except Exception as exc:  # noqa: BLE001 - a reader bug on one series must not lose the exam
+            for r in rels:
+                row(r, "quarantined", f"{rels[0]}: unreadable series ({exc.__class__.__name__}: {exc})",
+                    subject=subject, series=series_id, role=role)
+            continue
+        spacing = np.linalg.norm(affine[:3, :3], axis=0)
+        attrs = {
+            "role": role, "affine_lps": np.round(affine, 6).tolist(),
+            "spacing": [round(float(s), 6) for s in spacing],
+            "units": meta.get("units") or ("ms" if role.startswith("mrf") else "scanner"),
+            "series": series_id, "vendor": meta.get("manufacturer", ""), "model": meta.get("model", ""),
+            "tr": meta.get("tr"), "te": meta.get("te"), "ti": meta.get("ti"),
+            "flip_angle": meta.get("flip_angle"),
+            # free text from the scanner: scrubbed of names and dates (PS3.15 clean descriptors)
+            "sequence_name": scrub_text(meta.get("sequence_name", "") or ""),
+            "series_description": scrub_text(meta.get("series_description", "") or ""),
+        }
+        arrays[role] = (vol.astype(np.float32), attrs)
+        for r in rels:
+            row(r, "ingested", "", subject=subject, series=series_id, role=role)
+    # phantom ground truth: labels and brain on the MRF grid, poses for registration checks
+    truth_attrs = {}
+    for rel in job.truth:
+        name = Path(rel).name
+        try:
+            if name == "truth.json":
+                t = json.loads((src_p / rel).read_text())
+                truth_attrs = {"phantom_truth": {"series": {r: {"pose_head_to_lps": s["pose_head_to_lps"],
+                                                               "affine_lps": s["affine_lps"]}
+                                                           for r, s in t.get("series", {}).items()},
+                                                "lesions": t.get("lesions", [])}}
+                row(rel, "ingested", "", subject=subject, role="truth")
+            elif name in ("labels.nii.gz", "brain.nii.gz"):
+                arr, aff = _truth_nifti(src_p / rel)
+                ref = arrays.get("mrf_t1")
+                if ref is None or ref[0].shape != arr.shape or not np.allclose(aff, ref[1]["affine_lps"], atol=0.01):
+                    row(rel, "quarantined", f"{rel}: not on the grid of the exam's MRF T1 map", subject=subject)
+                    continue
+                role = name.split(".")[0]
+                arrays[role] = (arr, {"role": role, "affine_lps": np.round(aff, 6).tolist(), "units": "label"})
+                row(rel, "ingested", "", subject=subject, role=role)
+            else:
+                row(rel, "ignored", f"{rel}: not a ground-truth file this version reads", subject=subject)
+        except Exception as exc:  # noqa: BLE001
+            row(rel, "quarantined", f"{rel}: unreadable ground truth ({exc})", subject=subject)
+    status = "written"
+    if not any(r in arrays for r in ROLES):
+        status = "no-store"
+        for r in list(rows):
+            if rows[r]["status"] == "ingested":
+                rows[r].update(status="quarantined", reason=f"{job.exam_dir}: no series of this exam could be read")
+    elif reuse:
+        status = "unchanged"
+    else:
+        group_attrs = {"site": job.site, "subject": subject, "patient": patient, "cohort": site_cfg.get("cohort", ""),
+                       "split": _split(subject, site_cfg, split_fractions), "ingest_version": INGEST_VERSION,
+                       "qsnet_version": __version__, "input_digest": digest,
+                       "roles_missing": [r for r in ROLES if r not in arrays], **truth_attrs}
+        write_exam_store(store_path, arrays, group_attrs)
+    return {"exam": job.exam_dir, "status": status, "rows": [rows[k] for k in sorted(rows)],
+            "store": str(store_path.relative_to(dst_p)) if status != "no-store" else ""}
+
+
+def _truth_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    arr = np.asarray(img.dataobj).transpose(2, 1, 0).astype(np.uint8)
+    aff = np.diag([-1.0, -1.0, 1.0, 1.0]) @ img.affine[:, [2, 1, 0, 3]]
+    return np.ascontiguousarray(arr), aff
+
+
+# ---------------------------------------------------------------- the whole tree
+
+def ingest(src: Path, dst: Path, manifest: Path | None = None, sites_dir: Path | None = None,
+           jobs: int | None = None, strict: bool = False, split_fractions: dict | None = None,
+           progress=None) -> dict:
+    from ingest.deid import load_key
+    from ingest.manifest import Row, write_manifest
+
+    src, dst = Path(src).resolve(), Path(dst)
+    if not src.is_dir():
+        raise IngestError(f"{src}: input folder does not exist")
+    manifest = Path(manifest) if manifest else dst.parent / "manifest.csv"
+    sites = load_sites(sites_dir)
+    key, key_source = load_key()
+    split_fractions = split_fractions or {"site-A": 20 / 32, "site-B": 9 / 18}
+    exam_jobs, rows = plan_exams(src, sites)
+    dst.mkdir(parents=True, exist_ok=True)
+    results = []
+    n = max(1, min(jobs or os.cpu_count() or 1, len(exam_jobs) or 1))
+    args = [(str(src), str(dst), j, sites[j.site], key, split_fractions) for j in exam_jobs]
+    if n == 1:
+        for a in args:
+            results.append(_guarded(*a))
+            if progress:
+                progress(results[-1])
+    else:
+        with ProcessPoolExecutor(max_workers=n) as pool:
+            for res in pool.map(_guarded_star, args):
+                results.append(res)
+                if progress:
+                    progress(res)
+    for res in results:
+        rows.extend(Row(**r) for r in res["rows"])
+    write_manifest(manifest, rows)
+    counts = {s: sum(1 for r in rows if r.status == s) for s in ("ingested", "quarantined", "ignored")}
+    summary = {"exams": len(exam_jobs), "written": sum(r["status"] == "written" for r in results),
+               "unchanged": sum(r["status"] == "unchanged" for r in results),
+               "no_store": sum(r["status"] == "no-store" for r in results),
+               "files": len(rows), **counts, "manifest": str(manifest), "key_source": key_source}
+    if strict and counts["quarantined"]:
+        summary["strict_failed"] = True
+    return summary
+
+
+def _guarded(src, dst, job, site_cfg, key, fractions) -> dict:
+    """An exam that fails as a whole quarantines its own files; the batch goes on."""
+    try:
+        return ingest_exam(src, dst, job, site_cfg, key, fractions)
+    except Exception as exc:  # noqa: BLE001
+        from ingest.manifest import file_sha256
+
+        rows = []
+        for rel in job.files + job.truth:
+            p = Path(src) / rel
+            rows.append(dict(path=rel, size=p.stat().st_size, sha256=file_sha256(p), status="quarantined",
+                             reason=f"{job.exam_dir}: exam failed ({exc.__class__.__name__}: {exc})",
+                             site=job.site, subject="", series="", role=""))
+        return {"exam": job.exam_dir, "status": "no-store", "rows": rows, "store": ""}
+
+
+def _guarded_star(a):
+    return _guarded(*a)

@@ -1,0 +1,720 @@
+"""Tests of ingest.reader (read_series) and ingest.series (scan, group_series).
+
+Golden tests: every real vendor series under ../shared/testdata/dicom/*/*/In must equal
+the dcm2niix conversion in its sibling Ref/ folder (voxels and geometry). Unit tests
+write small synthetic DICOM files with pydicom into tmp_path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import (
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    RLELossless,
+    generate_uid,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for niftiref
+
+from ingest.reader import SeriesError, parse_csa_header, read_series, siemens_csa_image_header  # noqa: E402
+from ingest.series import FileInfo, group_series, scan  # noqa: E402
+from niftiref import compare_to_nifti, rot  # noqa: E402
+
+
+def _testdata() -> Path:
+    if os.environ.get("QSNET_TESTDATA"):
+        return Path(os.environ["QSNET_TESTDATA"])
+    return Path(__file__).resolve().parents[2] / "shared" / "testdata"
+
+
+TESTDATA = _testdata() / "dicom"
+GOLDEN = sorted(TESTDATA.glob("*/*/In")) if TESTDATA.is_dir() else []
+DCM2NIIX = shutil.which("dcm2niix")
+MR = "1.2.840.10008.5.1.4.1.1.4"
+ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
+
+
+# ----------------------------------------------------------------------- golden tests
+
+@pytest.mark.skipif(not GOLDEN, reason=f"shared test data not found at {TESTDATA}")
+@pytest.mark.parametrize("series_in", GOLDEN, ids=[str(p.parent.relative_to(TESTDATA)) for p in GOLDEN])
+def test_golden_series_equals_dcm2niix(series_in: Path):
+    files = sorted(p for p in series_in.iterdir() if p.is_file())
+    vol, affine, meta = read_series(files)
+    refs = [p for p in (series_in.parent / "Ref").iterdir() if p.name.endswith((".nii", ".nii.gz"))]
+    assert len(refs) == 1
+    # Voxels are compared as scanner values after RescaleSlope/Intercept; dcm2niix writes
+    # the same (stored ints + scl_slope/scl_inter), so no vendor convention is needed here.
+    compare_to_nifti(vol, affine, refs[0], atol_mm=0.01)
+    assert vol.dtype == np.float32
+    assert meta["n_files"] == len(files)
+    assert meta["n_volumes"] == (vol.shape[0] if vol.ndim == 4 else 1)
+    assert meta["n_slices"] == vol.shape[-3]
+    # slices ascend along the normal (row x column cosine)
+    normal = np.cross(affine[:3, 2], affine[:3, 1])
+    assert float(affine[:3, 0] @ normal) > 0
+
+
+@pytest.mark.skipif(not GOLDEN, reason="shared test data not found")
+def test_golden_meta_and_grouping_of_the_whole_tree():
+    infos, problems = scan(TESTDATA)
+    assert all(not str(p).endswith(".dcm") for p, _ in problems), problems
+    groups, dups = group_series(infos)
+    assert not dups
+    # dcm_qa_ts: nine files share one SeriesInstanceUID -> nine series (by SeriesNumber);
+    # dcm_qa_philips_enh: classic and enhanced export share UID and number -> two parts
+    assert len(groups) == len(GOLDEN)
+    folders = sorted({tuple(sorted({f.parent for f in g.files})) for g in groups})
+    assert all(len(f) == 1 for f in folders)
+    assert sorted(f[0] for f in folders) == GOLDEN
+    enh = TESTDATA / "dcm_qa_philips_enh" / "enh_1901_WIP_3DpCASL_real" / "In"
+    _, _, meta = read_series(sorted(enh.iterdir()))
+    assert meta["enhanced"] and meta["rescale_slope"] == pytest.approx(0.1)
+    assert meta["manufacturer"] == "Philips" and meta["tr"] == 4250.0 and meta["te"] == 9.0
+    assert meta["philips_scale_slope"] == 10.0
+    mos = TESTDATA / "dcm_qa_nih" / "Si_mr_0003" / "In"
+    vol, _, meta = read_series(sorted(mos.iterdir()))
+    assert meta["mosaic"] and meta["n_volumes"] == 2 and vol.shape == (2, 5, 72, 72)
+
+
+@pytest.mark.skipif(not GOLDEN, reason="shared test data not found")
+def test_csa_parser_agrees_with_nibabel():
+    f = TESTDATA / "dcm_qa_ts" / "1_ExplicitVRLittleEndian" / "In" / "1.dcm"
+    ds = pydicom.dcmread(f, stop_before_pixels=True)
+    ours = siemens_csa_image_header(ds)
+    assert ours["NumberOfImagesInMosaic"] == ["35"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from nibabel.nicom import csareader
+        theirs = csareader.get_csa_header(ds, "image")
+    assert set(ours) == set(theirs["tags"])
+    snv = [float(x) for x in ours["SliceNormalVector"]]
+    np.testing.assert_allclose(snv, theirs["tags"]["SliceNormalVector"]["items"])
+    with pytest.raises(ValueError):
+        parse_csa_header(b"not a csa header")
+    with pytest.raises(ValueError):
+        parse_csa_header(csa2({"A": ["1"]})[:-6])
+
+
+# ---------------------------------------------------------------- synthetic writers
+
+
+
+# base orientations: columns = row cosine, column cosine, normal (LPS)
+AXIAL = np.eye(3)
+SAGITTAL = np.column_stack([[0, 1, 0], [0, 0, -1], np.cross([0, 1, 0], [0, 0, -1])]).astype(float)
+CORONAL = np.column_stack([[1, 0, 0], [0, 0, -1], np.cross([1, 0, 0], [0, 0, -1])]).astype(float)
+
+
+def make_affine(base=AXIAL, angles=(0.0, 0.0), spacing_zyx=(2.5, 1.1, 0.8),
+                origin=(-40.0, -55.5, 12.25)) -> np.ndarray:
+    r = rot(0, angles[0]) @ rot(1, angles[1]) @ base
+    a = np.eye(4)
+    a[:3, 2] = r[:, 0] * spacing_zyx[2]
+    a[:3, 1] = r[:, 1] * spacing_zyx[1]
+    a[:3, 0] = r[:, 2] * spacing_zyx[0]
+    a[:3, 3] = origin
+    return a
+
+
+def base_dataset(sop_class=MR, ts=ExplicitVRLittleEndian, series_uid="1.2.826.0.1.3680043.8.498.1",
+                 series_number=7, sop_uid=None, **kw) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    sop_uid = sop_uid or generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.TransferSyntaxUID = ts
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    ds.PatientName = "Doe^Jane"
+    ds.PatientID = "PID-12345"
+    ds.PatientBirthDate = "19700101"
+    ds.InstitutionName = "Secret Hospital"
+    ds.StudyDate = "20240102"
+    ds.Modality = "MR"
+    ds.Manufacturer = kw.pop("manufacturer", "ACME")
+    ds.ManufacturerModelName = "Model 1"
+    ds.SeriesDescription = kw.pop("description", "t1_test")
+    ds.ProtocolName = "t1_test"
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.2"
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = series_number
+    ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.8.498.3"
+    ds.PatientPosition = kw.pop("patient_position", "HFS")
+    ds.RepetitionTime = 500.0
+    ds.EchoTime = 12.0
+    ds.FlipAngle = 90.0
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    for k, v in kw.items():
+        setattr(ds, k, v)
+    return ds
+
+
+def save(ds: Dataset, path: Path) -> Path:
+    ts = ds.file_meta.TransferSyntaxUID
+    if ts == ExplicitVRBigEndian:
+        ds.save_as(path, enforce_file_format=True, implicit_vr=False, little_endian=False)
+    elif not ts.is_transfer_syntax:
+        ds.save_as(path, enforce_file_format=True, implicit_vr=False, little_endian=True)
+    else:
+        ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_classic(folder: Path, vol: np.ndarray, affine: np.ndarray, *, order=None, ts=ExplicitVRLittleEndian,
+                  slope=None, intercept=None, acq=1, instance0=0, names="IM", skip=(), **kw) -> list[Path]:
+    """One file per slice of vol[z, y, x] (int16 stored values) on `affine`; files in `order`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    z = vol.shape[0]
+    order = list(range(z)) if order is None else list(order)
+    row = affine[:3, 2] / np.linalg.norm(affine[:3, 2])
+    col = affine[:3, 1] / np.linalg.norm(affine[:3, 1])
+    ps = [float(np.linalg.norm(affine[:3, 1])), float(np.linalg.norm(affine[:3, 2]))]
+    paths = []
+    for inst, k in enumerate(order, start=1):
+        if k in skip:
+            continue
+        ds = base_dataset(ts=ts, **kw)
+        ds.InstanceNumber = instance0 + inst
+        ds.AcquisitionNumber = acq
+        ds.Rows, ds.Columns = vol.shape[1], vol.shape[2]
+        ds.ImageOrientationPatient = [f"{v:.10f}" for v in np.concatenate([row, col])]
+        ds.ImagePositionPatient = [f"{v:.8f}" for v in affine[:3, 3] + k * affine[:3, 0]]
+        ds.PixelSpacing = [f"{v:.10f}" for v in ps]
+        ds.SliceThickness = float(np.linalg.norm(affine[:3, 0]))
+        ds.SpacingBetweenSlices = float(np.linalg.norm(affine[:3, 0]))
+        if slope is not None:
+            ds.RescaleSlope = slope
+            ds.RescaleIntercept = intercept or 0
+        sl = np.ascontiguousarray(vol[k].astype(np.int16))
+        if ts == ExplicitVRBigEndian:
+            ds.PixelData = sl.astype(">i2").tobytes()
+        else:
+            ds.PixelData = sl.astype("<i2").tobytes()
+        ds["PixelData"].VR = "OW"
+        if ts == RLELossless:
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds.compress(RLELossless)
+        paths.append(save(ds, folder / f"{names}{acq:02d}_{inst:04d}.dcm"))
+    return paths
+
+
+def volume(shape=(6, 10, 12), seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(-300, 3000, size=shape).astype(np.int16)
+
+
+def expected_ascending(vol, affine):
+    """Reader convention: slices sorted along +normal."""
+    normal = np.cross(affine[:3, 2], affine[:3, 1])
+    if float(affine[:3, 0] @ normal) > 0:
+        return vol, affine
+    a = affine.copy()
+    a[:3, 3] = affine[:3, 3] + (vol.shape[0] - 1) * affine[:3, 0]
+    a[:3, 0] = -affine[:3, 0]
+    return vol[::-1], a
+
+
+def csa2(tags: dict[str, list[str]]) -> bytes:
+    """A Siemens CSA2 header (see ingest.reader.parse_csa_header for the layout)."""
+    out = b"SV10" + b"\x04\x03\x02\x01" + struct.pack("<2I", len(tags), 77)
+    for name, items in tags.items():
+        out += struct.pack("<64si4s3i", name.encode(), len(items), b"FD\0\0", 3, len(items), 77)
+        for it in items:
+            b = it.encode() + b"\0"
+            out += struct.pack("<4i", len(b), len(b), 77, len(b)) + b + b"\0" * ((4 - len(b) % 4) % 4)
+    return out
+
+
+# ------------------------------------------------------- 1. classic single-frame
+
+CASES = {
+    "axial_HFS": (AXIAL, (0, 0), "HFS", 1),
+    "sagittal_HFP": (SAGITTAL, (0, 0), "HFP", 1),
+    "coronal_FFS": (CORONAL, (0, 0), "FFS", -1),
+    "oblique_HFDL": (AXIAL, (17, 0), "HFDL", 1),
+    "double_oblique_FFDR": (SAGITTAL, (12, -23), "FFDR", -1),
+    "double_oblique_coronal_HFS": (CORONAL, (-8, 31), "HFS", 1),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_classic_any_orientation_and_patient_position(tmp_path, case):
+    base, angles, pp, sign = CASES[case]
+    aff = make_affine(base, angles)
+    aff[:3, 0] *= sign  # slices written descending along the normal for sign -1
+    vol = volume()
+    rng = np.random.default_rng(1)
+    paths = write_classic(tmp_path / case, vol, aff, order=rng.permutation(vol.shape[0]), patient_position=pp)
+    got, gaff, meta = read_series(paths)
+    ev, ea = expected_ascending(vol, aff)
+    np.testing.assert_array_equal(got, ev.astype(np.float32))
+    np.testing.assert_allclose(gaff, ea, atol=1e-6)
+    assert meta["patient_position"] == pp
+    assert meta["n_slices"] == 6 and meta["rows"] == 10 and meta["columns"] == 12
+    assert meta["pixel_spacing"] == pytest.approx([1.1, 0.8])
+
+
+@pytest.mark.skipif(DCM2NIIX is None, reason="dcm2niix not installed")
+def test_synthetic_double_oblique_matches_dcm2niix(tmp_path):
+    aff = make_affine(SAGITTAL, (12, -23))
+    aff[:3, 0] *= -1
+    vol = volume((7, 10, 12), seed=3)
+    paths = write_classic(tmp_path / "in", vol, aff, order=[3, 0, 6, 1, 5, 2, 4], patient_position="HFDR",
+                          slope=0.5, intercept=-10)
+    got, gaff, _ = read_series(paths)
+    out = tmp_path / "out"
+    out.mkdir()
+    res = subprocess.run([DCM2NIIX, "-b", "n", "-z", "n", "-f", "v", "-o", str(out), str(tmp_path / "in")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    compare_to_nifti(got, gaff, next(out.glob("*.nii")), atol_mm=0.01)
+    np.testing.assert_allclose(got, expected_ascending(vol, aff)[0] * 0.5 - 10)
+
+
+def test_single_slice_uses_spacing_along_normal(tmp_path):
+    aff = make_affine(AXIAL, (10, 5))
+    vol = volume((1, 8, 8))
+    got, gaff, meta = read_series(write_classic(tmp_path / "s", vol, aff))
+    assert got.shape == (1, 8, 8)
+    np.testing.assert_allclose(gaff, aff, atol=1e-6)
+
+
+def test_meta_has_no_identifying_fields(tmp_path):
+    paths = write_classic(tmp_path / "s", volume((3, 8, 8)), make_affine(), slope=2.0, intercept=1.0)
+    _, _, meta = read_series(paths)
+    allowed = {"manufacturer", "model", "modality", "series_description", "protocol_name", "sequence_name",
+               "image_type", "tr", "te", "ti", "flip_angle", "echo_numbers", "series_number",
+               "transfer_syntax", "rows", "columns", "n_slices", "n_volumes", "pixel_spacing", "slice_thickness",
+               "spacing_between_slices", "rescale_slope", "rescale_intercept", "rescale_type", "units",
+               "patient_position", "mosaic", "enhanced", "n_files", "rescale_per_frame",
+               "real_world_value_mapping", "philips_scale_slope"}
+    assert set(meta) <= allowed
+    text = repr(meta)
+    for phi in ("Doe", "Jane", "PID-12345", "19700101", "Secret", "20240102", "1.2.826.0.1.3680043.8.498"):
+        assert phi not in text
+    assert meta["rescale_slope"] == 2.0 and meta["rescale_intercept"] == 1.0
+    assert meta["tr"] == 500.0 and meta["te"] == 12.0 and meta["flip_angle"] == 90.0
+
+
+# ------------------------------------------------------------ 2. enhanced multi-frame
+
+def write_enhanced(path: Path, vols: np.ndarray, affine: np.ndarray, frame_order, slopes, *, tpi0=0,
+                   series_uid="1.2.826.0.1.3680043.8.498.9") -> Path:
+    """Enhanced MR with frames (t, z) in `frame_order`; per-frame rescale slope slopes[t, z]."""
+    ds = base_dataset(sop_class=ENHANCED_MR, series_uid=series_uid)
+    t_n, z_n, rows, cols = vols.shape
+    row = affine[:3, 2] / np.linalg.norm(affine[:3, 2])
+    col = affine[:3, 1] / np.linalg.norm(affine[:3, 1])
+    ds.Rows, ds.Columns = rows, cols
+    ds.NumberOfFrames = len(frame_order)
+    ds.InstanceNumber = 1
+    shared = Dataset()
+    pm = Dataset()
+    pm.PixelSpacing = [float(np.linalg.norm(affine[:3, 1])), float(np.linalg.norm(affine[:3, 2]))]
+    pm.SliceThickness = float(np.linalg.norm(affine[:3, 0]))
+    shared.PixelMeasuresSequence = Sequence([pm])
+    po = Dataset()
+    po.ImageOrientationPatient = [f"{v:.10f}" for v in np.concatenate([row, col])]
+    shared.PlaneOrientationSequence = Sequence([po])
+    timing = Dataset()
+    timing.RepetitionTime = 2000.0
+    timing.FlipAngle = 12.0
+    shared.MRTimingAndRelatedParametersSequence = Sequence([timing])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    del ds.RepetitionTime, ds.FlipAngle, ds.EchoTime
+    per, pix = [], []
+    for t, z in frame_order:
+        item = Dataset()
+        pp = Dataset()
+        pp.ImagePositionPatient = [f"{v:.8f}" for v in affine[:3, 3] + z * affine[:3, 0]]
+        item.PlanePositionSequence = Sequence([pp])
+        fc = Dataset()
+        fc.TemporalPositionIndex = tpi0 + t + 1
+        fc.InStackPositionNumber = z + 1
+        item.FrameContentSequence = Sequence([fc])
+        pvt = Dataset()
+        pvt.RescaleSlope = f"{slopes[t, z]:g}"
+        pvt.RescaleIntercept = "0"
+        pvt.RescaleType = "US"
+        item.PixelValueTransformationSequence = Sequence([pvt])
+        echo = Dataset()
+        echo.EffectiveEchoTime = 4.5
+        item.MREchoSequence = Sequence([echo])
+        per.append(item)
+        pix.append(vols[t, z])
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per)
+    ds.PixelData = np.ascontiguousarray(np.stack(pix).astype("<i2")).tobytes()
+    ds["PixelData"].VR = "OW"
+    return save(ds, path)
+
+
+def test_enhanced_multiframe_per_frame_geometry_and_rescale(tmp_path):
+    aff = make_affine(CORONAL, (14, -9))
+    aff[:3, 0] *= -1
+    vols = np.stack([volume((5, 8, 9), seed=s) for s in (4, 5)])  # (T, Z, Y, X)
+    rng = np.random.default_rng(2)
+    order = [(t, z) for t in range(2) for z in range(5)]
+    order = [order[i] for i in rng.permutation(len(order))]
+    slopes = 0.25 + 0.25 * np.arange(10).reshape(2, 5)
+    p = write_enhanced(tmp_path / "enh.dcm", vols, aff, order, slopes)
+    got, gaff, meta = read_series([p])
+    assert got.shape == (2, 5, 8, 9)
+    ev, ea = expected_ascending(vols[0], aff)
+    np.testing.assert_allclose(gaff, ea, atol=1e-6)
+    for t in range(2):
+        exp = (vols[t] * slopes[t][:, None, None])[::-1]  # descending written -> ascending read
+        np.testing.assert_allclose(got[t], exp, rtol=1e-6)
+    assert meta["enhanced"] and meta["n_volumes"] == 2 and meta["rescale_per_frame"]
+    assert meta["tr"] == 2000.0 and meta["te"] == 4.5 and meta["flip_angle"] == 12.0
+
+
+def test_enhanced_series_of_several_files(tmp_path):
+    aff = make_affine(AXIAL, (5, 5))
+    vols = np.stack([volume((4, 6, 6), seed=s) for s in (6, 7, 8)])
+    ones = np.ones((3, 4))
+    # one file per volume (as XA fMRI exports), written out of order
+    paths = [write_enhanced(tmp_path / f"v{t}.dcm", vols[t:t + 1], aff, [(0, z) for z in (2, 0, 3, 1)],
+                            ones[t:t + 1], tpi0=t) for t in (2, 0, 1)]
+    got, _, meta = read_series(paths)
+    np.testing.assert_array_equal(got, vols.astype(np.float32))
+    assert meta["n_files"] == 3 and meta["n_volumes"] == 3
+
+
+# --------------------------------------------------------------- 3. transfer syntaxes
+
+@pytest.mark.parametrize("ts", [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian, RLELossless],
+                         ids=lambda u: u.name)
+def test_transfer_syntaxes(tmp_path, ts):
+    aff = make_affine(AXIAL, (3, 4))
+    vol = volume((3, 8, 10), seed=9)
+    paths = write_classic(tmp_path / "s", vol, aff, ts=ts)
+    got, gaff, meta = read_series(paths)
+    np.testing.assert_array_equal(got, vol.astype(np.float32))
+    assert meta["transfer_syntax"] == str(ts)
+
+
+@pytest.mark.parametrize("uid", ["1.2.840.10008.1.2.4.100", "1.2.3.4.5.6.7"], ids=["MPEG2", "private"])
+def test_unsupported_transfer_syntax(tmp_path, uid):
+    from pydicom.encaps import encapsulate
+
+    paths = write_classic(tmp_path / "s", volume((2, 8, 8)), make_affine())
+    ds = pydicom.dcmread(paths[1])
+    ds.file_meta.TransferSyntaxUID = uid
+    if uid.startswith("1.2.840"):
+        ds.PixelData = encapsulate([b"\x00\x00\x01\xb3" + b"\x00" * 60])
+        ds["PixelData"].VR = "OB"
+    save(ds, paths[1])
+    pattern = rf"^{re.escape(str(paths[1]))}: transfer syntax .*{re.escape(uid)}.* not supported"
+    with pytest.raises(SeriesError, match=pattern):
+        read_series(paths)
+
+
+# ------------------------------------------------------------------- 4. Siemens mosaic
+
+def write_mosaic(path: Path, vol: np.ndarray, affine: np.ndarray, n_grid: int, *, acq=1, with_0019=True,
+                 series_uid="1.2.826.0.1.3680043.8.498.77") -> Path:
+    """Siemens mosaic of vol[z] (tiles in z order) on `affine` (slice k at origin + k * column 0)."""
+    z, tr, tc = vol.shape
+    rows, cols = tr * n_grid, tc * n_grid
+    mosaic = np.zeros((rows, cols), np.int16)
+    for k in range(z):
+        r0, c0 = (k // n_grid) * tr, (k % n_grid) * tc
+        mosaic[r0:r0 + tr, c0:c0 + tc] = vol[k]
+    row = affine[:3, 2] / np.linalg.norm(affine[:3, 2])
+    col = affine[:3, 1] / np.linalg.norm(affine[:3, 1])
+    ps = [float(np.linalg.norm(affine[:3, 1])), float(np.linalg.norm(affine[:3, 2]))]
+    # IPP of a mosaic: the corner of the whole tiled image (inverse of the Siemens correction)
+    ipp = affine[:3, 3] - row * ps[1] * (cols - tc) / 2 - col * ps[0] * (rows - tr) / 2
+    snv = affine[:3, 0] / np.linalg.norm(affine[:3, 0])
+    ds = base_dataset(manufacturer="SIEMENS", series_uid=series_uid,
+                      ImageType=["ORIGINAL", "PRIMARY", "M", "ND", "MOSAIC"])
+    ds.InstanceNumber = acq
+    ds.AcquisitionNumber = acq
+    ds.Rows, ds.Columns = rows, cols
+    ds.ImageOrientationPatient = [f"{v:.10f}" for v in np.concatenate([row, col])]
+    ds.ImagePositionPatient = [f"{v:.8f}" for v in ipp]
+    ds.PixelSpacing = [f"{v:.10f}" for v in ps]
+    ds.SliceThickness = float(np.linalg.norm(affine[:3, 0]))
+    ds.SpacingBetweenSlices = float(np.linalg.norm(affine[:3, 0]))
+    ds.ImagesInAcquisition = z
+    if with_0019:
+        ds.private_block(0x0019, "SIEMENS MR HEADER", create=True).add_new(0x0A, "US", z)
+    csa = csa2({"NumberOfImagesInMosaic": [str(z)],
+                "SliceNormalVector": [f"{v:.8f}" for v in snv]})
+    ds.private_block(0x0029, "SIEMENS CSA HEADER", create=True).add_new(0x10, "OB", csa)
+    ds.PixelData = mosaic.astype("<i2").tobytes()
+    ds["PixelData"].VR = "OW"
+    return save(ds, path)
+
+
+@pytest.mark.parametrize("descending", [False, True], ids=["ascending", "descending"])
+@pytest.mark.parametrize("with_0019", [True, False], ids=["0019", "csa_only"])
+def test_mosaic_detile_and_geometry(tmp_path, descending, with_0019):
+    aff = make_affine(AXIAL, (-15, 8), spacing_zyx=(3.6, 2.0, 2.5))
+    if descending:
+        aff[:3, 0] *= -1
+    vol = volume((7, 6, 8), seed=11)  # 7 tiles of 6 x 8 in a 3 x 3 grid
+    p = write_mosaic(tmp_path / "m.dcm", vol, aff, 3, with_0019=with_0019)
+    got, gaff, meta = read_series([p])
+    ev, ea = expected_ascending(vol, aff)
+    np.testing.assert_array_equal(got, ev.astype(np.float32))
+    np.testing.assert_allclose(gaff, ea, atol=1e-5)
+    assert meta["mosaic"] and meta["rows"] == 6 and meta["columns"] == 8 and meta["n_slices"] == 7
+
+
+@pytest.mark.skipif(DCM2NIIX is None, reason="dcm2niix not installed")
+def test_synthetic_descending_mosaic_matches_dcm2niix(tmp_path):
+    aff = make_affine(AXIAL, (-15, 8), spacing_zyx=(3.6, 2.0, 2.5))
+    aff[:3, 0] *= -1
+    vols = [volume((7, 6, 8), seed=s) for s in (12, 13)]
+    (tmp_path / "in").mkdir()
+    paths = [write_mosaic(tmp_path / "in" / f"m{a}.dcm", v, aff, 3, acq=a) for a, v in zip((2, 1), vols)]
+    got, gaff, meta = read_series(paths)
+    assert got.shape == (2, 7, 6, 8)
+    np.testing.assert_array_equal(got[0], expected_ascending(vols[1], aff)[0])  # acquisition 1 first
+    out = tmp_path / "out"
+    out.mkdir()
+    res = subprocess.run([DCM2NIIX, "-b", "n", "-z", "n", "-f", "v", "-o", str(out), str(tmp_path / "in")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    compare_to_nifti(got, gaff, next(out.glob("*.nii")), atol_mm=0.01)
+
+
+def test_mosaic_without_slice_normal_is_an_error(tmp_path):
+    p = write_mosaic(tmp_path / "m.dcm", volume((4, 6, 6)), make_affine(), 2)
+    ds = pydicom.dcmread(p)
+    ds[0x0029, 0x1010].value = csa2({"NumberOfImagesInMosaic": ["4"]})
+    save(ds, p)
+    with pytest.raises(SeriesError, match="without a usable SliceNormalVector"):
+        read_series([p])
+
+
+def test_mosaic_without_count_is_an_error(tmp_path):
+    p = write_mosaic(tmp_path / "m.dcm", volume((4, 6, 6)), make_affine(), 2, with_0019=False)
+    ds = pydicom.dcmread(p)
+    del ds[0x0029, 0x1010]
+    save(ds, p)
+    with pytest.raises(SeriesError, match="NumberOfImagesInMosaic"):
+        read_series([p])
+
+
+# ----------------------------------------------------------------- 5. multi-volume
+
+def test_multivolume_in_acquisition_order(tmp_path):
+    aff = make_affine(AXIAL, (0, 0))
+    vols = [volume((4, 6, 7), seed=20 + t) for t in range(3)]
+    paths = []
+    for acq in (3, 1, 2):  # written out of order; file names do not follow time
+        paths += write_classic(tmp_path / "s", vols[acq - 1], aff, acq=acq, order=[2, 0, 3, 1],
+                               names=f"X{4 - acq}_")
+    got, gaff, meta = read_series(paths)
+    assert got.shape == (3, 4, 6, 7) and meta["n_volumes"] == 3
+    np.testing.assert_array_equal(got, np.stack(vols).astype(np.float32))
+    np.testing.assert_array_equal(read_series(tmp_path / "s")[0], got)  # a folder works too
+
+
+def test_multivolume_ordered_by_instance_number_when_acquisition_number_is_constant(tmp_path):
+    aff = make_affine(AXIAL, (0, 0))
+    vols = [volume((3, 5, 5), seed=30 + t) for t in range(2)]
+    paths = []
+    for t in (1, 0):  # GE style: AcquisitionNumber 1 everywhere, InstanceNumber runs on
+        paths += write_classic(tmp_path / "s", vols[t], aff, acq=1, instance0=10 * t, names=f"v{1 - t}_")
+    got, _, _ = read_series(paths)
+    np.testing.assert_array_equal(got, np.stack(vols).astype(np.float32))
+
+
+def test_multivolume_with_incomplete_volume(tmp_path):
+    aff = make_affine(AXIAL, (0, 0))
+    paths = write_classic(tmp_path / "s", volume((4, 5, 5)), aff, acq=1)
+    paths += write_classic(tmp_path / "s", volume((4, 5, 5)), aff, acq=2, skip=(2,))
+    with pytest.raises(SeriesError, match="has 1 images but the other positions have 2.*incomplete"):
+        read_series(paths)
+
+
+# ------------------------------------------------------------------- 6. errors
+
+def test_missing_slice_names_the_position(tmp_path):
+    aff = make_affine(AXIAL, (0, 0), spacing_zyx=(5.0, 1.0, 1.0), origin=(0.0, 0.0, 10.0))
+    paths = write_classic(tmp_path / "s", volume((6, 5, 5)), aff, skip=(3,))
+    with pytest.raises(SeriesError) as exc:
+        read_series(paths)
+    msg = str(exc.value)
+    assert msg.startswith(f"{tmp_path / 's'}: missing slice") and "(0.00, 0.00, 25.00) mm" in msg
+    assert "\n" not in msg
+
+
+def test_duplicated_slice_position(tmp_path):
+    aff = make_affine(AXIAL, (0, 0))
+    paths = write_classic(tmp_path / "s", volume((4, 5, 5)), aff)
+    paths += write_classic(tmp_path / "s", volume((4, 5, 5), seed=5), aff, order=[1], names="DUP")
+    with pytest.raises(SeriesError, match="duplicated slice position"):
+        read_series(paths)
+
+
+def test_uneven_spacing(tmp_path):
+    aff = make_affine(AXIAL, (0, 0), spacing_zyx=(5.0, 1.0, 1.0))
+    paths = write_classic(tmp_path / "s", volume((5, 5, 5)), aff)
+    ds = pydicom.dcmread(paths[2])
+    ipp = [float(v) for v in ds.ImagePositionPatient]
+    ds.ImagePositionPatient = [ipp[0], ipp[1], ipp[2] + 1.5]
+    save(ds, paths[2])
+    with pytest.raises(SeriesError, match="unevenly spaced slices"):
+        read_series(paths)
+
+
+def test_no_pixel_data(tmp_path):
+    paths = write_classic(tmp_path / "s", volume((3, 5, 5)), make_affine())
+    ds = pydicom.dcmread(paths[0])
+    del ds.PixelData
+    save(ds, paths[0])
+    with pytest.raises(SeriesError, match=rf"^{re.escape(str(paths[0]))}: no pixel data"):
+        read_series(paths)
+
+
+def test_truncated_pixel_data(tmp_path):
+    paths = write_classic(tmp_path / "s", volume((3, 16, 16)), make_affine())
+    data = paths[1].read_bytes()
+    paths[1].write_bytes(data[:-100])
+    with pytest.raises(SeriesError, match=rf"^{re.escape(str(paths[1]))}: pixel data truncated"):
+        read_series(paths)
+
+
+def test_pixel_data_shorter_than_header_says(tmp_path):
+    paths = write_classic(tmp_path / "s", volume((3, 16, 16)), make_affine())
+    ds = pydicom.dcmread(paths[1])
+    ds.PixelData = ds.PixelData[:400]  # element and file consistent, header wants 512 bytes
+    save(ds, paths[1])
+    with pytest.raises(SeriesError, match=rf"^{re.escape(str(paths[1]))}: pixel data shorter than Rows x Columns"):
+        read_series(paths)
+
+
+def test_rows_columns_far_larger_than_pixel_data(tmp_path):
+    paths = write_classic(tmp_path / "s", volume((3, 8, 8)), make_affine())
+    ds = pydicom.dcmread(paths[2])
+    ds.Rows, ds.Columns = 4096, 4096
+    save(ds, paths[2])
+    with pytest.raises(SeriesError, match=r"Rows x Columns \(4096 x 4096\).*far more than the 128 bytes"):
+        read_series(paths)
+
+
+def test_inconsistent_dimensions(tmp_path):
+    aff = make_affine()
+    paths = write_classic(tmp_path / "s", volume((3, 8, 8)), aff)
+    big = volume((3, 8, 10))
+    paths += write_classic(tmp_path / "t", big, aff + np.c_[np.zeros((4, 3)), [0, 0, 3 * aff[2, 0], 0]],
+                           names="B")
+    with pytest.raises(SeriesError, match="inconsistent dimensions"):
+        read_series(paths)
+
+
+def test_orientation_differs(tmp_path):
+    paths = write_classic(tmp_path / "a", volume((3, 8, 8)), make_affine(AXIAL))
+    paths += write_classic(tmp_path / "b", volume((3, 8, 8)), make_affine(SAGITTAL), names="S")
+    with pytest.raises(SeriesError, match="orientation .* differs"):
+        read_series(paths)
+
+
+def test_not_dicom_and_no_files(tmp_path):
+    (tmp_path / "x.txt").write_text("hello")
+    with pytest.raises(SeriesError, match="x.txt: not a DICOM file"):
+        read_series([tmp_path / "x.txt"])
+    with pytest.raises(SeriesError, match="no files"):
+        read_series([])
+
+
+# -------------------------------------------------------------------------- scan
+
+def test_scan_tree_with_bad_files_and_symlink_loop(tmp_path):
+    root = tmp_path / "tree"
+    good = write_classic(root / "exam" / "s1", volume((2, 8, 8)), make_affine())
+    (root / "exam" / "empty.dcm").write_bytes(b"")
+    (root / "exam" / "notes.txt").write_text("not dicom\n")
+    hdr = good[0].read_bytes()
+    (root / "exam" / "trunc.dcm").write_bytes(hdr[:400])          # cut inside the header
+    (root / "exam" / "cutpix.dcm").write_bytes(hdr[:-40])         # cut inside the pixel data
+    os.symlink(root / "exam", root / "exam" / "s1" / "loop")       # points back to an ancestor
+    ds = pydicom.dcmread(good[1])
+    ds.Rows = ds.Columns = 4096
+    save(ds, root / "exam" / "huge.dcm")
+    infos, problems = scan(root)
+    assert sorted(i.path for i in infos) == sorted(good)
+    reasons = {p.name: r for p, r in problems}
+    assert set(reasons) == {"empty.dcm", "notes.txt", "trunc.dcm", "cutpix.dcm", "loop", "huge.dcm"}
+    assert "far more than" in reasons["huge.dcm"]
+    assert all("\n" not in r for r in reasons.values())
+    assert reasons["empty.dcm"].startswith("empty file")
+    assert reasons["notes.txt"].startswith("not DICOM")
+    assert "truncated" in reasons["trunc.dcm"]
+    assert reasons["cutpix.dcm"].startswith("pixel data truncated")
+    assert reasons["loop"].startswith("symlink loop")
+    i0 = next(i for i in infos if i.path == good[0])
+    assert i0.rows == 8 and i0.columns == 8 and i0.series_number == 7 and i0.n_frames == 1
+    assert i0.orientation == pytest.approx((1, 0, 0, 0, 1, 0)) and i0.transfer_syntax == ExplicitVRLittleEndian
+    assert not hasattr(i0, "patient_name")
+
+
+def test_scan_then_group_then_read(tmp_path):
+    root = tmp_path / "tree"
+    write_classic(root / "a", volume((3, 8, 8)), make_affine(AXIAL), series_uid="1.2.3.4", series_number=3)
+    write_classic(root / "a", volume((4, 8, 8)), make_affine(SAGITTAL), series_uid="1.2.3.4", series_number=3,
+                  names="SAG")
+    infos, problems = scan(root)
+    assert not problems
+    groups, dups = group_series(infos)
+    assert [len(g.files) for g in groups] == [3, 4] and not dups
+    assert [g.key for g in groups] == ["3_1.2.3.4_part1", "3_1.2.3.4_part2"]
+    for g in groups:
+        vol, _, meta = read_series(g.files)
+        assert vol.shape[0] == len(g.files)
+        assert g.description == "t1_test" and g.tr == 500.0 and g.manufacturer == "ACME"
+
+
+# ------------------------------------------------------------------ group_series
+
+def fi(name, sop, uid="1.2.3", number=5, iop=(1, 0, 0, 0, 1, 0), rows=8, echo=None, itype=("ORIGINAL",)):
+    return FileInfo(path=Path("/x") / name, size=100, sop_instance_uid=sop, sop_class_uid=MR, series_uid=uid,
+                    series_number=number, study_uid="1.2", echo_number=echo, orientation=tuple(map(float, iop)),
+                    position=(0.0, 0.0, 0.0), pixel_spacing=(1.0, 1.0), rows=rows, columns=rows,
+                    image_type=tuple(itype), description="d")
+
+
+def test_group_series_splits_orientations_and_reports_duplicates():
+    files = [fi("a1", "1.1"), fi("a2", "1.2"), fi("s1", "1.3", iop=(0, 1, 0, 0, 0, -1)),
+             fi("s2", "1.4", iop=(0, 1, 0, 0, 0, -1)), fi("zdup", "1.2"),
+             fi("a3", "1.5", iop=(1, 0, 0, 0, 1, 1e-5))]  # within tolerance: same stack
+    groups, problems = group_series(files)
+    assert [(g.key, [p.name for p in g.files]) for g in groups] == [
+        ("5_1.2.3_part1", ["a1", "a2", "a3"]), ("5_1.2.3_part2", ["s1", "s2"])]
+    assert problems == [(Path("/x/zdup"), "duplicate SOP instance 1.2 of /x/a2")]
+
+
+def test_group_series_by_uid_and_number_echo_and_matrix():
+    files = [fi("e1", "2.1", echo=1), fi("e2", "2.2", echo=2), fi("e1b", "2.3", echo=1),
+             fi("n6", "2.4", number=6), fi("m16", "2.5", rows=16, echo=2), fi("other", "2.6", uid="9.9")]
+    groups, problems = group_series(files)
+    keys = {g.key: sorted(p.name for p in g.files) for g in groups}
+    assert keys == {"5_1.2.3_e1": ["e1", "e1b"], "5_1.2.3_e2_part1": ["e2"], "5_1.2.3_e2_part2": ["m16"],
+                    "6_1.2.3": ["n6"], "5_9.9": ["other"]}
+    assert not problems

@@ -1,0 +1,223 @@
+"""`qsnet ingest` on the phantom and on a tree mixing good and bad files: every file accounted for."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from ingest.store import open_store
+
+
+def qsnet(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "ingest", *args], capture_output=True, text=True, **kw)
+
+
+def input_files(root: Path) -> list[str]:
+    """Every file a person would count: regular files, not following directory links."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for f in filenames:
+            p = Path(dirpath) / f
+            if p.is_file() or p.stat(follow_symlinks=False).st_size == 0:
+                out.append(str(p.relative_to(root)))
+    return sorted(out)
+
+
+def manifest_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def series_dir(exam: Path, role: str) -> Path:
+    truth = json.loads((exam / "truth" / "truth.json").read_text())
+    return exam / truth["series"][role]["folder"]
+
+
+@pytest.fixture(scope="module")
+def mixed_tree(demo_tree, tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("mixed") / "data"
+    for exam in ["sub-A01", "sub-A02", "sub-A03", "sub-A04", "sub-A05", "sub-A06", "sub-A07", "sub-A08"]:
+        shutil.copytree(demo_tree / "site-A" / exam, root / "site-A" / exam)
+    shutil.copytree(demo_tree / "site-B" / "sub-B01", root / "site-B" / "sub-B01")
+    expect = {}
+    a = root / "site-A"
+    # 1. a non-DICOM file and a zero-byte file
+    (a / "sub-A01" / "notes.txt").write_text("scanner notes, not an image\n")
+    (a / "sub-A01" / "empty.dcm").write_bytes(b"")
+    expect["notes"] = "site-A/sub-A01/notes.txt"
+    expect["empty"] = "site-A/sub-A01/empty.dcm"
+    # 2. truncated mid-pixel-data
+    f = sorted(series_dir(a / "sub-A02", "t2w").iterdir())[3]
+    f.write_bytes(f.read_bytes()[:-2000])
+    expect["truncated"] = str(f.relative_to(root))
+    # 3. Rows x Columns far larger than the bytes present
+    f = sorted(series_dir(a / "sub-A03", "t1flair").iterdir())[2]
+    ds = pydicom.dcmread(f)
+    ds.Rows, ds.Columns = 4096, 4096
+    ds.save_as(f)
+    expect["huge"] = str(f.relative_to(root))
+    # 4. no pixel data
+    f = sorted(series_dir(a / "sub-A04", "swi").iterdir())[1]
+    ds = pydicom.dcmread(f)
+    del ds.PixelData
+    ds.save_as(f)
+    expect["nopixels"] = str(f.relative_to(root))
+    # 5. a series with a missing slice
+    files = sorted(series_dir(a / "sub-A05", "t2flair").iterdir())
+    files[len(files) // 2].unlink()
+    expect["missing_series"] = str(files[0].relative_to(root))
+    # 6. duplicate SOP instance
+    f = sorted(series_dir(a / "sub-A06", "t1w").iterdir())[4]
+    dup = f.parent / "IM_copy.dcm"
+    shutil.copy(f, dup)
+    expect["duplicate"] = str(dup.relative_to(root))
+    # 7. two series sharing one SeriesInstanceUID with different orientations (t2w relabelled as t1w's series)
+    t1 = pydicom.dcmread(next(series_dir(a / "sub-A07", "t1w").iterdir()), stop_before_pixels=True)
+    for f in series_dir(a / "sub-A07", "t2w").iterdir():
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID, ds.SeriesNumber = t1.SeriesInstanceUID, t1.SeriesNumber
+        ds.save_as(f)
+    # 8. unsupported transfer syntax (MPEG-2)
+    f = sorted(series_dir(a / "sub-A08", "mrf_t1").iterdir())[0]
+    ds = pydicom.dcmread(f)
+    from pydicom.encaps import encapsulate
+
+    ds.PixelData = encapsulate([ds.PixelData])
+    ds["PixelData"].is_undefined_length = True
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"
+    ds.save_as(f, enforce_file_format=False)
+    expect["unsupported"] = str(f.relative_to(root))
+    # 9. a symlink loop
+    os.symlink("..", a / "sub-A08" / "loop")
+    return root, expect
+
+
+@pytest.fixture(scope="module")
+def ingested(mixed_tree, tmp_path_factory):
+    root, expect = mixed_tree
+    out = tmp_path_factory.mktemp("stores")
+    res = qsnet("ingest", str(root), str(out / "raw"), "--manifest", str(out / "manifest.csv"), "--jobs", "2")
+    return root, out, expect, res
+
+
+@pytest.mark.slow
+def test_manifest_accounts_for_every_file(ingested):
+    root, out, expect, res = ingested
+    assert res.returncode == 0, res.stderr
+    rows = manifest_rows(out / "manifest.csv")
+    paths = [r["path"] for r in rows]
+    assert len(paths) == len(set(paths))
+    files = input_files(root)
+    assert sorted(p for p in paths if p in files) == files
+    by = {r["path"]: r for r in rows}
+    assert by[expect["notes"]]["status"] == "ignored"
+    for k in ("empty", "truncated", "huge", "nopixels", "missing_series", "duplicate", "unsupported"):
+        assert by[expect[k]]["status"] == "quarantined", (k, by[expect[k]])
+        assert by[expect[k]]["reason"], k
+    assert "transfer syntax" in by[expect["unsupported"]]["reason"].lower()
+    assert "duplicate" in by[expect["duplicate"]]["reason"].lower()
+    assert "missing" in by[expect["missing_series"]]["reason"].lower()
+    # the loop is reported, not followed forever
+    assert any("loop" in r["path"] for r in rows if r["status"] != "ingested")
+
+
+@pytest.mark.slow
+def test_bad_files_do_not_stop_the_rest(ingested):
+    root, out, expect, res = ingested
+    stores = sorted((out / "raw").rglob("*.zarr"))
+    assert len(stores) == 9, stores
+    for s in stores:
+        st = open_store(s)
+        st.verify()
+        assert {"mrf_t2"} <= set(st.roles)
+    # the relabelled exam: split by orientation, both parts recognised and kept
+    rows = manifest_rows(out / "manifest.csv")
+    a07 = [r for r in rows if r["path"].startswith("site-A/sub-A07/") and r["status"] == "ingested"]
+    subject = a07[0]["subject"]
+    st = open_store(out / "raw" / "site-A" / f"{subject}.zarr")
+    assert {"t1w", "t2w"} <= set(st.roles)
+    assert st.array("t1w").shape != st.array("t2w").shape
+
+
+@pytest.mark.slow
+def test_no_phi_in_outputs_or_logs(ingested):
+    root, out, expect, res = ingested
+    identities = set()
+    for f in root.rglob("IM0001.dcm"):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        identities |= {str(ds.PatientName), str(ds.PatientName).split("^")[0], ds.PatientID,
+                       ds.PatientBirthDate, ds.InstitutionName, ds.AccessionNumber, ds.StudyInstanceUID}
+    texts = [res.stdout, res.stderr, (out / "manifest.csv").read_text()]
+    texts += [p.read_text() for p in (out / "raw").rglob("zarr.json")]
+    for text in texts:
+        for ident in identities:
+            assert ident not in text, ident
+
+
+@pytest.mark.slow
+def test_rerun_is_idempotent_and_strict_fails(ingested):
+    root, out, expect, res = ingested
+    before = {p: (p.stat().st_ino, open_store(p).content_hash()) for p in (out / "raw").rglob("*.zarr")}
+    res2 = qsnet("ingest", str(root), str(out / "raw"), "--manifest", str(out / "manifest.csv"), "--jobs", "2")
+    assert res2.returncode == 0 and "9 unchanged" in res2.stdout, res2.stdout
+    after = {p: (p.stat().st_ino, open_store(p).content_hash()) for p in (out / "raw").rglob("*.zarr")}
+    assert before == after
+    res3 = qsnet("ingest", str(root), str(out / "raw"), "--manifest", str(out / "manifest.csv"), "--strict")
+    assert res3.returncode != 0
+    assert len([l for l in res3.stderr.splitlines() if "error" in l]) == 1
+
+
+@pytest.mark.slow
+def test_phantom_stores_match_contract(demo_tree, tmp_path):
+    res = qsnet("ingest", str(demo_tree), str(tmp_path / "raw"), "--manifest", str(tmp_path / "m.csv"))
+    assert res.returncode == 0, res.stderr
+    rows = manifest_rows(tmp_path / "m.csv")
+    assert len(rows) == len(input_files(demo_tree))
+    assert not [r for r in rows if r["status"] == "quarantined"]
+    stores = sorted((tmp_path / "raw").rglob("*.zarr"))
+    assert len(stores) == 14
+    for s in stores:
+        st = open_store(s)
+        assert set(st.roles) == {"mrf_t1", "mrf_t2", "t1w", "t2w", "t1flair", "t2flair", "swi", "labels", "brain"}
+        a = st.attrs
+        assert a["schema_version"] == 1 and a["site"] in ("site-A", "site-B") and a["split"]
+        assert a["cohort"] == ("healthy" if a["site"] == "site-A" else "gbm")
+        t1 = st.attrs_of("mrf_t1")
+        assert t1["units"] == "ms" and len(t1["affine_lps"]) == 4 and t1["sha256"]
+        assert st.array("t1w").chunks[0] == 1
+        wm = st.read("mrf_t1")[st.read("labels") == 3]
+        assert 700 < np.median(wm) < 1100
+    png = tmp_path / "store.png"
+    res = qsnet("view", str(stores[0]), "--out", str(png))
+    assert res.returncode == 0 and png.stat().st_size > 10_000, res.stderr
+
+
+@pytest.mark.slow
+def test_killed_mid_write_leaves_no_half_store(demo_tree, tmp_path):
+    dst = tmp_path / "raw"
+    proc = subprocess.Popen([sys.executable, "-m", "ingest", "ingest", str(demo_tree), str(dst), "--jobs", "1",
+                             "--manifest", str(tmp_path / "m.csv")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(dst.rglob(".*.tmp-*")):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for s in dst.rglob("*.zarr"):
+        if not s.name.startswith("."):
+            open_store(s).verify()  # whatever is visible is whole
+    res = qsnet("ingest", str(demo_tree), str(dst), "--manifest", str(tmp_path / "m.csv"))
+    assert res.returncode == 0, res.stderr
+    assert len([s for s in dst.rglob("*.zarr") if not s.name.startswith(".")]) == 14
+    assert not list(dst.rglob(".*.tmp-*"))
