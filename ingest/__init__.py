@@ -1,3 +1,21 @@
-"""qsnet ingest: DICOM in, versioned stores out; also the multi-site phantom (the embedded default data)."""
+"""qsnet ingest: DICOM in, versioned stores out; also the multi-site phantom (the embedded default data).
+
+Public API (imported lazily, so `qsnet --help` stays fast):
+    ingest.read_series(paths) -> (array, affine_lps, meta)
+    ingest.open_store(path) -> ExamStore
+"""
 
 __version__ = "0.1.0"
+__all__ = ["read_series", "open_store", "__version__"]
+
+
+def __getattr__(name):
+    if name == "read_series":
+        from ingest.reader import read_series
+
+        return read_series
+    if name == "open_store":
+        from ingest.store import open_store
+
+        return open_store
+    raise AttributeError(f"module 'ingest' has no attribute {name!r}")
