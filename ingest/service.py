@@ -76,11 +76,11 @@ def load_sites(sites_dir: Path | None) -> dict[str, dict]:
 
 # ---------------------------------------------------------------- planning
 
-def plan_exams(src: Path, sites: dict[str, dict]):
+def plan_exams(src: Path, sites: dict[str, dict], jobs: int = 1):
     """Scan SRC once: DICOM files grouped by (site folder, exam folder), plus rows for the rest."""
     from ingest.series import scan
 
-    infos, problems = scan(src)
+    infos, problems = scan(src, jobs=jobs)
     rows: list[Row] = []
     jobs: dict[tuple[str, str], ExamJob] = {}
 
@@ -321,10 +321,11 @@ def ingest(src: Path, dst: Path, manifest: Path | None = None, sites_dir: Path |
     sites = load_sites(sites_dir)
     key, key_source = load_key()
     split_fractions = split_fractions or {"site-A": 20 / 32, "site-B": 9 / 18}
-    exam_jobs, rows = plan_exams(src, sites)
+    workers = max(1, jobs or os.cpu_count() or 1)
+    exam_jobs, rows = plan_exams(src, sites, jobs=workers)
     dst.mkdir(parents=True, exist_ok=True)
     results = []
-    n = max(1, min(jobs or os.cpu_count() or 1, len(exam_jobs) or 1))
+    n = max(1, min(workers, len(exam_jobs) or 1))
     args = [(str(src), str(dst), j, sites[j.site], key, split_fractions) for j in exam_jobs]
     if n == 1:
         for a in args:
