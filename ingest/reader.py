@@ -146,6 +146,26 @@ def siemens_csa_image_header(ds) -> dict[str, list[str]] | None:
 
 # ----------------------------------------------------------------------------- helpers
 
+def acquisition_fields(ds, frame: int = 0) -> tuple[list[str], str, float | None, float | None]:
+    """ImageType, sequence name, TE and TI from a classic header or, for enhanced objects,
+    from the functional groups (EffectiveEchoTime, InversionTimes, PulseSequenceName)."""
+    itype = ds.get("ImageType")
+    if itype is None or itype == "":
+        image_type = []
+    elif isinstance(itype, str):
+        image_type = [t.strip() for t in itype.split("\\")]
+    else:
+        image_type = [str(t).strip() for t in itype]
+    seq = str(ds.get("SequenceName", "") or "").strip() or str(_find(ds, "PulseSequenceName", frame) or "").strip()
+    te = _f(ds.get("EchoTime"))
+    if te is None:
+        te = _f(_find(ds, "EffectiveEchoTime", frame))
+    ti = _f(ds.get("InversionTime"))
+    if ti is None:
+        ti = _f(_find(ds, "InversionTimes", frame))
+    return image_type, seq, te, ti
+
+
 def _f(v) -> float | None:
     if v is None or v == "":
         return None
@@ -659,16 +679,7 @@ def _meta(ds, frames_used: list[_Frame], kind: str, ts_list: list[str], n_files:
     slope = slopes.pop() if len(slopes) == 1 else None
     icpt = icpts.pop() if len(icpts) == 1 else None
     units, rwv = _units(ds, slope, icpt)
-    itype = ds.get("ImageType")
-    image_type = [str(t).strip() for t in itype] if itype is not None and not isinstance(itype, str) \
-        else ([t.strip() for t in str(itype).split("\\")] if itype else [])
-    seq = str(ds.get("SequenceName", "") or "").strip() or str(_find(ds, "PulseSequenceName") or "").strip()
-    te = _f(ds.get("EchoTime"))
-    if te is None:
-        te = _f(_find(ds, "EffectiveEchoTime"))
-    ti = _f(ds.get("InversionTime"))
-    if ti is None:
-        ti = _f(_find(ds, "InversionTimes"))
+    image_type, seq, te, ti = acquisition_fields(ds)
     ts_unique = sorted(set(ts_list))
     f0 = frames_used[0]
     meta = {

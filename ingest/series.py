@@ -30,7 +30,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
-from ingest.reader import _f, _find, _i  # one parser for DICOM numbers (DS/IS, multi-valued, blank)
+from ingest.reader import _f, _find, _i, acquisition_fields  # one parser for DICOM numbers (DS/IS, multi-valued, blank)
 
 __all__ = ["FileInfo", "SeriesGroup", "scan", "group_series", "is_image_sop_class"]
 
@@ -136,19 +136,8 @@ def header_summary(ds, path: Path, size: int) -> FileInfo:
     ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     sop_class = _s(ds, "SOPClassUID") or (str(meta.get("MediaStorageSOPClassUID", "")) if meta else "")
     enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
-    itype = ds.get("ImageType")
-    image_type = tuple(str(t).strip() for t in itype) if itype is not None else ()
-    if isinstance(itype, str):
-        image_type = tuple(t.strip() for t in itype.split("\\"))
-    seq = _s(ds, "SequenceName")
-    if not seq:
-        seq = str(find_attr(ds, "PulseSequenceName") or "").strip()
-    ti = _f(ds.get("InversionTime"))
-    if ti is None:
-        ti = _f(find_attr(ds, "InversionTimes"))
-    te = _f(ds.get("EchoTime"))
-    if te is None:
-        te = _f(find_attr(ds, "EffectiveEchoTime"))
+    itypes, seq, te, ti = acquisition_fields(ds)
+    image_type = tuple(itypes)
     return FileInfo(
         path=path,
         size=size,

@@ -49,6 +49,16 @@ MR = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
 
 
+def check_with_dcm2niix(got, gaff, tmp_path) -> None:
+    """dcm2niix converts tmp_path/in, and our read equals its NIfTI (voxels, affine within 0.01 mm)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    res = subprocess.run([DCM2NIIX, "-b", "n", "-z", "n", "-f", "v", "-o", str(out), str(tmp_path / "in")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    compare_to_nifti(got, gaff, next(out.glob("*.nii")), atol_mm=0.01)
+
+
 # ----------------------------------------------------------------------- golden tests
 
 @pytest.mark.skipif(not GOLDEN, reason=f"shared test data not found at {TESTDATA}")
@@ -284,12 +294,7 @@ def test_synthetic_double_oblique_matches_dcm2niix(tmp_path):
     paths = write_classic(tmp_path / "in", vol, aff, order=[3, 0, 6, 1, 5, 2, 4], patient_position="HFDR",
                           slope=0.5, intercept=-10)
     got, gaff, _ = read_series(paths)
-    out = tmp_path / "out"
-    out.mkdir()
-    res = subprocess.run([DCM2NIIX, "-b", "n", "-z", "n", "-f", "v", "-o", str(out), str(tmp_path / "in")],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stdout + res.stderr
-    compare_to_nifti(got, gaff, next(out.glob("*.nii")), atol_mm=0.01)
+    check_with_dcm2niix(got, gaff, tmp_path)
     np.testing.assert_allclose(got, expected_ascending(vol, aff)[0] * 0.5 - 10)
 
 
@@ -494,12 +499,7 @@ def test_synthetic_descending_mosaic_matches_dcm2niix(tmp_path):
     got, gaff, meta = read_series(paths)
     assert got.shape == (2, 7, 6, 8)
     np.testing.assert_array_equal(got[0], expected_ascending(vols[1], aff)[0])  # acquisition 1 first
-    out = tmp_path / "out"
-    out.mkdir()
-    res = subprocess.run([DCM2NIIX, "-b", "n", "-z", "n", "-f", "v", "-o", str(out), str(tmp_path / "in")],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stdout + res.stderr
-    compare_to_nifti(got, gaff, next(out.glob("*.nii")), atol_mm=0.01)
+    check_with_dcm2niix(got, gaff, tmp_path)
 
 
 def test_mosaic_without_slice_normal_is_an_error(tmp_path):
