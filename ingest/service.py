@@ -176,8 +176,14 @@ def _split(subject: str, site_cfg: dict, fractions: dict) -> str:
     return first if u < fractions.get(site_cfg["site"], 0.5) else second
 
 
-def ingest_exam(src: str, dst: str, job: ExamJob, site_cfg: dict, key: bytes, split_fractions: dict) -> dict:
-    """Read, recognise and store one exam; return its manifest rows (as dicts) and a status."""
+def ingest_exam(src: str, dst: str, job: ExamJob, site_cfg: dict, key: bytes, split_fractions: dict,
+                prev_rows: list[dict] | None = None) -> dict:
+    """Read, recognise and store one exam; return its manifest rows (as dicts) and a status.
+
+    `prev_rows` are this exam's rows of the previous manifest: when the store on disk was
+    written from exactly these inputs (same file hashes, same site file, same ingest version)
+    and the old rows cover every file, nothing is read again and those rows stand.
+    """
     from ingest.deid import pseudonym, scrub_text
     from ingest.manifest import file_sha256
     from ingest.reader import SeriesError, read_series
@@ -193,17 +199,27 @@ def ingest_exam(src: str, dst: str, job: ExamJob, site_cfg: dict, key: bytes, sp
                          reason=reason, site=job.site, subject=kw.get("subject", ""),
                          series=kw.get("series", ""), role=kw.get("role", ""))
 
-    groups, dup_problems = group_series(job.infos)
     patient_id, study_uid = _header_identity(src_p / job.files[0]) if job.files else ("", "")
     # One store per exam (a subject's visit): named by a keyed hash of patient and study, so
     # a second visit of the same patient gets its own store; `patient` links the visits.
     subject = pseudonym(key, job.site, patient_id or job.exam_dir, study_uid)
     patient = pseudonym(key, job.site, patient_id or job.exam_dir, prefix="pat-")
-    for path, reason in dup_problems:
-        row(str(Path(path).relative_to(src_p)), "quarantined", reason, subject=subject)
-
     digest = _exam_digest(src_p, job, shas, site_cfg)
     store_path = dst_p / job.site / f"{subject}.zarr"
+    if store_path.exists() and prev_rows is not None:
+        old = {r["path"]: r for r in prev_rows}
+        covered = all(rel in old and old[rel]["sha256"] == shas[rel] for rel in job.files + job.truth)
+        try:
+            same = covered and open_store(store_path).attrs.get("input_digest") == digest
+        except ValueError:
+            same = False
+        if same:
+            return {"exam": job.exam_dir, "status": "unchanged", "rows": [old[k] for k in sorted(old)],
+                    "store": str(store_path.relative_to(dst_p))}
+
+    groups, dup_problems = group_series(job.infos)
+    for path, reason in dup_problems:
+        row(str(Path(path).relative_to(src_p)), "quarantined", reason, subject=subject)
     arrays: dict[str, tuple[np.ndarray, dict]] = {}
     chosen: dict[str, tuple[object, str]] = {}
     for g in groups:
@@ -220,12 +236,6 @@ def ingest_exam(src: str, dst: str, job: ExamJob, site_cfg: dict, key: bytes, sp
                     subject=subject, series=series_id, role=role)
             continue
         chosen[role] = (g, series_id)
-    reuse = False
-    if store_path.exists():
-        try:
-            reuse = open_store(store_path).attrs.get("input_digest") == digest
-        except ValueError:
-            reuse = False
     for role, (g, series_id) in chosen.items():
         rels = [str(Path(f).relative_to(src_p)) for f in g.files]
         try:
@@ -285,8 +295,6 @@ def ingest_exam(src: str, dst: str, job: ExamJob, site_cfg: dict, key: bytes, sp
         for r in list(rows):
             if rows[r]["status"] == "ingested":
                 rows[r].update(status="quarantined", reason=f"{job.exam_dir}: no series of this exam could be read")
-    elif reuse:
-        status = "unchanged"
     else:
         group_attrs = {"site": job.site, "subject": subject, "patient": patient, "cohort": site_cfg.get("cohort", ""),
                        "split": _split(subject, site_cfg, split_fractions), "ingest_version": INGEST_VERSION,
@@ -323,10 +331,12 @@ def ingest(src: Path, dst: Path, manifest: Path | None = None, sites_dir: Path |
     split_fractions = split_fractions or {"site-A": 20 / 32, "site-B": 9 / 18}
     workers = max(1, jobs or os.cpu_count() or 1)
     exam_jobs, rows = plan_exams(src, sites, jobs=workers)
+    previous = _previous_rows(manifest)
     dst.mkdir(parents=True, exist_ok=True)
     results = []
     n = max(1, min(workers, len(exam_jobs) or 1))
-    args = [(str(src), str(dst), j, sites[j.site], key, split_fractions) for j in exam_jobs]
+    args = [(str(src), str(dst), j, sites[j.site], key, split_fractions,
+             [previous[r] for r in j.files + j.truth if r in previous]) for j in exam_jobs]
     if n == 1:
         for a in args:
             results.append(_guarded(*a))
@@ -351,10 +361,24 @@ def ingest(src: Path, dst: Path, manifest: Path | None = None, sites_dir: Path |
     return summary
 
 
-def _guarded(src, dst, job, site_cfg, key, fractions) -> dict:
+def _previous_rows(manifest: Path) -> dict[str, dict]:
+    """Rows of the last manifest, by path; none if it is missing or unreadable (then all is redone)."""
+    from dataclasses import asdict
+
+    from ingest.manifest import read_manifest
+
+    if not manifest.exists():
+        return {}
+    try:
+        return {r.path: asdict(r) for r in read_manifest(manifest)}
+    except (ValueError, OSError):
+        return {}
+
+
+def _guarded(src, dst, job, site_cfg, key, fractions, prev_rows=None) -> dict:
     """An exam that fails as a whole quarantines its own files; the batch goes on."""
     try:
-        return ingest_exam(src, dst, job, site_cfg, key, fractions)
+        return ingest_exam(src, dst, job, site_cfg, key, fractions, prev_rows)
     except Exception as exc:  # noqa: BLE001
         from ingest.manifest import file_sha256
 

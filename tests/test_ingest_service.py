@@ -221,3 +221,20 @@ def test_killed_mid_write_leaves_no_half_store(demo_tree, tmp_path):
     assert res.returncode == 0, res.stderr
     assert len([s for s in dst.rglob("*.zarr") if not s.name.startswith(".")]) == 14
     assert not list(dst.rglob(".*.tmp-*"))
+
+
+@pytest.mark.slow
+def test_adding_an_exam_writes_only_its_store(demo_tree, tmp_path):
+    src, dst = tmp_path / "data", tmp_path / "raw"
+    for site, exam in (("site-A", "sub-A01"), ("site-B", "sub-B01")):
+        shutil.copytree(demo_tree / site / exam, src / site / exam)
+    res = qsnet("ingest", str(src), str(dst), "--manifest", str(tmp_path / "m.csv"))
+    assert res.returncode == 0 and "2 written" in res.stdout, res.stdout + res.stderr
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in dst.rglob("*.zarr")}
+    shutil.copytree(demo_tree / "site-B" / "sub-B02", src / "site-B" / "sub-B02")
+    res = qsnet("ingest", str(src), str(dst), "--manifest", str(tmp_path / "m.csv"))
+    assert res.returncode == 0 and "1 written, 2 unchanged" in res.stdout, res.stdout + res.stderr
+    after = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in dst.rglob("*.zarr")}
+    assert len(after) == 3
+    assert all(after[p] == v for p, v in before.items())
+    assert len(manifest_rows(tmp_path / "m.csv")) == len(input_files(src))
