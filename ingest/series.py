@@ -20,7 +20,6 @@ group), geometry and acquisition parameters only.
 
 from __future__ import annotations
 
-import math
 import os
 import stat
 from dataclasses import dataclass, field

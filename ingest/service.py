@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ingest import __version__
-from ingest.siteconfig import ROLES, SiteConfigError, builtin_sites, load_site
+from ingest.siteconfig import ROLES, builtin_sites, load_site
 
 INGEST_VERSION = "1"
 
@@ -77,12 +77,12 @@ def load_sites(sites_dir: Path | None) -> dict[str, dict]:
 # ---------------------------------------------------------------- planning
 
 def plan_exams(src: Path, sites: dict[str, dict], jobs: int = 1):
-    """Scan SRC once: DICOM files grouped by (site folder, exam folder), plus rows for the rest."""
+    """Scan SRC once: DICOM files grouped into exams (site, study), plus rows for the rest."""
     from ingest.series import scan
 
     infos, problems = scan(src, jobs=jobs)
-    rows: list[Row] = []
-    jobs: dict[tuple[str, str], ExamJob] = {}
+    rows = []
+    exams: dict[tuple[str, str], ExamJob] = {}
 
     def where(path: Path) -> tuple[str | None, str | None, str]:
         rel = path.relative_to(src)
@@ -116,7 +116,7 @@ def plan_exams(src: Path, sites: dict[str, dict], jobs: int = 1):
                              site=site))
             continue
         key = (site, info.study_uid or f"folder:{folder}")
-        job = jobs.setdefault(key, ExamJob(site, f"{site}/{folder}"))
+        job = exams.setdefault(key, ExamJob(site, f"{site}/{folder}"))
         job.files.append(rel)
         job.infos.append(info)
         counts = folders_of.setdefault(key, {})
@@ -130,25 +130,16 @@ def plan_exams(src: Path, sites: dict[str, dict], jobs: int = 1):
                 owner[(key[0], folder)] = (key, n)
     for (site, folder), rels in truth_files.items():
         if (site, folder) in owner:
-            jobs[owner[(site, folder)][0]].truth.extend(rels)
+            exams[owner[(site, folder)][0]].truth.extend(rels)
         else:
             rows.extend(_row(src, r, "ignored", "ground truth without DICOM of its exam", site=site) for r in rels)
-    return sorted(jobs.values(), key=lambda j: j.exam_dir), rows
+    return sorted(exams.values(), key=lambda j: j.exam_dir), rows
 
 
 def _row(src: Path, rel: str, status: str, reason: str, **kw):
-    from ingest.manifest import Row, file_sha256
+    from ingest.manifest import Row
 
-    p = src / rel
-    try:
-        size = p.stat().st_size if not p.is_symlink() or p.exists() else 0
-        digest = file_sha256(p) if p.is_file() else ""
-    except OSError:
-        size, digest = 0, ""
-    base = dict(path=rel, size=size, sha256=digest, status=status, reason=reason,
-                site=kw.get("site", ""), subject=kw.get("subject", ""), series=kw.get("series", ""),
-                role=kw.get("role", ""))
-    return Row(**base)
+    return Row.for_file(src, rel, status, reason, **kw)
 
 
 # ---------------------------------------------------------------- one exam (runs in a worker process)
@@ -160,7 +151,7 @@ def _header_identity(path: Path) -> tuple[str, str]:
     return str(getattr(ds, "PatientID", "") or ""), str(getattr(ds, "StudyInstanceUID", "") or "")
 
 
-def _exam_digest(src: Path, job: ExamJob, shas: dict[str, str], site_cfg: dict) -> str:
+def _exam_digest(job: ExamJob, shas: dict[str, str], site_cfg: dict) -> str:
     h = hashlib.sha256()
     h.update(f"ingest {INGEST_VERSION}\n".encode())
     h.update(json.dumps({k: v for k, v in site_cfg.items() if not k.startswith("_")}, sort_keys=True).encode())
@@ -186,6 +177,7 @@ def ingest_exam(src: str, dst: str, job: ExamJob, site_cfg: dict, key: bytes, sp
     """
     from ingest.deid import pseudonym, scrub_text
     from ingest.manifest import file_sha256
+    from ingest.phantom.anatomy import load_nifti_zyx
     from ingest.reader import SeriesError, read_series
     from ingest.series import group_series
     from ingest.store import open_store, write_exam_store
@@ -204,7 +196,7 @@ def ingest_exam(src: str, dst: str, job: ExamJob, site_cfg: dict, key: bytes, sp
     # a second visit of the same patient gets its own store; `patient` links the visits.
     subject = pseudonym(key, job.site, patient_id or job.exam_dir, study_uid)
     patient = pseudonym(key, job.site, patient_id or job.exam_dir, prefix="pat-")
-    digest = _exam_digest(src_p, job, shas, site_cfg)
+    digest = _exam_digest(job, shas, site_cfg)
     store_path = dst_p / job.site / f"{subject}.zarr"
     if store_path.exists() and prev_rows is not None:
         old = {r["path"]: r for r in prev_rows}
@@ -277,7 +269,8 @@ def ingest_exam(src: str, dst: str, job: ExamJob, site_cfg: dict, key: bytes, sp
                                                 "lesions": t.get("lesions", [])}}
                 row(rel, "ingested", "", subject=subject, role="truth")
             elif name in ("labels.nii.gz", "brain.nii.gz"):
-                arr, aff = _truth_nifti(src_p / rel)
+                arr, aff = load_nifti_zyx(src_p / rel)
+                arr = arr.astype(np.uint8)
                 ref = arrays.get("mrf_t1")
                 if ref is None or ref[0].shape != arr.shape or not np.allclose(aff, ref[1]["affine_lps"], atol=0.01):
                     row(rel, "quarantined", f"{rel}: not on the grid of the exam's MRF T1 map", subject=subject)
@@ -303,15 +296,6 @@ def ingest_exam(src: str, dst: str, job: ExamJob, site_cfg: dict, key: bytes, sp
         write_exam_store(store_path, arrays, group_attrs)
     return {"exam": job.exam_dir, "status": status, "rows": [rows[k] for k in sorted(rows)],
             "store": str(store_path.relative_to(dst_p)) if status != "no-store" else ""}
-
-
-def _truth_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    import nibabel as nib
-
-    img = nib.load(str(path))
-    arr = np.asarray(img.dataobj).transpose(2, 1, 0).astype(np.uint8)
-    aff = np.diag([-1.0, -1.0, 1.0, 1.0]) @ img.affine[:, [2, 1, 0, 3]]
-    return np.ascontiguousarray(arr), aff
 
 
 # ---------------------------------------------------------------- the whole tree
@@ -380,14 +364,10 @@ def _guarded(src, dst, job, site_cfg, key, fractions, prev_rows=None) -> dict:
     try:
         return ingest_exam(src, dst, job, site_cfg, key, fractions, prev_rows)
     except Exception as exc:  # noqa: BLE001
-        from ingest.manifest import file_sha256
+        from dataclasses import asdict
 
-        rows = []
-        for rel in job.files + job.truth:
-            p = Path(src) / rel
-            rows.append(dict(path=rel, size=p.stat().st_size, sha256=file_sha256(p), status="quarantined",
-                             reason=f"{job.exam_dir}: exam failed ({exc.__class__.__name__}: {exc})",
-                             site=job.site, subject="", series="", role=""))
+        reason = f"{job.exam_dir}: exam failed ({exc.__class__.__name__}: {exc})"
+        rows = [asdict(_row(Path(src), rel, "quarantined", reason, site=job.site)) for rel in job.files + job.truth]
         return {"exam": job.exam_dir, "status": "no-store", "rows": rows, "store": ""}
 
 

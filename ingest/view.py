@@ -26,11 +26,10 @@ def _exam_series(exam: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
         out.append((meta["series_description"] or folder.name, vol, aff))
     truth = exam / "truth" / "labels.nii.gz"
     if truth.exists():
-        import nibabel as nib
+        from ingest.phantom.anatomy import load_nifti_zyx
 
-        img = nib.load(str(truth))
-        lab = np.asarray(img.dataobj).transpose(2, 1, 0).astype(np.float32)
-        out.append(("truth labels", lab, np.diag([-1.0, -1.0, 1.0, 1.0]) @ img.affine[:, [2, 1, 0, 3]]))
+        lab, aff = load_nifti_zyx(truth)
+        out.append(("truth labels", lab.astype(np.float32), aff))
     return out
 
 

@@ -374,12 +374,14 @@ def make_subject(base: Anatomy, rng: np.random.Generator, cohort: str) -> Anatom
     return anat
 
 
-def save_nifti(path: Path, data: np.ndarray, affine_lps: np.ndarray) -> None:
-    """Deterministic .nii.gz: gzip header without a timestamp or file name."""
+def save_nifti(path: Path, data_zyx: np.ndarray, affine_lps: np.ndarray) -> None:
+    """A (z, y, x) array with its (z, y, x) -> LPS affine as a deterministic .nii.gz
+    (NIfTI is (x, y, z) and RAS; the gzip header carries no timestamp or file name)."""
     import gzip
     import io
 
-    img = nib.Nifti1Image(data, RAS_TO_LPS @ affine_lps)
+    data = np.ascontiguousarray(np.asarray(data_zyx).transpose(2, 1, 0))
+    img = nib.Nifti1Image(data, RAS_TO_LPS @ affine_lps[:, [2, 1, 0, 3]])
     img.header.set_xyzt_units("mm")
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
@@ -389,3 +391,10 @@ def save_nifti(path: Path, data: np.ndarray, affine_lps: np.ndarray) -> None:
     raw = buf.getvalue()
     with open(path, "wb") as fh, gzip.GzipFile(filename="", mode="wb", fileobj=fh, mtime=0, compresslevel=6) as gz:
         gz.write(raw)
+
+
+def load_nifti_zyx(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of save_nifti: (z, y, x) array and its (z, y, x) -> LPS affine."""
+    img = nib.load(str(path))
+    data = np.ascontiguousarray(np.asarray(img.dataobj).transpose(2, 1, 0))
+    return data, RAS_TO_LPS @ img.affine[:, [2, 1, 0, 3]]

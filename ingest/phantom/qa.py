@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
 from ingest.phantom import physics
-from ingest.phantom.anatomy import LABELS
+from ingest.phantom.anatomy import LABELS, load_nifti_zyx
 from ingest.reader import read_series
 from ingest.siteconfig import load_site
 
@@ -52,8 +51,7 @@ def _pure(labels: np.ndarray, value: int) -> np.ndarray:
 
 def exam_stats(exam: Path) -> dict:
     truth = json.loads((exam / "truth" / "truth.json").read_text())
-    lab_img = nib.load(str(exam / "truth" / "labels.nii.gz"))
-    labels_mrf = np.asarray(lab_img.dataobj).transpose(2, 1, 0)
+    labels_mrf, _ = load_nifti_zyx(exam / "truth" / "labels.nii.gz")
     out = {}
     for role, s in truth["series"].items():
         files = sorted((exam / s["folder"]).iterdir())

@@ -372,10 +372,8 @@ def write_truth_maps(exam_dir: Path, subj: anat_mod.Anatomy, geo) -> None:
     brain = sum(fr[names.index(n)] for n in anat_mod.BRAIN_TISSUES) >= 0.5
     out = exam_dir / "truth"
     out.mkdir()
-    # NIfTI wants (x, y, z) order: transpose our (z, y, x) arrays and their affine columns.
-    aff_xyz = geo.affine[:, [2, 1, 0, 3]]
-    anat_mod.save_nifti(out / "labels.nii.gz", np.ascontiguousarray(lab.transpose(2, 1, 0)), aff_xyz)
-    anat_mod.save_nifti(out / "brain.nii.gz", np.ascontiguousarray(brain.astype(np.uint8).transpose(2, 1, 0)), aff_xyz)
+    anat_mod.save_nifti(out / "labels.nii.gz", lab, geo.affine)
+    anat_mod.save_nifti(out / "brain.nii.gz", brain.astype(np.uint8), geo.affine)
 
 
 # ---------------------------------------------------------------- the whole tree
