@@ -155,6 +155,47 @@ def phantom_qa(
         raise typer.Exit(1)
 
 
+@app.command()
+def prepare(
+    src: Path = typer.Argument(Path("stores/raw"), help="Raw exam stores: <site>/<subject>.zarr (from `qsnet ingest`)."),
+    dst: Path = typer.Argument(Path("stores/prepared"), help="Prepared stores, one <site>/<subject>.zarr per exam."),
+    report: Path = typer.Option(Path("reports/prepare.json"), "--report", help="Per-exam report and summary (JSON)."),
+    figures: Optional[Path] = typer.Option(Path("reports/prepare"), "--figures",
+                                           help="Registration QA figures, <site>/<subject>.png."),
+    params: Path = typer.Option(Path("params.yaml"), "--params", help="Params file; its `prepare` section is read."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="Profile to use instead of the file's `profile`."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Exams in parallel (default: CPU count)."),
+    strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any exam is excluded."),
+):
+    """Raw stores -> training-ready stores: elastix registration to the MRF T1 map, brain mask,
+    resampling onto the MRF grid, resizing, [0, 1] scaling; a report with the reasons for every
+    excluded exam."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ingest.params import load_params
+    from ingest.prepare import prepare as run
+
+    p = _run("prepare", load_params, params, profile)
+    n = len(list(src.glob("*/*.zarr"))) if src.is_dir() else None
+    with Progress(TextColumn("prepare"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  disable=not sys.stderr.isatty()) as prog:
+        bar = prog.add_task("", total=n)
+        rep = _run("prepare", run, src, dst, report, p, jobs=jobs, figures=figures,
+                   progress=lambda _r: prog.update(bar, advance=1))
+    s = rep["summary"]
+    for key, why in sorted(rep["excluded"].items()):
+        typer.echo(f"qsnet prepare: excluded {key}: {why}", err=True)
+    extra = ""
+    if s.get("brain_dice_mean") is not None:
+        extra = (f"; phantom brain Dice mean {s['brain_dice_mean']}, registration error mean "
+                 f"{s['registration_error_mm_mean']} mm (max {s['registration_error_mm_max']})")
+    typer.echo(f"{s['exams']} exams: {s['prepared']} prepared, {s['excluded']} excluded{extra}; report {report}")
+    if strict and s["excluded"]:
+        fail("prepare", f"{s['excluded']} exam(s) excluded (--strict); see {report}")
+    if s["exams"] and not s["prepared"]:
+        fail("prepare", f"no exam could be prepared; see {report}")
+
+
 def _load_plugins() -> None:
     for ep in entry_points(group="qsnet.commands"):
         try:

@@ -21,3 +21,17 @@ def demo_tree(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def raw_pair(demo_tree, tmp_path_factory) -> dict[str, Path]:
+    """Raw stores of one exam per phantom site (sub-A01, sub-B01), ingested once per session."""
+    import shutil
+
+    from ingest.service import ingest
+
+    root = tmp_path_factory.mktemp("rawpair")
+    for site, exam in (("site-A", "sub-A01"), ("site-B", "sub-B01")):
+        shutil.copytree(demo_tree / site / exam, root / "data" / site / exam)
+    ingest(root / "data", root / "raw", manifest=root / "manifest.csv", jobs=2)
+    return {site: next((root / "raw" / site).glob("*.zarr")) for site in ("site-A", "site-B")}

@@ -1,0 +1,31 @@
+"""params.yaml: one key picks the profile; every stage reads its section of that profile."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+__all__ = ["load_params", "ParamsError"]
+
+
+class ParamsError(ValueError):
+    pass
+
+
+def load_params(path: Path | str = "params.yaml", profile: str | None = None) -> dict:
+    """``{"profile", "seed", <the profile's sections>}``; ``profile`` overrides the file's choice."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: params file not found") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(doc, dict):
+        raise ParamsError(f"{path}: expected a mapping at the top level")
+    name = profile or doc.get("profile")
+    if not name or not isinstance(doc.get(name), dict):
+        known = sorted(k for k, v in doc.items() if isinstance(v, dict))
+        raise ParamsError(f"{path}: profile {name!r} not found (profiles: {', '.join(known) or 'none'})")
+    return {"profile": name, "seed": int(doc.get("seed", 0)), **doc[name]}

@@ -1,0 +1,448 @@
+"""The prepare stage: raw exam stores -> training-ready stores on the (resized) MRF grid.
+
+Per exam (section 2.3 of the paper): rigid registration of each mpMRI series to the MRF T1
+map (elastix), resampling onto the MRF slices with a slab average, a brain mask from the
+MRF T1 map, in-plane resizing to the profile's size, [0, 1] scaling inside the brain, and a
+quality gate. Everything needed to invert the last three steps is kept in the store, so a
+result can be written back onto the native MRF grid in scanner units.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["PREPARE_VERSION", "PrepareError", "prepare", "prepare_exam", "assign_splits", "DEFAULTS"]
+
+PREPARE_VERSION = "1"
+INPUT_ROLES = ("mrf_t1", "mrf_t2")
+TARGETS = ("t1w", "t2w", "t1flair", "t2flair", "swi")
+
+DEFAULTS = {
+    "image_size": 64,
+    "targets": list(TARGETS),
+    "registration": {"resolutions": 3, "iterations": 300, "samples": 4096, "histogram_bins": 32, "threads": 1,
+                     "max_rotation_deg": 20.0, "max_translation_mm": 30.0, "min_mi_gain": -0.02,
+                     "min_coverage": 0.8},
+    "brain_mask": {"t1_range_ms": [750.0, 6000.0], "opening": 1, "closing": 1, "min_voxels": 500},
+    "normalise": {"percentiles": [0.5, 99.5]},
+    "mrf_check": {"max_bad_fraction": 0.01},
+    "split": {"train_fraction": {"site-A": 20 / 32, "site-B": 9 / 18}, "val_fraction": 0.2},
+}
+
+
+class PrepareError(ValueError):
+    """An exam that cannot be prepared; the message is the reason in the report."""
+
+
+def config(params: dict) -> dict:
+    """The prepare section of a profile over the defaults (nested dicts merged), plus the seed."""
+    def merge(a, b):
+        out = dict(a)
+        for k, v in (b or {}).items():
+            out[k] = merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+        return out
+    cfg = merge(DEFAULTS, params.get("prepare", {}))
+    cfg["seed"] = int(params.get("seed", 0))
+    cfg["registration"]["seed"] = cfg["seed"]
+    unknown = [t for t in cfg["targets"] if t not in TARGETS]
+    if unknown:
+        raise PrepareError(f"params: unknown target contrast(s) {unknown} (known: {', '.join(TARGETS)})")
+    if int(cfg["image_size"]) < 8:
+        raise PrepareError(f"params: prepare.image_size {cfg['image_size']} is too small")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- splits
+
+def assign_splits(exams: list[tuple[str, str, str]], cfg: dict) -> dict[tuple[str, str], str]:
+    """Deterministic split of ``(site, subject, cohort)`` exams, per site, in fixed proportions.
+
+    Exams are ranked by a hash of (seed, pseudonym); the first ``round(n * train_fraction)``
+    train (``finetune`` for a GBM cohort), the rest test; ``val_fraction`` of the training
+    part (at least one exam when it has two or more) is held out for validation. Excluded
+    exams keep their place in the ranking, so excluding one never re-deals the others.
+    """
+    sp = cfg["split"]
+    out = {}
+    for site in sorted({e[0] for e in exams}):
+        rows = [e for e in exams if e[0] == site]
+        rows.sort(key=lambda e: hashlib.sha256(f"{cfg['seed']}:{e[1]}".encode()).hexdigest())
+        n = len(rows)
+        frac = float(sp["train_fraction"].get(site, 0.5))
+        n_train = min(n, max(1 if n > 1 else 0, round(n * frac)))
+        n_val = round(n_train * float(sp["val_fraction"]))
+        if n_train >= 2:
+            n_val = max(1, n_val)
+        n_val = min(n_val, n_train - 1) if n_train > 1 else 0
+        for i, (s, subj, cohort) in enumerate(rows):
+            first = "finetune" if cohort == "gbm" else "train"
+            out[(s, subj)] = first if i < n_train - n_val else ("val" if i < n_train else "test")
+    return out
+
+
+# ----------------------------------------------------------------------------- one exam
+
+@dataclass
+class ExamTask:
+    raw: str
+    dst: str
+    site: str
+    subject: str
+    split: str
+    digest: str
+    figure: str
+
+
+def _check_map(name: str, vol: np.ndarray, cfg: dict) -> np.ndarray:
+    bad = ~np.isfinite(vol)
+    neg = np.isfinite(vol) & (vol < 0)
+    limit = float(cfg["mrf_check"]["max_bad_fraction"])
+    if bad.mean() > limit:
+        raise PrepareError(f"{name}: {100 * bad.mean():.0f}% of voxels are NaN or infinite: not a usable MRF map")
+    if neg.mean() > limit:
+        raise PrepareError(f"{name}: {100 * neg.mean():.0f}% of voxels are negative: not a T1/T2 map in ms")
+    return np.where(bad | neg, 0.0, vol).astype(np.float32)
+
+
+def _phantom_error(attrs: dict, role: str, fixed_aff: np.ndarray, truth_brain: np.ndarray,
+                   m: np.ndarray) -> float | None:
+    """Mean distance (mm) over the true brain between where the registration and the
+    simulator's poses put each MRF voxel in the mpMRI series."""
+    series = (attrs.get("phantom_truth") or {}).get("series") or {}
+    if "mrf_t1" not in series or role not in series or not truth_brain.any():
+        return None
+    pf = np.asarray(series["mrf_t1"]["pose_head_to_lps"], float)
+    pm = np.asarray(series[role]["pose_head_to_lps"], float)
+    true = pm @ np.linalg.inv(pf)
+    idx = np.argwhere(truth_brain > 0)
+    pts = fixed_aff @ np.c_[idx, np.ones(len(idx))].T
+    return float(np.linalg.norm(((m - true) @ pts)[:3], axis=0).mean())
+
+
+def prepare_exam(task: ExamTask, cfg: dict) -> dict:
+    """Prepare one exam; returns its report entry (status ``prepared`` or ``excluded``)."""
+    from threadpoolctl import threadpool_limits
+
+    entry = {"site": task.site, "subject": task.subject, "split": task.split, "digest": task.digest}
+    t0 = time.perf_counter()
+    try:
+        with threadpool_limits(1):
+            entry.update(_prepare(task, cfg))
+        entry["status"] = "prepared"
+    except PrepareError as exc:
+        entry.update(status="excluded", reason=str(exc))
+    except Exception as exc:  # noqa: BLE001 - one broken exam must not stop the stage
+        entry.update(status="excluded", reason=f"failed ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+    if entry["status"] == "excluded":
+        _remove_store(Path(task.dst))  # never leave an earlier version for training to read
+    entry["seconds"] = round(time.perf_counter() - t0, 3)
+    return entry
+
+
+def _remove_store(path: Path) -> None:
+    if path.is_dir() and (path / "zarr.json").exists():
+        shutil.rmtree(path)
+
+
+def _prepare(task: ExamTask, cfg: dict) -> dict:
+    from ingest.prepare.brainmask import brain_mask, dice
+    from ingest.prepare.grid import apply_scale, percentile_scale, resample, standard_grid
+    from ingest.prepare.register import mutual_information, rigid_register, rotation_deg
+    from ingest.store import open_store, write_exam_store
+
+    raw = open_store(task.raw)
+    attrs = dict(raw.attrs)
+    need = list(INPUT_ROLES) + list(cfg["targets"])
+    missing = [r for r in need if r not in raw]
+    if missing:
+        raise PrepareError(f"missing role(s) {', '.join(missing)}: the profile needs {', '.join(need)}")
+    fixed_aff = np.asarray(raw.attrs_of("mrf_t1")["affine_lps"], float)
+    t1 = _check_map("mrf_t1", raw.read("mrf_t1"), cfg)
+    t2 = _check_map("mrf_t2", raw.read("mrf_t2"), cfg)
+    if t2.shape != t1.shape or not np.allclose(raw.attrs_of("mrf_t2")["affine_lps"], fixed_aff, atol=0.01):
+        raise PrepareError("mrf_t2 is not on the grid of mrf_t1: the two maps must come from one MRF acquisition")
+    brain = brain_mask(t1, cfg["brain_mask"])
+    if int(brain.sum()) < int(cfg["brain_mask"]["min_voxels"]):
+        raise PrepareError(f"brain mask empty or too small ({int(brain.sum())} voxels): is mrf_t1 a T1 map in ms?")
+    out = {"native_shape": list(t1.shape)}
+    truth_brain = raw.read("brain") if "brain" in raw else None
+    if truth_brain is not None and truth_brain.shape == t1.shape:
+        out["brain_dice"] = round(dice(brain, truth_brain), 4)
+
+    pshape, paff = standard_grid(t1.shape, fixed_aff, int(cfg["image_size"]))
+    psp = np.linalg.norm(paff[:3, :3], axis=0)
+    inplane = [0.0, float(psp[1]), float(psp[2])]
+    pbrain = resample(brain.astype(np.float32), fixed_aff, pshape, paff, footprint_mm=inplane)[0] > 0.5
+
+    rc = cfg["registration"]
+    reg_report, targets, figure_rows = {}, {}, []
+    centre = fixed_aff @ np.r_[np.argwhere(brain > 0).mean(0), 1.0]
+    elastix_s = 0.0
+    for role in cfg["targets"]:
+        moving = raw.read(role)
+        maff = np.asarray(raw.attrs_of(role)["affine_lps"], float)
+        if moving.ndim != 3:
+            raise PrepareError(f"{role}: a {moving.ndim}-D series; a target contrast must be one volume")
+        moving = np.where(np.isfinite(moving), moving, 0.0).astype(np.float32)
+        te = time.perf_counter()
+        try:
+            m = rigid_register(t1, fixed_aff, moving, maff, rc)
+        except Exception as exc:  # noqa: BLE001 - elastix reports divergence as exceptions
+            raise PrepareError(f"{role}: registration failed ({str(exc).strip().splitlines()[-1][:160]})") from None
+        elastix_s += time.perf_counter() - te
+        native_sp = np.linalg.norm(fixed_aff[:3, :3], axis=0)
+        before, _ = resample(moving, maff, t1.shape, fixed_aff, footprint_mm=native_sp)
+        after, cover = resample(moving, maff, t1.shape, fixed_aff, transform=m, footprint_mm=native_sp)
+        rot = rotation_deg(m)
+        shift = float(np.linalg.norm((m @ centre)[:3] - centre[:3]))
+        mi0, mi1 = mutual_information(t1, before, brain), mutual_information(t1, after, brain)
+        coverage = float((cover[brain > 0] > 0.5).mean())
+        r = {"rotation_deg": round(rot, 3), "translation_mm": round(shift, 3), "mi_before": round(mi0, 4),
+             "mi_after": round(mi1, 4), "brain_coverage": round(coverage, 4), "elastix_s": round(time.perf_counter() - te, 3),
+             "matrix_fixed_to_moving": np.round(m, 6).tolist()}
+        if truth_brain is not None:
+            err = _phantom_error(attrs, role, fixed_aff, truth_brain, m)
+            if err is not None:
+                r["error_mm"] = round(err, 3)
+        reg_report[role] = r
+        why = []
+        if rot > rc["max_rotation_deg"]:
+            why.append(f"rotation {rot:.1f} deg > {rc['max_rotation_deg']}")
+        if shift > rc["max_translation_mm"]:
+            why.append(f"shift {shift:.1f} mm > {rc['max_translation_mm']}")
+        if not (mi1 - mi0 >= rc["min_mi_gain"]):
+            why.append(f"mutual information fell from {mi0:.3f} to {mi1:.3f}")
+        if coverage < rc["min_coverage"]:
+            why.append(f"the series covers {100 * coverage:.0f}% of the brain (< {100 * rc['min_coverage']:.0f}%)")
+        if why:
+            out["registration"] = reg_report
+            raise PrepareError(f"{role}: registration failed the quality gate: {'; '.join(why)}")
+        figure_rows.append((role, before, after))
+        # the MRF slice is a 5 mm slab: average the thin mpMRI slices across it (box profile)
+        targets[role], _ = resample(moving, maff, pshape, paff, transform=m)
+    out["registration"] = reg_report
+    errs = [r["error_mm"] for r in reg_report.values() if "error_mm" in r]
+    if errs:
+        out["registration_error_mm"] = round(float(np.mean(errs)), 3)
+    out["elastix_s"] = round(elastix_s, 3)
+
+    pct = cfg["normalise"]["percentiles"]
+    arrays, scale = {}, {}
+    inputs = []
+    for name, vol in (("mrf_t1", t1), ("mrf_t2", t2)):
+        v, _ = resample(vol, fixed_aff, pshape, paff, footprint_mm=inplane)
+        lo, hi = percentile_scale(v, pbrain, pct)
+        if not hi > lo:
+            raise PrepareError(f"{name}: constant inside the brain ({lo:g}): nothing to learn from")
+        scale[name] = {"lo": lo, "hi": hi, "units": "ms"}
+        inputs.append(apply_scale(v, lo, hi, pbrain))
+    for role, v in targets.items():
+        lo, hi = percentile_scale(v, pbrain, pct)
+        if not hi > lo:
+            raise PrepareError(f"{role}: constant inside the brain after registration ({lo:g})")
+        scale[role] = {"lo": lo, "hi": hi, "units": raw.attrs_of(role).get("units", "scanner")}
+        arrays[role] = (apply_scale(v, lo, hi, pbrain), {"role": role, "affine_lps": np.round(paff, 6).tolist()})
+    arrays["input"] = (np.stack(inputs), {"role": "input", "channels": ["mrf_t1", "mrf_t2"],
+                                          "affine_lps": np.round(paff, 6).tolist()})
+    arrays["brain"] = (pbrain.astype(np.uint8), {"role": "brain", "affine_lps": np.round(paff, 6).tolist()})
+    if truth_brain is not None and truth_brain.shape == t1.shape:
+        for name in ("brain", "labels"):
+            v, _ = resample(raw.read(name).astype(np.float32), fixed_aff, pshape, paff, footprint_mm=[0, 0, 0], order=0)
+            arrays[f"truth_{name}"] = (v.astype(np.uint8), {"role": f"truth_{name}", "affine_lps": np.round(paff, 6).tolist()})
+    if "brain_dice" in out:
+        out["brain_dice_prepared"] = round(dice(pbrain, arrays["truth_brain"][0]), 4)
+
+    inversion = {"native_shape": list(t1.shape), "native_affine_lps": np.round(fixed_aff, 6).tolist(),
+                 "prepared_affine_lps": np.round(paff, 6).tolist()}
+    group = {k: attrs[k] for k in ("site", "subject", "patient", "cohort") if k in attrs}
+    group.update(split=task.split, profile_image_size=int(cfg["image_size"]), prepare_version=PREPARE_VERSION,
+                 prepare_digest=task.digest, raw_content_hash=raw.content_hash(), inversion=inversion, scale=scale,
+                 targets=list(cfg["targets"]),
+                 prepare_report={k: v for k, v in out.items() if k != "native_shape"})
+    if task.figure:
+        _figure(Path(task.figure), task.subject, t1, figure_rows, brain)
+        out["figure"] = task.figure
+    group["prepare_report"] = {k: v for k, v in out.items() if k != "native_shape"}
+    write_exam_store(Path(task.dst), arrays, group)
+    return out
+
+
+def _figure(path: Path, subject: str, fixed: np.ndarray, rows, brain: np.ndarray) -> None:
+    """Registration QA: per series, the MRF T1 brain outline over the series before and after."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    z = int(np.argmax(brain.sum((1, 2))))
+    fig, axes = plt.subplots(2, max(1, len(rows)), figsize=(2.2 * max(1, len(rows)), 4.6), squeeze=False)
+    for j, (role, before, after) in enumerate(rows):
+        for i, (img, name) in enumerate(((before, "before"), (after, "after"))):
+            ax = axes[i, j]
+            sl = img[z]
+            ax.imshow(sl, cmap="gray", vmin=0, vmax=float(np.percentile(sl, 99.5)) or 1.0)
+            ax.contour(brain[z], levels=[0.5], colors="tab:red", linewidths=0.6)
+            ax.set_title(f"{role} {name}", fontsize=8)
+            ax.axis("off")
+    fig.suptitle(f"{subject}: MRF brain outline over each series", fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def _code_hash() -> str:
+    """The prepare code itself: a changed method must never reuse a store the old one made."""
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(here.glob("*.py")) + [here.parent / "store.py"]:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def _digest(raw_hash: str, cfg: dict, split: str) -> str:
+    h = hashlib.sha256()
+    h.update(f"prepare {PREPARE_VERSION} {_code_hash()}\n{raw_hash}\n{split}\n".encode())
+    h.update(json.dumps(cfg, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _run_one(args):
+    return prepare_exam(*args)
+
+
+def prepare(src: Path, dst: Path, report: Path, params: dict, jobs: int | None = None,
+            figures: Path | None = None, progress=None) -> dict:
+    """Prepare every exam store under ``src`` (``<site>/<subject>.zarr``) into ``dst``; write ``report``."""
+    from ingest.store import open_store
+
+    src, dst, report = Path(src), Path(dst), Path(report)
+    cfg = config(params)
+    if not src.is_dir():
+        raise PrepareError(f"{src}: input folder of raw stores does not exist")
+    raws = sorted(p for p in src.glob("*/*.zarr") if p.is_dir())
+    exams, found = [], {}
+    problems = {}
+    for p in raws:
+        try:
+            st = open_store(p)
+            a = st.attrs
+            key = (str(a.get("site") or p.parent.name), str(a.get("subject") or p.stem))
+            found[key] = (p, st.content_hash())
+            exams.append((*key, str(a.get("cohort", ""))))
+        except Exception as exc:  # noqa: BLE001
+            problems[f"{p.parent.name}/{p.stem}"] = f"{p}: not a readable exam store ({exc})"
+    splits = assign_splits(exams, cfg)
+    previous = _previous(report)
+    tasks, entries = [], {}
+    for (site, subject), (p, raw_hash) in sorted(found.items()):
+        split = splits[(site, subject)]
+        digest = _digest(raw_hash, cfg, split)
+        out = dst / site / f"{subject}.zarr"
+        fig = str(figures / site / f"{subject}.png") if figures else ""
+        # reuse: the store itself says what it was made from (DVC deletes the report before
+        # a run, but keeps the persisted stores); an excluded exam has no store, so the last
+        # report is the only memory of it, when there is one
+        old = _store_entry(out, digest)
+        if old is not None and fig and (old.get("figure") != fig or not Path(fig).exists()):
+            old = None  # the QA figure is missing or elsewhere: make it again
+        if old is None:
+            prev = previous.get(f"{site}/{subject}")
+            old = prev if prev and prev.get("digest") == digest and prev.get("status") == "excluded" else None
+        if old is not None:
+            entries[f"{site}/{subject}"] = {**old, "reused": True}
+            if progress:
+                progress(old)
+            continue
+        tasks.append(ExamTask(str(p), str(out), site, subject, split, digest, fig))
+    workers = max(1, min(jobs or os.cpu_count() or 1, len(tasks) or 1))
+    args = [(t, cfg) for t in tasks]
+    if workers == 1:
+        results = []
+        for a in args:
+            results.append(_run_one(a))
+            if progress:
+                progress(results[-1])
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = []
+            for res in pool.map(_run_one, args):
+                results.append(res)
+                if progress:
+                    progress(res)
+    for r in results:
+        entries[f"{r['site']}/{r['subject']}"] = {**r, "reused": False}
+    for key, why in problems.items():
+        entries[key] = {"status": "excluded", "reason": why}
+    # prepared stores whose raw exam is gone are outputs of nothing: remove them
+    keep = {f"{s}/{j}" for (s, j) in found}
+    for p in sorted(dst.glob("*/*.zarr")) if dst.is_dir() else []:
+        if f"{p.parent.name}/{p.stem}" not in keep:
+            _remove_store(p)
+    rep = _summary(entries, cfg, params)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    tmp = report.with_name(f".{report.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(rep, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, report)
+    return rep
+
+
+def _store_entry(path: Path, digest: str) -> dict | None:
+    """The report entry of a prepared store made from exactly these inputs, else None."""
+    try:
+        a = json.loads((path / "zarr.json").read_text())["attributes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if a.get("prepare_digest") != digest or a.get("prepare_version") != PREPARE_VERSION:
+        return None
+    return {"site": a.get("site"), "subject": a.get("subject"), "split": a.get("split"), "digest": digest,
+            "status": "prepared", "native_shape": a["inversion"]["native_shape"], **a.get("prepare_report", {})}
+
+
+def _previous(report: Path) -> dict:
+    try:
+        return json.loads(report.read_text()).get("exams", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _summary(entries: dict, cfg: dict, params: dict) -> dict:
+    prepared = {k: v for k, v in entries.items() if v.get("status") == "prepared"}
+    excluded = {k: v.get("reason", "") for k, v in entries.items() if v.get("status") != "prepared"}
+    splits: dict[str, dict[str, int]] = {}
+    for v in prepared.values():
+        splits.setdefault(v["site"], {}).setdefault(v["split"], 0)
+        splits[v["site"]][v["split"]] += 1
+
+    def mean(key):
+        vals = [v[key] for v in prepared.values() if key in v]
+        return round(float(np.mean(vals)), 4) if vals else None
+
+    def worst(key):
+        vals = [v[key] for v in prepared.values() if key in v]
+        return round(float(np.max(vals)), 4) if vals else None
+
+    secs = [v["seconds"] for v in prepared.values() if not v.get("reused") and "seconds" in v]
+    el = [v["elastix_s"] for v in prepared.values() if not v.get("reused") and "elastix_s" in v]
+    return {
+        "profile": params.get("profile"), "image_size": int(cfg["image_size"]), "prepare_version": PREPARE_VERSION,
+        "exams": entries, "excluded": excluded,
+        "summary": {"exams": len(entries), "prepared": len(prepared), "excluded": len(excluded), "splits": splits,
+                    "brain_dice_mean": mean("brain_dice"), "brain_dice_min": (round(float(min(v["brain_dice"] for v in prepared.values() if "brain_dice" in v)), 4) if any("brain_dice" in v for v in prepared.values()) else None),
+                    "registration_error_mm_mean": mean("registration_error_mm"),
+                    "registration_error_mm_max": worst("registration_error_mm"),
+                    "seconds_per_exam": round(float(np.mean(secs)), 3) if secs else None,
+                    "elastix_share": round(float(np.sum(el) / np.sum(secs)), 3) if secs and np.sum(secs) > 0 else None},
+    }

@@ -1,0 +1,216 @@
+"""The prepare stage on phantom exams: registration, brain mask, inversion, bad input, splits."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ingest.prepare.grid import resample, standard_grid, to_native
+from ingest.prepare.service import ExamTask, assign_splits, config, prepare, prepare_exam
+from ingest.store import open_store, write_exam_store
+
+CFG = config({"prepare": {"image_size": 64}, "seed": 0})
+
+
+def rot(axis: str, deg: float) -> np.ndarray:
+    c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
+    i, j = {"x": (1, 2), "y": (0, 2), "z": (0, 1)}[axis]
+    m = np.eye(4)
+    m[i, i] = m[j, j] = c
+    m[i, j], m[j, i] = -s, s
+    return m
+
+
+def copy_store(src: Path, dst: Path, edit=None) -> Path:
+    """A raw store copy, optionally with arrays/attrs changed by edit(arrays, group_attrs)."""
+    st = open_store(src)
+    arrays = {r: (st.read(r), {k: v for k, v in st.attrs_of(r).items() if k != "sha256"}) for r in st.roles}
+    group = {k: v for k, v in st.attrs.items() if k != "schema_version"}
+    if edit:
+        edit(arrays, group)
+    write_exam_store(dst, arrays, group)
+    return dst
+
+
+def run_exam(raw: Path, tmp: Path, name: str = "x") -> dict:
+    task = ExamTask(str(raw), str(tmp / "prep" / f"{name}.zarr"), "site-A", name, "train", "d", "")
+    return prepare_exam(task, CFG)
+
+
+@pytest.fixture(scope="module")
+def prepared_pair(raw_pair, tmp_path_factory):
+    """Both phantom exams through the whole stage (report, stores, figures)."""
+    root = tmp_path_factory.mktemp("prep")
+    src = root / "raw"
+    for site, p in raw_pair.items():
+        shutil.copytree(p, src / site / p.name)
+    rep = prepare(src, root / "prepared", root / "prepare.json", {"prepare": {"image_size": 64}, "seed": 0,
+                                                                   "profile": "demo"}, jobs=2, figures=root / "fig")
+    return root, rep
+
+
+def test_stage_prepares_both_sites(prepared_pair):
+    root, rep = prepared_pair
+    assert rep["summary"]["prepared"] == 2, rep["excluded"]
+    for key, e in rep["exams"].items():
+        assert e["status"] == "prepared"
+        # registration recovers the simulator's between-series motion, and the mask the brain
+        assert e["registration_error_mm"] < 1.0, (key, e["registration"])
+        assert all(r["error_mm"] < 1.0 for r in e["registration"].values())
+        assert e["brain_dice"] >= 0.95
+        assert Path(e["figure"]).stat().st_size > 1000
+        st = open_store(root / "prepared" / f"{key}.zarr")
+        assert st.array("input").shape[:2] == (2, e["native_shape"][0])
+        assert st.array("input").shape[-2:] == (64, 64)
+        for role in ("t1w", "t2w", "t1flair", "t2flair", "swi"):
+            v = st.read(role)
+            assert v.shape == st.array("brain").shape and 0 <= v.min() and v.max() <= 1
+            assert (v[st.read("brain") == 0] == 0).all()
+        assert st.attrs["split"] == e["split"] and "inversion" in st.attrs and "scale" in st.attrs
+    # the report is the DVC metrics file: plain JSON with the summary numbers
+    assert json.loads((root / "prepare.json").read_text())["summary"]["brain_dice_mean"] >= 0.95
+
+
+def test_rerun_reuses_unchanged_exams(prepared_pair):
+    root, rep = prepared_pair
+    before = {p: p.stat().st_mtime_ns for p in (root / "prepared").rglob("*") if p.is_file()}
+    params = {"prepare": {"image_size": 64}, "seed": 0, "profile": "demo"}
+    (root / "prepare.json").unlink()  # as DVC does before it runs a stage: the stores alone remember
+    again = prepare(root / "raw", root / "prepared", root / "prepare.json", params, jobs=1, figures=root / "fig")
+    assert all(e["reused"] for e in again["exams"].values())
+    assert again["summary"]["brain_dice_mean"] == rep["summary"]["brain_dice_mean"]
+    assert all(e["figure"] == rep["exams"][k]["figure"] for k, e in again["exams"].items())
+    assert {p: p.stat().st_mtime_ns for p in (root / "prepared").rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("axis", ["x", "z"])
+def test_registration_recovers_known_misalignment(raw_pair, tmp_path, axis):
+    """The subject moves 10 degrees and 10 mm before the T1w series: recovered within 1 mm."""
+    move = rot(axis, 10.0)
+    move[:3, 3] = [10.0 / math.sqrt(3)] * 3
+
+    def edit(arrays, group):
+        vol, a = arrays["t1w"]
+        a["affine_lps"] = (move @ np.asarray(a["affine_lps"])).tolist()
+        pose = group["phantom_truth"]["series"]["t1w"]
+        pose["pose_head_to_lps"] = (move @ np.asarray(pose["pose_head_to_lps"])).tolist()
+
+    raw = copy_store(raw_pair["site-A"], tmp_path / "moved.zarr", edit)
+    e = run_exam(raw, tmp_path)
+    assert e["status"] == "prepared", e.get("reason")
+    r = e["registration"]["t1w"]
+    assert r["rotation_deg"] > 8.0  # it really had to move
+    assert r["error_mm"] < 1.0, r
+
+
+def test_registration_is_deterministic(raw_pair, tmp_path):
+    from ingest.prepare.register import rigid_register
+
+    st = open_store(raw_pair["site-B"])
+    args = (st.read("mrf_t1"), st.attrs_of("mrf_t1")["affine_lps"], st.read("t2w"), st.attrs_of("t2w")["affine_lps"],
+            CFG["registration"])
+    assert np.array_equal(rigid_register(*args), rigid_register(*args))
+
+
+def test_inversion_round_trip(prepared_pair, raw_pair):
+    root, rep = prepared_pair
+    key = next(k for k in rep["exams"] if k.startswith("site-B"))  # 55 x 55 native -> 64 x 64
+    st = open_store(root / "prepared" / f"{key}.zarr")
+    raw = open_store(raw_pair["site-B"])
+    inv, scale = st.attrs["inversion"], st.attrs["scale"]
+    t1_back, aff = to_native(st.read("input")[0], inv, scale["mrf_t1"])
+    native = raw.read("mrf_t1")
+    assert t1_back.shape == native.shape
+    assert np.array_equal(np.round(aff, 6), np.round(np.asarray(raw.attrs_of("mrf_t1")["affine_lps"]), 6))
+    # inside the brain (away from its edge, where the mask cuts), within the interpolation error
+    from scipy import ndimage as ndi
+
+    core = ndi.binary_erosion(raw.read("brain") > 0, iterations=2)
+    lo, hi = scale["mrf_t1"]["lo"], scale["mrf_t1"]["hi"]
+    inside = core & (native > lo) & (native < hi)
+    err = np.abs(t1_back[inside] - native[inside])
+    assert np.median(err) < 0.05 * (hi - lo), np.median(err)
+
+
+def test_slab_average_is_not_a_point_sample():
+    """A 1 mm stripe pattern through a 5 mm slice averages out; a point sample would not."""
+    fine = np.zeros((50, 8, 8), np.float32)
+    fine[::2] = 1.0                                       # alternating 1 mm slices
+    fine_aff = np.eye(4)
+    out_aff = np.diag([5.0, 1.0, 1.0, 1.0])
+    out_aff[0, 3] = 12.0
+    v, cover = resample(fine, fine_aff, (5, 8, 8), out_aff)
+    assert np.allclose(v[1:4], 0.5, atol=0.11) and cover[1:4].min() == 1.0
+    shape, aff = standard_grid((5, 55, 55), out_aff, 64)
+    assert shape == (5, 64, 64)
+    # the prepared grid covers the same field of view: its pixel edges meet the native ones
+    assert np.allclose(aff @ [0, -0.5, -0.5, 1], out_aff @ [0, -0.5, -0.5, 1])
+    assert np.allclose(aff @ [0, 63.5, 63.5, 1], out_aff @ [0, 54.5, 54.5, 1])
+
+
+@pytest.mark.parametrize("case", ["missing_role", "nan_map", "negative_map", "diverged", "empty_brain"])
+def test_bad_exams_are_excluded_with_a_reason(raw_pair, tmp_path, case):
+    def edit(arrays, group):
+        if case == "missing_role":
+            del arrays["t2flair"]
+        elif case == "nan_map":
+            arrays["mrf_t2"][0][:] = np.nan
+        elif case == "negative_map":
+            arrays["mrf_t1"] = (-np.abs(arrays["mrf_t1"][0]) - 1, arrays["mrf_t1"][1])
+        elif case == "diverged":
+            vol, a = arrays["swi"]
+            arrays["swi"] = (np.random.default_rng(0).random(vol.shape).astype(np.float32), a)
+        elif case == "empty_brain":
+            arrays["mrf_t1"] = (np.minimum(arrays["mrf_t1"][0], 500.0), arrays["mrf_t1"][1])
+
+    raw = copy_store(raw_pair["site-A"], tmp_path / "bad.zarr", edit)
+    e = run_exam(raw, tmp_path)
+    assert e["status"] == "excluded"
+    expect = {"missing_role": "missing role(s) t2flair", "nan_map": "mrf_t2: 100% of voxels are NaN",
+              "negative_map": "mrf_t1: 100% of voxels are negative", "diverged": "swi: registration",
+              "empty_brain": "brain mask empty"}[case]
+    assert expect in e["reason"], e["reason"]
+    assert "\n" not in e["reason"]
+    assert not (tmp_path / "prep" / "x.zarr").exists()
+
+
+def test_cli_strict_and_the_others_still_prepared(raw_pair, tmp_path):
+    src = tmp_path / "raw"
+    shutil.copytree(raw_pair["site-B"], src / "site-B" / raw_pair["site-B"].name)
+    copy_store(raw_pair["site-A"], src / "site-A" / "sub-broken.zarr",
+               lambda arrays, group: arrays.pop("t1w"))
+    params = tmp_path / "params.yaml"
+    params.write_text("profile: demo\nseed: 0\ndemo:\n  prepare:\n    image_size: 32\n")
+    cmd = [sys.executable, "-m", "ingest", "prepare", str(src), str(tmp_path / "out"), "--report",
+           str(tmp_path / "r.json"), "--figures", str(tmp_path / "fig"), "--params", str(params), "--jobs", "1"]
+    res = subprocess.run(cmd + ["--strict"], capture_output=True, text=True)
+    assert res.returncode == 1
+    assert "excluded site-A/" in res.stderr and "missing role(s) t1w" in res.stderr
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["summary"]["prepared"] == 1 and rep["summary"]["excluded"] == 1
+    assert open_store(next((tmp_path / "out" / "site-B").glob("*.zarr"))).array("input").shape[-2:] == (32, 32)
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    bad = subprocess.run(cmd[:-2] + ["--profile", "nope"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "profile 'nope' not found" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_splits_follow_the_paper_proportions():
+    exams = [("site-A", f"sub-a{i:02d}", "healthy") for i in range(32)] + \
+            [("site-B", f"sub-b{i:02d}", "gbm") for i in range(18)]
+    s = assign_splits(exams, CFG)
+    count = lambda site, name: sum(1 for (st, _), v in s.items() if st == site and v == name)  # noqa: E731
+    assert count("site-A", "train") + count("site-A", "val") == 20 and count("site-A", "test") == 12
+    assert count("site-B", "finetune") + count("site-B", "val") == 9 and count("site-B", "test") == 9
+    assert count("site-A", "val") >= 1 and count("site-B", "val") >= 1
+    assert assign_splits(exams, CFG) == s
+    # excluding or adding exams of one site never re-deals the other site
+    s2 = assign_splits(exams[:32] + exams[33:], CFG)
+    assert all(s2[k] == v for k, v in s.items() if k[0] == "site-A")

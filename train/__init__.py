@@ -1,0 +1,1 @@
+"""Training: data loading over prepared stores, models, Ray Train loops, model registry."""
