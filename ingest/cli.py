@@ -99,6 +99,8 @@ def ingest(
     sites: Optional[Path] = typer.Option(None, "--sites", help="Extra site files (*.yaml) besides the built-in ones."),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Exams in parallel (default: CPU count)."),
     strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any file is quarantined."),
+    prune: bool = typer.Option(False, "--prune", help="Delete stores under DST whose exams are no longer in SRC "
+                               "(DST then mirrors SRC, as a DVC stage output should)."),
 ):
     """DICOM tree -> de-identified, versioned Zarr stores and a manifest with one row per input file."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -113,13 +115,14 @@ def ingest(
             prog.update(bar, advance=1)
 
         summary = _run("ingest", run, src, dst, manifest=manifest, sites_dir=sites, jobs=jobs, strict=strict,
-                       progress=tick)
+                       progress=tick, prune=prune)
     if summary["key_source"] == "development-key":
         typer.echo("qsnet ingest: warning: pseudonyms use the built-in development key; set "
                    "QSNET_PSEUDONYM_KEY before ingesting real patient data", err=True)
     typer.echo(f"{summary['exams']} exams: {summary['written']} written, {summary['unchanged']} unchanged, "
                f"{summary['no_store']} without a store; {summary['files']} files: {summary['ingested']} ingested, "
-               f"{summary['quarantined']} quarantined, {summary['ignored']} ignored; manifest {summary['manifest']}")
+               f"{summary['quarantined']} quarantined, {summary['ignored']} ignored; manifest {summary['manifest']}"
+               + (f"; {summary['pruned']} store(s) of removed exams deleted" if summary.get("pruned") else ""))
     if summary.get("strict_failed"):
         fail("ingest", f"{summary['quarantined']} file(s) quarantined (--strict); see {summary['manifest']}")
 

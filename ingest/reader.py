@@ -726,6 +726,11 @@ def _meta(ds, frames_used: list[_Frame], kind: str, ts_list: list[str], n_files:
 # --------------------------------------------------------------------------- read_series
 
 def _read_file(p: Path):
+    from ingest.dicomlite import read_lite
+
+    ds = read_lite(p)  # healthy classic files; everything else through pydicom
+    if ds is not None:
+        return ds
     try:
         return pydicom.dcmread(p, force=False)
     except FileNotFoundError:

@@ -29,6 +29,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from ingest.dicomlite import read_lite
 from ingest.reader import _f, _find, _i, acquisition_fields  # one parser for DICOM numbers (DS/IS, multi-valued, blank)
 
 __all__ = ["FileInfo", "SeriesGroup", "scan", "group_series", "is_image_sop_class"]
@@ -190,6 +191,14 @@ def _read_header(path: Path, size: int) -> tuple[FileInfo | None, str]:
     """(FileInfo, "") for a DICOM image file, else (None, reason)."""
     if size == 0:
         return None, "empty file (0 bytes): incomplete copy?"
+    ds = read_lite(path)
+    if ds is not None:  # a healthy classic file (complete pixel data): the fast path
+        sop_class = _s(ds, "SOPClassUID") or str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
+        if not is_image_sop_class(sop_class):
+            return None, f"not an image ({UID(sop_class).name}): no pixel data to ingest"
+        if not _s(ds, "SeriesInstanceUID"):
+            return None, "DICOM file without SeriesInstanceUID: cannot tell which series it belongs to"
+        return header_summary(ds, path, size), ""
     try:
         with open(path, "rb") as fh:
             ds = pydicom.dcmread(fh, stop_before_pixels=True, force=False)
@@ -234,7 +243,7 @@ def _read_header(path: Path, size: int) -> tuple[FileInfo | None, str]:
 
 # ------------------------------------------------------------------------------- scan
 
-def scan(root, jobs: int = 1) -> tuple[list[FileInfo], list[tuple[Path, str]]]:
+def scan(root, jobs: int = 1, pool=None) -> tuple[list[FileInfo], list[tuple[Path, str]]]:
     """Walk ``root``; header summaries of DICOM image files, and (path, reason) for the rest.
 
     Symlinked folders are followed once: a link to a folder that is one of its own
@@ -293,14 +302,19 @@ def scan(root, jobs: int = 1) -> tuple[list[FileInfo], list[tuple[Path, str]]]:
 
     found: list[Path] = []
     walk(root, ())
-    if jobs > 1 and len(found) > 256:
+    if (jobs > 1 or pool is not None) and len(found) > 256:
         from concurrent.futures import ProcessPoolExecutor
 
         chunks = [found[i:i + 128] for i in range(0, len(found), 128)]
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
+        own = pool is None
+        pool = ProcessPoolExecutor(max_workers=jobs) if own else pool
+        try:
             for ch_infos, ch_problems in pool.map(_scan_chunk, chunks):
                 infos.extend(ch_infos)
                 problems.extend(ch_problems)
+        finally:
+            if own:
+                pool.shutdown()
     else:
         _scan_files(found, infos, problems)
     return infos, problems

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,11 +77,11 @@ def load_sites(sites_dir: Path | None) -> dict[str, dict]:
 
 # ---------------------------------------------------------------- planning
 
-def plan_exams(src: Path, sites: dict[str, dict], jobs: int = 1):
+def plan_exams(src: Path, sites: dict[str, dict], jobs: int = 1, pool=None):
     """Scan SRC once: DICOM files grouped into exams (site, study), plus rows for the rest."""
     from ingest.series import scan
 
-    infos, problems = scan(src, jobs=jobs)
+    infos, problems = scan(src, jobs=jobs, pool=pool)
     rows = []
     exams: dict[tuple[str, str], ExamJob] = {}
 
@@ -302,7 +303,7 @@ def ingest_exam(src: str, dst: str, job: ExamJob, site_cfg: dict, key: bytes, sp
 
 def ingest(src: Path, dst: Path, manifest: Path | None = None, sites_dir: Path | None = None,
            jobs: int | None = None, strict: bool = False, split_fractions: dict | None = None,
-           progress=None) -> dict:
+           progress=None, prune: bool = False) -> dict:
     from ingest.deid import load_key
     from ingest.manifest import Row, write_manifest
 
@@ -314,24 +315,36 @@ def ingest(src: Path, dst: Path, manifest: Path | None = None, sites_dir: Path |
     key, key_source = load_key()
     split_fractions = split_fractions or {"site-A": 20 / 32, "site-B": 9 / 18}
     workers = max(1, jobs or os.cpu_count() or 1)
-    exam_jobs, rows = plan_exams(src, sites, jobs=workers)
-    previous = _previous_rows(manifest)
-    dst.mkdir(parents=True, exist_ok=True)
-    results = []
-    n = max(1, min(workers, len(exam_jobs) or 1))
-    args = [(str(src), str(dst), j, sites[j.site], key, split_fractions,
-             [previous[r] for r in j.files + j.truth if r in previous]) for j in exam_jobs]
-    if n == 1:
-        for a in args:
-            results.append(_guarded(*a))
-            if progress:
-                progress(results[-1])
-    else:
-        with ProcessPoolExecutor(max_workers=n) as pool:
+    # one pool for the header scan and the exams: worker start-up is paid once, and the
+    # modules the workers need are imported before the fork, not once per worker
+    import ingest.reader  # noqa: F401
+    import ingest.store  # noqa: F401
+
+    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
+    try:
+        exam_jobs, rows = plan_exams(src, sites, jobs=workers, pool=pool)
+        # largest exams first, so no worker is left with a big one at the end (the manifest
+        # is sorted by path, so the order changes nothing in the output)
+        exam_jobs.sort(key=lambda j: -sum(i.size for i in j.infos))
+        previous = _previous_rows(manifest)
+        dst.mkdir(parents=True, exist_ok=True)
+        results = []
+        args = [(str(src), str(dst), j, sites[j.site], key, split_fractions,
+                 [previous[r] for r in j.files + j.truth if r in previous]) for j in exam_jobs]
+        if pool is None or len(exam_jobs) < 2:
+            for a in args:
+                results.append(_guarded(*a))
+                if progress:
+                    progress(results[-1])
+        else:
             for res in pool.map(_guarded_star, args):
                 results.append(res)
                 if progress:
                     progress(res)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    pruned = _prune(dst, {r["store"] for r in results if r.get("store")}) if prune else []
     for res in results:
         rows.extend(Row(**r) for r in res["rows"])
     write_manifest(manifest, rows)
@@ -339,10 +352,24 @@ def ingest(src: Path, dst: Path, manifest: Path | None = None, sites_dir: Path |
     summary = {"exams": len(exam_jobs), "written": sum(r["status"] == "written" for r in results),
                "unchanged": sum(r["status"] == "unchanged" for r in results),
                "no_store": sum(r["status"] == "no-store" for r in results),
-               "files": len(rows), **counts, "manifest": str(manifest), "key_source": key_source}
+               "files": len(rows), **counts, "manifest": str(manifest), "key_source": key_source,
+               "pruned": len(pruned)}
     if strict and counts["quarantined"]:
         summary["strict_failed"] = True
     return summary
+
+
+def _prune(dst: Path, keep: set[str]) -> list[Path]:
+    """Remove the stores under DST that this run did not write or keep (their exams left the
+    input). Only qsnet exam stores are touched; a crash midway leaves whole stores or none."""
+    from ingest.store import _looks_like_qsnet_store
+
+    gone = []
+    for p in sorted(dst.glob("*/*.zarr")):
+        if str(p.relative_to(dst)) not in keep and p.is_dir() and _looks_like_qsnet_store(p):
+            shutil.rmtree(p)
+            gone.append(p)
+    return gone
 
 
 def _previous_rows(manifest: Path) -> dict[str, dict]:

@@ -238,3 +238,10 @@ def test_adding_an_exam_writes_only_its_store(demo_tree, tmp_path):
     assert len(after) == 3
     assert all(after[p] == v for p, v in before.items())
     assert len(manifest_rows(tmp_path / "m.csv")) == len(input_files(src))
+    # removing an exam: --prune deletes its store, and only with --prune
+    shutil.rmtree(src / "site-B" / "sub-B02")
+    res = qsnet("ingest", str(src), str(dst), "--manifest", str(tmp_path / "m.csv"))
+    assert res.returncode == 0 and len(list(dst.rglob("*.zarr"))) == 3
+    res = qsnet("ingest", str(src), str(dst), "--manifest", str(tmp_path / "m.csv"), "--prune")
+    assert res.returncode == 0 and "1 store(s) of removed exams deleted" in res.stdout, res.stdout
+    assert set(dst.rglob("*.zarr")) == set(before)

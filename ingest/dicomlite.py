@@ -1,0 +1,369 @@
+"""A fast path for the commonest DICOM file: classic single-frame, uncompressed little endian.
+
+pydicom builds a Python object per element and converts values through several layers; on
+a folder of small MR slices that costs more per file than dcm2niix's whole conversion. This
+module parses such a file in one pass over its bytes (element headers only; values are
+converted when asked for) and offers the part of pydicom's ``Dataset`` interface that
+:mod:`ingest.reader` and :mod:`ingest.series` use: ``get``, ``in``, attribute access,
+``get_item``, ``private_block``, ``file_meta`` and ``pixel_array``, with the same value types
+(float for DS, int for IS, str for text, lists for several values, a list of datasets for a
+sequence, an element with ``.value`` when asked by tag).
+
+It declines (returns None) anything outside that case, and then the caller reads the file with
+pydicom as before: no 'DICM' preamble, a transfer syntax other than implicit or explicit VR
+little endian, a character set other than ASCII, Latin-1 or UTF-8, functional groups (enhanced
+multi-frame), more than one frame, mosaics, float pixel data, colour, missing or short pixel
+data, anything malformed. So every unusual or broken file still goes through pydicom, with its
+messages; tests check that both paths give identical arrays, geometry and metadata.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from pydicom.datadict import dictionary_VR, private_dictionary_VR, tag_for_keyword
+
+__all__ = ["read_lite", "LiteDataset"]
+
+IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+PIXEL_DATA = 0x7FE00010
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
+_LONG_VR_NAMES = {v.decode() for v in _LONG_VRS}
+_VR_NAMES = {v.encode(): v for v in (
+    "AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV"
+).split()}
+_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+_MULTI_TEXT = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH", "TM", "UC", "UI"}
+_STRIP_BOTH = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"}
+_NUMERIC = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d", "SV": "q", "UV": "Q"}
+_CHARSETS = {"": "ascii", "ISO_IR 6": "ascii", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
+_FG = (0x52009229, 0x52009230)  # Shared / Per-frame Functional Groups Sequence
+
+
+class _Decline(Exception):
+    """Not the simple case: read this file with pydicom."""
+
+
+@lru_cache(maxsize=None)
+def _tag(key) -> int | None:
+    if isinstance(key, str):
+        return tag_for_keyword(key)
+    if isinstance(key, tuple):
+        return (key[0] << 16) | key[1]
+    return int(key)
+
+
+@lru_cache(maxsize=None)
+def _implicit_vr(tag: int) -> str:
+    if (tag & 0xFFFF) == 0 and tag >> 16 != 0x0002:
+        return "UL"  # group length
+    if (tag >> 16) & 1 and (tag & 0xFFFF) <= 0x00FF and (tag & 0xFFFF) >= 0x0010:
+        return "LO"  # private creator
+    try:
+        vr = dictionary_VR(tag)
+    except KeyError:
+        return "UN"
+    # ambiguous VRs: these files are little endian with pixel representation known later;
+    # the elements we read with such VRs (pixel data) are handled as raw bytes anyway
+    return {"US or SS": "US", "OB or OW": "OW", "US or OW": "US", "US or SS or OW": "US"}.get(vr, vr)
+
+
+class _Element:
+    __slots__ = ("tag", "VR", "length", "_ds")
+
+    def __init__(self, tag: int, vr: str, length: int, ds: "LiteDataset"):
+        self.tag, self.VR, self.length, self._ds = tag, vr, length, ds
+
+    @property
+    def value(self):
+        return self._ds._value(self.tag)
+
+
+class _PrivateBlock:
+    def __init__(self, ds: "LiteDataset", base: int):
+        self._ds, self._base = ds, base
+
+    def __getitem__(self, offset: int) -> _Element:
+        tag = self._base | (offset & 0xFF)
+        if tag not in self._ds._elems:
+            raise KeyError(tag)
+        return self._ds._element(tag)
+
+
+class LiteDataset:
+    def __init__(self, buf, elems: dict, encoding: str, file_meta: "LiteDataset | None" = None,
+                 implicit: bool = False):
+        self._buf = buf
+        self._implicit = implicit
+        self._elems = elems           # tag -> (VR, value offset, length) or (VR "SQ", items, length)
+        self._enc = encoding
+        self._cache: dict[int, object] = {}
+        self.file_meta = file_meta
+
+    # -- pydicom Dataset interface (the part our reader uses)
+    def __contains__(self, key) -> bool:
+        t = _tag(key)
+        return t is not None and t in self._elems
+
+    def get(self, key, default=None):
+        t = _tag(key)
+        if t is None or t not in self._elems:
+            return default
+        if not isinstance(key, str):  # by tag: pydicom gives the element
+            return self._element(t)
+        return self._value(t)
+
+    def __getattr__(self, name: str):
+        if name.startswith("_") or not name[:1].isupper():
+            raise AttributeError(name)
+        t = _tag(name)
+        if t is None or t not in self._elems:
+            raise AttributeError(name)
+        return self._value(t)
+
+    def __getitem__(self, key):
+        t = _tag(key)
+        if t is None or t not in self._elems:
+            raise KeyError(key)
+        return self._element(t)
+
+    def get_item(self, key) -> _Element:
+        return self[key]
+
+    def private_block(self, group: int, creator: str) -> _PrivateBlock:
+        for el in range(0x10, 0x100):
+            t = (group << 16) | el
+            if t in self._elems and str(self._value(t) or "").strip() == creator:
+                return _PrivateBlock(self, (group << 16) | (el << 8))
+        raise KeyError(f"private creator {creator!r} not in group {group:04X}")
+
+    @property
+    def pixel_array(self) -> np.ndarray:
+        rows, cols = int(self._value(0x00280010)), int(self._value(0x00280011))
+        bits = int(self._value(0x00280100))
+        stored = int(self._value(0x00280101) or bits)
+        signed = int(self._value(0x00280103) or 0) == 1
+        _, off, length = self._elems[PIXEL_DATA]
+        dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+        arr = np.frombuffer(self._buf, dtype=dtype, count=rows * cols, offset=off).reshape(rows, cols)
+        if stored < bits:  # as pydicom: mask the unused high bits, sign-extend from the high bit
+            if signed:
+                shift = bits - stored
+                arr = (arr << shift) >> shift
+            else:
+                arr = arr & ((1 << stored) - 1)
+        return arr
+
+    # -- internals
+    def _element(self, t: int) -> _Element:
+        e = self._elems[t]
+        return _Element(t, e[0], e[2], self)
+
+    def _value(self, t: int):
+        if t in self._cache:
+            return self._cache[t]
+        vr, off, length = self._elems[t]
+        if t == PIXEL_DATA:
+            return memoryview(self._buf)[off:off + length]  # no copy: only its length is asked for
+        if vr == "UN" and self._implicit and (t >> 16) & 1:
+            vr = self._private_vr(t)
+        v = self._convert(vr, off, length)
+        self._cache[t] = v
+        return v
+
+    def _private_vr(self, t: int) -> str:
+        """VR of a private element of an implicit-VR file, from pydicom's private dictionary
+        (as pydicom does), else UN (raw bytes)."""
+        creator_tag = (t & 0xFFFF0000) | ((t >> 8) & 0xFF)
+        if creator_tag not in self._elems or creator_tag == t:
+            return "UN"
+        try:
+            creator = str(self._value(creator_tag) or "").strip()
+            vr = private_dictionary_VR(t, creator)
+        except (KeyError, TypeError):
+            return "UN"
+        return vr if vr in _NUMERIC or vr in _MULTI_TEXT or vr in ("LT", "ST", "UT", "SQ") else "UN"
+
+    def _convert(self, vr: str, off, length: int):
+        if vr == "SQ":
+            return off  # the parsed items
+        raw = self._buf[off:off + length]
+        if vr in _NUMERIC:
+            fmt = _NUMERIC[vr]
+            n = length // struct.calcsize(fmt)
+            if n == 0:
+                return None
+            vals = struct.unpack_from(f"<{n}{fmt}", raw)
+            return vals[0] if n == 1 else list(vals)
+        if vr in ("OB", "OW", "OF", "OD", "OL", "OV", "UN", "AT"):
+            return bytes(raw)
+        text = bytes(raw).decode(self._enc if vr in ("LO", "SH", "PN", "LT", "ST", "UT", "UC") else "latin-1")
+        if vr in ("LT", "ST", "UT", "UR"):
+            return text.rstrip("\0 ")
+        parts = text.split("\\") if vr in _MULTI_TEXT else [text]
+        parts = [p.strip("\0 ") if vr in _STRIP_BOTH else p.rstrip("\0 ") for p in parts]
+        if vr in ("DS", "IS"):
+            if len(parts) == 1 and parts[0] == "":
+                return None
+            conv = []
+            for p in parts:
+                try:
+                    conv.append(float(p) if vr == "DS" else int(p))
+                except ValueError:
+                    conv.append(p)  # malformed number: the text, which the reader's parsers refuse
+            return conv[0] if len(conv) == 1 else conv
+        if len(parts) == 1:
+            return parts[0]
+        return parts
+
+
+def _parse(buf, pos: int, end: int, explicit: bool, top: bool, encoding: str, nested: int = 0):
+    """Elements from ``pos`` to ``end`` (or a delimiter): (elements, position after)."""
+    elems: dict[int, tuple] = {}
+    unpack = struct.unpack_from
+    nbuf = len(buf)
+    while pos < end:
+        if pos + 8 > nbuf:
+            raise _Decline
+        group, elem = unpack("<HH", buf, pos)
+        tag = (group << 16) | elem
+        if tag in (_ITEM_END, _SEQ_END):
+            return elems, pos  # caller handles the delimiter
+        if explicit:
+            vr = _VR_NAMES.get(buf[pos + 4:pos + 6])
+            if vr is None:
+                raise _Decline
+            if vr in _LONG_VR_NAMES:
+                if pos + 12 > nbuf:
+                    raise _Decline
+                length = unpack("<I", buf, pos + 8)[0]
+                pos += 12
+            else:
+                length = unpack("<H", buf, pos + 6)[0]
+                pos += 8
+        else:
+            length = unpack("<I", buf, pos + 4)[0]
+            pos += 8
+            vr = _implicit_vr(tag)
+        if tag == PIXEL_DATA and top:
+            if length == _UNDEFINED or pos + length > nbuf:
+                raise _Decline  # encapsulated or truncated: pydicom says which
+            elems[tag] = ("OW", pos, length)
+            return elems, pos + length
+        if vr == "SQ" or (length == _UNDEFINED and vr == "UN" and not explicit):
+            items, pos = _parse_items(buf, pos, length, explicit, encoding, nested)
+            elems[tag] = ("SQ", items, length)
+            continue
+        if length == _UNDEFINED or pos + length > nbuf:
+            raise _Decline
+        elems[tag] = (vr, pos, length)
+        pos += length
+    return elems, pos
+
+
+def _parse_items(buf, pos: int, length: int, explicit: bool, encoding: str, nested: int):
+    if nested > 8:
+        raise _Decline
+    end = len(buf) if length == _UNDEFINED else pos + length
+    if end > len(buf):
+        raise _Decline
+    items = []
+    unpack = struct.unpack_from
+    while pos < end:
+        if pos + 8 > len(buf):
+            raise _Decline
+        group, elem, ilen = unpack("<HHI", buf, pos)
+        tag = (group << 16) | elem
+        pos += 8
+        if tag == _SEQ_END:
+            return items, pos
+        if tag != _ITEM:
+            raise _Decline
+        iend = len(buf) if ilen == _UNDEFINED else pos + ilen
+        sub, pos = _parse(buf, pos, iend, explicit, False, encoding, nested + 1)
+        if ilen == _UNDEFINED:
+            if pos + 8 > len(buf) or unpack("<HH", buf, pos) != (0xFFFE, 0xE00D):
+                raise _Decline
+            pos += 8
+        items.append(LiteDataset(buf, sub, encoding, implicit=not explicit))
+    if length == _UNDEFINED:
+        raise _Decline  # no sequence delimiter before the end of the file
+    return items, pos
+
+
+def enabled() -> bool:
+    """QSNET_DICOM_FASTPATH=0 sends every file through pydicom (an escape hatch, and the
+    reference the equivalence tests compare with)."""
+    return os.environ.get("QSNET_DICOM_FASTPATH", "1") != "0"
+
+
+def read_lite(path: Path | str, buf: bytes | None = None, max_size: int = 64 << 20) -> LiteDataset | None:
+    """The dataset of a simple classic file (see the module docstring), else None."""
+    if not enabled():
+        return None
+    try:
+        if buf is None and os.path.getsize(path) > max_size:
+            return None
+        if buf is None:
+            with open(path, "rb") as fh:
+                buf = fh.read()
+        return _read(bytes(buf))
+    except (_Decline, struct.error, UnicodeDecodeError, ValueError, KeyError, TypeError, OverflowError):
+        return None
+
+
+def _read(buf) -> LiteDataset | None:
+    if len(buf) < 144 or buf[128:132] != b"DICM":
+        return None
+    # file meta: always explicit VR little endian, group 0002 only
+    pos, meta = 132, {}
+    while pos + 8 <= len(buf) and struct.unpack_from("<H", buf, pos)[0] == 0x0002:
+        m, pos = _parse(buf, pos, pos + 1, True, False, "ascii")
+        meta.update(m)
+    file_meta = LiteDataset(buf, meta, "ascii")
+    ts = str(file_meta.get("TransferSyntaxUID") or "").strip("\0 ")
+    if ts not in (IMPLICIT_LE, EXPLICIT_LE):
+        return None
+    elems, _ = _parse(buf, pos, len(buf), ts == EXPLICIT_LE, True, "latin-1")
+    ds = LiteDataset(buf, elems, "ascii", file_meta, implicit=ts == IMPLICIT_LE)
+    cs = ds.get("SpecificCharacterSet")
+    cs = "" if cs is None else (cs if isinstance(cs, str) else "\\".join(cs)).strip()
+    if cs not in _CHARSETS:
+        return None
+    ds._enc = _CHARSETS[cs]
+    for items in _walk_sequences(elems):
+        for item in items:
+            item._enc = ds._enc
+    if PIXEL_DATA not in elems or any(t in elems for t in _FG):
+        return None
+    itype = ds.get("ImageType")
+    itypes = [itype] if isinstance(itype, str) else (itype or [])
+    if any(str(t).strip().upper() == "MOSAIC" for t in itypes):
+        return None
+    rows, cols, bits = ds.get("Rows"), ds.get("Columns"), ds.get("BitsAllocated")
+    frames = ds.get("NumberOfFrames")
+    if not isinstance(rows, int) or not isinstance(cols, int) or rows < 1 or cols < 1 or bits not in (8, 16, 32):
+        return None
+    if frames not in (None, 1) or (ds.get("SamplesPerPixel") or 1) != 1:
+        return None
+    stored = ds.get("BitsStored") or bits
+    if not isinstance(stored, int) or not 1 <= stored <= bits:
+        return None
+    _, off, length = elems[PIXEL_DATA]
+    if length < rows * cols * (bits // 8):
+        return None
+    return ds
+
+
+def _walk_sequences(elems: dict):
+    for vr, val, _ in elems.values():
+        if vr == "SQ":
+            yield val
+            for item in val:
+                yield from _walk_sequences(item._elems)

@@ -1,0 +1,135 @@
+"""The classic-file fast path (ingest.dicomlite) against pydicom: identical results or a decline.
+
+Every real vendor series of ../shared/testdata and every phantom series is read twice, with the
+fast path and with QSNET_DICOM_FASTPATH=0 (pydicom only): arrays, affines, metadata and the
+scan's header summaries must be identical. Files the fast path does not handle must be declined,
+never half-read.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+
+from ingest.dicomlite import read_lite
+from ingest.reader import read_series
+from ingest.series import _read_header
+
+TESTDATA = Path(os.environ.get("QSNET_TESTDATA") or Path(__file__).resolve().parents[2] / "shared" / "testdata") / "dicom"
+GOLDEN = sorted(TESTDATA.glob("*/*/In")) if TESTDATA.is_dir() else []
+
+
+def both(monkeypatch, fn):
+    monkeypatch.setenv("QSNET_DICOM_FASTPATH", "1")
+    fast = fn()
+    monkeypatch.setenv("QSNET_DICOM_FASTPATH", "0")
+    slow = fn()
+    monkeypatch.delenv("QSNET_DICOM_FASTPATH")
+    return fast, slow
+
+
+def same_read(fast, slow):
+    (a, aff, meta), (b, bff, bmeta) = fast, slow
+    assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert np.array_equal(aff, bff)
+    assert meta == bmeta
+
+
+@pytest.mark.parametrize("folder", GOLDEN, ids=[f"{p.parent.parent.name}/{p.parent.name}" for p in GOLDEN])
+def test_vendor_series_identical(folder, monkeypatch):
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    fast, slow = both(monkeypatch, lambda: read_series(files))
+    same_read(fast, slow)
+    for f in files:
+        h_fast, h_slow = both(monkeypatch, lambda f=f: _read_header(f, f.stat().st_size))
+        assert h_fast == h_slow, f
+
+
+def test_fast_path_is_taken_and_declines_the_rest():
+    if not GOLDEN:
+        pytest.skip("no shared testdata")
+    taken = {p.parent.parent.name + "/" + p.parent.name: read_lite(next(p.iterdir())) is not None for p in GOLDEN}
+    # classic single-frame files of three vendors take it
+    for name in ("dcm_qa_decubitus/HFS_3_t1_fl2d_sag", "dcm_qa_nih/GE_mr_0004", "dcm_qa_philips_enh/cl_1901_3DpCASL"):
+        assert taken[name], name
+    # mosaics (1, 2), big endian, compressed syntaxes, enhanced multi-frame: pydicom
+    for name in ("1_ExplicitVRLittleEndian", "2_ImplicitVRLittleEndian", "3_ExplicitVRBigEndian",
+                 "4_RLELossless", "9_JPEG2000Lossless"):
+        assert not taken[f"dcm_qa_ts/{name}"], name
+    assert not taken["dcm_qa_philips_enh/enh_1901_WIP_3DpCASL_real"]
+    assert not taken["dcm_qa_xa30/5_anat-T1w_acq-tfl"]
+
+
+def test_phantom_series_identical(demo_tree, monkeypatch):
+    for series in sorted(demo_tree.glob("site-*/sub-?01/S*")):
+        files = sorted(series.iterdir())
+        fast, slow = both(monkeypatch, lambda files=files: read_series(files))
+        same_read(fast, slow)
+
+
+def _classic(path, ts=ExplicitVRLittleEndian, **kw):
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ts
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.SeriesInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.Modality = "MR"
+    ds.ImagePositionPatient = [0, 0, 0]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing = [1, 1]
+    ds.Rows, ds.Columns = 4, 3
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, kw.pop("signed", 0)
+    ds.RescaleSlope, ds.RescaleIntercept = "2.5", "-10"
+    for k, v in kw.items():
+        setattr(ds, k, v)
+    ds.PixelData = np.array([[0x0FFF, 0xF001, 0x0800], [1, 2, 3], [4, 5, 6], [0x1234, 7, 8]], np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True, implicit_vr=ts == ImplicitVRLittleEndian, little_endian=ts != ExplicitVRBigEndian)
+    return path
+
+
+@pytest.mark.parametrize("signed", [0, 1])
+@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_unused_high_bits_as_pydicom(tmp_path, signed, ts):
+    p = _classic(tmp_path / "a.dcm", ts=ts, signed=signed, SeriesDescription="caf\u00e9", SpecificCharacterSet="ISO_IR 100")
+    lite = read_lite(p)
+    assert lite is not None
+    ref = pydicom.dcmread(p)
+    assert np.array_equal(lite.pixel_array, ref.pixel_array)
+    assert lite.get("SeriesDescription") == ref.SeriesDescription == "caf\u00e9"
+    assert lite.get("RescaleSlope") == 2.5 and lite.get("ImageOrientationPatient") == [1, 0, 0, 0, 1, 0]
+    assert lite.Rows == 4 and "Columns" in lite and "EchoTime" not in lite
+
+
+@pytest.mark.parametrize("case", ["truncated", "big_endian", "two_frames", "no_pixels", "preamble_only", "charset"])
+def test_declines_what_it_does_not_handle(tmp_path, case):
+    p = tmp_path / "a.dcm"
+    if case == "big_endian":
+        _classic(p, ts=ExplicitVRBigEndian)
+    elif case == "two_frames":
+        _classic(p, NumberOfFrames=2)
+    elif case == "charset":
+        _classic(p, SpecificCharacterSet="ISO 2022 IR 87")
+    else:
+        _classic(p)
+        raw = p.read_bytes()
+        if case == "truncated":
+            p.write_bytes(raw[:-5])
+        elif case == "no_pixels":
+            ds = pydicom.dcmread(p)
+            del ds.PixelData
+            ds.save_as(p)
+        elif case == "preamble_only":
+            p.write_bytes(raw[:140])
+    assert read_lite(p) is None
