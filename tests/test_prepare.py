@@ -76,6 +76,7 @@ def test_stage_prepares_both_sites(prepared_pair):
         assert st.attrs["split"] == e["split"] and "inversion" in st.attrs and "scale" in st.attrs
     # the report is the DVC metrics file: plain JSON with the summary numbers
     assert json.loads((root / "prepare.json").read_text())["summary"]["brain_dice_mean"] >= 0.95
+    assert json.loads((root / "prepare_summary.json").read_text())["brain_dice_mean"] >= 0.95
 
 
 def test_rerun_reuses_unchanged_exams(prepared_pair):

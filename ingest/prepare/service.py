@@ -393,10 +393,17 @@ def prepare(src: Path, dst: Path, report: Path, params: dict, jobs: int | None =
             _remove_store(p)
     rep = _summary(entries, cfg, params)
     report.parent.mkdir(parents=True, exist_ok=True)
-    tmp = report.with_name(f".{report.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(rep, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, report)
+    # the full report, and its summary alone for `dvc metrics show` (the per-exam detail would
+    # make that table unreadable)
+    for path, doc in ((report, rep), (summary_path(report), rep["summary"])):
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
     return rep
+
+
+def summary_path(report: Path) -> Path:
+    return report.with_name(f"{report.stem}_summary.json")
 
 
 def _store_entry(path: Path, digest: str) -> dict | None:

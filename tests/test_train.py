@@ -1,0 +1,128 @@
+"""Models, the training step, the registry and the stage's checks (fast; Ray runs are in
+test_train_ray.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ingest.params import ParamsError  # noqa: E402
+from train import registry  # noqa: E402
+from train.loop import Losses, Trainer  # noqa: E402
+from train.models import ARCHITECTURES, build  # noqa: E402
+from train.stages import train_config  # noqa: E402
+
+
+def batch(n=2, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 2, size, size, generator=g)
+    return {"input": x, "target": (0.3 * x[:, :1] + 0.7 * x[:, 1:]).clone()}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_architecture_trains_a_step(arch):
+    torch.manual_seed(0)
+    tr = Trainer(build(arch, width=8 if arch != "swin" else 12))
+    before = [p.detach().clone() for p in tr.g.parameters()]
+    parts = tr.train_step(batch())
+    assert all(torch.isfinite(torch.tensor(v)) for v in parts.values())
+    assert any(not torch.equal(a, b) for a, b in zip(before, tr.g.parameters()))
+    assert ("loss_d" in parts) == (arch in ("qsnet", "cgan"))
+    tr.g.eval()
+    assert tr.g(batch()["input"]).shape == (2, 1, 64, 64)
+
+
+def test_qsnet_has_six_levels_and_four_supervised_heads():
+    g = build("qsnet", width=8).generator.train()
+    out, heads = g.forward_heads(torch.rand(1, 2, 64, 64))
+    assert out.shape == (1, 1, 64, 64)
+    assert [h.shape[-1] for h in heads] == [32, 16, 8, 4]  # one per lower decoder resolution
+    assert len(g.net.downsamples) == 4 and g.net.bottleneck is not None  # 6 levels with input and bottleneck
+
+
+@pytest.mark.parametrize("k", range(4))
+def test_each_deep_supervision_head_contributes_to_the_loss(k):
+    """A head whose term is dropped gets no gradient; with its weight it does. Fails if a head
+    is disconnected from the loss or from the network."""
+    torch.manual_seed(0)
+    model = build("qsnet", width=8)
+    head = model.generator.net.deep_supervision_heads[k]
+    for w, expect in ((1.0, True), (0.0, False)):
+        weights = [0.5, 0.25, 0.125, 0.0625]
+        weights[k] = w
+        tr = Trainer(model, losses=Losses(tuple(weights), adv_weight=0.0))
+        tr.g.train()
+        tr.g.zero_grad()
+        b = batch(size=64)
+        loss, parts, _ = tr.generator_loss(b["input"], b["target"])
+        assert f"ds{k + 1}" in parts
+        loss.backward()
+        grad = sum(float(p.grad.abs().sum()) for p in head.parameters() if p.grad is not None)
+        assert (grad > 0) == expect, (k, w, grad)
+
+
+def test_frozen_encoder_keeps_its_bytes_and_has_no_optimiser_state():
+    torch.manual_seed(0)
+    model = build("qsnet", width=8)
+    enc = {k: v.clone() for k, v in model.generator.encoder.state_dict().items()}
+    dec = {k: v.clone() for k, v in model.generator.decoder.state_dict().items()}
+    tr = Trainer(model, freeze_encoder=True)
+    for i in range(3):
+        tr.train_step(batch(seed=i))
+    after = model.generator.encoder.state_dict()
+    assert all(torch.equal(enc[k], after[k]) for k in enc)
+    assert any(not torch.equal(dec[k], v) for k, v in model.generator.decoder.state_dict().items())
+    opt_params = {id(p) for grp in tr.opt_g.param_groups for p in grp["params"]}
+    assert not opt_params & {id(p) for p in model.generator.encoder.parameters()}
+    assert all(not p.requires_grad for p in model.generator.encoder.parameters())
+    with pytest.raises(ValueError, match="no encoder"):
+        Trainer(build("cgan", width=8), freeze_encoder=True)
+
+
+def test_checkpoint_of_another_architecture_is_refused():
+    a = Trainer(build("qsnet", width=8))
+    b = Trainer(build("resunet", width=8))
+    with pytest.raises(ValueError, match="holds a qsnet model"):
+        b.load_state_dict(a.state_dict(), source="x.pt")
+    c = Trainer(build("qsnet", width=8))
+    c.load_state_dict(a.state_dict())
+
+
+def test_plateau_schedule_only_after_its_epoch():
+    tr = Trainer(build("resunet", width=8), plateau_after_epoch=3, patience=0, plateau_factor=0.9)
+    for _ in range(3):
+        tr.end_epoch(1.0)
+    assert tr.opt_g.param_groups[0]["lr"] == pytest.approx(2e-4)
+    for _ in range(3):
+        tr.end_epoch(1.0)
+    assert tr.opt_g.param_groups[0]["lr"] < 2e-4
+
+
+def test_registry_round_trip_and_bad_files(tmp_path):
+    model = build("qsnet", width=8)
+    card = registry.save(tmp_path / "m", model.generator, {"architecture": "qsnet", "build": model.config,
+                                                           "contrast": "t1w", "inputs": "mrf"})
+    g = registry.load(card)
+    assert not g.training
+    x = torch.rand(1, 2, 64, 64)
+    model.generator.eval()
+    assert torch.equal(g(x), model.generator(x))
+    (tmp_path / "m" / "model.pt").write_bytes(b"garbage")
+    with pytest.raises(registry.RegistryError, match="model.pt: sha256 differs"):
+        registry.load(card)
+    with pytest.raises(registry.RegistryError, match="card not found"):
+        registry.load(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("bad,msg", [({"archs": ["unet9"]}, "unknown architecture"),
+                                     ({"contrasts": ["pd"]}, "unknown contrast"),
+                                     ({"epochs": 0}, "train.epochs must be a positive integer"),
+                                     ({"num_workers": 64, "use_gpu": False}, "CPUs and no GPU")])
+def test_bad_params_fail_in_one_line(bad, msg):
+    with pytest.raises(ParamsError, match=msg):
+        train_config({"train": bad})

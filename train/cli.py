@@ -1,0 +1,41 @@
+"""`qsnet pretrain` and `qsnet finetune` (registered through the `qsnet.commands` entry point)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    from ingest.cli import _run, fail
+
+    def make(stage: str, doc: str):
+        def command(
+            stores: Path = typer.Option(Path("stores/prepared"), "--stores", help="Prepared stores (from `qsnet prepare`)."),
+            models: Path = typer.Option(Path("models"), "--models", help="Model registry root: <stage>/<arch>/<contrast>/."),
+            reports: Path = typer.Option(Path("reports/train"), "--reports", help="Per-epoch metrics (dvclive)."),
+            storage: Path = typer.Option(Path("runs"), "--storage", help="Ray Train storage: checkpoints, so an "
+                                         "interrupted run resumes. On a cluster: a path every node sees."),
+            params: Path = typer.Option(Path("params.yaml"), "--params", help="Params file; its `train` section is read."),
+            profile: Optional[str] = typer.Option(None, "--profile", help="Profile instead of the file's `profile`."),
+        ):
+            from ingest.params import load_params
+            from train.stages import run_stage, train_config
+
+            p = _run(stage, load_params, params, profile)
+            _run(stage, train_config, p)  # bad params fail before Ray starts
+            if not stores.is_dir():
+                fail(stage, f"{stores}: no prepared stores (run `qsnet prepare` first)")
+            cards = _run(stage, run_stage, stage, p, stores, models, reports, storage,
+                         progress=lambda c: typer.echo(f"{stage}: wrote {c}"))
+            typer.echo(f"{stage}: {len(cards)} model(s) in {models / stage}")
+
+        command.__doc__ = doc
+        return command
+
+    app.command("pretrain")(make("pretrain", "Train each architecture x contrast of params on site A (healthy) with "
+                                 "Ray Train; weights and model cards into models/pretrain/."))
+    app.command("finetune")(make("finetune", "Finetune the pretrained models on site B (GBM) with the encoder "
+                                 "frozen; weights and model cards into models/finetune/."))

@@ -1,0 +1,187 @@
+"""A stage's training on Ray Train: one ``ray.train.torch.TorchTrainer`` run trains every model
+of the stage (each architecture x contrast its own model, one after the other).
+
+One run per stage, not one per model: starting a Ray Train run costs about 25 s on a 2-core
+machine, more than a demo model takes to train. Each worker builds the same model, wraps it
+in DDP (``prepare_model``), reads its own shard of slices (``prepare_data_loader`` installs a
+DistributedSampler) and reports metrics every epoch (``ray.train.report``). Rank 0 reports a
+checkpoint every ``checkpoint_every`` epochs and after each model: the finished models' best
+weights, and the current model's trainer state (weights, both optimisers, the plateau
+schedule, the epoch). ``FailureConfig(max_failures)`` restarts failed workers, and the loop
+resumes from the latest checkpoint (``ray.train.get_checkpoint``), never from epoch 0; the
+same happens when a stopped run is started again with the same storage path and name.
+
+Fault injection for tests: ``QSNET_FAIL_AT_EPOCH=k`` makes rank 0 raise once at the start of
+epoch k of the first model still to train (a marker file in the run's storage remembers).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+__all__ = ["run_training", "train_loop_per_worker", "CKPT"]
+
+CKPT = "stage.pt"
+
+
+def _loaders(run: dict, config: dict):
+    import torch
+
+    from train.data import SliceDataset
+
+    common = dict(contrasts=[run["contrast"]], inputs=run["inputs"])
+    train_ds = SliceDataset(run["train_stores"], augment=config.get("augment") or None, seed=config["seed"], **common)
+    val_ds = SliceDataset(run["val_stores"], **common) if run["val_stores"] else None
+    g = torch.Generator().manual_seed(config["seed"])
+    train = torch.utils.data.DataLoader(train_ds, batch_size=config["batch_size"], shuffle=True,
+                                        num_workers=config.get("loader_workers", 0), generator=g)
+    val = torch.utils.data.DataLoader(val_ds, batch_size=config["batch_size"]) if val_ds is not None else None
+    return train_ds, train, val
+
+
+def _state_cpu(module) -> dict:
+    return {k: v.detach().to("cpu").clone() for k, v in module.state_dict().items()}
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+
+    from train.loop import Losses, Trainer
+    from train.models import build
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if config.get("torch_threads"):
+        torch.set_num_threads(int(config["torch_threads"]))
+    device = ray.train.torch.get_device()
+    saved: dict = {"done": {}, "current": None}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            saved = torch.load(Path(d) / CKPT, map_location="cpu", weights_only=False)
+    done: dict = saved["done"]
+    fail_at = os.environ.get("QSNET_FAIL_AT_EPOCH")
+    marker = Path(config["storage"]) / config["name"] / ".failed-once"
+    for run in config["runs"]:
+        if run["name"] in done:
+            continue
+        torch.manual_seed(config["seed"])
+        model = build(run["arch"], in_channels=2, out_channels=1, width=config["width"])
+        tr = Trainer(model, lr=config["lr"], betas=config["betas"],
+                     losses=Losses(tuple(config["ds_weights"]), config["adv_weight"]),
+                     plateau_factor=config["plateau_factor"], plateau_after_epoch=config["plateau_after_epoch"],
+                     device=device, freeze_encoder=run.get("freeze_encoder", False), amp=config.get("amp", True))
+        best = {"val": math.inf, "epoch": 0, "state": None}
+        history: list[dict] = []
+        resumed = None
+        if saved.get("current") == run["name"]:
+            tr.load_state_dict(saved["trainer"], source=f"checkpoint of {config['name']}")
+            best, history, resumed = saved["best"], saved["history"], tr.epoch
+        elif run.get("init_weights"):
+            tr.g.load_state_dict(torch.load(run["init_weights"], map_location=device, weights_only=True))
+        if world > 1:
+            tr.wrap(lambda m: ray.train.torch.prepare_model(m))
+        train_ds, train, val = _loaders(run, config)
+        if world > 1:
+            train = ray.train.torch.prepare_data_loader(train)
+            val = ray.train.torch.prepare_data_loader(val) if val is not None else None
+        for epoch in range(tr.epoch, config["epochs"]):
+            if fail_at is not None and epoch == int(fail_at) and rank == 0 and not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(f"{run['name']} {epoch}")
+                raise RuntimeError(f"injected failure at epoch {epoch} of {run['name']} (QSNET_FAIL_AT_EPOCH)")
+            train_ds.set_epoch(epoch)
+            if hasattr(getattr(train, "sampler", None), "set_epoch"):
+                train.sampler.set_epoch(epoch)
+            t0 = time.perf_counter()
+            sums: dict[str, float] = {}
+            steps = 0
+            for batch in train:
+                for k, v in tr.train_step(batch).items():
+                    sums[k] = sums.get(k, 0.0) + v
+                steps += 1
+            seconds = time.perf_counter() - t0
+            vs, vn = tr.val_sums(val) if val is not None else (0.0, 0)
+            if world > 1:
+                t = torch.tensor([vs, vn], dtype=torch.float64, device=device)
+                dist.all_reduce(t)
+                vs, vn = float(t[0]), int(t[1])
+            val_loss = vs / vn if vn else float("nan")
+            tr.end_epoch(val_loss)
+            # no validation data: the last epoch counts as the best
+            if (vn and val_loss < best["val"]) or (not vn and epoch + 1 == config["epochs"]):
+                best = {"val": val_loss if vn else math.inf, "epoch": epoch + 1, "state": _state_cpu(tr._gen())}
+            metrics = {"model": run["name"], "epoch": epoch + 1, "val_l1": val_loss if vn else None,
+                       "lr": tr.opt_g.param_groups[0]["lr"], "epoch_s": round(seconds, 3), "steps": steps,
+                       "resumed_from_epoch": resumed,
+                       **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()}}
+            history.append(metrics)
+            last = epoch + 1 == config["epochs"]
+            if rank == 0 and (last or (epoch + 1) % config["checkpoint_every"] == 0):
+                if last:
+                    done[run["name"]] = {"best": best, "history": history}
+                    state = {"done": done, "current": None}
+                else:
+                    state = {"done": done, "current": run["name"], "trainer": tr.state_dict(),
+                             "best": best, "history": history}
+                with tempfile.TemporaryDirectory() as d:
+                    torch.save(state, Path(d) / CKPT)
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            else:
+                if last:
+                    done[run["name"]] = {"best": best, "history": history}
+                ray.train.report(metrics)
+
+
+def _cpus_per_worker(num_workers: int) -> int:
+    """An equal share of the cluster's free CPUs, no more than the largest node has."""
+    import ray
+
+    free = int(ray.available_resources().get("CPU", 1))
+    largest = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=1)
+    return max(1, min(free // max(1, num_workers), largest))
+
+
+def run_training(config: dict, num_workers: int, use_gpu: bool, max_failures: int = 1) -> dict:
+    """Fit every model of ``config["runs"]``; returns ``{run name: {"best", "history"}}``."""
+    import ray
+    import torch
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        # embedded by default; under `ray job submit` (RAY_ADDRESS set) this joins that cluster
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=config,
+        # on CPU each worker gets its share of the cores: Ray sets OMP_NUM_THREADS from it,
+        # and with the default of 1 CPU a lone worker runs its convolutions on one thread
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=None if use_gpu else {"CPU": _cpus_per_worker(num_workers)}),
+        run_config=RunConfig(name=config["name"], storage_path=config["storage"],
+                             checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             failure_config=FailureConfig(max_failures=max_failures)))
+    try:
+        result = trainer.fit()
+        error = result.error
+    except Exception as exc:  # noqa: BLE001 - Ray raises the workers' errors as one wrapped error
+        error = exc
+    if error is not None:
+        # the useful line is the workers' own exception, at the end of Ray's report
+        lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+        cause = next((ln for ln in reversed(lines) if ":" in ln and not ln.startswith("File ")), lines[0] if lines else "")
+        raise RuntimeError(f"training run {config['name']} failed: {cause}")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / CKPT, map_location="cpu", weights_only=False)
+    hist = Path(config["storage"]) / config["name"] / "history.json"
+    hist.write_text(json.dumps({k: v["history"] for k, v in state["done"].items()}, indent=1))
+    return copy.deepcopy(state["done"])

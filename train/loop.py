@@ -1,0 +1,170 @@
+"""The training step and epoch, without Ray: what Ray Train workers run, and what the
+benchmark times alone.
+
+Generator loss (paper 2.4): L1(output, target) + sum_k w_k L1(head_k, target resized to head
+k) (QS-Net's deep supervision) + adv_weight * adversarial term (least squares for QS-Net,
+binary cross-entropy for the pix2pix cGAN). Adam on the generator and the discriminator;
+the learning rate is multiplied by ``plateau_factor`` when the validation loss plateaus, only
+after epoch ``plateau_after_epoch``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from train.models import Model, resize_like
+
+__all__ = ["Losses", "Trainer", "freeze"]
+
+
+@dataclass
+class Losses:
+    ds_weights: tuple[float, ...] = (0.5, 0.25, 0.125, 0.0625)
+    adv_weight: float = 0.01
+
+
+def freeze(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+class Trainer:
+    """Models, optimisers and the plateau schedule of one run; ``state_dict`` is a checkpoint."""
+
+    def __init__(self, model: Model, lr: float = 2e-4, betas=(0.5, 0.999), losses: Losses | None = None,
+                 plateau_factor: float = 0.9, plateau_after_epoch: int = 100, patience: int = 5,
+                 device: torch.device | str = "cpu", freeze_encoder: bool = False, amp: bool = False):
+        self.model = model
+        self.device = torch.device(device)
+        self.losses = losses or Losses()
+        self.g = model.generator.to(self.device)
+        self.d = model.discriminator.to(self.device) if model.discriminator is not None else None
+        if freeze_encoder:
+            if not hasattr(self.g, "encoder"):
+                raise ValueError(f"{model.arch}: has no encoder to freeze")
+            freeze(self.g.encoder)
+        # frozen parameters get no optimiser state at all
+        self.opt_g = torch.optim.Adam([p for p in self.g.parameters() if p.requires_grad], lr=lr, betas=tuple(betas))
+        self.opt_d = torch.optim.Adam(self.d.parameters(), lr=lr, betas=tuple(betas)) if self.d is not None else None
+        self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(self.opt_g, mode="min", factor=plateau_factor,
+                                                                patience=patience)
+        self.plateau_after_epoch = plateau_after_epoch
+        self.amp = amp and self.device.type == "cuda"
+        # on a GPU: NHWC tensors, so cuDNN picks its tensor-core convolution kernels
+        self.channels_last = self.device.type == "cuda"
+        if self.channels_last:
+            self.g.to(memory_format=torch.channels_last)
+            if self.d is not None:
+                self.d.to(memory_format=torch.channels_last)
+        self.epoch = 0
+
+    # the modules DDP wraps are swapped in through these
+    def wrap(self, fn) -> None:
+        self.g = fn(self.g)
+        if self.d is not None:
+            self.d = fn(self.d)
+
+    def _gen(self):
+        g = self.g.module if hasattr(self.g, "module") else self.g
+        return g
+
+    def generator_loss(self, x, y) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        out, heads = self._forward_heads(x)
+        l1 = F.l1_loss(out, y)
+        loss = l1
+        parts = {"l1": float(l1.detach())}
+        for k, h in enumerate(heads):
+            w = self.losses.ds_weights[k] if k < len(self.losses.ds_weights) else 0.0
+            lk = F.l1_loss(h, resize_like(y, h))
+            loss = loss + w * lk
+            parts[f"ds{k + 1}"] = float(lk.detach())
+        if self.d is not None:
+            pred = self.d(torch.cat([x, out], 1))[-1]
+            adv = self._adv(pred, True)
+            loss = loss + self.losses.adv_weight * adv
+            parts["adv"] = float(adv.detach())
+        return loss, parts, out
+
+    def _forward_heads(self, x):
+        g = self.g
+        if hasattr(g, "module"):  # DDP: call through the wrapper so gradients are synchronised
+            out = g(x)
+            heads = list(getattr(g.module.net, "heads", []))[: len(self.losses.ds_weights)] \
+                if getattr(g.module, "deep_supervision", False) and g.training else []
+            return out, heads
+        return g.forward_heads(x)
+
+    def _adv(self, pred, real: bool) -> torch.Tensor:
+        tgt = torch.ones_like(pred) if real else torch.zeros_like(pred)
+        if self.model.adversarial == "bce":
+            return F.binary_cross_entropy_with_logits(pred, tgt)
+        return F.mse_loss(pred, tgt)
+
+    def train_step(self, batch: dict) -> dict:
+        self.g.train()
+        x = batch["input"].to(self.device, non_blocking=True)
+        y = batch["target"].to(self.device, non_blocking=True)
+        if self.channels_last:
+            x, y = x.to(memory_format=torch.channels_last), y.to(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            loss_g, parts, out = self.generator_loss(x, y)
+        self.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        self.opt_g.step()
+        parts["loss_g"] = float(loss_g.detach())
+        if self.d is not None:
+            self.d.train()
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                real = self.d(torch.cat([x, y], 1))[-1]
+                fake = self.d(torch.cat([x, out.detach()], 1))[-1]
+                loss_d = 0.5 * (self._adv(real, True) + self._adv(fake, False))
+            self.opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            self.opt_d.step()
+            parts["loss_d"] = float(loss_d.detach())
+        return parts
+
+    @torch.no_grad()
+    def val_sums(self, loader) -> tuple[float, int]:
+        """(sum of per-slice L1, number of slices) over ``loader``, generator in eval mode."""
+        self.g.eval()
+        total, n = 0.0, 0
+        for batch in loader:
+            x = batch["input"].to(self.device)
+            y = batch["target"].to(self.device)
+            out = self.g(x)
+            total += float(F.l1_loss(out.float(), y, reduction="none").mean(dim=(1, 2, 3)).sum())
+            n += x.shape[0]
+        return total, n
+
+    def end_epoch(self, val_loss: float) -> None:
+        self.epoch += 1
+        if self.epoch > self.plateau_after_epoch and math.isfinite(val_loss):
+            self.sched.step(val_loss)
+
+    def state_dict(self) -> dict:
+        g = self._gen()
+        d = self.d.module if hasattr(self.d, "module") else self.d
+        return {"arch": self.model.arch, "config": self.model.config, "epoch": self.epoch,
+                "generator": g.state_dict(), "discriminator": d.state_dict() if d is not None else None,
+                "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict() if self.opt_d else None,
+                "sched": self.sched.state_dict()}
+
+    def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:
+        if state.get("arch") != self.model.arch or state.get("config") != self.model.config:
+            raise ValueError(f"{source}: holds a {state.get('arch')} model {state.get('config')}, "
+                             f"this run trains {self.model.arch} {self.model.config}")
+        self._gen().load_state_dict(state["generator"])
+        d = self.d.module if hasattr(self.d, "module") else self.d
+        if d is not None and state.get("discriminator") is not None:
+            d.load_state_dict(state["discriminator"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        if self.opt_d is not None and state.get("opt_d") is not None:
+            self.opt_d.load_state_dict(state["opt_d"])
+        self.sched.load_state_dict(state["sched"])
+        self.epoch = int(state["epoch"])

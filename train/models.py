@@ -1,0 +1,143 @@
+"""QS-Net and the three baselines of the paper (section 2.4), built from MONAI networks.
+
+Every architecture maps ``(B, in_channels, H, W)`` (MRF T1 + T2, or T1w + T2w for the
+generalisation study) to one contrast ``(B, 1, H, W)`` in the prepared [0, 1] scale:
+
+- ``qsnet``: a 6-level U-Net with residual encoder blocks, instance normalisation and leaky
+  ReLU, and deep supervision (a 1-channel head at each of the lower decoder resolutions), as
+  MONAI's DynUNet builds it; a PatchGAN discriminator on (input, output) pairs, least-squares
+  adversarial loss.
+- ``resunet``: the same residual U-Net without deep supervision or discriminator (L1 only).
+- ``cgan``: pix2pix: a plain U-Net generator (MONAI UNet) and a PatchGAN, binary
+  cross-entropy adversarial loss.
+- ``swin``: a Swin-transformer U-Net (MONAI SwinUNETR, 2-D), L1 only.
+
+:func:`build` returns a :class:`Model` with ``generator``, optional ``discriminator`` and the
+loss kind; the generator of QS-Net exposes ``encoder`` and ``decoder`` so that the finetune
+stage can freeze exactly the encoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["ARCHITECTURES", "Model", "build", "QSNetGenerator"]
+
+ARCHITECTURES = ("qsnet", "resunet", "cgan", "swin")
+LEAKY = ("leakyrelu", {"negative_slope": 0.01})
+
+
+class QSNetGenerator(nn.Module):
+    """DynUNet (residual blocks, instance norm, leaky ReLU) with deep-supervision heads.
+
+    ``forward`` returns the full-resolution output; ``forward_heads`` also returns the
+    auxiliary 1-channel outputs at their own (lower) decoder resolutions, each to be compared
+    with the target resized to it.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int = 1, filters=(32, 64, 128, 256, 512, 512),
+                 deep_supervision: bool = True, heads: int = 4):
+        from monai.networks.nets import DynUNet
+
+        super().__init__()
+        levels = len(filters)
+        strides = [1] + [2] * (levels - 1)
+        self.deep_supervision = deep_supervision
+        self.net = DynUNet(2, in_channels, out_channels, [3] * levels, strides, strides[1:],
+                           filters=list(filters), norm_name="instance", act_name=LEAKY,
+                           deep_supervision=deep_supervision, deep_supr_num=heads if deep_supervision else 1,
+                           res_block=True)
+
+    @property
+    def encoder(self) -> nn.ModuleList:
+        n = self.net
+        return nn.ModuleList([n.input_block, *n.downsamples, n.bottleneck])
+
+    @property
+    def decoder(self) -> nn.ModuleList:
+        n = self.net
+        parts = [*n.upsamples, n.output_block]
+        if self.deep_supervision:
+            parts.extend(n.deep_supervision_heads)
+        return nn.ModuleList(parts)
+
+    def forward_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        n = self.net
+        out = n.output_block(n.skip_layers(x))
+        # DynUNet's skip layers fill `heads` with each deep-supervision head's output
+        heads = list(n.heads) if self.deep_supervision and self.training else []
+        return out, heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_heads(x)[0]
+
+
+class _Plain(nn.Module):
+    """A generator without auxiliary heads, with the same interface."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward_heads(self, x):
+        return self.net(x), []
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@dataclass
+class Model:
+    arch: str
+    generator: nn.Module
+    discriminator: nn.Module | None
+    adversarial: str | None                      # "lsgan", "bce" or None
+    config: dict = field(default_factory=dict)   # what build() needs to rebuild it
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.generator.parameters())
+
+
+def _discriminator(in_channels: int, channels: int = 64, layers: int = 3) -> nn.Module:
+    from monai.networks.nets import PatchDiscriminator
+
+    return PatchDiscriminator(spatial_dims=2, num_layers_d=layers, channels=channels, in_channels=in_channels,
+                              out_channels=1, norm="instance")
+
+
+def build(arch: str, in_channels: int = 2, out_channels: int = 1, width: int = 32, **_) -> Model:
+    """``width`` is the first level's channel count (paper-sized QS-Net: 32; demo: smaller)."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r} (known: {', '.join(ARCHITECTURES)})")
+    w = int(width)
+    if w < 4:
+        raise ValueError(f"model width {w} is too small")
+    cfg = {"arch": arch, "in_channels": in_channels, "out_channels": out_channels, "width": w}
+    filters = [w, 2 * w, 4 * w, 8 * w, 16 * w, 16 * w]
+    if arch == "qsnet":
+        return Model(arch, QSNetGenerator(in_channels, out_channels, filters), _discriminator(in_channels + out_channels,
+                     channels=2 * w), "lsgan", cfg)
+    if arch == "resunet":
+        return Model(arch, QSNetGenerator(in_channels, out_channels, filters, deep_supervision=False), None, None, cfg)
+    if arch == "cgan":
+        from monai.networks.nets import UNet
+
+        g = UNet(spatial_dims=2, in_channels=in_channels, out_channels=out_channels, channels=filters,
+                 strides=[2] * (len(filters) - 1), num_res_units=0, norm="batch", act=LEAKY)
+        return Model(arch, _Plain(g), _discriminator(in_channels + out_channels, channels=2 * w), "bce", cfg)
+    from monai.networks.nets import SwinUNETR
+
+    g = SwinUNETR(in_channels=in_channels, out_channels=out_channels, feature_size=max(12, (w // 12) * 12 or 12),
+                  spatial_dims=2, use_v2=True)
+    return Model(arch, _Plain(g), None, None, cfg)
+
+
+def resize_like(target: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``target`` at the spatial size of ``like`` (area-averaged: a faithful low-resolution target)."""
+    if target.shape[-2:] == like.shape[-2:]:
+        return target
+    return F.interpolate(target, size=like.shape[-2:], mode="area")

@@ -1,0 +1,203 @@
+"""The ``pretrain`` and ``finetune`` stages: which models to train on which data, and the registry.
+
+- ``pretrain``: site A, healthy, training split (validation split for the plateau schedule
+  and the best checkpoint); one model per (architecture, contrast) in params.
+- ``finetune``: from the pretrained weights, site B (GBM) finetune split, the encoder frozen
+  (no gradient, no optimiser state, unchanged bytes), decoder and discriminator trained.
+  Architectures without a separable encoder (cgan, swin) are finetuned whole; their card says
+  ``encoder_frozen: false``.
+- ``extra_runs`` in params add the evaluation issue's models, e.g. site-A-only models with
+  ``mri`` inputs, or QS-Net trained on site B from scratch (``stage: scratch``).
+
+Each model lands in ``models/<stage>/<arch>/<contrast>/`` (weights + card) and its per-epoch
+metrics in ``reports/train/<stage>/<arch>/<contrast>/`` (dvclive: ``dvc metrics show``,
+``dvc plots show``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+from ingest.params import ParamsError
+
+__all__ = ["train_config", "run_stage", "STAGES"]
+
+STAGES = ("pretrain", "finetune", "scratch")
+CONTRASTS = ("t1w", "t2w", "t1flair", "t2flair", "swi")
+DEFAULTS = {
+    "archs": ["qsnet"], "contrasts": list(CONTRASTS), "inputs": "mrf", "width": 32, "epochs": 200,
+    "batch_size": 1, "lr": 2e-4, "betas": [0.5, 0.999], "plateau_factor": 0.9, "plateau_after_epoch": 100,
+    "ds_weights": [0.5, 0.25, 0.125, 0.0625], "adv_weight": 0.01, "num_workers": 1, "use_gpu": "auto",
+    "checkpoint_every": 1, "max_failures": 1, "augment": True, "loader_workers": 0, "amp": True,
+    "extra_runs": [],
+}
+# (site, training split, validation split) per stage
+DATA = {"pretrain": ("site-A", "train", "val"), "finetune": ("site-B", "finetune", "val"),
+        "scratch": ("site-B", "finetune", "val")}
+
+
+def train_config(params: dict) -> dict:
+    """The profile's train section over the defaults, checked: a bad value fails here, in one line."""
+    from train.models import ARCHITECTURES
+
+    cfg = {**DEFAULTS, **(params.get("train") or {})}
+    bad = [a for a in cfg["archs"] if a not in ARCHITECTURES]
+    if bad:
+        raise ParamsError(f"params: unknown architecture(s) {bad} (known: {', '.join(ARCHITECTURES)})")
+    bad = [c for c in cfg["contrasts"] if c not in CONTRASTS]
+    if bad:
+        raise ParamsError(f"params: unknown contrast(s) {bad} (known: {', '.join(CONTRASTS)})")
+    if cfg["inputs"] not in ("mrf", "mri"):
+        raise ParamsError(f"params: train.inputs must be mrf or mri, got {cfg['inputs']!r}")
+    for key in ("epochs", "batch_size", "num_workers", "checkpoint_every", "width"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise ParamsError(f"params: train.{key} must be a positive integer, got {cfg[key]!r}")
+    use_gpu = _use_gpu(cfg["use_gpu"])
+    cpus = os.cpu_count() or 1
+    if not use_gpu and cfg["num_workers"] > cpus:
+        raise ParamsError(f"params: train.num_workers {cfg['num_workers']} > {cpus} CPUs and no GPU: "
+                          "each Ray worker needs a CPU")
+    for run in cfg["extra_runs"]:
+        if run.get("stage", "pretrain") not in STAGES or run.get("arch", "qsnet") not in ARCHITECTURES:
+            raise ParamsError(f"params: bad train.extra_runs entry {run!r}")
+    cfg["use_gpu"] = use_gpu
+    cfg["seed"] = int(params.get("seed", 0))
+    return cfg
+
+
+def _use_gpu(v) -> bool:
+    if v == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return bool(v)
+
+
+def params_hash(cfg: dict) -> str:
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _runs(stage: str, cfg: dict) -> list[dict]:
+    runs = []
+    if stage in ("pretrain", "finetune"):
+        runs = [{"arch": a, "contrast": c, "inputs": cfg["inputs"], "stage": stage}
+                for a in cfg["archs"] for c in cfg["contrasts"]]
+    for extra in cfg["extra_runs"]:
+        s = extra.get("stage", "pretrain")
+        if s == stage or (stage == "finetune" and s == "scratch"):
+            for c in extra.get("contrasts", cfg["contrasts"]):
+                runs.append({"arch": extra.get("arch", "qsnet"), "contrast": c,
+                             "inputs": extra.get("inputs", cfg["inputs"]), "stage": s})
+    return runs
+
+
+def _folder(root: Path, run: dict) -> Path:
+    name = run["arch"] if run["inputs"] == "mrf" else f"{run['arch']}-mri"
+    return root / run["stage"] / name / run["contrast"]
+
+
+def run_stage(stage: str, params: dict, stores: Path, models: Path, reports: Path, storage: Path,
+              progress=None) -> list[Path]:
+    """Train every model of ``stage`` in one Ray Train run; returns the model card paths."""
+    from train import registry
+    from train.data import find_stores
+    from train.distributed import run_training
+    from train.models import build
+
+    if stage not in ("pretrain", "finetune"):
+        raise ParamsError(f"unknown stage {stage!r}")
+    cfg = train_config(params)
+    runs, key = [], []
+    for run in _runs(stage, cfg):
+        site, tsplit, vsplit = DATA[run["stage"]]
+        train_stores = find_stores(stores, splits=[tsplit], sites=[site])
+        val_stores = find_stores(stores, splits=[vsplit], sites=[site])
+        if not train_stores:
+            raise FileNotFoundError(f"{stores}: no prepared {site} store in split {tsplit!r} "
+                                    "(run `qsnet prepare`, or see the splits in reports/prepare.json)")
+        init, freeze = None, False
+        if run["stage"] == "finetune":
+            card = registry.read_card(_folder(models, {**run, "stage": "pretrain"}) / "card.json")
+            registry.load(card)  # checks the weights' hash before anything trains on them
+            init = str((Path(card["_path"]).parent / card["weights"]).resolve())  # workers have their own cwd
+            freeze = run["arch"] in ("qsnet", "resunet")
+        r = {**run, "name": _folder(Path(""), run).as_posix(), "site": site, "split": tsplit,
+             "train_stores": [str(p.resolve()) for p in train_stores],
+             "val_stores": [str(p.resolve()) for p in val_stores], "init_weights": init, "freeze_encoder": freeze}
+        runs.append(r)
+        key.append("".join(_prepare_digest(p) for p in train_stores + val_stores))
+        if init:
+            key.append(registry.read_card(Path(init).parent)["weights_sha256"])
+    import zarr
+
+    size = min(zarr.open_group(str(r["train_stores"][0]), mode="r")["brain"].shape[-1] for r in runs)
+    if size < 64:
+        raise ParamsError(f"prepared images are {size} x {size}: the 6-level U-Net needs at least 64 x 64 "
+                          "(params prepare.image_size)")
+    hp = {k: cfg[k] for k in ("width", "epochs", "batch_size", "lr", "betas", "plateau_factor",
+                              "plateau_after_epoch", "ds_weights", "adv_weight", "augment", "checkpoint_every",
+                              "loader_workers", "amp", "seed")}
+    # the run's name carries a hash of everything it trains on and of the training code: an
+    # interrupted run with the same inputs resumes from its checkpoint, a changed one starts afresh
+    code = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(Path(__file__).parent.glob("*.py")))).hexdigest()
+    digest = hashlib.sha256(json.dumps([hp, runs, key, code], sort_keys=True).encode()).hexdigest()[:12]
+    config = {**hp, "name": f"{stage}-{digest}", "storage": str(Path(storage).resolve()), "runs": runs,
+              "torch_threads": max(1, (os.cpu_count() or 1) // cfg["num_workers"])}
+    done = run_training(config, cfg["num_workers"], cfg["use_gpu"], cfg["max_failures"])
+    cards = []
+    for run in runs:
+        res = done[run["name"]]
+        model = build(run["arch"], in_channels=2, out_channels=1, width=cfg["width"])
+        model.generator.load_state_dict(res["best"]["state"])
+        card = registry.save(models / run["name"], model.generator, {
+            "architecture": run["arch"], "build": model.config, "contrast": run["contrast"],
+            "inputs": run["inputs"], "stage": run["stage"], "profile": params.get("profile"),
+            "params_hash": params_hash(cfg), "data_version": registry.data_version(),
+            "git_commit": registry.git_commit(), "encoder_frozen": run["freeze_encoder"],
+            "trained_on": {"site": run["site"], "split": run["split"], "exams": len(run["train_stores"]),
+                           "val_exams": len(run["val_stores"])},
+            "ray_run": config["name"], "best_epoch": res["best"]["epoch"],
+            "validation": {"val_l1": res["best"]["val"] if math.isfinite(res["best"]["val"]) else None},
+            "epochs": len(res["history"]),
+        })
+        _dvclive(reports / run["name"], res["history"])
+        cards.append(card)
+        if progress:
+            progress(card)
+    summary = {}
+    for c in cards:
+        doc = registry.read_card(c)
+        summary[str(Path(c).parent.relative_to(models))] = {
+            "val_l1": doc["validation"]["val_l1"], "best_epoch": doc["best_epoch"], "epochs": doc["epochs"],
+            "parameter_count": doc["parameter_count"], "encoder_frozen": doc["encoder_frozen"]}
+    out = reports / f"{stage}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, out)
+    return cards
+
+
+def _prepare_digest(store: Path) -> str:
+    try:
+        return str(json.loads((store / "zarr.json").read_text())["attributes"].get("prepare_digest", ""))
+    except (OSError, ValueError, KeyError):
+        return ""
+
+
+def _dvclive(out: Path, history: list[dict]) -> None:
+    from dvclive import Live
+
+    if out.exists():
+        shutil.rmtree(out)
+    with Live(dir=str(out), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+        for row in history:
+            for key in ("val_l1", "train_l1", "train_loss_g", "train_loss_d", "lr", "epoch_s"):
+                if row.get(key) is not None:
+                    live.log_metric(key, row[key])
+            live.next_step()
