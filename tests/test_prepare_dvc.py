@@ -1,5 +1,6 @@
-"""`dvc repro prepare` with the project's own dvc.yaml and params.yaml in a fresh copy of the
-tree (what a fresh clone holds), on two phantom exams; the second repro has nothing to do."""
+"""`dvc repro prepare` and `dvc repro finetune` with the project's own dvc.yaml and params.yaml
+in a fresh copy of the tree (what a fresh clone holds), on four phantom exams; a second repro
+has nothing to do."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def test_dvc_repro_prepare_fresh_tree(repo, demo_tree, tmp_path):
         if (repo / f).is_file() and not f.startswith(("data/", "stores/", "reports/prepare")):
             (work / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(repo / f, work / f)
-    for site, exam in (("site-A", "sub-A01"), ("site-B", "sub-B01")):
+    for site, exam in (("site-A", "sub-A01"), ("site-A", "sub-A02"), ("site-B", "sub-B01"), ("site-B", "sub-B02")):
         shutil.copytree(demo_tree / site / exam, work / "data" / site / exam)
     shutil.copy2(demo_tree / "PHANTOM.json", work / "data" / "PHANTOM.json")
     sh("git", "init", "-q", cwd=work)
@@ -32,8 +33,21 @@ def test_dvc_repro_prepare_fresh_tree(repo, demo_tree, tmp_path):
     out = sh("dvc", "repro", "prepare", cwd=work)
     assert "Running stage 'prepare'" in out
     rep = json.loads((work / "reports" / "prepare.json").read_text())
-    assert rep["summary"]["prepared"] == 2, rep["excluded"]
-    assert len(list((work / "stores" / "prepared").glob("*/*.zarr"))) == 2
+    assert rep["summary"]["prepared"] == 4, rep["excluded"]
+    assert len(list((work / "stores" / "prepared").glob("*/*.zarr"))) == 4
     again = sh("dvc", "repro", "prepare", cwd=work)
     assert "Running stage" not in again, again
     assert sh("dvc", "status", "prepare", cwd=work).strip().lower() in ("", "data and pipelines are up to date.")
+
+    # on to the trained models, with the demo profile cut to one contrast and one epoch
+    import yaml
+
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["demo"]["train"].update(contrasts=["t1w"], epochs=1)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = sh("dvc", "repro", "finetune", cwd=work)
+    assert "Running stage 'pretrain'" in out and "Running stage 'finetune'" in out
+    for stage in ("pretrain", "finetune"):
+        card = json.loads((work / "models" / stage / "qsnet" / "t1w" / "card.json").read_text())
+        assert card["stage"] == stage and card["profile"] == "demo"
+    assert "Running stage" not in sh("dvc", "repro", "finetune", cwd=work)

