@@ -121,11 +121,17 @@ def test_pretrain_under_ray_job_submit(tmp_path):
                            capture_output=True, text=True, env=env, timeout=180)
     assert start.returncode == 0, start.stdout + start.stderr
     try:
-        job = subprocess.run(
-            [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", f"--working-dir={work}", "--",
-             "qsnet", "pretrain", "--stores", str(stores), "--models", str(tmp_path / "models"),
-             "--reports", str(tmp_path / "reports"), "--storage", str(tmp_path / "runs")],
-            capture_output=True, text=True, env=env, timeout=600)
+        import time
+
+        for _ in range(24):  # the head's job agent comes up some seconds after `ray start` returns
+            job = subprocess.run(
+                [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", f"--working-dir={work}", "--",
+                 "qsnet", "pretrain", "--stores", str(stores), "--models", str(tmp_path / "models"),
+                 "--reports", str(tmp_path / "reports"), "--storage", str(tmp_path / "runs")],
+                capture_output=True, text=True, env=env, timeout=600)
+            if "No available agent" not in job.stdout + job.stderr:
+                break
+            time.sleep(5)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in job.stdout.lower()
     finally:

@@ -191,10 +191,26 @@ def _prepare_digest(store: Path) -> str:
 
 
 def _dvclive(out: Path, history: list[dict]) -> None:
+    import tempfile
+
     from dvclive import Live
 
+    out = out.resolve()
     if out.exists():
         shutil.rmtree(out)
+    # Live is opened from a folder outside the repository: this stage writes plain metrics and
+    # plots files (no DVC experiment), and dvclive 3.49 fails inside a git repository that has
+    # no commit yet (it asks for HEAD before checking for one)
+    here = os.getcwd()
+    with tempfile.TemporaryDirectory() as neutral:
+        os.chdir(neutral)
+        try:
+            _log(Live, out, history)
+        finally:
+            os.chdir(here)
+
+
+def _log(Live, out: Path, history: list[dict]) -> None:  # noqa: N803 - the class, passed in
     with Live(dir=str(out), save_dvc_exp=False, dvcyaml=None, report=None) as live:
         for row in history:
             for key in ("val_l1", "train_l1", "train_loss_g", "train_loss_d", "lr", "epoch_s"):
