@@ -120,19 +120,20 @@ def run_stage(stage: str, params: dict, stores: Path, models: Path, reports: Pat
         if not train_stores:
             raise FileNotFoundError(f"{stores}: no prepared {site} store in split {tsplit!r} "
                                     "(run `qsnet prepare`, or see the splits in reports/prepare.json)")
-        init, freeze = None, False
+        init, init_sha, freeze = None, None, False
         if run["stage"] == "finetune":
             card = registry.read_card(_folder(models, {**run, "stage": "pretrain"}) / "card.json")
             registry.load(card)  # checks the weights' hash before anything trains on them
             init = str((Path(card["_path"]).parent / card["weights"]).resolve())  # workers have their own cwd
+            init_sha = card["weights_sha256"]
             freeze = run["arch"] in ("qsnet", "resunet")
         r = {**run, "name": _folder(Path(""), run).as_posix(), "site": site, "split": tsplit,
              "train_stores": [str(p.resolve()) for p in train_stores],
              "val_stores": [str(p.resolve()) for p in val_stores], "init_weights": init, "freeze_encoder": freeze}
         runs.append(r)
         key.append("".join(_prepare_digest(p) for p in train_stores + val_stores))
-        if init:
-            key.append(registry.read_card(Path(init).parent)["weights_sha256"])
+        if init_sha:
+            key.append(init_sha)
     import zarr
 
     size = min(zarr.open_group(str(r["train_stores"][0]), mode="r")["brain"].shape[-1] for r in runs)
