@@ -1,6 +1,6 @@
-"""`dvc repro prepare` and `dvc repro finetune` with the project's own dvc.yaml and params.yaml
-in a fresh copy of the tree (what a fresh clone holds), on four phantom exams; a second repro
-has nothing to do."""
+"""`dvc repro prepare`, then the whole pipeline through `evaluate`, with the project's own
+dvc.yaml and params.yaml in a fresh copy of the tree (what a fresh clone holds), on four phantom
+exams; a second repro has nothing to do."""
 
 from __future__ import annotations
 
@@ -39,15 +39,21 @@ def test_dvc_repro_prepare_fresh_tree(repo, demo_tree, tmp_path):
     assert "Running stage" not in again, again
     assert sh("dvc", "status", "prepare", cwd=work).strip().lower() in ("", "data and pipelines are up to date.")
 
-    # on to the trained models, with the demo profile cut to one contrast and one epoch
+    # on to the trained models and their evaluation, with the demo profile cut to QS-Net, one
+    # contrast and one epoch (with a scratch run, so every model folder the stages write exists)
     import yaml
 
     params = yaml.safe_load((work / "params.yaml").read_text())
-    params["demo"]["train"].update(contrasts=["t1w"], epochs=1)
+    params["demo"]["train"].update(archs=["qsnet"], contrasts=["t1w"], epochs=1, finetune_epochs=1,
+                                   extra_runs=[{"arch": "qsnet", "stage": "scratch"}])
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = sh("dvc", "repro", "finetune", cwd=work)
-    assert "Running stage 'pretrain'" in out and "Running stage 'finetune'" in out
-    for stage in ("pretrain", "finetune"):
+    out = sh("dvc", "repro", cwd=work)
+    for stage in ("pretrain", "finetune", "evaluate"):
+        assert f"Running stage '{stage}'" in out
+    for stage in ("pretrain", "finetune", "scratch"):
         card = json.loads((work / "models" / stage / "qsnet" / "t1w" / "card.json").read_text())
         assert card["stage"] == stage and card["profile"] == "demo"
-    assert "Running stage" not in sh("dvc", "repro", "finetune", cwd=work)
+    metrics = json.loads((work / "reports" / "metrics.json").read_text())
+    assert {"qsnet", "physics"} <= set(metrics["site_b"]) and "qsnet_scratch" in metrics["site_b"]
+    assert (work / "reports" / "evaluate" / "report.html").is_file()
+    assert "Running stage" not in sh("dvc", "repro", cwd=work)

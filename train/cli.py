@@ -1,4 +1,4 @@
-"""`qsnet pretrain` and `qsnet finetune` (registered through the `qsnet.commands` entry point)."""
+"""`qsnet pretrain`, `qsnet finetune` and `qsnet evaluate` (registered through the `qsnet.commands` entry point)."""
 
 from __future__ import annotations
 
@@ -39,3 +39,29 @@ def register(app: typer.Typer) -> None:
                                  "Ray Train; weights and model cards into models/pretrain/."))
     app.command("finetune")(make("finetune", "Finetune the pretrained models on site B (GBM) with the encoder "
                                  "frozen; weights and model cards into models/finetune/."))
+
+    @app.command("evaluate")
+    def evaluate_command(
+        models: Path = typer.Option(Path("models"), "--models", help="Model registry root: <stage>/<arch>/<contrast>/card.json."),
+        stores: Path = typer.Option(Path("stores/prepared"), "--stores", help="Prepared stores; their 'test' split is scored."),
+        out: Path = typer.Option(Path("reports"), "--out", help="Report folder: metrics.json, generalisation.json, evaluate/."),
+        params: Path = typer.Option(Path("params.yaml"), "--params", help="Params file; its `evaluate` section is read "
+                                    "(a missing file means the paper's defaults: L 4095, K1 0.01, K2 0.03)."),
+        profile: Optional[str] = typer.Option(None, "--profile", help="Profile instead of the file's `profile`."),
+    ):
+        """Score every model card on the test subjects of the stores: MAE / SSIM / PSNR in the brain, paired
+        tests, the generalisation study, the physics baseline, lesion regions; tables, figures, report.html."""
+        from ingest.params import load_params
+        from train.evaluate.service import evaluate
+
+        if not stores.is_dir():
+            fail("evaluate", f"{stores}: no prepared stores (run `qsnet prepare` first)")
+        if not models.is_dir():
+            fail("evaluate", f"{models}: no model registry (run `qsnet pretrain` first)")
+        p = _run("evaluate", load_params, params, profile) if params.exists() else {}
+        res = _run("evaluate", evaluate, models, stores, out, p, progress=typer.echo)
+        for e in res["errors"]:
+            typer.echo(f"qsnet evaluate: not evaluated: {e}", err=True)
+        failed = [c for c in res["checks"] if not c["passed"]]
+        typer.echo(f"evaluate: {res['rows']} scores, {len(res['checks']) - len(failed)}/{len(res['checks'])} checks "
+                   f"passed, report in {out / 'evaluate' / 'report.html'}")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["SliceDataset", "Augment", "find_stores", "INPUT_KINDS"]
+__all__ = ["SliceDataset", "Augment", "find_stores", "exam_input", "INPUT_KINDS"]
 
 INPUT_KINDS = {"mrf": ("mrf_t1", "mrf_t2"), "mri": ("t1w", "t2w")}
 
@@ -79,6 +79,21 @@ class Augment:
             x = x + torch.randn(x.shape, generator=g) * (self.noise * rng)
         return {**item, "input": x, "target": torch.as_tensor(out["target"]).float(),
                 "brain": (torch.as_tensor(out["brain"]) > 0.5).float()}
+
+
+def exam_input(store, inputs: str = "mrf") -> np.ndarray:
+    """The model input of a whole exam, ``(Z, 2, H, W)`` float32, as the slices of :class:`SliceDataset`."""
+    if inputs not in INPUT_KINDS:
+        raise ValueError(f"inputs must be one of {sorted(INPUT_KINDS)}, got {inputs!r}")
+    if inputs == "mrf":
+        x = np.asarray(store.read("input"))
+    else:
+        missing = [r for r in INPUT_KINDS[inputs] if r not in store]
+        if missing:
+            raise ValueError(f"{getattr(store, 'path', store)}: prepared store lacks {', '.join(missing)} "
+                             f"(the {inputs} input)")
+        x = np.stack([np.asarray(store.read(r)) for r in INPUT_KINDS[inputs]])
+    return np.ascontiguousarray(np.moveaxis(x, 0, 1), dtype=np.float32)
 
 
 class SliceDataset(Dataset):

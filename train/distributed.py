@@ -5,8 +5,9 @@ One run per stage, not one per model: starting a Ray Train run costs about 25 s 
 machine, more than a demo model takes to train. Each worker builds the same model, wraps it
 in DDP (``prepare_model``), reads its own shard of slices (``prepare_data_loader`` installs a
 DistributedSampler) and reports metrics every epoch (``ray.train.report``). Rank 0 reports a
-checkpoint every ``checkpoint_every`` epochs and after each model: the finished models' best
-weights, and the current model's trainer state (weights, both optimisers, the plateau
+checkpoint every ``checkpoint_every`` epochs and after each model: where the finished models'
+best weights are (written once each, under the run's storage folder, ``best/``), and the
+current model's trainer state (weights, both optimisers, the plateau
 schedule, the epoch). ``FailureConfig(max_failures)`` restarts failed workers, and the loop
 resumes from the latest checkpoint (``ray.train.get_checkpoint``), never from epoch 0; the
 same happens when a stopped run is started again with the same storage path and name.
@@ -28,6 +29,7 @@ from pathlib import Path
 __all__ = ["run_training", "train_loop_per_worker", "CKPT"]
 
 CKPT = "stage.pt"
+REPORT_EVERY_S = 10.0
 
 
 def _loaders(run: dict, config: dict):
@@ -69,6 +71,7 @@ def train_loop_per_worker(config: dict) -> None:
         with ckpt.as_directory() as d:
             saved = torch.load(Path(d) / CKPT, map_location="cpu", weights_only=False)
     done: dict = saved["done"]
+    last_report = time.monotonic()
     fail_at = os.environ.get("QSNET_FAIL_AT_EPOCH")
     marker = Path(config["storage"]) / config["name"] / ".failed-once"
     for run in config["runs"]:
@@ -102,6 +105,7 @@ def train_loop_per_worker(config: dict) -> None:
             train_ds.set_epoch(epoch)
             if hasattr(getattr(train, "sampler", None), "set_epoch"):
                 train.sampler.set_epoch(epoch)
+            wall_start = time.time()
             t0 = time.perf_counter()
             sums: dict[str, float] = {}
             steps = 0
@@ -111,10 +115,18 @@ def train_loop_per_worker(config: dict) -> None:
                 steps += 1
             seconds = time.perf_counter() - t0
             vs, vn = tr.val_sums(val) if val is not None else (0.0, 0)
+            last = epoch + 1 == config["epochs"]
+            ckpt_now = last or (epoch + 1) % config["checkpoint_every"] == 0
+            # Ray Train's controller collects one report per worker every 2 s (its health-check
+            # interval) and a worker's next report waits for that: short epochs (the demo's take
+            # about 1 s) would each be stretched to 2 s. So a report goes out with each
+            # checkpoint and otherwise at most every REPORT_EVERY_S; every epoch's metrics are
+            # in the history all the same. All ranks must report together: rank 0 decides.
+            want = float(ckpt_now or time.monotonic() - last_report >= REPORT_EVERY_S)
             if world > 1:
-                t = torch.tensor([vs, vn], dtype=torch.float64, device=device)
+                t = torch.tensor([vs, vn, want if rank == 0 else 0.0], dtype=torch.float64, device=device)
                 dist.all_reduce(t)
-                vs, vn = float(t[0]), int(t[1])
+                vs, vn, want = float(t[0]), int(t[1]), float(t[2])
             val_loss = vs / vn if vn else float("nan")
             tr.end_epoch(val_loss)
             # no validation data: the last epoch counts as the best
@@ -122,13 +134,16 @@ def train_loop_per_worker(config: dict) -> None:
                 best = {"val": val_loss if vn else math.inf, "epoch": epoch + 1, "state": _state_cpu(tr._gen())}
             metrics = {"model": run["name"], "epoch": epoch + 1, "val_l1": val_loss if vn else None,
                        "lr": tr.opt_g.param_groups[0]["lr"], "epoch_s": round(seconds, 3), "steps": steps,
+                       "wall_start": wall_start,
                        "resumed_from_epoch": resumed,
                        **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()}}
             history.append(metrics)
-            last = epoch + 1 == config["epochs"]
-            if rank == 0 and (last or (epoch + 1) % config["checkpoint_every"] == 0):
+            if not want:  # never the last epoch: that one checkpoints
+                continue
+            last_report = time.monotonic()
+            if rank == 0 and ckpt_now:
                 if last:
-                    done[run["name"]] = {"best": best, "history": history}
+                    done[run["name"]] = {"best": _keep_best(config, run["name"], best), "history": history}
                     state = {"done": done, "current": None}
                 else:
                     state = {"done": done, "current": run["name"], "trainer": tr.state_dict(),
@@ -138,8 +153,25 @@ def train_loop_per_worker(config: dict) -> None:
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
             else:
                 if last:
-                    done[run["name"]] = {"best": best, "history": history}
+                    done[run["name"]] = {"best": {**best, "state": None}, "history": history}
                 ray.train.report(metrics)
+
+
+def _keep_best(config: dict, name: str, best: dict) -> dict:
+    """Write a finished model's best weights once, beside the run, and keep only their path.
+
+    The stage checkpoint then stays the size of one model: holding every finished model's
+    weights made each checkpoint larger than the last (a demo stage of 40 models wrote GBs).
+    """
+    import torch
+
+    folder = Path(config["storage"]) / config["name"] / "best"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / (name.replace("/", "__") + ".pt")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(best["state"], tmp)
+    os.replace(tmp, path)
+    return {**best, "state": None, "file": str(path)}
 
 
 def _cpus_per_worker(num_workers: int) -> int:
@@ -184,4 +216,7 @@ def run_training(config: dict, num_workers: int, use_gpu: bool, max_failures: in
         state = torch.load(Path(d) / CKPT, map_location="cpu", weights_only=False)
     hist = Path(config["storage"]) / config["name"] / "history.json"
     hist.write_text(json.dumps({k: v["history"] for k, v in state["done"].items()}, indent=1))
-    return copy.deepcopy(state["done"])
+    done = copy.deepcopy(state["done"])
+    for v in done.values():
+        v["best"]["state"] = torch.load(v["best"]["file"], map_location="cpu", weights_only=True)
+    return done

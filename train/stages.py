@@ -34,7 +34,7 @@ DEFAULTS = {
     "batch_size": 1, "lr": 2e-4, "betas": [0.5, 0.999], "plateau_factor": 0.9, "plateau_after_epoch": 100,
     "ds_weights": [0.5, 0.25, 0.125, 0.0625], "adv_weight": 0.01, "num_workers": 1, "use_gpu": "auto",
     "checkpoint_every": 1, "max_failures": 1, "augment": True, "loader_workers": 0, "amp": True,
-    "extra_runs": [],
+    "extra_runs": [], "finetune_epochs": None,
 }
 # (site, training split, validation split) per stage
 DATA = {"pretrain": ("site-A", "train", "val"), "finetune": ("site-B", "finetune", "val"),
@@ -54,7 +54,9 @@ def train_config(params: dict) -> dict:
         raise ParamsError(f"params: unknown contrast(s) {bad} (known: {', '.join(CONTRASTS)})")
     if cfg["inputs"] not in ("mrf", "mri"):
         raise ParamsError(f"params: train.inputs must be mrf or mri, got {cfg['inputs']!r}")
-    for key in ("epochs", "batch_size", "num_workers", "checkpoint_every", "width"):
+    if cfg["finetune_epochs"] is None:
+        cfg["finetune_epochs"] = cfg["epochs"]
+    for key in ("epochs", "finetune_epochs", "batch_size", "num_workers", "checkpoint_every", "width"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ParamsError(f"params: train.{key} must be a positive integer, got {cfg[key]!r}")
     use_gpu = _use_gpu(cfg["use_gpu"])
@@ -143,12 +145,17 @@ def run_stage(stage: str, params: dict, stores: Path, models: Path, reports: Pat
     hp = {k: cfg[k] for k in ("width", "epochs", "batch_size", "lr", "betas", "plateau_factor",
                               "plateau_after_epoch", "ds_weights", "adv_weight", "augment", "checkpoint_every",
                               "loader_workers", "amp", "seed")}
+    if stage == "finetune":  # site B's finetune split is smaller than site A's: more epochs, similar steps
+        hp["epochs"] = cfg["finetune_epochs"]
     # the run's name carries a hash of everything it trains on and of the training code: an
     # interrupted run with the same inputs resumes from its checkpoint, a changed one starts afresh
     code = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(Path(__file__).parent.glob("*.py")))).hexdigest()
     digest = hashlib.sha256(json.dumps([hp, runs, key, code], sort_keys=True).encode()).hexdigest()[:12]
     config = {**hp, "name": f"{stage}-{digest}", "storage": str(Path(storage).resolve()), "runs": runs,
               "torch_threads": max(1, (os.cpu_count() or 1) // cfg["num_workers"])}
+    if stage == "finetune":  # the stage's outputs exist even when params list no scratch run
+        for root in (models, reports):
+            (root / "scratch").mkdir(parents=True, exist_ok=True)
     done = run_training(config, cfg["num_workers"], cfg["use_gpu"], cfg["max_failures"])
     cards = []
     for run in runs:

@@ -1,0 +1,193 @@
+"""`qsnet evaluate` end to end on small prepared stores whose targets are made by the sites'
+signal equations from the MRF maps, so the physics baseline must score (almost) perfectly, and
+on a registry of untrained models: the report contract, the routing of models to cohorts,
+and bad cards reported while the rest is evaluated."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ingest.phantom.physics import TISSUE_PARAMS
+from ingest.prepare.grid import apply_scale, percentile_scale
+from ingest.store import write_exam_store
+from train import registry
+from train.evaluate.physics import signal
+from train.models import build
+from ingest.siteconfig import load_site
+
+CONTRASTS = ("t1w", "t2w", "t1flair", "t2flair", "swi")
+Z, N = 4, 64
+
+
+def _phantom_maps(rng):
+    """A disc of WM with a GM ring, a CSF centre and, for GBM subjects, a lesion."""
+    yy, xx = np.mgrid[:N, :N] - N / 2
+    r = np.hypot(yy, xx)
+    labels = np.zeros((Z, N, N), np.uint8)
+    labels[:, r < 26] = 2
+    labels[:, r < 20] = 3
+    labels[:, r < 5] = 1
+    return labels
+
+
+def _store(path, site, split, subject, rng, lesion=False):
+    labels = _phantom_maps(rng)
+    if lesion:
+        yy, xx = np.mgrid[:N, :N]
+        spot = np.hypot(yy - 40, xx - 40) < 4
+        labels[1:3, spot] = 10  # oedema
+        labels[1:3, np.hypot(yy - 40, xx - 40) < 2] = 9  # enhancing
+    t1 = np.zeros(labels.shape)
+    t2 = np.zeros(labels.shape)
+    names = {1: "csf", 2: "gm", 3: "wm", 9: "enhancing", 10: "oedema"}
+    for v, name in names.items():
+        t1[labels == v], t2[labels == v] = TISSUE_PARAMS[name][0], TISSUE_PARAMS[name][1]
+    brain = labels > 0
+    t1 = np.where(brain, t1 * (1 + 0.03 * rng.standard_normal(t1.shape)), 0)
+    t2 = np.where(brain, t2 * (1 + 0.03 * rng.standard_normal(t2.shape)), 0)
+    arrays, scale = {}, {}
+    inputs = []
+    for role, m in (("mrf_t1", t1), ("mrf_t2", t2)):
+        lo, hi = percentile_scale(m, brain)
+        scale[role] = {"lo": lo, "hi": hi, "units": "ms"}
+        inputs.append(apply_scale(m, lo, hi, brain))
+    arrays["input"] = (np.stack(inputs).astype(np.float32), {})
+    series = load_site(site)["series"]
+    for c in CONTRASTS:
+        s = signal(np.maximum(t1, 1), np.maximum(t2, 1), series[c])
+        lo, hi = percentile_scale(s, brain)
+        scale[c] = {"lo": lo, "hi": hi, "units": "scanner"}
+        arrays[c] = (apply_scale(s, lo, hi, brain).astype(np.float32), {})
+    arrays["brain"] = (brain.astype(np.uint8), {})
+    arrays["truth_labels"] = (labels, {})
+    arrays["truth_brain"] = (brain.astype(np.uint8), {})
+    write_exam_store(path / site / f"{subject}.zarr", arrays,
+                     {"site": site, "split": split, "subject": subject, "cohort": "gbm" if lesion else "healthy",
+                      "scale": scale, "targets": list(CONTRASTS)})
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prepared")
+    rng = np.random.default_rng(0)
+    for site, splits in (("site-A", ("train", "train", "test", "test", "test")),
+                         ("site-B", ("finetune", "test", "test", "test"))):
+        for i, split in enumerate(splits):
+            _store(root, site, split, f"sub-{site[-1]}{i}", rng, lesion=site == "site-B")
+    return root
+
+
+def _registry(root, entries):
+    import torch
+
+    torch.manual_seed(0)
+    for stage, arch, inputs, contrast in entries:
+        m = build(arch, in_channels=2, out_channels=1, width=8)
+        folder = root / stage / (arch if inputs == "mrf" else f"{arch}-mri") / contrast
+        registry.save(folder, m.generator, {
+            "architecture": arch, "build": m.config, "contrast": contrast, "inputs": inputs, "stage": stage,
+            "trained_on": {"site": "site-A" if stage == "pretrain" else "site-B"}, "params_hash": "test"})
+    return root
+
+
+@pytest.fixture(scope="module")
+def evaluated(stores, tmp_path_factory):
+    from train.evaluate.service import evaluate
+
+    models = _registry(tmp_path_factory.mktemp("models"), [
+        ("pretrain", "qsnet", "mrf", "t1w"), ("pretrain", "qsnet", "mri", "t1w"), ("finetune", "qsnet", "mrf", "t1w"),
+        ("scratch", "qsnet", "mrf", "t1w"), ("pretrain", "cgan", "mrf", "t2flair"), ("finetune", "cgan", "mrf", "t2flair")])
+    out = tmp_path_factory.mktemp("reports")
+    res = evaluate(models, stores, out, {"profile": "test"})
+    return models, out, res
+
+
+def test_report_contract(evaluated):
+    _, out, res = evaluated
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"site_a", "site_b"}
+    assert set(metrics["site_a"]) == {"qsnet", "cgan", "physics"}  # pretrained models on the home site
+    assert set(metrics["site_b"]) == {"qsnet", "cgan", "physics", "qsnet_scratch"}
+    assert set(metrics["site_b"]["physics"]) == set(CONTRASTS)
+    for cohort in metrics.values():
+        for model in cohort.values():
+            for m in model.values():
+                assert {"ssim", "psnr", "mae"} <= set(m) and m["n"] == 3
+    gen = json.loads((out / "generalisation.json").read_text())
+    assert set(gen["qsnet"]) == {"mrf", "mri", "p_values"}
+    assert set(gen["qsnet"]["p_values"]["t1w"]["ssim"]) >= {"wilcoxon_p", "ttest_p", "n"}
+    assert gen["cgan"]["mri"] == {}  # no mri-input cGAN in this registry
+    ev = out / "evaluate"
+    for name in ("subjects.csv", "regions.csv", "stats.json", "checks.json", "summary.json", "report.html"):
+        assert (ev / name).is_file(), name
+    assert len(list((ev / "figures").glob("grid_*.png"))) == 2
+    html = (ev / "report.html").read_text()
+    summary = json.loads((ev / "summary.json").read_text())
+    assert "data version" in html and summary["provenance"]["evaluate_params_hash"] in html
+    header = (ev / "subjects.csv").read_text().splitlines()[0].split(",")
+    assert {"data_version", "git_commit", "mae_native", "model_params_hash"} <= set(header)
+    assert res["errors"] == []
+
+
+def test_physics_baseline_is_exact_on_equation_made_data(evaluated):
+    _, out, _ = evaluated
+    metrics = json.loads((out / "metrics.json").read_text())
+    for cohort in ("site_a", "site_b"):
+        for c in CONTRASTS:
+            m = metrics[cohort]["physics"][c]
+            assert m["ssim"] > 0.99 and m["mae"] < 0.01 * 4095, (cohort, c, m)
+    # untrained networks are far off: the checks report that instead of passing
+    checks = json.loads((out / "evaluate" / "checks.json").read_text())
+    assert checks and not any(c["passed"] for c in checks if "QS-Net" in c["check"])
+
+
+def test_lesion_regions_and_contrast(evaluated):
+    import csv
+
+    _, out, _ = evaluated
+    rows = list(csv.DictReader(open(out / "evaluate" / "regions.csv")))
+    assert {r["region"] for r in rows} == {"tumour", "enhancing", "oedema"}
+    assert {r["cohort"] for r in rows} == {"site_b"}  # only the GBM site has lesions
+    phys = [r for r in rows if r["model"] == "physics" and r["region"] == "oedema" and r["contrast"] == "t2flair"]
+    # the equation made the targets: synthetic and true lesion contrast agree
+    for r in phys:
+        assert float(r["contrast_truth"]) > 0 and abs(float(r["contrast_synth"]) - float(r["contrast_truth"])) < 0.05
+
+
+def test_bad_cards_are_reported_and_the_rest_runs(stores, tmp_path):
+    from train.evaluate.service import evaluate
+
+    models = _registry(tmp_path / "models", [("finetune", "qsnet", "mrf", "t1w"), ("finetune", "qsnet", "mrf", "t2w")])
+    # a contrast the stores have no ground truth for
+    card = json.loads((models / "finetune/qsnet/t2w/card.json").read_text())
+    card["contrast"] = "pd"
+    (models / "finetune/qsnet/t2w/card.json").write_text(json.dumps(card))
+    # damaged weights
+    _registry(models, [("finetune", "resunet", "mrf", "t1w")])
+    (models / "finetune/resunet/t1w/model.pt").write_bytes(b"not a model")
+    res = evaluate(models, stores, tmp_path / "out", {})
+    errs = "\n".join(res["errors"])
+    assert "finetune/qsnet/t2w: contrast 'pd' has no ground truth" in errs
+    assert "finetune/resunet/t1w/model.pt" in errs and "sha256" in errs
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert "t1w" in metrics["site_b"]["qsnet"]
+
+
+def test_cli_without_test_subjects_fails_in_one_line(stores, tmp_path):
+    import shutil
+
+    root = tmp_path / "prepared"
+    shutil.copytree(stores / "site-A" / "sub-A0.zarr", root / "site-A" / "sub-A0.zarr")  # a training exam only
+    models = _registry(tmp_path / "models", [("pretrain", "qsnet", "mrf", "t1w")])
+    res = subprocess.run([sys.executable, "-m", "ingest.cli", "evaluate", "--models", str(models), "--stores",
+                          str(root), "--out", str(tmp_path / "out"), "--params", str(tmp_path / "none.yaml")],
+                         capture_output=True, text=True)
+    assert res.returncode == 1
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no prepared store in split 'test'" in lines[0] and str(root) in lines[0]
+    assert not (tmp_path / "out" / "metrics.json").exists()

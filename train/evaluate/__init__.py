@@ -1,0 +1,1 @@
+"""Evaluation: metrics, the physics baseline, the comparisons and the report."""

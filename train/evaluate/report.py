@@ -1,0 +1,237 @@
+"""The evaluation's figures and its HTML report (one self-contained folder, images beside it)."""
+
+from __future__ import annotations
+
+import html
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+ORDER = ("qsnet", "resunet", "cgan", "swin", "physics", "qsnet_scratch")
+LABEL = {"qsnet": "QS-Net", "resunet": "Res-UNet", "cgan": "cGAN", "swin": "Swin", "physics": "Physics",
+         "qsnet_scratch": "QS-Net (scratch)"}
+ERROR_WINDOW = 1024.0  # |error| shown from 0 to a quarter of the 12-bit range, the same for every model
+
+
+def _models(present) -> list[str]:
+    return [m for m in ORDER if m in present] + sorted(set(present) - set(ORDER))
+
+
+def _fmt(v, digits=3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) < 1e-3 else f"{v:.{digits}f}"
+    return html.escape(str(v))
+
+
+def _table(head: list[str], body: list[list]) -> str:
+    h = "".join(f"<th>{html.escape(x)}</th>" for x in head)
+    b = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in body)
+    return f"<table><tr>{h}</tr>{b}</table>"
+
+
+def _pm(values) -> str:
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    if not v:
+        return "–"
+    return f"{np.mean(v):.3f} ± {np.std(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
+
+
+def _boxplots(rows, fig_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    cohorts = sorted({r["cohort"] for r in rows})
+    for cohort in cohorts:
+        sel = [r for r in rows if r["cohort"] == cohort and r["arm"] in ("main", "physics")]
+        models = _models({r["model"] for r in sel})
+        contrasts = [c for c in ("t1w", "t2w", "t1flair", "t2flair", "swi") if any(r["contrast"] == c for r in sel)]
+        fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
+        for ax, metric in zip(axes, ("mae", "ssim", "psnr")):
+            width = 0.8 / max(1, len(models))
+            for i, m in enumerate(models):
+                data = [[r[metric] for r in sel if r["model"] == m and r["contrast"] == c
+                         and r[metric] is not None and math.isfinite(r[metric])] for c in contrasts]
+                pos = [k + (i - (len(models) - 1) / 2) * width for k in range(len(contrasts))]
+                bp = ax.boxplot([d or [np.nan] for d in data], positions=pos, widths=width * 0.9,
+                                patch_artist=True, showfliers=False)
+                for patch in bp["boxes"]:
+                    patch.set_facecolor(plt.cm.tab10(i))
+                ax.plot([], [], color=plt.cm.tab10(i), lw=6, label=LABEL.get(m, m))
+            ax.set_xticks(range(len(contrasts)), contrasts)
+            ax.set_title(f"{cohort}: {metric.upper()}")
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        name = f"boxplot_{cohort}.png"
+        fig.savefig(fig_dir / name, dpi=90)
+        plt.close(fig)
+        files.append(name)
+    return files
+
+
+def _grid(ex, preds: dict, fig_dir: Path) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from train.evaluate.metrics import to_12bit
+
+    if not preds:
+        return None
+    models = _models({m for m, _ in preds})
+    contrasts = [c for c in ("t1w", "t2w", "t1flair", "t2flair", "swi") if any(k[1] == c for k in preds)]
+    area = ex.regions["tumour"].sum(axis=(1, 2)) if "tumour" in ex.regions else ex.brain.sum(axis=(1, 2))
+    z = int(np.argmax(area))
+    cols = 3 + 2 * len(models)
+    fig, axes = plt.subplots(len(contrasts), cols, figsize=(1.3 * cols, 1.4 * len(contrasts)), squeeze=False)
+    x = ex.input("mrf")[z]
+    for row, c in enumerate(contrasts):
+        truth = to_12bit(ex.truth(c)[z] * ex.brain[z])
+        panels = [(x[0], "MRF T1", "gray", (0, 1)), (x[1], "MRF T2", "gray", (0, 1)), (truth, f"{c} truth", "gray",
+                                                                                           (0, 4095))]
+        for m in models:
+            p = preds.get((m, c))
+            if p is None:
+                panels += [(np.zeros_like(truth), LABEL.get(m, m), "gray", (0, 1)),
+                           (np.zeros_like(truth), "|error|", "gray", (0, 1))]
+                continue
+            s = to_12bit(p[z])
+            panels += [(s, LABEL.get(m, m), "gray", (0, 4095)), (np.abs(s - truth), "|error|", "magma",
+                                                                 (0, ERROR_WINDOW))]
+        for col, (img, title, cmap, (lo, hi)) in enumerate(panels):
+            ax = axes[row, col]
+            ax.imshow(img, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0 or col == 2:
+                ax.set_title(title if row == 0 else c, fontsize=7)
+    fig.suptitle(f"{ex.cohort} {ex.subject} ({ex.health or 'subject'}), slice {z}; images 0-4095, "
+                 f"|error| 0-{ERROR_WINDOW:.0f}", fontsize=8)
+    fig.tight_layout()
+    name = f"grid_{ex.cohort}_{ex.subject}.png"
+    fig.savefig(fig_dir / name, dpi=90)
+    plt.close(fig)
+    return name
+
+
+def write(folder: Path, rows, region_rows, tables, checks, summary, grids, exams, home: str) -> None:
+    fig_dir = folder / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    boxes = _boxplots(rows, fig_dir)
+    grid_files = [g for ex in exams if ex.subject in grids for g in [_grid(ex, grids[ex.subject], fig_dir)] if g]
+    prov = summary["provenance"]
+    parts = ["<!doctype html><meta charset='utf-8'><title>qsnet evaluation</title>",
+             "<style>body{font:14px sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}th{background:#eee}"
+             ".fail{color:#b00}.pass{color:#070}img{max-width:100%}</style>",
+             "<h1>qsnet evaluation</h1>",
+             f"<p>Every number below comes from data version <code>{_fmt(prov['data_version'])}</code> "
+             f"(data.dvc md5), git commit <code>{_fmt(prov['git_commit'])}</code>, profile "
+             f"<code>{_fmt(prov['profile'])}</code>, evaluation params <code>{prov['evaluate_params_hash']}</code>, "
+             f"models trained with params <code>{', '.join(prov['model_params_hashes']) or '–'}</code>. "
+             "Metrics as the paper defines them: 12-bit scale (L = 4095, K1 = 0.01, K2 = 0.03), inside the "
+             "brain mask, on the prepared grid; MAE also in scanner units in subjects.csv.</p>"]
+
+    parts.append("<h2>Checks</h2>")
+    body = []
+    for ch in checks:
+        cls = "pass" if ch["passed"] else "fail"
+        val = ch["value"]
+        val = ", ".join(_fmt(v if not isinstance(v, list) else f"{v[0]:.3f} vs {v[1]:.3f}")
+                        for v in (val.values() if isinstance(val, dict) else [val]))
+        body.append([html.escape(ch["check"]), ch["contrast"], val, f"<b class={cls}>{'pass' if ch['passed'] else 'FAIL'}</b>",
+                     html.escape(ch.get("note") or "")])
+    parts.append(_table(["check", "contrast", "value(s)", "", "why (from the model cards)"], body))
+    failed = [c for c in checks if not c["passed"]]
+    if failed:
+        parts.append("<p class=fail>Where a check fails: the numbers are what this data and these models give. "
+                     "On the demo profile the models are trained for minutes on a CPU at 64 x 64 pixels "
+                     "(see params.yaml); a 1-pixel blur alone costs about 0.1 SSIM at that size. A failing "
+                     "generalisation check means the phantom's two sites differ less in their mri inputs than "
+                     "real vendors do, or the models did not train long enough to tell; the check is not "
+                     "changed to pass.</p>")
+
+    by = defaultdict(list)
+    for r in rows:
+        by[(r["cohort"], r["arm"], r["model"], r["contrast"])].append(r)
+    for cohort in sorted({r["cohort"] for r in rows}):
+        parts.append(f"<h2>{html.escape(cohort)}: models against ground truth (mean ± sd over test subjects)</h2>")
+        contrasts = [c for c in ("t1w", "t2w", "t1flair", "t2flair", "swi")
+                     if any(k[0] == cohort and k[3] == c for k in by)]
+        models = _models({k[2] for k in by if k[0] == cohort and k[1] in ("main", "physics")})
+        for metric in ("ssim", "psnr", "mae"):
+            body = []
+            for m in models:
+                arm = "physics" if m == "physics" else "main"
+                body.append([LABEL.get(m, m)] + [_pm([r[metric] for r in by.get((cohort, arm, m, c), [])])
+                                                 for c in contrasts])
+            parts.append(f"<h3>{metric.upper()}</h3>" + _table(["model"] + contrasts, body))
+        st = tables["stats"]["qsnet_vs"].get(cohort, {})
+        if st:
+            body = [[LABEL.get(m, m)] + [
+                "<br>".join(f"{k}: W {_fmt(v[k]['wilcoxon_p'])} / t {_fmt(v[k]['ttest_p'])}"
+                            for k in ("ssim", "psnr", "mae")) if (v := st[m].get(c)) else "–" for c in contrasts]
+                    for m in _models(st)]
+            parts.append("<h3>QS-Net against each model: paired p-values over subjects "
+                         "(Wilcoxon signed-rank / paired t)</h3>" + _table(["model"] + contrasts, body))
+        ts = tables["stats"]["two_stage_vs_scratch"].get(cohort)
+        if ts:
+            body = [[c, _fmt(v["ssim"]["mean_a"]), _fmt(v["ssim"]["mean_b"]), _fmt(v["ssim"]["wilcoxon_p"]),
+                     _fmt(v["ssim"]["ttest_p"])] for c, v in sorted(ts.items())]
+            parts.append("<h3>Two-stage (pretrain + finetune) against site-B-from-scratch, SSIM</h3>"
+                         + _table(["contrast", "two-stage", "scratch", "Wilcoxon p", "t-test p"], body))
+    for f in boxes:
+        parts.append(f"<p><img src='figures/{f}' alt='{f}'></p>")
+
+    gen = tables["generalisation"]
+    if gen:
+        parts.append("<h2>Generalisation: trained on site A only, tested on another site, mrf against mri "
+                     "inputs (the paper's figure 5)</h2>")
+        body = []
+        for arch in _models(gen):
+            g = gen[arch]
+            for c in sorted(set(g["mrf"]) | set(g["mri"])):
+                p = g["p_values"].get(c, {}).get("ssim", {})
+                body.append([LABEL.get(arch, arch), c] + [_fmt(g[k].get(c, {}).get(m)) for k in ("mrf", "mri")
+                                                          for m in ("ssim", "psnr", "mae")]
+                            + [_fmt(p.get("wilcoxon_p")), _fmt(p.get("ttest_p"))])
+        parts.append(_table(["model", "contrast", "mrf SSIM", "mrf PSNR", "mrf MAE", "mri SSIM", "mri PSNR",
+                             "mri MAE", "SSIM Wilcoxon p", "SSIM t-test p"], body))
+
+    if region_rows:
+        parts.append("<h2>Lesions: metrics inside the tumour, enhancing rim and oedema, and lesion contrast "
+                     "against normal-appearing white matter ((lesion − NAWM) / NAWM), true against synthetic</h2>")
+        agg = defaultdict(list)
+        for r in region_rows:
+            if r["arm"] in ("main", "physics"):
+                agg[(r["cohort"], r["model"], r["region"], r["contrast"])].append(r)
+        body = []
+        for (cohort, m, reg, c), rs in sorted(agg.items(), key=lambda kv: (kv[0][0], ORDER.index(kv[0][1])
+                                                                           if kv[0][1] in ORDER else 99, kv[0][2:])):
+            body.append([cohort, LABEL.get(m, m), reg, c, _pm([r["ssim"] for r in rs]), _pm([r["mae"] for r in rs]),
+                         _pm([r["contrast_truth"] for r in rs]), _pm([r["contrast_synth"] for r in rs])])
+        parts.append(_table(["cohort", "model", "region", "contrast", "SSIM", "MAE", "contrast (truth)",
+                             "contrast (synthetic)"], body))
+
+    parts.append("<h2>Images</h2><p>Ground truth, each model's synthesis and its absolute error, same slice, "
+                 "same window.</p>")
+    parts.extend(f"<p><img src='figures/{g}' alt='{g}'></p>" for g in grid_files)
+    if summary["physics"]:
+        body = [[k, _fmt(v["a"]), _fmt(v["b"]), v["voxels"]] for k, v in sorted(summary["physics"].items())]
+        parts.append("<h2>Physics baseline fits</h2><p>Each contrast from the MRF T1/T2 maps by its signal "
+                     "equation with the site's protocol, one linear intensity mapping a·s + b fitted on the "
+                     "site's training exams.</p>" + _table(["site/contrast", "a", "b", "voxels"], body))
+    t = summary["timing"]
+    parts.append(f"<h2>Run</h2><p>{t['pairs']} model × subject × contrast evaluations in {t['total_s']:.1f} s "
+                 f"({t['per_model_subject_contrast_s'] * 1000:.0f} ms each).</p>")
+    if summary["errors"]:
+        parts.append("<h2>Not evaluated</h2><ul>" + "".join(f"<li>{html.escape(e)}</li>" for e in summary["errors"])
+                     + "</ul>")
+    (folder / "report.html").write_text("\n".join(parts) + "\n")

@@ -1,0 +1,426 @@
+"""``qsnet evaluate``: every model of a registry on the test subjects of prepared stores.
+
+Which model is scored on which subjects follows from its card, so the same code serves the
+paper's study and a site checking the models on its own data:
+
+- the pretraining site (site A, healthy) is the *home* cohort: the pretrained ``mrf`` models
+  are its main comparison (the paper's figure 3, top row);
+- every other site is a *new* cohort: the finetuned models (figure 3, bottom row), QS-Net from
+  scratch (``<arch>_scratch``), and the site-A-only models with ``mrf`` and with ``mri``
+  inputs (the generalisation study, figure 5);
+- the physics baseline (:mod:`train.evaluate.physics`) for every cohort and contrast, fitted
+  on that site's training exams.
+
+A card that cannot be scored (its contrast has no ground truth in the stores, its input kind
+is missing from them, its weights do not load) is reported with the reason and the rest runs.
+
+Outputs under ``out`` (the report contract): ``metrics.json``, ``generalisation.json``, and
+``evaluate/`` with per-subject and per-region CSV tables, ``stats.json`` (paired tests),
+``checks.json``, ``summary.json`` (provenance, timings, errors), figures and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from train.evaluate.metrics import lesion_contrast, masked_metrics, paired_tests, region_metrics, to_12bit
+
+__all__ = ["evaluate", "EvaluateError", "CONTRASTS", "METRICS"]
+
+CONTRASTS = ("t1w", "t2w", "t1flair", "t2flair", "swi")
+METRICS = ("ssim", "psnr", "mae")
+HIGHER_IS_BETTER = {"ssim": True, "psnr": True, "mae": False}
+# phantom label values (ingest.phantom.anatomy.LABELS) of the lesion regions and the reference tissue
+REGIONS = {"tumour": (8, 9, 11), "enhancing": (9,), "oedema": (10,)}
+NAWM = 3
+EVAL_DEFAULTS = {"data_range": 4095.0, "k1": 0.01, "k2": 0.03, "min_ssim": 0.85}
+
+
+class EvaluateError(ValueError):
+    """The whole evaluation cannot run (no test subjects, no usable model)."""
+
+
+def cohort_name(site: str) -> str:
+    return str(site).lower().replace("-", "_")
+
+
+def _model_key(card: dict) -> str:
+    return f"{card['architecture']}_scratch" if card.get("stage") == "scratch" else card["architecture"]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _json(obj) -> str:
+    def clean(v):
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, (np.floating, float)):
+            v = float(v)
+            return v if math.isfinite(v) else None  # JSON has no inf/NaN: PSNR of identical images is null
+        if isinstance(v, np.integer):
+            return int(v)
+        return v
+    return json.dumps(clean(obj), indent=1, sort_keys=True) + "\n"
+
+
+class _Exam:
+    """One test subject: its store, brain mask, lesion regions; arrays read once, on demand."""
+
+    def __init__(self, path: Path):
+        from ingest.store import open_store
+
+        self.path = path
+        self.store = open_store(path)
+        a = self.store.attrs
+        self.site = str(a.get("site", path.parent.name))
+        self.subject = str(a.get("subject", path.stem))
+        self.cohort = cohort_name(self.site)
+        self.health = str(a.get("cohort", ""))
+        self.targets = set(a.get("targets") or [c for c in CONTRASTS if c in self.store])
+        self.brain = np.asarray(self.store.read("brain")).astype(bool)
+        self._inputs: dict = {}
+        self._truth: dict = {}
+        self.regions: dict[str, np.ndarray] = {}
+        if "truth_labels" in self.store:
+            lab = np.asarray(self.store.read("truth_labels"))
+            self.regions = {k: np.isin(lab, v) & self.brain for k, v in REGIONS.items()}
+            self.regions = {k: m for k, m in self.regions.items() if m.any()}
+            self.nawm = (lab == NAWM) & self.brain
+        else:
+            self.nawm = None
+
+    def input(self, kind: str) -> np.ndarray:
+        from train.data import exam_input
+
+        if kind not in self._inputs:
+            self._inputs[kind] = exam_input(self.store, kind)
+        return self._inputs[kind]
+
+    def truth(self, contrast: str) -> np.ndarray:
+        if contrast not in self._truth:
+            self._truth[contrast] = np.asarray(self.store.read(contrast), dtype=np.float32)
+        return self._truth[contrast]
+
+    def scale(self, contrast: str) -> dict:
+        return (self.store.attrs.get("scale") or {}).get(contrast) or {}
+
+
+def _predict(model, x: np.ndarray, batch: int = 32) -> np.ndarray:
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            out.append(model(torch.from_numpy(x[i:i + batch])).float()[:, 0].numpy())
+    return np.concatenate(out)
+
+
+def _score(pred01: np.ndarray, ex: _Exam, contrast: str, cfg: dict) -> tuple[dict, list[dict]]:
+    L, k1, k2 = float(cfg["data_range"]), float(cfg["k1"]), float(cfg["k2"])
+    p, t = to_12bit(pred01, L), to_12bit(ex.truth(contrast), L)
+    m = masked_metrics(p, t, ex.brain, L, k1, k2)
+    sc = ex.scale(contrast)
+    if "lo" in sc and "hi" in sc:  # the normalisation is linear: scanner-unit MAE is the prepared one rescaled
+        m["mae_native"] = m["mae"] / L * (float(sc["hi"]) - float(sc["lo"]))
+        m["native_units"] = sc.get("units", "")
+    regions = []
+    if ex.regions:
+        for name, r in region_metrics(p, t, ex.brain, ex.regions, L, k1, k2).items():
+            regions.append({"region": name, **{k: r[k] for k in ("mae", "ssim", "psnr", "voxels")},
+                            "contrast_truth": lesion_contrast(t, ex.regions[name], ex.nawm),
+                            "contrast_synth": lesion_contrast(p, ex.regions[name], ex.nawm)})
+    return m, regions
+
+
+def _cards(models: Path, errors: list[str]):
+    from train.registry import RegistryError, find_cards, read_card
+
+    cards = []
+    for path in find_cards(models):
+        try:
+            cards.append(read_card(path))
+        except RegistryError as exc:
+            errors.append(str(exc))
+    return cards
+
+
+def _fit_physics(stores: Path, sites: set[str], errors: list[str]) -> dict:
+    from train.data import find_stores
+    from train.evaluate.physics import PhysicsBaseline, PhysicsUnavailable
+
+    fitted = {}
+    for site in sorted(sites):
+        train = find_stores(stores, splits=["train", "finetune"], sites=[site])
+        if not train:
+            errors.append(f"{stores}: no training exams of {site}: no physics baseline to fit for it")
+            continue
+        for c in CONTRASTS:
+            try:
+                fitted[(site, c)] = PhysicsBaseline(c).fit(train)
+            except (PhysicsUnavailable, ValueError, KeyError) as exc:
+                errors.append(f"physics baseline {site}/{c}: {exc}")
+    return fitted
+
+
+def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, progress=None) -> dict:
+    """Score every usable model card under ``models`` on the test subjects under ``stores``."""
+    from train import registry
+    from train.data import find_stores
+    from train.stages import DATA
+
+    cfg = {**EVAL_DEFAULTS, **((params or {}).get("evaluate") or {})}
+    models, stores, out = Path(models), Path(stores), Path(out)
+    home = DATA["pretrain"][0]
+    errors: list[str] = []
+    say = progress or (lambda msg: None)
+    t_start = time.perf_counter()
+
+    test = find_stores(stores, splits=["test"])
+    if not test:
+        raise EvaluateError(f"{stores}: no prepared store in split 'test' (run `qsnet prepare`; "
+                            "its report lists the splits)")
+    exams = [_Exam(p) for p in test]
+    cards = _cards(models, errors)
+    if not cards:
+        raise EvaluateError(f"{models}: no model card (<stage>/<arch>/<contrast>/card.json) to evaluate")
+
+    rows: list[dict] = []
+    region_rows: list[dict] = []
+    grids: dict = defaultdict(dict)  # (subject) -> {(model, contrast): prediction}, for the figures
+    shown = _pick_grid_subjects(exams, home)
+    timing = {"predict_s": 0.0, "metrics_s": 0.0, "pairs": 0}
+
+    def record(ex, model_key, arm, contrast, pred, card=None):
+        t0 = time.perf_counter()
+        m, regs = _score(pred, ex, contrast, cfg)
+        timing["metrics_s"] += time.perf_counter() - t0
+        timing["pairs"] += 1
+        base = {"cohort": ex.cohort, "site": ex.site, "subject": ex.subject, "health": ex.health,
+                "model": model_key, "arm": arm, "contrast": contrast,
+                "stage": card.get("stage") if card else "physics", "inputs": card.get("inputs") if card else "mrf",
+                "card": str(Path(card["_path"]).relative_to(models)) if card else "",
+                "model_params_hash": card.get("params_hash") if card else "",
+                "model_git_commit": card.get("git_commit") if card else ""}
+        rows.append({**base, **m})
+        region_rows.extend({**base, **r} for r in regs)
+        if ex.subject in shown and arm in ("main", "physics"):
+            grids[ex.subject][(model_key, contrast)] = pred
+
+    for card in cards:
+        name = str(Path(card["_path"]).parent.relative_to(models))
+        c, kind, stage = card["contrast"], card.get("inputs", "mrf"), card.get("stage")
+        trained = (card.get("trained_on") or {}).get("site") or DATA.get(stage, (home,))[0]
+        targets = []
+        for ex in exams:
+            if stage == "pretrain" and ex.site == trained and kind == "mrf":
+                targets.append((ex, "main"))
+            elif stage == "pretrain" and ex.site != trained:
+                targets.append((ex, f"generalisation_{kind}"))
+            elif stage in ("finetune", "scratch") and ex.site != home and kind == "mrf":
+                targets.append((ex, "main"))
+        if not targets:
+            continue
+        if not any(c in ex.targets for ex, _ in targets):
+            errors.append(f"{name}: contrast {c!r} has no ground truth in the test stores under {stores}")
+            continue
+        try:
+            model = registry.load(card)
+        except (registry.RegistryError, RuntimeError, TypeError) as exc:
+            errors.append(f"{name}: {exc}")
+            continue
+        say(f"evaluate: {name} on {len(targets)} subject(s)")
+        for ex, arm in targets:
+            if c not in ex.targets:
+                errors.append(f"{name}: {ex.path}: no ground truth for {c!r}")
+                continue
+            try:
+                x = ex.input(kind)
+            except ValueError as exc:
+                errors.append(f"{name}: input kind {kind!r} does not match the stores: {exc}")
+                break
+            t0 = time.perf_counter()
+            try:
+                pred = _predict(model, x)
+            except RuntimeError as exc:
+                errors.append(f"{name}: {ex.path}: the model does not take this input ({str(exc).splitlines()[0]})")
+                break
+            timing["predict_s"] += time.perf_counter() - t0
+            record(ex, _model_key(card), arm, c, pred * ex.brain, card)
+
+    physics = _fit_physics(stores, {ex.site for ex in exams}, errors)
+    for ex in exams:
+        for c in CONTRASTS:
+            if (ex.site, c) in physics and c in ex.targets:
+                t0 = time.perf_counter()
+                pred = physics[(ex.site, c)].predict(ex.store.path)
+                timing["predict_s"] += time.perf_counter() - t0
+                record(ex, "physics", "physics", c, pred)
+    if not rows:
+        raise EvaluateError("nothing could be evaluated: " + ("; ".join(errors[:3]) or "no model matches the stores"))
+
+    tables = _tables(rows, home)
+    provenance = {"data_version": registry.data_version(), "git_commit": registry.git_commit(),
+                  "profile": (params or {}).get("profile"),
+                  "evaluate_params": cfg,
+                  "evaluate_params_hash": hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16],
+                  "model_params_hashes": sorted({c.get("params_hash") for c in cards if c.get("params_hash")}),
+                  "model_git_commits": sorted({c.get("git_commit") for c in cards if c.get("git_commit")})}
+    n_subj_contrast = len({(r["subject"], r["contrast"]) for r in rows})
+    timing.update(total_s=time.perf_counter() - t_start, subject_contrasts=n_subj_contrast,
+                  per_model_subject_contrast_s=(timing["predict_s"] + timing["metrics_s"]) / max(1, timing["pairs"]))
+    training = {(c.get("stage"), c["architecture"], c.get("inputs", "mrf"), c["contrast"]):
+                {"epochs": c.get("epochs"), "best_epoch": c.get("best_epoch")} for c in cards}
+    checks = _checks(tables, cfg, home, training)
+    summary = {"provenance": provenance, "timing": timing, "errors": errors,
+               "subjects": {ex.cohort: sorted(e.subject for e in exams if e.cohort == ex.cohort) for ex in exams},
+               "physics": {f"{s}/{c}": b.to_dict() for (s, c), b in physics.items()},
+               "cards": len(cards)}
+
+    ev = out / "evaluate"
+    tmp = out / f".evaluate.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    _write_csv(tmp / "subjects.csv", rows, provenance)
+    _write_csv(tmp / "regions.csv", region_rows, provenance)
+    (tmp / "stats.json").write_text(_json(tables["stats"]))
+    (tmp / "checks.json").write_text(_json(checks))
+    (tmp / "summary.json").write_text(_json(summary))
+    from train.evaluate import report
+
+    report.write(tmp, rows, region_rows, tables, checks, summary, grids, exams, home)
+    if ev.exists():
+        shutil.rmtree(ev)
+    os.replace(tmp, ev)
+    _atomic_write(out / "metrics.json", _json(tables["metrics"]))
+    _atomic_write(out / "generalisation.json", _json(tables["generalisation"]))
+    return {"metrics": tables["metrics"], "generalisation": tables["generalisation"], "checks": checks,
+            "errors": errors, "timing": timing, "rows": len(rows)}
+
+
+def _pick_grid_subjects(exams: list[_Exam], home: str) -> set[str]:
+    """One healthy subject of the home site, and the subject of every other site with the most lesion."""
+    picked = set()
+    for site in sorted({e.site for e in exams}):
+        group = sorted((e for e in exams if e.site == site), key=lambda e: e.subject)
+        if site != home:
+            group.sort(key=lambda e: -int(e.regions["tumour"].sum()) if "tumour" in e.regions else 0)
+        picked.add(group[0].subject)
+    return picked
+
+
+def _mean(v) -> float:
+    v = [x for x in v if x is not None and math.isfinite(x)]
+    return float(np.mean(v)) if v else float("nan")
+
+
+def _tables(rows: list[dict], home: str) -> dict:
+    by = defaultdict(dict)  # (cohort, arm, model, contrast) -> {subject: row}
+    for r in rows:
+        by[(r["cohort"], r["arm"], r["model"], r["contrast"])][r["subject"]] = r
+
+    def means(cells: dict) -> dict:
+        return {m: _mean([r[m] for r in cells.values()]) for m in METRICS} | {"n": len(cells)}
+
+    metrics: dict = defaultdict(lambda: defaultdict(dict))
+    for (cohort, arm, model, c), cells in by.items():
+        if arm in ("main", "physics"):
+            metrics[cohort][model][c] = means(cells)
+
+    def paired(a: dict, b: dict) -> dict:
+        subj = sorted(set(a) & set(b))
+        return {m: paired_tests([a[s][m] for s in subj], [b[s][m] for s in subj]) for m in METRICS}
+
+    stats: dict = {"qsnet_vs": defaultdict(lambda: defaultdict(dict)), "generalisation": {}, "two_stage_vs_scratch": {}}
+    for (cohort, arm, model, c), cells in by.items():
+        ref = by.get((cohort, "main", "qsnet", c))
+        if arm in ("main", "physics") and model != "qsnet" and ref:
+            stats["qsnet_vs"][cohort][model][c] = paired(ref, cells)
+    gen: dict = defaultdict(lambda: {"mrf": {}, "mri": {}, "p_values": {}})
+    for (cohort, arm, model, c), cells in by.items():
+        if arm.startswith("generalisation_"):
+            gen[model][arm.split("_", 1)[1]][c] = means(cells) | {"cohort": cohort}
+    for arch, g in gen.items():
+        for c in set(g["mrf"]) & set(g["mri"]):
+            cohort = g["mrf"][c]["cohort"]
+            g["p_values"][c] = paired(by[(cohort, "generalisation_mrf", arch, c)],
+                                      by[(cohort, "generalisation_mri", arch, c)])
+    stats["generalisation"] = {a: g["p_values"] for a, g in gen.items()}
+    for (cohort, _arm, model, c), cells in by.items():
+        if model == "qsnet_scratch" and (cohort, "main", "qsnet", c) in by:
+            stats["two_stage_vs_scratch"].setdefault(cohort, {})[c] = paired(by[(cohort, "main", "qsnet", c)], cells)
+    return {"metrics": metrics, "generalisation": gen, "stats": stats, "home": home}
+
+
+def _undertrained(training: dict, key: tuple) -> str:
+    t = training.get(key) or {}
+    if t.get("epochs") and t.get("best_epoch") == t.get("epochs"):
+        return (f"{key[1]} {key[3]} ({key[0]}): validation loss still falling at its last epoch ({t['epochs']}): "
+                "under-trained on this profile")
+    return ""
+
+
+def _checks(tables: dict, cfg: dict, home: str, training: dict | None = None) -> list[dict]:
+    """The issue's acceptance numbers, each with pass/fail, the values behind it and, where a
+    check fails and the model card shows why, a note."""
+    training = training or {}
+    out = []
+    metrics = tables["metrics"]
+    for cohort, models in sorted(metrics.items()):
+        if cohort == cohort_name(home) or "qsnet" not in models:
+            continue
+        for c, m in sorted(models["qsnet"].items()):
+            ok = bool(m["ssim"] >= cfg["min_ssim"])
+            out.append({"check": f"{cohort}: QS-Net (finetuned) SSIM >= {cfg['min_ssim']}", "contrast": c,
+                        "value": m["ssim"], "passed": ok,
+                        "note": "" if ok else _undertrained(training, ("finetune", "qsnet", "mrf", c))})
+            phys = models.get("physics", {}).get(c)
+            if phys:
+                wins = {k: (m[k] > phys[k]) == HIGHER_IS_BETTER[k] for k in METRICS}
+                ok = all(wins.values())
+                note = "" if ok else (
+                    "lost on " + ", ".join(k for k, w in wins.items() if not w) + "; the phantom renders its "
+                    "contrasts with these same signal equations (plus PD, B1, partial volume and noise), so the "
+                    "baseline starts close to the truth; " + _undertrained(training, ("finetune", "qsnet", "mrf", c)))
+                out.append({"check": f"{cohort}: QS-Net beats the physics baseline (SSIM, PSNR and MAE)",
+                            "contrast": c, "value": {k: [m[k], phys[k]] for k in METRICS},
+                            "passed": ok, "note": note.rstrip("; ")})
+    for arch, g in sorted(tables["generalisation"].items()):
+        for c in sorted(set(g["mrf"]) & set(g["mri"])):
+            a, b = g["mrf"][c], g["mri"][c]
+            ok = bool(a["ssim"] > b["ssim"])
+            notes = [] if ok else [_undertrained(training, ("pretrain", arch, k, c)) for k in ("mrf", "mri")]
+            out.append({"check": f"generalisation: {arch} with mrf inputs beats mri inputs (SSIM)", "contrast": c,
+                        "value": [a["ssim"], b["ssim"]], "passed": ok, "note": "; ".join(n for n in notes if n)})
+    return out
+
+
+def _write_csv(path: Path, rows: list[dict], provenance: dict) -> None:
+    extra = {"data_version": provenance["data_version"], "git_commit": provenance["git_commit"],
+             "evaluate_params_hash": provenance["evaluate_params_hash"]}
+    keys: list[str] = []
+    for r in rows:
+        keys.extend(k for k in r if k not in keys)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys + list(extra))
+        w.writeheader()
+        for r in sorted(rows, key=lambda r: (r["cohort"], r["arm"], r["model"], r["contrast"], r["subject"],
+                                             r.get("region", ""))):
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in {**r, **extra}.items()})
