@@ -35,7 +35,7 @@ def _phantom_maps(rng):
     return labels
 
 
-def _store(path, site, split, subject, rng, lesion=False):
+def _store(path, site, split, subject, rng, lesion=False, drop=()):
     labels = _phantom_maps(rng)
     if lesion:
         yy, xx = np.mgrid[:N, :N]
@@ -63,12 +63,14 @@ def _store(path, site, split, subject, rng, lesion=False):
         lo, hi = percentile_scale(s, brain)
         scale[c] = {"lo": lo, "hi": hi, "units": "scanner"}
         arrays[c] = (apply_scale(s, lo, hi, brain).astype(np.float32), {})
+    for role in drop:
+        del arrays[role]
     arrays["brain"] = (brain.astype(np.uint8), {})
     arrays["truth_labels"] = (labels, {})
     arrays["truth_brain"] = (brain.astype(np.uint8), {})
     write_exam_store(path / site / f"{subject}.zarr", arrays,
                      {"site": site, "split": split, "subject": subject, "cohort": "gbm" if lesion else "healthy",
-                      "scale": scale, "targets": list(CONTRASTS)})
+                      "scale": scale, "targets": [c for c in CONTRASTS if c not in drop]})
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +144,7 @@ def test_physics_baseline_is_exact_on_equation_made_data(evaluated):
             m = metrics[cohort]["physics"][c]
             assert m["ssim"] > 0.99 and m["mae"] < 0.01 * 4095, (cohort, c, m)
     # untrained networks are far off: the checks report that instead of passing
-    checks = json.loads((out / "evaluate" / "checks.json").read_text())
+    checks = json.loads((out / "evaluate" / "checks.json").read_text())["checks"]
     assert checks and not any(c["passed"] for c in checks if "QS-Net" in c["check"])
 
 
@@ -191,3 +193,33 @@ def test_cli_without_test_subjects_fails_in_one_line(stores, tmp_path):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "no prepared store in split 'test'" in lines[0] and str(root) in lines[0]
     assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_cards_that_do_not_fit_are_reported_and_the_rest_runs(tmp_path):
+    from train.evaluate.metrics import paired_tests
+    from train.evaluate.service import evaluate
+
+    rng = np.random.default_rng(1)
+    stores = tmp_path / "prepared"
+    for site, splits in (("site-A", ("train", "test")), ("site-B", ("finetune", "test", "test"))):
+        for i, split in enumerate(splits):
+            _store(stores, site, split, f"sub-{site[-1]}{i}", rng, drop=("t2w",))  # no T2w: no mri input
+    models = _registry(tmp_path / "models", [("pretrain", "qsnet", "mri", "t1flair"), ("finetune", "qsnet", "mrf", "t1w"),
+                                              ("finetune", "cgan", "mrf", "t1w")])
+    card_path = models / "finetune/qsnet/t1w/card.json"
+    card = json.loads(card_path.read_text())
+    del card["stage"], card["trained_on"]  # an older card: the folder names the stage
+    card_path.write_text(json.dumps(card))
+    card_path = models / "finetune/cgan/t1w/card.json"
+    card = json.loads(card_path.read_text())
+    card["build"]["arch"] = "unet3000"
+    card_path.write_text(json.dumps(card))
+    res = evaluate(models, stores, tmp_path / "out", {})
+    errs = "\n".join(res["errors"])
+    assert "pretrain/qsnet-mri/t1flair: input kind 'mri' does not match the stores" in errs and "t2w" in errs
+    assert "finetune/cgan/t1w: unknown architecture 'unet3000'" in errs
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["site_b"]["qsnet"]["t1w"]["n"] == 2  # scored although its card names no stage
+    assert not list(tmp_path.glob("out/.evaluate.*"))  # no temporary folder left behind
+    # a perfect subject's infinite PSNR is left out of the paired tests, not turned into a difference
+    assert paired_tests([float("inf"), 30.0, 31.0, 33.0], [29.0, 28.0, 30.0, 31.0])["n"] == 3

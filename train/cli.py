@@ -58,6 +58,8 @@ def register(app: typer.Typer) -> None:
             fail("evaluate", f"{stores}: no prepared stores (run `qsnet prepare` first)")
         if not models.is_dir():
             fail("evaluate", f"{models}: no model registry (run `qsnet pretrain` first)")
+        if not params.exists() and profile:
+            fail("evaluate", f"{params}: no params file to take profile {profile!r} from")
         p = _run("evaluate", load_params, params, profile) if params.exists() else {}
         res = _run("evaluate", evaluate, models, stores, out, p, progress=typer.echo)
         for e in res["errors"]:

@@ -146,7 +146,8 @@ def _p(test, *args) -> float | None:
 
 
 def paired_tests(a, b) -> dict:
-    """Wilcoxon signed-rank and paired t-test of two models' per-subject values (NaN pairs dropped).
+    """Wilcoxon signed-rank and paired t-test of two models' per-subject values (pairs with a value
+    that is not finite dropped: the PSNR of a perfect synthesis is infinite, not a difference).
 
     A p-value that cannot be computed (n < 2, all differences zero, constant differences) is None.
     """
@@ -154,7 +155,7 @@ def paired_tests(a, b) -> dict:
     b = np.asarray(b, dtype=np.float64).ravel()
     if a.shape != b.shape:
         raise ValueError(f"paired values need equal lengths, got {a.size} and {b.size}")
-    keep = ~(np.isnan(a) | np.isnan(b))
+    keep = np.isfinite(a) & np.isfinite(b)
     a, b = a[keep], b[keep]
     n = int(a.size)
     d = a - b

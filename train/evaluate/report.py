@@ -75,7 +75,7 @@ def _boxplots(rows, fig_dir: Path) -> list[str]:
     return files
 
 
-def _grid(ex, preds: dict, fig_dir: Path) -> str | None:
+def _grid(ex, preds: dict, fig_dir: Path, cfg: dict) -> str | None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,21 +90,23 @@ def _grid(ex, preds: dict, fig_dir: Path) -> str | None:
     area = ex.regions["tumour"].sum(axis=(1, 2)) if "tumour" in ex.regions else ex.brain.sum(axis=(1, 2))
     z = int(np.argmax(area))
     cols = 3 + 2 * len(models)
+    L = float(cfg["data_range"])
+    err_window = ERROR_WINDOW / 4095.0 * L
     fig, axes = plt.subplots(len(contrasts), cols, figsize=(1.3 * cols, 1.4 * len(contrasts)), squeeze=False)
     x = ex.input("mrf")[z]
     for row, c in enumerate(contrasts):
-        truth = to_12bit(ex.truth(c)[z] * ex.brain[z])
+        truth = to_12bit(ex.truth(c)[z] * ex.brain[z], L)
         panels = [(x[0], "MRF T1", "gray", (0, 1)), (x[1], "MRF T2", "gray", (0, 1)), (truth, f"{c} truth", "gray",
-                                                                                           (0, 4095))]
+                                                                                           (0, L))]
         for m in models:
             p = preds.get((m, c))
             if p is None:
                 panels += [(np.zeros_like(truth), LABEL.get(m, m), "gray", (0, 1)),
                            (np.zeros_like(truth), "|error|", "gray", (0, 1))]
                 continue
-            s = to_12bit(p[z])
-            panels += [(s, LABEL.get(m, m), "gray", (0, 4095)), (np.abs(s - truth), "|error|", "magma",
-                                                                 (0, ERROR_WINDOW))]
+            s = to_12bit(p[z], L)
+            panels += [(s, LABEL.get(m, m), "gray", (0, L)), (np.abs(s - truth), "|error|", "magma",
+                                                              (0, err_window))]
         for col, (img, title, cmap, (lo, hi)) in enumerate(panels):
             ax = axes[row, col]
             ax.imshow(img, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
@@ -112,8 +114,8 @@ def _grid(ex, preds: dict, fig_dir: Path) -> str | None:
             ax.set_yticks([])
             if row == 0 or col == 2:
                 ax.set_title(title if row == 0 else c, fontsize=7)
-    fig.suptitle(f"{ex.cohort} {ex.subject} ({ex.health or 'subject'}), slice {z}; images 0-4095, "
-                 f"|error| 0-{ERROR_WINDOW:.0f}", fontsize=8)
+    fig.suptitle(f"{ex.cohort} {ex.subject} ({ex.health or 'subject'}), slice {z}; images 0-{L:.0f}, "
+                 f"|error| 0-{err_window:.0f}", fontsize=8)
     fig.tight_layout()
     name = f"grid_{ex.cohort}_{ex.subject}.png"
     fig.savefig(fig_dir / name, dpi=90)
@@ -125,8 +127,11 @@ def write(folder: Path, rows, region_rows, tables, checks, summary, grids, exams
     fig_dir = folder / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     boxes = _boxplots(rows, fig_dir)
-    grid_files = [g for ex in exams if ex.subject in grids for g in [_grid(ex, grids[ex.subject], fig_dir)] if g]
+    grid_files = [g for ex in exams if (ex.site, ex.subject) in grids
+                  for g in [_grid(ex, grids[(ex.site, ex.subject)], fig_dir, summary["provenance"]["evaluate_params"])]
+                  if g]
     prov = summary["provenance"]
+    cfg = prov["evaluate_params"]
     parts = ["<!doctype html><meta charset='utf-8'><title>qsnet evaluation</title>",
              "<style>body{font:14px sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}th{background:#eee}"
@@ -135,9 +140,10 @@ def write(folder: Path, rows, region_rows, tables, checks, summary, grids, exams
              f"<p>Every number below comes from data version <code>{_fmt(prov['data_version'])}</code> "
              f"(data.dvc md5), git commit <code>{_fmt(prov['git_commit'])}</code>, profile "
              f"<code>{_fmt(prov['profile'])}</code>, evaluation params <code>{prov['evaluate_params_hash']}</code>, "
-             f"models trained with params <code>{', '.join(prov['model_params_hashes']) or '–'}</code>. "
-             "Metrics as the paper defines them: 12-bit scale (L = 4095, K1 = 0.01, K2 = 0.03), inside the "
-             "brain mask, on the prepared grid; MAE also in scanner units in subjects.csv.</p>"]
+             f"models trained with params <code>{', '.join(prov['model_params_hashes']) or '–'}</code>"
+             f"{' (the working tree had uncommitted changes)' if prov.get('git_dirty') else ''}. "
+             f"Metrics as the paper defines them: L = {cfg['data_range']:g}, K1 = {cfg['k1']:g}, K2 = {cfg['k2']:g}, "
+             "inside the brain mask, on the prepared grid; MAE also in scanner units in subjects.csv.</p>"]
 
     parts.append("<h2>Checks</h2>")
     body = []
@@ -151,12 +157,12 @@ def write(folder: Path, rows, region_rows, tables, checks, summary, grids, exams
     parts.append(_table(["check", "contrast", "value(s)", "", "why (from the model cards)"], body))
     failed = [c for c in checks if not c["passed"]]
     if failed:
-        parts.append("<p class=fail>Where a check fails: the numbers are what this data and these models give. "
-                     "On the demo profile the models are trained for minutes on a CPU at 64 x 64 pixels "
-                     "(see params.yaml); a 1-pixel blur alone costs about 0.1 SSIM at that size. A failing "
-                     "generalisation check means the phantom's two sites differ less in their mri inputs than "
-                     "real vendors do, or the models did not train long enough to tell; the check is not "
-                     "changed to pass.</p>")
+        why = ["Where a check fails, the numbers are what this data and these models give; the check is not "
+               "changed to pass. The last column gives what the model cards show."]
+        if prov.get("profile") == "demo":
+            why.append("On the demo profile each model trains for about 100 steps on a CPU at 64 x 64 pixels "
+                       "(params.yaml); at that size a blur of one pixel alone costs about 0.1 SSIM.")
+        parts.append("<p class=fail>" + " ".join(why) + "</p>")
 
     by = defaultdict(list)
     for r in rows:

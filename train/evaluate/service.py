@@ -199,11 +199,12 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
     exams = [_Exam(p) for p in test]
     cards = _cards(models, errors)
     if not cards:
-        raise EvaluateError(f"{models}: no model card (<stage>/<arch>/<contrast>/card.json) to evaluate")
+        raise EvaluateError(f"{models}: no usable model card (<stage>/<arch>/<contrast>/card.json) to evaluate"
+                            + (f" ({'; '.join(errors[:2])})" if errors else ""))
 
     rows: list[dict] = []
     region_rows: list[dict] = []
-    grids: dict = defaultdict(dict)  # (subject) -> {(model, contrast): prediction}, for the figures
+    grids: dict = defaultdict(dict)  # (site, subject) -> {(model, contrast): prediction}, for the figures
     shown = _pick_grid_subjects(exams, home)
     timing = {"predict_s": 0.0, "metrics_s": 0.0, "pairs": 0}
 
@@ -218,14 +219,22 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
                 "card": str(Path(card["_path"]).relative_to(models)) if card else "",
                 "model_params_hash": card.get("params_hash") if card else "",
                 "model_git_commit": card.get("git_commit") if card else ""}
+        key = (ex.cohort, arm, model_key, contrast, ex.subject)
+        if key in seen:  # two cards claiming the same table cell: the first one stays, the clash is reported
+            errors.append(f"{base['card']}: scores the same {ex.cohort}/{model_key}/{contrast} as {seen[key]}; "
+                          "not counted")
+            return
+        seen[key] = base["card"] or "physics"
         rows.append({**base, **m})
         region_rows.extend({**base, **r} for r in regs)
-        if ex.subject in shown and arm in ("main", "physics"):
-            grids[ex.subject][(model_key, contrast)] = pred
+        if (ex.site, ex.subject) in shown and arm in ("main", "physics"):
+            grids[(ex.site, ex.subject)][(model_key, contrast)] = pred
 
+    seen: dict = {}
     for card in cards:
         name = str(Path(card["_path"]).parent.relative_to(models))
-        c, kind, stage = card["contrast"], card.get("inputs", "mrf"), card.get("stage")
+        c, kind = card["contrast"], card.get("inputs", "mrf")
+        stage = card.get("stage") or Path(name).parts[0]  # the registry's folder names the stage
         trained = (card.get("trained_on") or {}).get("site") or DATA.get(stage, (home,))[0]
         targets = []
         for ex in exams:
@@ -233,17 +242,22 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
                 targets.append((ex, "main"))
             elif stage == "pretrain" and ex.site != trained:
                 targets.append((ex, f"generalisation_{kind}"))
-            elif stage in ("finetune", "scratch") and ex.site != home and kind == "mrf":
+            elif stage in ("finetune", "scratch") and ex.site == trained and kind == "mrf":
                 targets.append((ex, "main"))
         if not targets:
+            why = (f"stage {stage!r} with {kind!r} inputs is not part of any comparison"
+                   if stage in ("finetune", "scratch") and kind != "mrf" or stage not in DATA
+                   else f"no test subject of {trained} or of another site in {stores}")
+            errors.append(f"{name}: not evaluated: {why}")
             continue
         if not any(c in ex.targets for ex, _ in targets):
             errors.append(f"{name}: contrast {c!r} has no ground truth in the test stores under {stores}")
             continue
+        card = {**card, "stage": stage}
         try:
             model = registry.load(card)
-        except (registry.RegistryError, RuntimeError, TypeError) as exc:
-            errors.append(f"{name}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - a card that does not load is reported, the rest runs
+            errors.append(f"{name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
             continue
         say(f"evaluate: {name} on {len(targets)} subject(s)")
         for ex, arm in targets:
@@ -258,25 +272,38 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
             t0 = time.perf_counter()
             try:
                 pred = _predict(model, x)
-            except RuntimeError as exc:
-                errors.append(f"{name}: {ex.path}: the model does not take this input ({str(exc).splitlines()[0]})")
+            except Exception as exc:  # noqa: BLE001 - shape and size errors come as several types
+                errors.append(f"{name}: {ex.path}: the model does not take this input "
+                              f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
                 break
             timing["predict_s"] += time.perf_counter() - t0
             record(ex, _model_key(card), arm, c, pred * ex.brain, card)
+
+    from train.evaluate.physics import PhysicsUnavailable
 
     physics = _fit_physics(stores, {ex.site for ex in exams}, errors)
     for ex in exams:
         for c in CONTRASTS:
             if (ex.site, c) in physics and c in ex.targets:
                 t0 = time.perf_counter()
-                pred = physics[(ex.site, c)].predict(ex.store.path)
+                try:
+                    pred = physics[(ex.site, c)].predict(ex.store.path)
+                except (PhysicsUnavailable, ValueError, KeyError) as exc:
+                    errors.append(f"physics baseline {ex.site}/{c}: {exc}")
+                    continue
                 timing["predict_s"] += time.perf_counter() - t0
                 record(ex, "physics", "physics", c, pred)
     if not rows:
         raise EvaluateError("nothing could be evaluated: " + ("; ".join(errors[:3]) or "no model matches the stores"))
 
     tables = _tables(rows, home)
-    provenance = {"data_version": registry.data_version(), "git_commit": registry.git_commit(),
+    data_version = registry.data_version()
+    card_versions = sorted({c.get("data_version") for c in cards if c.get("data_version")})
+    if data_version and card_versions and card_versions != [data_version]:
+        errors.append(f"model cards were trained on data version(s) {', '.join(card_versions)}, the stores "
+                      f"evaluated come from {data_version}")
+    provenance = {"data_version": data_version, "model_data_versions": card_versions,
+                  "git_commit": registry.git_commit(), "git_dirty": _git_dirty(),
                   "profile": (params or {}).get("profile"),
                   "evaluate_params": cfg,
                   "evaluate_params_hash": hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16],
@@ -287,7 +314,7 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
                   per_model_subject_contrast_s=(timing["predict_s"] + timing["metrics_s"]) / max(1, timing["pairs"]))
     training = {(c.get("stage"), c["architecture"], c.get("inputs", "mrf"), c["contrast"]):
                 {"epochs": c.get("epochs"), "best_epoch": c.get("best_epoch")} for c in cards}
-    checks = _checks(tables, cfg, home, training)
+    checks = _checks(tables, cfg, home, training, phantom=any(ex.regions or ex.nawm is not None for ex in exams))
     summary = {"provenance": provenance, "timing": timing, "errors": errors,
                "subjects": {ex.cohort: sorted(e.subject for e in exams if e.cohort == ex.cohort) for ex in exams},
                "physics": {f"{s}/{c}": b.to_dict() for (s, c), b in physics.items()},
@@ -300,29 +327,50 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
     tmp.mkdir(parents=True)
     _write_csv(tmp / "subjects.csv", rows, provenance)
     _write_csv(tmp / "regions.csv", region_rows, provenance)
-    (tmp / "stats.json").write_text(_json(tables["stats"]))
-    (tmp / "checks.json").write_text(_json(checks))
-    (tmp / "summary.json").write_text(_json(summary))
-    from train.evaluate import report
+    old = out / f".evaluate.old-{os.getpid()}"
+    try:
+        (tmp / "stats.json").write_text(_json({"provenance": provenance, **tables["stats"]}))
+        (tmp / "checks.json").write_text(_json({"provenance": provenance, "checks": checks}))
+        (tmp / "summary.json").write_text(_json(summary))
+        from train.evaluate import report
 
-    report.write(tmp, rows, region_rows, tables, checks, summary, grids, exams, home)
-    if ev.exists():
-        shutil.rmtree(ev)
-    os.replace(tmp, ev)
-    _atomic_write(out / "metrics.json", _json(tables["metrics"]))
-    _atomic_write(out / "generalisation.json", _json(tables["generalisation"]))
+        report.write(tmp, rows, region_rows, tables, checks, summary, grids, exams, home)
+        # the two contract files are written beside the folder, then everything is swapped in;
+        # the old folder moves aside first, so a failure never leaves a half-written one
+        (tmp / "metrics.json").write_text(_json(tables["metrics"]))
+        (tmp / "generalisation.json").write_text(_json(tables["generalisation"]))
+        if ev.exists():
+            os.replace(ev, old)
+        for name in ("metrics.json", "generalisation.json"):
+            os.replace(tmp / name, out / name)
+        os.replace(tmp, ev)
+    finally:
+        for leftover in (tmp, old):
+            if leftover.exists():
+                shutil.rmtree(leftover)
     return {"metrics": tables["metrics"], "generalisation": tables["generalisation"], "checks": checks,
             "errors": errors, "timing": timing, "rows": len(rows)}
 
 
-def _pick_grid_subjects(exams: list[_Exam], home: str) -> set[str]:
+def _git_dirty() -> bool | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
+def _pick_grid_subjects(exams: list[_Exam], home: str) -> set[tuple[str, str]]:
     """One healthy subject of the home site, and the subject of every other site with the most lesion."""
     picked = set()
     for site in sorted({e.site for e in exams}):
         group = sorted((e for e in exams if e.site == site), key=lambda e: e.subject)
         if site != home:
             group.sort(key=lambda e: -int(e.regions["tumour"].sum()) if "tumour" in e.regions else 0)
-        picked.add(group[0].subject)
+        picked.add((site, group[0].subject))
     return picked
 
 
@@ -353,16 +401,20 @@ def _tables(rows: list[dict], home: str) -> dict:
         ref = by.get((cohort, "main", "qsnet", c))
         if arm in ("main", "physics") and model != "qsnet" and ref:
             stats["qsnet_vs"][cohort][model][c] = paired(ref, cells)
-    gen: dict = defaultdict(lambda: {"mrf": {}, "mri": {}, "p_values": {}})
+    # per cohort (every site the site-A-only models are tested on); generalisation.json holds
+    # the first of them (site B in the paper's study), stats.json all of them
+    by_cohort: dict = defaultdict(lambda: defaultdict(lambda: {"mrf": {}, "mri": {}, "p_values": {}}))
     for (cohort, arm, model, c), cells in by.items():
         if arm.startswith("generalisation_"):
-            gen[model][arm.split("_", 1)[1]][c] = means(cells) | {"cohort": cohort}
-    for arch, g in gen.items():
-        for c in set(g["mrf"]) & set(g["mri"]):
-            cohort = g["mrf"][c]["cohort"]
-            g["p_values"][c] = paired(by[(cohort, "generalisation_mrf", arch, c)],
-                                      by[(cohort, "generalisation_mri", arch, c)])
-    stats["generalisation"] = {a: g["p_values"] for a, g in gen.items()}
+            by_cohort[cohort][model][arm.split("_", 1)[1]][c] = means(cells) | {"cohort": cohort}
+    for cohort, archs in by_cohort.items():
+        for arch, g in archs.items():
+            for c in set(g["mrf"]) & set(g["mri"]):
+                g["p_values"][c] = paired(by[(cohort, "generalisation_mrf", arch, c)],
+                                          by[(cohort, "generalisation_mri", arch, c)])
+    gen = by_cohort[sorted(by_cohort)[0]] if by_cohort else {}
+    stats["generalisation"] = {cohort: {a: g["p_values"] for a, g in archs.items()}
+                               for cohort, archs in by_cohort.items()}
     for (cohort, _arm, model, c), cells in by.items():
         if model == "qsnet_scratch" and (cohort, "main", "qsnet", c) in by:
             stats["two_stage_vs_scratch"].setdefault(cohort, {})[c] = paired(by[(cohort, "main", "qsnet", c)], cells)
@@ -377,9 +429,18 @@ def _undertrained(training: dict, key: tuple) -> str:
     return ""
 
 
-def _checks(tables: dict, cfg: dict, home: str, training: dict | None = None) -> list[dict]:
+def _beats(a: float, b: float, metric: str) -> bool:
+    """Strictly better; a value that is not finite never wins."""
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return False
+    return a > b if HIGHER_IS_BETTER[metric] else a < b
+
+
+def _checks(tables: dict, cfg: dict, home: str, training: dict | None = None, phantom: bool = False) -> list[dict]:
     """The issue's acceptance numbers, each with pass/fail, the values behind it and, where a
     check fails and the model card shows why, a note."""
+    from train.data import INPUT_KINDS
+
     training = training or {}
     out = []
     metrics = tables["metrics"]
@@ -387,26 +448,30 @@ def _checks(tables: dict, cfg: dict, home: str, training: dict | None = None) ->
         if cohort == cohort_name(home) or "qsnet" not in models:
             continue
         for c, m in sorted(models["qsnet"].items()):
-            ok = bool(m["ssim"] >= cfg["min_ssim"])
+            ok = bool(math.isfinite(m["ssim"]) and m["ssim"] >= cfg["min_ssim"])
             out.append({"check": f"{cohort}: QS-Net (finetuned) SSIM >= {cfg['min_ssim']}", "contrast": c,
                         "value": m["ssim"], "passed": ok,
                         "note": "" if ok else _undertrained(training, ("finetune", "qsnet", "mrf", c))})
             phys = models.get("physics", {}).get(c)
             if phys:
-                wins = {k: (m[k] > phys[k]) == HIGHER_IS_BETTER[k] for k in METRICS}
+                wins = {k: _beats(m[k], phys[k], k) for k in METRICS}
                 ok = all(wins.values())
-                note = "" if ok else (
-                    "lost on " + ", ".join(k for k, w in wins.items() if not w) + "; the phantom renders its "
-                    "contrasts with these same signal equations (plus PD, B1, partial volume and noise), so the "
-                    "baseline starts close to the truth; " + _undertrained(training, ("finetune", "qsnet", "mrf", c)))
+                why = ["lost on " + ", ".join(k for k, w in wins.items() if not w)]
+                if phantom:
+                    why.append("the phantom renders its contrasts with these same signal equations (plus PD, B1, "
+                               "partial volume and noise), so the baseline starts close to the truth")
+                why.append(_undertrained(training, ("finetune", "qsnet", "mrf", c)))
+                note = "" if ok else "; ".join(w for w in why if w)
                 out.append({"check": f"{cohort}: QS-Net beats the physics baseline (SSIM, PSNR and MAE)",
                             "contrast": c, "value": {k: [m[k], phys[k]] for k in METRICS},
                             "passed": ok, "note": note.rstrip("; ")})
     for arch, g in sorted(tables["generalisation"].items()):
         for c in sorted(set(g["mrf"]) & set(g["mri"])):
             a, b = g["mrf"][c], g["mri"][c]
-            ok = bool(a["ssim"] > b["ssim"])
+            ok = _beats(a["ssim"], b["ssim"], "ssim")
             notes = [] if ok else [_undertrained(training, ("pretrain", arch, k, c)) for k in ("mrf", "mri")]
+            if not ok and c in INPUT_KINDS["mri"]:
+                notes.insert(0, f"the mri input holds {c} itself")
             out.append({"check": f"generalisation: {arch} with mrf inputs beats mri inputs (SSIM)", "contrast": c,
                         "value": [a["ssim"], b["ssim"]], "passed": ok, "note": "; ".join(n for n in notes if n)})
     return out
