@@ -356,8 +356,10 @@ def _git_dirty() -> bool | None:
     import subprocess
 
     try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                             text=True, timeout=30)
+        # code and params only: a pipeline's own outputs (dvc.lock, reports) are always uncommitted
+        # while it runs
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "*.py", "*.yaml",
+                              ":!dvc.lock"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
     return bool(out.stdout.strip()) if out.returncode == 0 else None
