@@ -126,3 +126,16 @@ def test_registry_round_trip_and_bad_files(tmp_path):
 def test_bad_params_fail_in_one_line(bad, msg):
     with pytest.raises(ParamsError, match=msg):
         train_config({"train": bad})
+
+
+def test_split_runs_balances_cost_and_keeps_order():
+    from train.distributed import split_runs
+
+    runs = [{"arch": a, "name": f"{a}/{c}"} for a in ("qsnet", "resunet", "cgan", "swin") for c in ("t1w", "t2w")]
+    groups = split_runs(runs, 2)
+    assert sorted(r["name"] for g in groups for r in g) == sorted(r["name"] for r in runs)
+    for g in groups:  # each group keeps the stage's order
+        assert [runs.index(r) for r in g] == sorted(runs.index(r) for r in g)
+    cost = [sum({"qsnet": 21, "resunet": 15, "cgan": 11, "swin": 45}[r["arch"]] for r in g) for g in groups]
+    assert max(cost) - min(cost) <= 45
+    assert split_runs(runs[:1], 2) == [runs[:1]]

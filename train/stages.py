@@ -34,7 +34,7 @@ DEFAULTS = {
     "batch_size": 1, "lr": 2e-4, "betas": [0.5, 0.999], "plateau_factor": 0.9, "plateau_after_epoch": 100,
     "ds_weights": [0.5, 0.25, 0.125, 0.0625], "adv_weight": 0.01, "num_workers": 1, "use_gpu": "auto",
     "checkpoint_every": 1, "max_failures": 1, "augment": True, "loader_workers": 0, "amp": True,
-    "extra_runs": [], "finetune_epochs": None,
+    "extra_runs": [], "finetune_epochs": None, "parallel_runs": 1,
 }
 # (site, training split, validation split) per stage
 DATA = {"pretrain": ("site-A", "train", "val"), "finetune": ("site-B", "finetune", "val"),
@@ -56,14 +56,14 @@ def train_config(params: dict) -> dict:
         raise ParamsError(f"params: train.inputs must be mrf or mri, got {cfg['inputs']!r}")
     if cfg["finetune_epochs"] is None:
         cfg["finetune_epochs"] = cfg["epochs"]
-    for key in ("epochs", "finetune_epochs", "batch_size", "num_workers", "checkpoint_every", "width"):
+    for key in ("epochs", "finetune_epochs", "batch_size", "num_workers", "checkpoint_every", "width", "parallel_runs"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ParamsError(f"params: train.{key} must be a positive integer, got {cfg[key]!r}")
     use_gpu = _use_gpu(cfg["use_gpu"])
     cpus = os.cpu_count() or 1
-    if not use_gpu and cfg["num_workers"] > cpus:
-        raise ParamsError(f"params: train.num_workers {cfg['num_workers']} > {cpus} CPUs and no GPU: "
-                          "each Ray worker needs a CPU")
+    if not use_gpu and cfg["num_workers"] * cfg["parallel_runs"] > cpus:
+        raise ParamsError(f"params: train.num_workers {cfg['num_workers']} x parallel_runs {cfg['parallel_runs']} "
+                          f"> {cpus} CPUs and no GPU: each Ray worker needs a CPU")
     for run in cfg["extra_runs"]:
         if run.get("stage", "pretrain") not in STAGES or run.get("arch", "qsnet") not in ARCHITECTURES:
             raise ParamsError(f"params: bad train.extra_runs entry {run!r}")
@@ -108,7 +108,7 @@ def run_stage(stage: str, params: dict, stores: Path, models: Path, reports: Pat
     """Train every model of ``stage`` in one Ray Train run; returns the model card paths."""
     from train import registry
     from train.data import find_stores
-    from train.distributed import run_training
+    from train.distributed import run_parallel
     from train.models import build
 
     if stage not in ("pretrain", "finetune"):
@@ -156,7 +156,7 @@ def run_stage(stage: str, params: dict, stores: Path, models: Path, reports: Pat
     if stage == "finetune":  # the stage's outputs exist even when params list no scratch run
         for root in (models, reports):
             (root / "scratch").mkdir(parents=True, exist_ok=True)
-    done = run_training(config, cfg["num_workers"], cfg["use_gpu"], cfg["max_failures"])
+    done = run_parallel(config, cfg["num_workers"], cfg["use_gpu"], cfg["max_failures"], cfg["parallel_runs"])
     cards = []
     for run in runs:
         res = done[run["name"]]
