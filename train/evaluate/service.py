@@ -58,13 +58,6 @@ def _model_key(card: dict) -> str:
     return f"{card['architecture']}_scratch" if card.get("stage") == "scratch" else card["architecture"]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _json(obj) -> str:
     def clean(v):
         if isinstance(v, dict):
