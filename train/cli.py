@@ -20,16 +20,19 @@ def register(app: typer.Typer) -> None:
                                          "interrupted run resumes. On a cluster: a path every node sees."),
             params: Path = typer.Option(Path("params.yaml"), "--params", help="Params file; its `train` section is read."),
             profile: Optional[str] = typer.Option(None, "--profile", help="Profile instead of the file's `profile`."),
+            tuned: Optional[Path] = typer.Option(None, "--tuned", help="A search's best.yaml (`qsnet tune`): its "
+                                                 "values replace the profile's for the architecture it tuned."),
         ):
             from ingest.params import load_params
-            from train.stages import run_stage, train_config
+            from train.stages import read_tuned, run_stage, train_config
 
             p = _run(stage, load_params, params, profile)
             _run(stage, train_config, p)  # bad params fail before Ray starts
+            _run(stage, read_tuned, tuned)
             if not stores.is_dir():
                 fail(stage, f"{stores}: no prepared stores (run `qsnet prepare` first)")
             cards = _run(stage, run_stage, stage, p, stores, models, reports, storage,
-                         progress=lambda c: typer.echo(f"{stage}: wrote {c}"))
+                         progress=lambda c: typer.echo(f"{stage}: wrote {c}"), tuned=tuned)
             typer.echo(f"{stage}: {len(cards)} model(s) in {models / stage}")
 
         command.__doc__ = doc

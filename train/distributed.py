@@ -74,15 +74,18 @@ def train_loop_per_worker(config: dict) -> None:
     last_report = time.monotonic()
     fail_at = os.environ.get("QSNET_FAIL_AT_EPOCH")
     marker = Path(config["storage"]) / config["name"] / ".failed-once"
+    every_s = float(config.get("report_every_s", REPORT_EVERY_S))
     for run in config["runs"]:
         if run["name"] in done:
             continue
-        torch.manual_seed(config["seed"])
-        model = build(run["arch"], in_channels=2, out_channels=1, width=config["width"])
-        tr = Trainer(model, lr=config["lr"], betas=config["betas"],
-                     losses=Losses(tuple(config["ds_weights"]), config["adv_weight"]),
-                     plateau_factor=config["plateau_factor"], plateau_after_epoch=config["plateau_after_epoch"],
-                     device=device, freeze_encoder=run.get("freeze_encoder", False), amp=config.get("amp", True))
+        # a run's own hyperparameters (a tuned configuration) over the stage's
+        c = {**config, **(run.get("hp") or {})}
+        torch.manual_seed(c["seed"])
+        model = build(run["arch"], in_channels=2, out_channels=1, width=c["width"], depth=c.get("depth", 6))
+        tr = Trainer(model, lr=c["lr"], lr_d=c.get("lr_d"), betas=c["betas"],
+                     losses=Losses(tuple(c["ds_weights"]), c["adv_weight"]),
+                     plateau_factor=c["plateau_factor"], plateau_after_epoch=c["plateau_after_epoch"],
+                     device=device, freeze_encoder=run.get("freeze_encoder", False), amp=c.get("amp", True))
         best = {"val": math.inf, "epoch": 0, "state": None}
         history: list[dict] = []
         resumed = None
@@ -93,11 +96,11 @@ def train_loop_per_worker(config: dict) -> None:
             tr.g.load_state_dict(torch.load(run["init_weights"], map_location=device, weights_only=True))
         if world > 1:
             tr.wrap(lambda m: ray.train.torch.prepare_model(m))
-        train_ds, train, val = _loaders(run, config)
+        train_ds, train, val = _loaders(run, c)
         if world > 1:
             train = ray.train.torch.prepare_data_loader(train)
             val = ray.train.torch.prepare_data_loader(val) if val is not None else None
-        for epoch in range(tr.epoch, config["epochs"]):
+        for epoch in range(tr.epoch, c["epochs"]):
             if fail_at is not None and epoch == int(fail_at) and rank == 0 and not marker.exists():
                 marker.parent.mkdir(parents=True, exist_ok=True)
                 marker.write_text(f"{run['name']} {epoch}")
@@ -115,14 +118,14 @@ def train_loop_per_worker(config: dict) -> None:
                 steps += 1
             seconds = time.perf_counter() - t0
             vs, vn = tr.val_sums(val) if val is not None else (0.0, 0)
-            last = epoch + 1 == config["epochs"]
-            ckpt_now = last or (epoch + 1) % config["checkpoint_every"] == 0
+            last = epoch + 1 == c["epochs"]
+            ckpt_now = last or (epoch + 1) % c["checkpoint_every"] == 0
             # Ray Train's controller collects one report per worker every 2 s (its health-check
             # interval) and a worker's next report waits for that: short epochs (the demo's take
             # about 1 s) would each be stretched to 2 s. So a report goes out with each
             # checkpoint and otherwise at most every REPORT_EVERY_S; every epoch's metrics are
             # in the history all the same. All ranks must report together: rank 0 decides.
-            want = float(ckpt_now or time.monotonic() - last_report >= REPORT_EVERY_S)
+            want = float(ckpt_now or time.monotonic() - last_report >= every_s)
             if world > 1:
                 t = torch.tensor([vs, vn, want if rank == 0 else 0.0], dtype=torch.float64, device=device)
                 dist.all_reduce(t)
@@ -130,12 +133,14 @@ def train_loop_per_worker(config: dict) -> None:
             val_loss = vs / vn if vn else float("nan")
             tr.end_epoch(val_loss)
             # no validation data: the last epoch counts as the best
-            if (vn and val_loss < best["val"]) or (not vn and epoch + 1 == config["epochs"]):
+            if (vn and val_loss < best["val"]) or (not vn and last):
                 best = {"val": val_loss if vn else math.inf, "epoch": epoch + 1, "state": _state_cpu(tr._gen())}
             metrics = {"model": run["name"], "epoch": epoch + 1, "val_l1": val_loss if vn else None,
                        "lr": tr.opt_g.param_groups[0]["lr"], "epoch_s": round(seconds, 3), "steps": steps,
                        "wall_start": wall_start,
                        "resumed_from_epoch": resumed,
+                       # what a search ranks a run by: the mean best validation L1 of its models so far
+                       "score": _score(done, best),
                        **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()}}
             history.append(metrics)
             if not want:  # never the last epoch: that one checkpoints
@@ -155,6 +160,12 @@ def train_loop_per_worker(config: dict) -> None:
                 if last:
                     done[run["name"]] = {"best": {**best, "state": None}, "history": history}
                 ray.train.report(metrics)
+
+
+def _score(done: dict, best: dict) -> float | None:
+    vals = [v["best"]["val"] for v in done.values()] + [best["val"]]
+    vals = [v for v in vals if v is not None and math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else None
 
 
 def _keep_best(config: dict, name: str, best: dict) -> dict:
@@ -184,8 +195,10 @@ def _cpus_per_worker(num_workers: int) -> int:
     return max(1, min(free // max(1, num_workers), largest))
 
 
-def run_training(config: dict, num_workers: int, use_gpu: bool, max_failures: int = 1) -> dict:
-    """Fit every model of ``config["runs"]``; returns ``{run name: {"best", "history"}}``."""
+def run_training(config: dict, num_workers: int, use_gpu: bool, max_failures: int = 1,
+                 callbacks: list | None = None) -> dict:
+    """Fit every model of ``config["runs"]``; returns ``{run name: {"best", "history"}}``.
+    ``callbacks``: Ray Train callbacks, e.g. Tune's ``TuneReportCallback`` inside a trial."""
     import ray
     import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -200,7 +213,7 @@ def run_training(config: dict, num_workers: int, use_gpu: bool, max_failures: in
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker=None if use_gpu else {"CPU": cpus}),
         run_config=RunConfig(name=config["name"], storage_path=config["storage"],
-                             checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=callbacks or None,
                              failure_config=FailureConfig(max_failures=max_failures)))
     try:
         result = trainer.fit()
@@ -222,12 +235,14 @@ def run_training(config: dict, num_workers: int, use_gpu: bool, max_failures: in
     return done
 
 
-def _init() -> None:
+def _init(dashboard: bool = False) -> None:
+    """``dashboard``: also start Ray's dashboard, whose state API Ray Train needs to free a run's
+    worker placement group when the run's controller is killed (as Tune kills stopped trials)."""
     import ray
 
     if not ray.is_initialized():
         # embedded by default; under `ray job submit` (RAY_ADDRESS set) this joins that cluster
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(include_dashboard=dashboard, log_to_driver=False, configure_logging=False)
 
 
 # relative cost of one model (demo, 2-core CPU: seconds per model for 12 epochs)

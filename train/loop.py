@@ -37,6 +37,7 @@ class Trainer:
     """Models, optimisers and the plateau schedule of one run; ``state_dict`` is a checkpoint."""
 
     def __init__(self, model: Model, lr: float = 2e-4, betas=(0.5, 0.999), losses: Losses | None = None,
+                 lr_d: float | None = None,
                  plateau_factor: float = 0.9, plateau_after_epoch: int = 100, patience: int = 5,
                  device: torch.device | str = "cpu", freeze_encoder: bool = False, amp: bool = False,
                  channels_last: bool | None = None):
@@ -51,7 +52,8 @@ class Trainer:
             freeze(self.g.encoder)
         # frozen parameters get no optimiser state at all
         self.opt_g = torch.optim.Adam([p for p in self.g.parameters() if p.requires_grad], lr=lr, betas=tuple(betas))
-        self.opt_d = torch.optim.Adam(self.d.parameters(), lr=lr, betas=tuple(betas)) if self.d is not None else None
+        self.opt_d = (torch.optim.Adam(self.d.parameters(), lr=lr if lr_d is None else lr_d, betas=tuple(betas))
+                      if self.d is not None else None)
         self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(self.opt_g, mode="min", factor=plateau_factor,
                                                                 patience=patience)
         self.plateau_after_epoch = plateau_after_epoch

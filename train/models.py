@@ -109,18 +109,21 @@ def _discriminator(in_channels: int, channels: int = 64, layers: int = 3) -> nn.
                               out_channels=1, norm="instance")
 
 
-def build(arch: str, in_channels: int = 2, out_channels: int = 1, width: int = 32, **_) -> Model:
-    """``width`` is the first level's channel count (paper-sized QS-Net: 32; demo: smaller)."""
+def build(arch: str, in_channels: int = 2, out_channels: int = 1, width: int = 32, depth: int = 6, **_) -> Model:
+    """``width`` is the first level's channel count (paper-sized QS-Net: 32; demo: smaller);
+    ``depth`` the U-Net's number of levels (the paper's: 6; Swin ignores it)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r} (known: {', '.join(ARCHITECTURES)})")
-    w = int(width)
+    w, depth = int(width), int(depth)
     if w < 4:
         raise ValueError(f"model width {w} is too small")
-    cfg = {"arch": arch, "in_channels": in_channels, "out_channels": out_channels, "width": w}
-    filters = [w, 2 * w, 4 * w, 8 * w, 16 * w, 16 * w]
+    if not 3 <= depth <= 8:
+        raise ValueError(f"model depth {depth} is outside 3-8 levels")
+    cfg = {"arch": arch, "in_channels": in_channels, "out_channels": out_channels, "width": w, "depth": depth}
+    filters = [w * min(2 ** i, 16) for i in range(depth)]   # 6 levels: w, 2w, 4w, 8w, 16w, 16w
     if arch == "qsnet":
-        return Model(arch, QSNetGenerator(in_channels, out_channels, filters), _discriminator(in_channels + out_channels,
-                     channels=2 * w), "lsgan", cfg)
+        return Model(arch, QSNetGenerator(in_channels, out_channels, filters, heads=min(4, depth - 2)),
+                     _discriminator(in_channels + out_channels, channels=2 * w), "lsgan", cfg)
     if arch == "resunet":
         return Model(arch, QSNetGenerator(in_channels, out_channels, filters, deep_supervision=False), None, None, cfg)
     if arch == "cgan":

@@ -34,8 +34,11 @@ DEFAULTS = {
     "batch_size": 1, "lr": 2e-4, "betas": [0.5, 0.999], "plateau_factor": 0.9, "plateau_after_epoch": 100,
     "ds_weights": [0.5, 0.25, 0.125, 0.0625], "adv_weight": 0.01, "num_workers": 1, "use_gpu": "auto",
     "checkpoint_every": 1, "max_failures": 1, "augment": True, "loader_workers": 0, "amp": True,
-    "extra_runs": [], "finetune_epochs": None, "parallel_runs": 1,
+    "extra_runs": [], "finetune_epochs": None, "parallel_runs": 1, "lr_d": None, "depth": 6,
 }
+# what a tuned configuration (``qsnet tune``'s best.yaml) may set, per architecture and contrast
+TUNABLE = ("lr", "lr_d", "betas", "adv_weight", "ds_weights", "width", "depth", "augment", "plateau_factor",
+           "plateau_after_epoch", "batch_size")
 # (site, training split, validation split) per stage
 DATA = {"pretrain": ("site-A", "train", "val"), "finetune": ("site-B", "finetune", "val"),
         "scratch": ("site-B", "finetune", "val")}
@@ -72,6 +75,40 @@ def train_config(params: dict) -> dict:
     return cfg
 
 
+def read_tuned(path: Path | None) -> dict:
+    """The overrides of a tuned configuration: ``{"arch", "train": {...}, "by_contrast": {c: {...}}}``,
+    empty when no search ran (``searched: false``) or no file is given."""
+    import yaml
+
+    if path is None:
+        return {}
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ParamsError(f"{path}: cannot read the tuned configuration ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise ParamsError(f"{path}: not a tuned configuration (expected a mapping)")
+    if not doc.get("searched"):
+        return {}
+    parts = [doc.get("train") or {}, *(doc.get("by_contrast") or {}).values()]
+    bad = sorted({k for part in parts for k in part if k not in TUNABLE})
+    if bad:
+        raise ParamsError(f"{path}: keys {bad} cannot be tuned (tunable: {', '.join(TUNABLE)})")
+    from train.models import ARCHITECTURES
+
+    if doc.get("arch") not in ARCHITECTURES:
+        raise ParamsError(f"{path}: unknown architecture {doc.get('arch')!r}")
+    return {"arch": doc["arch"], "train": doc.get("train") or {}, "by_contrast": doc.get("by_contrast") or {},
+            "file": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def tuned_hp(tuned: dict, arch: str, contrast: str) -> dict:
+    if not tuned or tuned["arch"] != arch:
+        return {}
+    return {**tuned["train"], **tuned["by_contrast"].get(contrast, {})}
+
+
 def _use_gpu(v) -> bool:
     if v == "auto":
         import torch
@@ -104,8 +141,9 @@ def _folder(root: Path, run: dict) -> Path:
 
 
 def run_stage(stage: str, params: dict, stores: Path, models: Path, reports: Path, storage: Path,
-              progress=None) -> list[Path]:
-    """Train every model of ``stage`` in one Ray Train run; returns the model card paths."""
+              progress=None, tuned: Path | None = None) -> list[Path]:
+    """Train every model of ``stage`` in one Ray Train run; returns the model card paths.
+    ``tuned``: a search's best.yaml, whose values replace the profile's for its architecture."""
     from train import registry
     from train.data import find_stores
     from train.distributed import run_parallel
@@ -114,6 +152,7 @@ def run_stage(stage: str, params: dict, stores: Path, models: Path, reports: Pat
     if stage not in ("pretrain", "finetune"):
         raise ParamsError(f"unknown stage {stage!r}")
     cfg = train_config(params)
+    tuned_doc = read_tuned(tuned)
     runs, key = [], []
     for run in _runs(stage, cfg):
         site, tsplit, vsplit = DATA[run["stage"]]
@@ -131,7 +170,8 @@ def run_stage(stage: str, params: dict, stores: Path, models: Path, reports: Pat
             freeze = run["arch"] in ("qsnet", "resunet")
         r = {**run, "name": _folder(Path(""), run).as_posix(), "site": site, "split": tsplit,
              "train_stores": [str(p.resolve()) for p in train_stores],
-             "val_stores": [str(p.resolve()) for p in val_stores], "init_weights": init, "freeze_encoder": freeze}
+             "val_stores": [str(p.resolve()) for p in val_stores], "init_weights": init, "freeze_encoder": freeze,
+             "hp": tuned_hp(tuned_doc, run["arch"], run["contrast"])}
         runs.append(r)
         key.append("".join(_prepare_digest(p) for p in train_stores + val_stores))
         if init_sha:
@@ -139,10 +179,11 @@ def run_stage(stage: str, params: dict, stores: Path, models: Path, reports: Pat
     import zarr
 
     size = min(zarr.open_group(str(r["train_stores"][0]), mode="r")["brain"].shape[-1] for r in runs)
-    if size < 64:
-        raise ParamsError(f"prepared images are {size} x {size}: the 6-level U-Net needs at least 64 x 64 "
-                          "(params prepare.image_size)")
-    hp = {k: cfg[k] for k in ("width", "epochs", "batch_size", "lr", "betas", "plateau_factor",
+    depth = max([cfg["depth"]] + [r["hp"].get("depth", 0) for r in runs])
+    if size < 2 ** depth:
+        raise ParamsError(f"prepared images are {size} x {size}: a {depth}-level U-Net needs at least "
+                          f"{2 ** depth} x {2 ** depth} (params prepare.image_size)")
+    hp = {k: cfg[k] for k in ("width", "depth", "epochs", "batch_size", "lr", "lr_d", "betas", "plateau_factor",
                               "plateau_after_epoch", "ds_weights", "adv_weight", "augment", "checkpoint_every",
                               "loader_workers", "amp", "seed")}
     if stage == "finetune":  # site B's finetune split is smaller than site A's: more epochs, similar steps
@@ -160,18 +201,21 @@ def run_stage(stage: str, params: dict, stores: Path, models: Path, reports: Pat
     cards = []
     for run in runs:
         res = done[run["name"]]
-        model = build(run["arch"], in_channels=2, out_channels=1, width=cfg["width"])
+        rc = {**cfg, **run["hp"]}
+        model = build(run["arch"], in_channels=2, out_channels=1, width=rc["width"], depth=rc["depth"])
         model.generator.load_state_dict(res["best"]["state"])
         card = registry.save(models / run["name"], model.generator, {
             "architecture": run["arch"], "build": model.config, "contrast": run["contrast"],
             "inputs": run["inputs"], "stage": run["stage"], "profile": params.get("profile"),
-            "params_hash": params_hash(cfg), "data_version": registry.data_version(),
+            "params_hash": params_hash({**cfg, "tuned": run["hp"]} if run["hp"] else cfg), "data_version": registry.data_version(),
             "git_commit": registry.git_commit(), "encoder_frozen": run["freeze_encoder"],
             "trained_on": {"site": run["site"], "split": run["split"], "exams": len(run["train_stores"]),
                            "val_exams": len(run["val_stores"])},
             "ray_run": config["name"], "best_epoch": res["best"]["epoch"],
             "validation": {"val_l1": res["best"]["val"] if math.isfinite(res["best"]["val"]) else None},
             "epochs": len(res["history"]),
+            "tuned": ({"file": tuned_doc["file"], "sha256": tuned_doc["sha256"], "hp": run["hp"]}
+                      if run["hp"] else None),
         })
         _dvclive(reports / run["name"], res["history"])
         cards.append(card)

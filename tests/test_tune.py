@@ -1,0 +1,239 @@
+"""`qsnet tune`: the search space and its errors, seeded suggestions, and a real search on Ray Tune
+(OptunaSearch + ASHA over TorchTrainer trials) that is interrupted and resumed."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from test_train_ray import site_stores
+
+from ingest.params import ParamsError
+from tune.space import parse_space, to_train, tune_config
+
+# the qsnet of this interpreter's environment, not another one earlier on PATH
+QSNET = str(Path(sys.executable).parent / "qsnet") if (Path(sys.executable).parent / "qsnet").exists() \
+    else shutil.which("qsnet")
+SPACE = {"lr": {"loguniform": [1.0e-4, 3.0e-2]}, "width": {"choice": [4, 6]}}
+# seed 10 suggests lr 8e-3 and 7e-3 for the first two trials and 3e-4 and 2e-4 for the next two
+# (test_same_seed_same_suggestions prints the sequence): the last two are clearly worse at ASHA's
+# first rung, so early stopping is not left to chance
+PARAMS = {
+    "train": {"archs": ["qsnet"], "contrasts": ["t1w"], "width": 4, "epochs": 3, "batch_size": 2,
+              "plateau_after_epoch": 1, "checkpoint_every": 1, "max_failures": 1, "num_workers": 1, "use_gpu": False},
+    "tune": {"enabled": True, "arch": "qsnet", "contrasts": ["t1w"], "num_samples": 4, "max_concurrent": 2,
+             "epochs": 3, "grace_period": 1, "reduction_factor": 2, "seed": 10,
+             "resources": {"num_workers": 1, "cpus_per_worker": 1, "use_gpu": False}, "space": SPACE},
+}
+
+
+def _params(tune: dict | None = None, **extra) -> dict:
+    return {"profile": "t", "seed": 0, **json.loads(json.dumps(PARAMS)), **({"tune": tune} if tune else {}), **extra}
+
+
+def _write_params(path: Path, tune_section: dict) -> Path:
+    doc = {"profile": "t", "seed": 0, "t": {"train": PARAMS["train"], "tune": tune_section}}
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.mark.parametrize("space, needle", [
+    ({}, "tune.space is empty"),
+    ({"learning_rate": {"uniform": [0, 1]}}, "learning_rate: not a tunable hyperparameter"),
+    ({"lr": {"uniform": [0.1, 0.01]}}, "needs low < high"),
+    ({"lr": {"loguniform": [0.0, 0.1]}}, "loguniform needs low > 0"),
+    ({"lr": {"normal": [0.0, 0.1]}}, "expected one of"),
+    ({"width": {"uniform": [4, 8]}}, "is an integer"),
+    ({"width": {"choice": []}}, "non-empty list"),
+    ({"lr": [0.1, 0.2]}, "expected one of"),
+])
+def test_bad_spaces_are_one_line_errors(space, needle):
+    with pytest.raises(ParamsError) as e:
+        parse_space(space)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"metric": "ssim"}, "is never reported by the trainable"),
+    ({"mode": "best"}, "tune.mode must be min or max"),
+    ({"contrasts": ["pd"]}, "tune.contrasts"),
+    ({"num_samples": 0}, "tune.num_samples must be a positive integer"),
+    ({"grace_period": 5}, "grace_period 5 > tune.epochs 3"),
+    ({"bogus": 1}, "unknown tune key"),
+])
+def test_bad_search_settings_are_one_line_errors(change, needle):
+    with pytest.raises(ParamsError) as e:
+        tune_config(_params({**PARAMS["tune"], **change}))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_suggestion_becomes_train_params():
+    base = {"betas": [0.5, 0.999], "ds_weights": [0.5, 0.25, 0.125, 0.0625]}
+    hp = to_train({"lr": 0.01, "beta1": 0.7, "ds_weight": 0.8, "width": 12, "depth": 5, "noise": 0.02,
+                   "plateau_after_epoch": 3}, base)
+    assert hp == {"lr": 0.01, "betas": [0.7, 0.999], "ds_weights": [0.8, 0.4, 0.2, 0.1], "width": 12, "depth": 5,
+                  "augment": {"noise": 0.02}, "plateau_after_epoch": 3}
+
+
+def _sequence(seed: int, n: int = 6) -> list[dict]:
+    from tune.search import make_searcher
+
+    s = make_searcher({"space": parse_space(SPACE), "seed": seed, "metric": "score", "mode": "min"})
+    out = []
+    for i in range(n):
+        out.append(s.suggest(f"t{i}"))
+        s.on_trial_complete(f"t{i}", {"score": 1.0 / (i + 1)})
+    return out
+
+
+def test_same_seed_same_suggestions():
+    a, b, c = _sequence(10), _sequence(10), _sequence(11)
+    print([round(x["lr"], 5) for x in a])
+    assert a == b
+    assert a != c
+    assert a[0]["lr"] > 5e-3 and a[1]["lr"] > 5e-3 and a[2]["lr"] < 5e-4 and a[3]["lr"] < 5e-4
+
+
+def test_disabled_search_writes_a_best_yaml_that_changes_nothing(tmp_path):
+    from train.stages import read_tuned
+    from tune.search import run_search
+
+    summary = run_search(_params({**PARAMS["tune"], "enabled": False}), tmp_path / "none", tmp_path / "tuned",
+                         tmp_path / "reports", tmp_path / "runs")
+    assert summary == {"searched": False}
+    assert read_tuned(tmp_path / "tuned" / "best.yaml") == {}
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_errors_before_ray_starts(tmp_path):
+    stores = site_stores(tmp_path)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+
+    def run(tune_section, *args):
+        p = _write_params(tmp_path / "params.yaml", tune_section)
+        return subprocess.run([QSNET, "tune", "--params", str(p), "--stores", str(stores), "--out",
+                               str(tmp_path / "tuned"), "--reports", str(tmp_path / "rep"), "--storage",
+                               str(tmp_path / "runs"), *args], capture_output=True, text=True, env=env, timeout=120)
+
+    r = run({**PARAMS["tune"], "space": {}})
+    assert r.returncode == 1 and r.stderr.strip().startswith("qsnet tune: error: params: tune.space is empty")
+    r = run({**PARAMS["tune"], "metric": "ssim"})
+    assert r.returncode == 1 and "never reported by the trainable" in r.stderr
+    r = run(PARAMS["tune"], "--resume")
+    assert r.returncode == 1 and "no search to resume here" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    # a folder that holds another search (here: another space) is not resumed
+    (tmp_path / "runs" / "t1w").mkdir(parents=True)
+    (tmp_path / "runs" / "t1w" / "qsnet-search.json").write_text(json.dumps({"digest": "0" * 16, "space": {}}))
+    r = run(PARAMS["tune"], "--resume")
+    assert r.returncode == 1 and "a different search (differs from params in: " in r.stderr and "space" in r.stderr
+    assert not (tmp_path / "tuned" / "best.yaml").exists()
+
+
+def _events(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.slow
+def test_search_interrupted_and_resumed_runs_only_the_rest(tmp_path):
+    from train.stages import read_tuned
+
+    stores = site_stores(tmp_path)
+    params = _write_params(tmp_path / "params.yaml", PARAMS["tune"])
+    out, reports, runs = tmp_path / "tuned", tmp_path / "reports", tmp_path / "runs"
+    cmd = [QSNET, "tune", "--params", str(params), "--stores", str(stores), "--out", str(out), "--reports",
+           str(reports), "--storage", str(runs)]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    events = runs / "t1w" / "events.jsonl"
+
+    # first session: stopped (Ctrl-C) once a third trial has started, so at least one has ended
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.time() + 400
+    while sum(e["event"] == "start" for e in _events(events)) < 3:
+        assert proc.poll() is None and time.time() < deadline, "the search ended or stalled before its third trial"
+        time.sleep(1)
+    stopped_at = time.time()
+    proc.send_signal(signal.SIGINT)
+    log = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 130, log[-3000:]
+    assert "interrupted" in log and "qsnet tune --resume" in log
+    before = {e["trial"] for e in _events(events) if e["event"] == "complete"}
+    assert 1 <= len(before) < 4
+    assert not (out / "best.yaml").exists()
+
+    # second session: the trials that had not ended, and only those
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    later = [e for e in _events(events) if e["time"] > stopped_at]
+    started_again = {e["trial"] for e in later if e["event"] == "start"}
+    assert started_again and not started_again & before
+    rows = list(csv.DictReader((reports / "trials.csv").open()))
+    assert len(rows) == 4 and {r["trial_id"] for r in rows} == before | {e["trial"] for e in later
+                                                                           if e["event"] == "complete"}
+    assert all(r["status"] in ("finished", "stopped_early") for r in rows)
+    # ASHA stopped the weak trials at a rung; the table shows it
+    assert any(r["status"] == "stopped_early" and int(r["epochs"]) < 3 for r in rows)
+    # the trials ran the seeded sequence, in order
+    rows.sort(key=lambda r: int(r["order"]))
+    assert [float(r["config/lr"]) for r in rows] == pytest.approx([s["lr"] for s in _sequence(10, 4)])
+
+    best = min((r for r in rows if r["score"]), key=lambda r: float(r["score"]))
+    tuned = read_tuned(out / "best.yaml")
+    assert tuned["arch"] == "qsnet"
+    assert tuned["by_contrast"]["t1w"]["lr"] == pytest.approx(float(best["config/lr"]))
+    assert tuned["by_contrast"]["t1w"]["width"] == int(best["config/width"])
+    assert (reports / "history-t1w.png").stat().st_size > 1000
+    summary = json.loads((reports / "summary.json").read_text())
+    assert summary["trials"] == 4 and summary["stopped_early"] >= 1
+
+    # a finished search resumes to the same answer without running anything
+    n_events = len(_events(events))
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(_events(events)) == n_events
+    assert read_tuned(out / "best.yaml")["by_contrast"] == tuned["by_contrast"]
+
+    # search -> train: pretrain takes the best configuration as its params for QS-Net t1w
+    r = subprocess.run([QSNET, "pretrain", "--params", str(params), "--stores", str(stores), "--models",
+                        str(tmp_path / "models"), "--reports", str(tmp_path / "train"), "--storage",
+                        str(tmp_path / "train-runs"), "--tuned", str(out / "best.yaml")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    card = json.loads((tmp_path / "models" / "pretrain" / "qsnet" / "t1w" / "card.json").read_text())
+    assert card["build"]["width"] == int(best["config/width"])
+    assert card["tuned"]["hp"]["lr"] == pytest.approx(float(best["config/lr"]))
+    assert card["tuned"]["sha256"] == hashlib.sha256((out / "best.yaml").read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_shared_search_tunes_every_contrast_at_once(tmp_path):
+    from train.stages import read_tuned, tuned_hp
+
+    stores = site_stores(tmp_path)
+    section = {**PARAMS["tune"], "per_contrast": False, "contrasts": ["t1w", "t2w"], "num_samples": 2,
+               "epochs": 2, "grace_period": 2}
+    params = _write_params(tmp_path / "params.yaml", section)
+    r = subprocess.run([QSNET, "tune", "--params", str(params), "--stores", str(stores), "--out", str(tmp_path / "tuned"),
+                        "--reports", str(tmp_path / "reports"), "--storage", str(tmp_path / "runs")],
+                       capture_output=True, text=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "reports" / "trials.csv").open()))
+    assert len(rows) == 2 and {row["search"] for row in rows} == {"shared"}
+    # each trial trained both contrasts' models, 2 epochs each, one report per epoch
+    assert max(int(row["epochs"]) for row in rows) == 4
+    tuned = read_tuned(tmp_path / "tuned" / "best.yaml")
+    assert tuned["by_contrast"] == {} and "lr" in tuned["train"]
+    assert tuned_hp(tuned, "qsnet", "t2w") == tuned_hp(tuned, "qsnet", "t1w") == tuned["train"]
+    assert tuned_hp(tuned, "swin", "t1w") == {}

@@ -1,0 +1,1 @@
+"""Hyperparameter search over QS-Net training: Ray Tune + Optuna (``qsnet tune``)."""

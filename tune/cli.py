@@ -1,0 +1,55 @@
+"""`qsnet tune` (registered through the `qsnet.commands` entry point)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    from ingest.cli import _run, fail
+
+    @app.command("tune")
+    def tune_command(
+        stores: Path = typer.Option(Path("stores/prepared"), "--stores", help="Prepared stores (from `qsnet prepare`); "
+                                    "trials train on site A's training split and are ranked on its validation split."),
+        out: Path = typer.Option(Path("tuned"), "--out", help="Folder for best.yaml, the best configuration as train "
+                                 "params (`qsnet pretrain --tuned tuned/best.yaml`)."),
+        reports: Path = typer.Option(Path("reports/tune"), "--reports", help="Trials table (CSV), summary and Optuna's "
+                                     "figures."),
+        storage: Path = typer.Option(Path("runs/tune"), "--storage", help="Experiment folders (Ray Tune's, the Optuna "
+                                     "journal, the trials' checkpoints), one per search; kept for --resume."),
+        params: Path = typer.Option(Path("params.yaml"), "--params", help="Params file; its `tune` section (search "
+                                    "space, trials, resources) and `train` section are read."),
+        profile: str | None = typer.Option(None, "--profile", help="Profile instead of the file's `profile`."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the interrupted search of these params in "
+                                    "--storage: finished trials are kept, the rest run."),
+        enable: bool = typer.Option(False, "--enable", help="Search even when params say tune.enabled: false."),
+    ):
+        """Search QS-Net's training hyperparameters with Ray Tune (Optuna TPE, ASHA early stopping) and write the
+        best configuration, which the pretrain and finetune stages can take as their params."""
+        from ingest.params import load_params
+        from tune.search import Interrupted, run_search
+        from tune.space import tune_config
+
+        p = _run("tune", load_params, params, profile)
+        if (p.get("tune") or {}).get("enabled") or enable or resume:
+            _run("tune", tune_config, p)  # a bad space fails before Ray starts
+            if not stores.is_dir():
+                fail("tune", f"{stores}: no prepared stores (run `qsnet prepare` first)")
+        def search():
+            try:
+                return run_search(p, stores, out, reports, storage, resume=resume, force=enable, progress=typer.echo)
+            except Interrupted as exc:  # Ctrl-C: Tune saved the state; the conventional exit code
+                fail("tune", str(exc), 130)
+
+        summary = _run("tune", search)
+        if not summary.get("searched"):
+            typer.echo(f"tune: no search (tune.enabled is false); {out / 'best.yaml'} says so")
+            return
+        for name, b in summary["searches"].items():
+            metric = next(k for k in b if k not in ("trial_id", "epochs", "suggested", "train"))
+            typer.echo(f"tune: {name}: best {metric} {b[metric]:.5g} (trial {b['trial_id']}, {b['epochs']} epochs)")
+        typer.echo(f"tune: {summary['trials']} trials, {summary['stopped_early']} stopped early by ASHA, "
+                   f"{summary['errors']} failed; best configuration in {out / 'best.yaml'}")

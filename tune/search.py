@@ -1,0 +1,405 @@
+"""Ray Tune + Optuna over QS-Net training: one search per contrast (or one shared search).
+
+Each trial is a function trainable that builds a ``TorchTrainer`` (``train.distributed``'s own
+loop, so a trial trains exactly as the pretrain stage does) and forwards the workers' per-epoch
+reports to Tune (``TuneReportCallback``). ``OptunaSearch`` (TPE, seeded) suggests the
+configurations, ``ASHAScheduler`` stops weak trials at its rungs (``training_iteration`` counts
+epochs). The Optuna study lives in a journal file in the experiment folder and Tune keeps its
+experiment folder, so ``resume=True`` continues an interrupted search: finished trials are not
+run again, trials that were running start over.
+
+Layout, per search (``<contrast>`` or ``shared``)::
+
+    <storage>/<search>/            Ray Tune's experiment folder (trials, searcher state)
+    <storage>/<search>/qsnet-search.json   what the search is (a resume must match it)
+    <storage>/<search>/optuna.journal      the Optuna study
+    <storage>/<search>/events.jsonl        trial starts and ends, per session
+    <storage>/<search>/asha.pkl            ASHA's rungs (Tune does not restore a scheduler)
+    <out>/best.yaml                the best configuration(s), as train params
+    <reports>/trials.csv, summary.json, history-<search>.png, importance-<search>.png
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from tune.space import distributions, to_train, tune_config
+
+__all__ = ["Interrupted", "SearchError", "make_searcher", "run_search"]
+
+IDENTITY = "qsnet-search.json"
+JOURNAL = "optuna.journal"
+EVENTS = "events.jsonl"
+
+
+class SearchError(RuntimeError):
+    pass
+
+
+class Interrupted(SearchError):
+    """The search stopped before all its trials ended (Ctrl-C); ``--resume`` continues it."""
+
+
+def make_searcher(cfg: dict, storage_file: Path | None = None, study_name: str = "qsnet"):
+    """The seeded TPE searcher; with ``storage_file``, its study is journaled there."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = JournalStorage(JournalFileBackend(str(storage_file))) if storage_file else None
+    sampler = optuna.samplers.TPESampler(seed=int(cfg["seed"]))
+    return OptunaSearch(space=distributions(cfg["space"]), metric=cfg["metric"], mode=cfg["mode"],
+                        sampler=sampler, storage=storage, study_name=study_name)
+
+
+def _trial(config: dict, base: dict) -> None:
+    """One trial: the suggested configuration as train params, trained by a TorchTrainer."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from train.distributed import run_training
+
+    tid = ray.tune.get_context().get_trial_id()
+    hp = to_train(config, base["train"])
+    runs = [{**r, "hp": hp} for r in base["runs"]]
+    # every epoch reported (ASHA decides at epoch rungs); one checkpoint per model, at its end
+    cfg = {**base["config"], "runs": runs, "name": f"trial-{tid}", "report_every_s": 0.0,
+           "checkpoint_every": base["config"]["epochs"]}
+    res = base["resources"]
+    run_training(cfg, res["num_workers"], res["use_gpu"], base["max_failures"], callbacks=[TuneReportCallback()])
+
+
+class _Events:
+    """Trial starts and ends into events.jsonl (the driver's view; a test counts them)."""
+
+    def __new__(cls, path: Path):
+        from ray.tune import Callback
+
+        class Events(Callback):
+            def __init__(self, path: str):
+                self.path = path
+                self.session = None
+
+            def setup(self, **info):  # each run, also a resumed one (whose callback is unpickled)
+                self.session = f"{os.getpid()}-{time.time():.0f}"
+
+            def _write(self, event: str, trial) -> None:
+                row = {"event": event, "trial": trial.trial_id, "session": self.session, "time": time.time(),
+                       "iteration": (trial.last_result or {}).get("training_iteration")}
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+            def on_trial_start(self, iteration, trials, trial, **info):
+                self._write("start", trial)
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                self._write("complete", trial)
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                self._write("error", trial)
+
+        return Events(str(path))
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def plan(params: dict, stores: Path, storage: Path) -> tuple[dict, list[dict]]:
+    """The checked settings and one entry per search (name, runs, identity)."""
+    from train.data import find_stores
+    from train.stages import DATA, _prepare_digest, train_config
+
+    cfg = tune_config(params)
+    tcfg = train_config(params)
+    site, tsplit, vsplit = DATA["pretrain"]
+    train_stores = find_stores(stores, splits=[tsplit], sites=[site])
+    val_stores = find_stores(stores, splits=[vsplit], sites=[site])
+    if not train_stores:
+        raise FileNotFoundError(f"{stores}: no prepared {site} store in split {tsplit!r} (run `qsnet prepare`)")
+    if not val_stores:
+        raise FileNotFoundError(f"{stores}: no prepared {site} store in split {vsplit!r}: a search ranks trials "
+                                "by validation loss")
+    data = [_prepare_digest(p) for p in train_stores + val_stores]
+    code = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(
+        list((Path(__file__).parent).glob("*.py")) + list((Path(__file__).parent.parent / "train").glob("*.py"))
+    ))).hexdigest()[:16]
+    groups = [[c] for c in cfg["contrasts"]] if cfg["per_contrast"] else [list(cfg["contrasts"])]
+    searches = []
+    for contrasts in groups:
+        name = contrasts[0] if cfg["per_contrast"] else "shared"
+        runs = [{"arch": cfg["arch"], "contrast": c, "inputs": tcfg["inputs"], "stage": "pretrain",
+                 "name": f"{cfg['arch']}/{c}", "site": site, "split": tsplit,
+                 "train_stores": [str(p.resolve()) for p in train_stores],
+                 "val_stores": [str(p.resolve()) for p in val_stores], "init_weights": None, "freeze_encoder": False}
+                for c in contrasts]
+        identity = {"search": name, "arch": cfg["arch"], "contrasts": contrasts, "metric": cfg["metric"],
+                    "mode": cfg["mode"], "epochs": cfg["epochs"], "seed": cfg["seed"],
+                    "space": {k: list(v) for k, v in cfg["space"].items()}, "data": _digest(data)}
+        identity["digest"] = _digest(identity)
+        # recorded, not compared: a fix to the code does not make an interrupted search foreign
+        identity["code"] = code
+        searches.append({"name": name, "dir": Path(storage).resolve() / name, "runs": runs, "identity": identity})
+    return {**cfg, "train": tcfg}, searches
+
+
+def _check_resume(search: dict) -> str:
+    """'fresh', 'resume' or 'done' for ``resume=True``; a missing or foreign experiment is an error."""
+    from ray.tune import Tuner
+
+    d = search["dir"]
+    ident = d / IDENTITY
+    if not ident.exists():
+        raise SearchError(f"{d}: no search to resume here (no {IDENTITY}); run `qsnet tune` without --resume")
+    try:
+        theirs = json.loads(ident.read_text())
+    except ValueError as exc:
+        raise SearchError(f"{ident}: unreadable ({exc})") from None
+    if theirs.get("digest") != search["identity"]["digest"]:
+        diff = sorted(k for k in search["identity"] if theirs.get(k) != search["identity"][k]
+                      and k not in ("digest", "code"))
+        raise SearchError(f"{d}: a different search (differs from params in: {', '.join(diff) or 'identity'}); "
+                          "will not resume it; run without --resume to start afresh")
+    if (d / "done.json").exists():
+        return "done"
+    if not Tuner.can_restore(str(d)):
+        raise SearchError(f"{d}: no Ray Tune experiment state to resume (was it started?)")
+    return "resume"
+
+
+def _fresh(search: dict) -> None:
+    d = search["dir"]
+    if d.exists():
+        # an earlier search of this name is kept beside, never deleted
+        d.rename(d.with_name(f"{d.name}.previous-{time.strftime('%Y%m%dT%H%M%S')}"))
+    d.mkdir(parents=True)
+    (d / IDENTITY).write_text(json.dumps(search["identity"], indent=1, sort_keys=True) + "\n")
+
+
+def trainable_for(cfg: dict, search: dict):
+    """The search's function trainable, its fixed inputs bound and its resources set."""
+    from ray import tune
+
+    res = dict(cfg["resources"])
+    if res["use_gpu"] == "auto":
+        import torch
+
+        res["use_gpu"] = torch.cuda.is_available()
+    t = cfg["train"]
+    base = {"train": t, "runs": search["runs"], "resources": res, "max_failures": t["max_failures"],
+            "config": {**{k: t[k] for k in ("width", "depth", "batch_size", "lr", "lr_d", "betas", "plateau_factor",
+                                             "plateau_after_epoch", "ds_weights", "adv_weight", "augment",
+                                             "loader_workers", "amp", "seed")},
+                       "epochs": cfg["epochs"], "storage": str(search["dir"] / "train"),
+                       "cpus_per_worker": None if res["use_gpu"] else res["cpus_per_worker"],
+                       "torch_threads": res["cpus_per_worker"]}}
+    trainable = tune.with_parameters(_trial, base=base)
+    # the trial only waits on its TorchTrainer, whose workers hold the CPUs/GPUs: it reserves a
+    # little memory and no CPU (Tune refuses an empty request), or two trials on two CPUs would
+    # leave no CPU for their workers
+    return tune.with_resources(trainable, {"CPU": 0, "memory": 256 * 2 ** 20})
+
+
+def _one(cfg: dict, search: dict, mode: str, progress=None) -> dict:
+    from ray import tune
+
+    from train.distributed import _init
+    from tune.asha import ResumableASHA
+
+    # Tune kills a stopped trial's actor, and with it the trial's Ray Train controller: without
+    # the dashboard's state API, Train never frees that run's CPUs and the next trials wait forever
+    _init(dashboard=True)
+    d = search["dir"]
+    trainable = trainable_for(cfg, search)
+    max_t = cfg["epochs"] * len(search["runs"])
+    if mode == "resume":
+        tuner = tune.Tuner.restore(str(d), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=make_searcher(cfg, d / JOURNAL, study_name=search["name"]),
+                scheduler=ResumableASHA(str(d / "asha.pkl"), time_attr="training_iteration", max_t=max_t,
+                                        grace_period=min(cfg["grace_period"], max_t),
+                                        reduction_factor=cfg["reduction_factor"]),
+                metric=cfg["metric"], mode=cfg["mode"], num_samples=cfg["num_samples"],
+                max_concurrent_trials=cfg["max_concurrent"]),
+            run_config=tune.RunConfig(name=d.name, storage_path=str(d.parent), callbacks=[_Events(d / EVENTS)],
+                                      verbose=0, failure_config=tune.FailureConfig(max_failures=0)))
+    if progress:
+        progress(f"tune: search {search['name']}: {'resuming' if mode == 'resume' else 'starting'} "
+                 f"({cfg['num_samples']} trials, {cfg['max_concurrent']} at a time, up to {max_t} epochs each)")
+    grid = tuner.fit()
+    return _collect(cfg, search, grid, max_t)
+
+
+def _ended(search: dict) -> dict[str, set]:
+    ended: dict[str, set] = {}
+    path = search["dir"] / EVENTS
+    if path.exists():
+        for line in path.read_text().splitlines():
+            e = json.loads(line)
+            ended.setdefault(e["event"], set()).add(e["trial"])
+    return ended
+
+
+def _collect(cfg: dict, search: dict, grid, max_t: int) -> dict:
+    ended = _ended(search)
+    import re
+
+    rows = []
+    for r in grid:
+        m = r.metrics or {}
+        folder = Path(r.path).name if r.path else ""
+        tid = m.get("trial_id") or folder
+        # Tune numbers a trial's folder in the order the searcher suggested it: _trial_<id>_<n>_...
+        order = re.match(r"^_?\w*?_[0-9a-f]{5,}_(\d+)_", folder)
+        it = int(m.get("training_iteration") or 0)
+        if r.error or tid in ended.get("error", ()):
+            status = "error"
+        elif tid not in ended.get("complete", ()):
+            status = "unfinished"   # running or pending when the search was interrupted
+        else:
+            status = "finished" if it >= max_t else "stopped_early"
+        rows.append({"search": search["name"], "order": int(order.group(1)) if order else None,
+                     "trial_id": tid, "status": status, "epochs": it,
+                     cfg["metric"]: m.get(cfg["metric"]), "val_l1": m.get("val_l1"),
+                     "seconds": round(float(m.get("time_total_s") or 0.0), 1),
+                     "error": str(r.error).splitlines()[0][:200] if r.error else "",
+                     **{f"config/{k}": v for k, v in sorted((r.config or {}).items())}})
+    rows.sort(key=lambda row: (row["order"] is None, row["order"] or 0, row["trial_id"]))
+    return {"rows": rows, "complete": all(row["status"] != "unfinished" for row in rows)
+            and len(rows) >= cfg["num_samples"]}
+
+
+def _best(cfg: dict, rows: list[dict]) -> dict | None:
+    scored = [r for r in rows if r[cfg["metric"]] is not None and math.isfinite(r[cfg["metric"]])
+              and r["status"] != "error"]
+    if not scored:
+        return None
+    sign = 1 if cfg["mode"] == "min" else -1
+    return min(scored, key=lambda r: sign * r[cfg["metric"]])
+
+
+def _figures(search: dict, reports: Path) -> list[str]:
+    """Optuna's optimisation history and parameter importances, as images."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    notes = []
+    study = optuna.load_study(study_name=search["name"],
+                              storage=JournalStorage(JournalFileBackend(str(search["dir"] / JOURNAL))))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+        for kind, fn in (("history", optuna.visualization.matplotlib.plot_optimization_history),
+                         ("importance", optuna.visualization.matplotlib.plot_param_importances)):
+            try:
+                ax = fn(study)
+                fig = ax.figure if hasattr(ax, "figure") else ax[0].figure
+                fig.set_size_inches(7, 4)
+                fig.tight_layout()
+                fig.savefig(reports / f"{kind}-{search['name']}.png", dpi=90)
+                plt.close(fig)
+            except (ValueError, RuntimeError) as exc:  # e.g. importances need two finished trials
+                notes.append(f"{kind}-{search['name']}: not drawn ({str(exc).splitlines()[0]})")
+    return notes
+
+
+def run_search(params: dict, stores: Path, out: Path, reports: Path, storage: Path, resume: bool = False,
+               force: bool = False, progress=None) -> dict:
+    """Run (or, with ``resume``, continue) the searches of params; write best.yaml and the report.
+
+    With ``tune.enabled: false`` (and neither ``force`` nor ``resume``) no search runs: best.yaml
+    says so and the training stages use the profile's own params. Returns the summary."""
+    out, reports = Path(out), Path(reports)
+    raw = params.get("tune") if isinstance(params.get("tune"), dict) else {}
+    if not (raw.get("enabled") or force or resume):
+        _write_outputs(out, reports, {"searched": False,
+                                      "note": "tune.enabled is false in params: the training stages use the "
+                                              "profile's own train params"}, [], {"searched": False})
+        return {"searched": False}
+    cfg, searches = plan(params, stores, storage)
+    modes = {s["name"]: (_check_resume(s) if resume else "fresh") for s in searches}
+    all_rows, best_doc, notes = [], {}, []
+    for s in searches:
+        if modes[s["name"]] == "done":
+            result = json.loads((s["dir"] / "done.json").read_text())
+        else:
+            if modes[s["name"]] == "fresh":
+                _fresh(s)
+            result = _one(cfg, s, modes[s["name"]], progress)
+            if not result["complete"]:
+                n = sum(r["status"] != "unfinished" for r in result["rows"])
+                raise Interrupted(f"search {s['name']} interrupted with {n} of {cfg['num_samples']} trials ended; "
+                                  "continue it with `qsnet tune --resume`")
+            (s["dir"] / "done.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+        all_rows.extend(result["rows"])
+        best = _best(cfg, result["rows"])
+        if best is None:
+            raise SearchError(f"search {s['name']}: no trial finished with a {cfg['metric']} "
+                              f"(see {reports / 'trials.csv'} and {s['dir']})")
+        suggestion = {k.split("/", 1)[1]: v for k, v in best.items() if k.startswith("config/")}
+        best_doc[s["name"]] = {"trial_id": best["trial_id"], cfg["metric"]: best[cfg["metric"]],
+                               "epochs": best["epochs"], "suggested": suggestion,
+                               "train": to_train(suggestion, cfg["train"])}
+        reports.mkdir(parents=True, exist_ok=True)
+        notes += _figures(s, reports)
+    doc = {"searched": True, "arch": cfg["arch"], "metric": cfg["metric"], "mode": cfg["mode"],
+           "per_contrast": cfg["per_contrast"]}
+    if cfg["per_contrast"]:
+        doc["train"] = {}
+        doc["by_contrast"] = {name: b["train"] for name, b in best_doc.items()}
+    else:
+        doc["train"] = best_doc["shared"]["train"]
+        doc["by_contrast"] = {}
+    doc["scores"] = {name: {cfg["metric"]: b[cfg["metric"]], "trial_id": b["trial_id"], "epochs": b["epochs"]}
+                     for name, b in best_doc.items()}
+    summary = {"searched": True, "searches": best_doc, "trials": len(all_rows),
+               "stopped_early": sum(r["status"] == "stopped_early" for r in all_rows),
+               "errors": sum(r["status"] == "error" for r in all_rows), "notes": notes,
+               "identity": {s["name"]: s["identity"] for s in searches}}
+    _write_outputs(out, reports, doc, all_rows, summary)
+    return summary
+
+
+def _atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _write_outputs(out: Path, reports: Path, doc: dict, rows: list[dict], summary: dict) -> None:
+    import io
+
+    import yaml
+
+    head = ("# Written by `qsnet tune`: the best configuration found, as train params. The pretrain and\n"
+            "# finetune stages read it (`--tuned`); `searched: false` means they use the profile's params.\n")
+    _atomic(out / "best.yaml", head + yaml.safe_dump(doc, sort_keys=False))
+    reports.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    keys = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    w = csv.DictWriter(buf, fieldnames=keys or ["search"])
+    w.writeheader()
+    w.writerows(rows)
+    _atomic(reports / "trials.csv", buf.getvalue())
+    _atomic(reports / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
+

@@ -1,0 +1,153 @@
+"""The search space and the search settings, read from params (``<profile>.tune``), checked.
+
+A space entry names one hyperparameter and its distribution::
+
+    lr:          {loguniform: [1.0e-3, 3.0e-2]}
+    beta1:       {uniform: [0.3, 0.9]}
+    plateau_after_epoch: {randint: [1, 10]}     # inclusive bounds
+    width:       {choice: [8, 12, 16]}
+
+Names are the training knobs a search may move (``NAMES``); each maps onto the train section's
+keys by :func:`to_train` (e.g. ``beta1`` and ``beta2`` into ``betas``, the augmentation
+strengths into ``augment``), so a tuned configuration is a set of train params.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ingest.params import ParamsError
+
+__all__ = ["NAMES", "REPORTED", "distributions", "to_train", "tune_config"]
+
+# hyperparameter -> what it sets in the train section
+NAMES = {
+    "lr": "generator learning rate", "lr_d": "discriminator learning rate",
+    "beta1": "Adam beta1", "beta2": "Adam beta2",
+    "adv_weight": "adversarial loss weight", "ds_weight": "first deep-supervision weight (the others halve)",
+    "width": "channels of the first U-Net level", "depth": "U-Net levels",
+    "rotate_deg": "augmentation: rotation (degrees)", "elastic_px": "augmentation: elastic displacement (pixels)",
+    "noise": "augmentation: input noise (share of range)",
+    "plateau_factor": "learning-rate factor on a plateau", "plateau_after_epoch": "first epoch the plateau rule acts",
+    "batch_size": "batch size",
+}
+INTEGER = {"width", "depth", "plateau_after_epoch", "batch_size"}
+# what the trainable reports each epoch (train.distributed's metrics), so a search can rank by it
+REPORTED = ("score", "val_l1", "train_l1", "train_loss_g")
+KINDS = ("uniform", "loguniform", "randint", "choice")
+
+DEFAULTS = {
+    "enabled": False, "arch": "qsnet", "contrasts": ["t1flair"], "per_contrast": True, "metric": "score",
+    "mode": "min", "num_samples": 8, "max_concurrent": 2, "epochs": 10, "grace_period": 2, "reduction_factor": 2,
+    "seed": None, "resources": {"num_workers": 1, "cpus_per_worker": 1, "use_gpu": "auto"}, "space": {},
+}
+
+
+def tune_config(params: dict) -> dict:
+    """The profile's tune section over the defaults, checked: a bad value fails in one line."""
+    from train.models import ARCHITECTURES
+    from train.stages import CONTRASTS
+
+    raw = params.get("tune") or {}
+    if not isinstance(raw, dict):
+        raise ParamsError("params: tune must be a mapping")
+    unknown = sorted(set(raw) - set(DEFAULTS))
+    if unknown:
+        raise ParamsError(f"params: unknown tune key(s) {unknown} (known: {', '.join(DEFAULTS)})")
+    cfg = {**DEFAULTS, **raw, "resources": {**DEFAULTS["resources"], **(raw.get("resources") or {})}}
+    if cfg["arch"] not in ARCHITECTURES:
+        raise ParamsError(f"params: tune.arch {cfg['arch']!r} unknown (known: {', '.join(ARCHITECTURES)})")
+    if not cfg["contrasts"] or any(c not in CONTRASTS for c in cfg["contrasts"]):
+        raise ParamsError(f"params: tune.contrasts {cfg['contrasts']!r}: name one or more of {', '.join(CONTRASTS)}")
+    if cfg["metric"] not in REPORTED:
+        raise ParamsError(f"params: tune.metric {cfg['metric']!r} is never reported by the trainable "
+                          f"(it reports: {', '.join(REPORTED)})")
+    if cfg["mode"] not in ("min", "max"):
+        raise ParamsError(f"params: tune.mode must be min or max, got {cfg['mode']!r}")
+    for key in ("num_samples", "max_concurrent", "epochs", "grace_period", "reduction_factor"):
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
+            raise ParamsError(f"params: tune.{key} must be a positive integer, got {cfg[key]!r}")
+    if cfg["reduction_factor"] < 2:
+        raise ParamsError("params: tune.reduction_factor must be at least 2")
+    if cfg["grace_period"] > cfg["epochs"]:
+        raise ParamsError(f"params: tune.grace_period {cfg['grace_period']} > tune.epochs {cfg['epochs']}")
+    res = cfg["resources"]
+    for key in ("num_workers", "cpus_per_worker"):
+        if not isinstance(res.get(key), int) or res[key] < 1:
+            raise ParamsError(f"params: tune.resources.{key} must be a positive integer, got {res.get(key)!r}")
+    cfg["space"] = parse_space(cfg["space"])
+    if cfg["seed"] is None:
+        cfg["seed"] = int(params.get("seed", 0))
+    return cfg
+
+
+def parse_space(space) -> dict:
+    """``{name: (kind, args)}``; an empty or malformed space is an error naming the entry."""
+    if not isinstance(space, dict) or not space:
+        raise ParamsError("params: tune.space is empty: name at least one hyperparameter and its distribution "
+                          f"(e.g. lr: {{loguniform: [1.0e-4, 1.0e-2]}}; names: {', '.join(NAMES)})")
+    out = {}
+    for name, spec in space.items():
+        if name not in NAMES:
+            raise ParamsError(f"params: tune.space.{name}: not a tunable hyperparameter (known: {', '.join(NAMES)})")
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
+            raise ParamsError(f"params: tune.space.{name}: expected one of {{{', '.join(KINDS)}: ...}}, got {spec!r}")
+        kind, args = next(iter(spec.items()))
+        if kind == "choice":
+            if not isinstance(args, list) or not args:
+                raise ParamsError(f"params: tune.space.{name}: choice needs a non-empty list of values")
+            if name in INTEGER and not all(isinstance(v, int) and v > 0 for v in args):
+                raise ParamsError(f"params: tune.space.{name}: choices must be positive integers, got {args!r}")
+            out[name] = (kind, list(args))
+            continue
+        if (not isinstance(args, list) or len(args) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in args)):
+            raise ParamsError(f"params: tune.space.{name}: {kind} needs [low, high], got {args!r}")
+        low, high = args
+        if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
+            raise ParamsError(f"params: tune.space.{name}: {kind} needs low < high, got [{low}, {high}]")
+        if kind == "loguniform" and low <= 0:
+            raise ParamsError(f"params: tune.space.{name}: loguniform needs low > 0, got {low}")
+        if kind == "randint" and not (isinstance(low, int) and isinstance(high, int)):
+            raise ParamsError(f"params: tune.space.{name}: randint needs integer bounds, got [{low}, {high}]")
+        if name in INTEGER and kind != "randint":
+            raise ParamsError(f"params: tune.space.{name} is an integer: use randint or choice")
+        out[name] = (kind, [low, high])
+    return out
+
+
+def distributions(space: dict) -> dict:
+    """Optuna distributions for ``OptunaSearch(space=...)``."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    dist = {}
+    for name, (kind, args) in space.items():
+        if kind == "choice":
+            dist[name] = CategoricalDistribution(args)
+        elif kind == "randint":
+            dist[name] = IntDistribution(args[0], args[1])
+        else:
+            dist[name] = FloatDistribution(float(args[0]), float(args[1]), log=kind == "loguniform")
+    return dist
+
+
+def to_train(suggestion: dict, base: dict) -> dict:
+    """A suggested configuration as train params (only the keys it sets), ``base`` the profile's
+    train section (for the halves of a pair it does not move, e.g. beta2 when only beta1 is searched)."""
+    hp: dict = {}
+    for key in ("lr", "lr_d", "adv_weight", "plateau_factor"):
+        if key in suggestion:
+            hp[key] = float(suggestion[key])
+    for key in ("width", "depth", "plateau_after_epoch", "batch_size"):
+        if key in suggestion:
+            hp[key] = int(suggestion[key])
+    if "beta1" in suggestion or "beta2" in suggestion:
+        b1, b2 = base.get("betas", [0.5, 0.999])
+        hp["betas"] = [float(suggestion.get("beta1", b1)), float(suggestion.get("beta2", b2))]
+    if "ds_weight" in suggestion:
+        n = len(base.get("ds_weights") or [0.5, 0.25, 0.125, 0.0625])
+        hp["ds_weights"] = [float(suggestion["ds_weight"]) * 0.5 ** i for i in range(n)]
+    aug = {k: float(suggestion[k]) for k in ("rotate_deg", "elastic_px", "noise") if k in suggestion}
+    if aug:
+        hp["augment"] = aug
+    return hp
