@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -75,38 +76,6 @@ def _trial(config: dict, base: dict) -> None:
            "checkpoint_every": base["config"]["epochs"]}
     res = base["resources"]
     run_training(cfg, res["num_workers"], res["use_gpu"], base["max_failures"], callbacks=[TuneReportCallback()])
-
-
-class _Events:
-    """Trial starts and ends into events.jsonl (the driver's view; a test counts them)."""
-
-    def __new__(cls, path: Path):
-        from ray.tune import Callback
-
-        class Events(Callback):
-            def __init__(self, path: str):
-                self.path = path
-                self.session = None
-
-            def setup(self, **info):  # each run, also a resumed one (whose callback is unpickled)
-                self.session = f"{os.getpid()}-{time.time():.0f}"
-
-            def _write(self, event: str, trial) -> None:
-                row = {"event": event, "trial": trial.trial_id, "session": self.session, "time": time.time(),
-                       "iteration": (trial.last_result or {}).get("training_iteration")}
-                with open(self.path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-
-            def on_trial_start(self, iteration, trials, trial, **info):
-                self._write("start", trial)
-
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                self._write("complete", trial)
-
-            def on_trial_error(self, iteration, trials, trial, **info):
-                self._write("error", trial)
-
-        return Events(str(path))
 
 
 def _digest(obj) -> str:
@@ -212,7 +181,7 @@ def _one(cfg: dict, search: dict, mode: str, progress=None) -> dict:
     from ray import tune
 
     from train.distributed import _init
-    from tune.asha import ResumableASHA
+    from tune.resumable import ResumableASHA, TrialEvents
 
     # Tune kills a stopped trial's actor, and with it the trial's Ray Train controller: without
     # the dashboard's state API, Train never frees that run's CPUs and the next trials wait forever
@@ -232,7 +201,7 @@ def _one(cfg: dict, search: dict, mode: str, progress=None) -> dict:
                                         reduction_factor=cfg["reduction_factor"]),
                 metric=cfg["metric"], mode=cfg["mode"], num_samples=cfg["num_samples"],
                 max_concurrent_trials=cfg["max_concurrent"]),
-            run_config=tune.RunConfig(name=d.name, storage_path=str(d.parent), callbacks=[_Events(d / EVENTS)],
+            run_config=tune.RunConfig(name=d.name, storage_path=str(d.parent), callbacks=[TrialEvents(d / EVENTS)],
                                       verbose=0, failure_config=tune.FailureConfig(max_failures=0)))
     if progress:
         progress(f"tune: search {search['name']}: {'resuming' if mode == 'resume' else 'starting'} "
@@ -253,8 +222,6 @@ def _ended(search: dict) -> dict[str, set]:
 
 def _collect(cfg: dict, search: dict, grid, max_t: int) -> dict:
     ended = _ended(search)
-    import re
-
     rows = []
     for r in grid:
         m = r.metrics or {}
