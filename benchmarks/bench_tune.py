@@ -97,6 +97,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from ingest.params import load_params
+    from train.stages import HP_KEYS
     from tune.search import make_searcher, plan
     from tune.space import to_train
 
@@ -117,9 +118,7 @@ def main() -> None:
     for i in range(args.trials):
         configs.append(searcher.suggest(f"t{i}"))
         searcher.on_trial_complete(f"t{i}", {"score": 1.0})
-    base = {**{k: cfg["train"][k] for k in ("width", "depth", "batch_size", "lr", "lr_d", "betas", "plateau_factor",
-                                            "plateau_after_epoch", "ds_weights", "adv_weight", "augment",
-                                            "loader_workers", "amp", "seed")}, "epochs": args.epochs}
+    base = {**{k: cfg["train"][k] for k in HP_KEYS}, "epochs": args.epochs}
 
     torch.set_num_threads(1)   # a trial's resources: one CPU
     plain = []

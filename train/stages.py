@@ -36,6 +36,9 @@ DEFAULTS = {
     "checkpoint_every": 1, "max_failures": 1, "augment": True, "loader_workers": 0, "amp": True,
     "extra_runs": [], "finetune_epochs": None, "parallel_runs": 1, "lr_d": None, "depth": 6,
 }
+# the training hyperparameters a Ray Train run carries (train.distributed reads them)
+HP_KEYS = ("width", "depth", "epochs", "batch_size", "lr", "lr_d", "betas", "plateau_factor", "plateau_after_epoch",
+           "ds_weights", "adv_weight", "augment", "checkpoint_every", "loader_workers", "amp", "seed")
 # what a tuned configuration (``qsnet tune``'s best.yaml) may set, per architecture and contrast
 TUNABLE = ("lr", "lr_d", "betas", "adv_weight", "ds_weights", "width", "depth", "augment", "plateau_factor",
            "plateau_after_epoch", "batch_size")
@@ -145,7 +148,6 @@ def run_stage(stage: str, params: dict, stores: Path, models: Path, reports: Pat
     """Train every model of ``stage`` in one Ray Train run; returns the model card paths.
     ``tuned``: a search's best.yaml, whose values replace the profile's for its architecture."""
     from train import registry
-    from train.data import find_stores
     from train.distributed import run_parallel
     from train.models import build
 
@@ -155,25 +157,17 @@ def run_stage(stage: str, params: dict, stores: Path, models: Path, reports: Pat
     tuned_doc = read_tuned(tuned)
     runs, key = [], []
     for run in _runs(stage, cfg):
-        site, tsplit, vsplit = DATA[run["stage"]]
-        train_stores = find_stores(stores, splits=[tsplit], sites=[site])
-        val_stores = find_stores(stores, splits=[vsplit], sites=[site])
-        if not train_stores:
-            raise FileNotFoundError(f"{stores}: no prepared {site} store in split {tsplit!r} "
-                                    "(run `qsnet prepare`, or see the splits in reports/prepare.json)")
-        init, init_sha, freeze = None, None, False
+        r = site_run(run, stores)
+        init_sha = None
         if run["stage"] == "finetune":
             card = registry.read_card(_folder(models, {**run, "stage": "pretrain"}) / "card.json")
             registry.load(card)  # checks the weights' hash before anything trains on them
-            init = str((Path(card["_path"]).parent / card["weights"]).resolve())  # workers have their own cwd
+            r["init_weights"] = str((Path(card["_path"]).parent / card["weights"]).resolve())  # workers have their own cwd
             init_sha = card["weights_sha256"]
-            freeze = run["arch"] in ("qsnet", "resunet")
-        r = {**run, "name": _folder(Path(""), run).as_posix(), "site": site, "split": tsplit,
-             "train_stores": [str(p.resolve()) for p in train_stores],
-             "val_stores": [str(p.resolve()) for p in val_stores], "init_weights": init, "freeze_encoder": freeze,
-             "hp": tuned_hp(tuned_doc, run["arch"], run["contrast"])}
+            r["freeze_encoder"] = run["arch"] in ("qsnet", "resunet")
+        r["hp"] = tuned_hp(tuned_doc, run["arch"], run["contrast"])
         runs.append(r)
-        key.append("".join(_prepare_digest(p) for p in train_stores + val_stores))
+        key.append("".join(prepare_digest(Path(p)) for p in r["train_stores"] + r["val_stores"]))
         if init_sha:
             key.append(init_sha)
     import zarr
@@ -183,9 +177,7 @@ def run_stage(stage: str, params: dict, stores: Path, models: Path, reports: Pat
     if size < 2 ** depth:
         raise ParamsError(f"prepared images are {size} x {size}: a {depth}-level U-Net needs at least "
                           f"{2 ** depth} x {2 ** depth} (params prepare.image_size)")
-    hp = {k: cfg[k] for k in ("width", "depth", "epochs", "batch_size", "lr", "lr_d", "betas", "plateau_factor",
-                              "plateau_after_epoch", "ds_weights", "adv_weight", "augment", "checkpoint_every",
-                              "loader_workers", "amp", "seed")}
+    hp = {k: cfg[k] for k in HP_KEYS}
     if stage == "finetune":  # site B's finetune split is smaller than site A's: more epochs, similar steps
         hp["epochs"] = cfg["finetune_epochs"]
     # the run's name carries a hash of everything it trains on and of the training code: an
@@ -235,7 +227,23 @@ def run_stage(stage: str, params: dict, stores: Path, models: Path, reports: Pat
     return cards
 
 
-def _prepare_digest(store: Path) -> str:
+def site_run(run: dict, stores: Path) -> dict:
+    """``run`` (arch, contrast, inputs, stage) with its site's training and validation stores
+    (``DATA``): one model of a Ray Train run, from random weights, nothing frozen, no tuned values."""
+    from train.data import find_stores
+
+    site, tsplit, vsplit = DATA[run["stage"]]
+    train_stores = find_stores(stores, splits=[tsplit], sites=[site])
+    if not train_stores:
+        raise FileNotFoundError(f"{stores}: no prepared {site} store in split {tsplit!r} "
+                                "(run `qsnet prepare`, or see the splits in reports/prepare.json)")
+    return {**run, "name": _folder(Path(""), run).as_posix(), "site": site, "split": tsplit,
+            "train_stores": [str(p.resolve()) for p in train_stores],
+            "val_stores": [str(p.resolve()) for p in find_stores(stores, splits=[vsplit], sites=[site])],
+            "init_weights": None, "freeze_encoder": False, "hp": {}}
+
+
+def prepare_digest(store: Path) -> str:
     try:
         return str(json.loads((store / "zarr.json").read_text())["attributes"].get("prepare_digest", ""))
     except (OSError, ValueError, KeyError):

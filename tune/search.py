@@ -84,32 +84,25 @@ def _digest(obj) -> str:
 
 def plan(params: dict, stores: Path, storage: Path) -> tuple[dict, list[dict]]:
     """The checked settings and one entry per search (name, runs, identity)."""
-    from train.data import find_stores
-    from train.stages import DATA, _prepare_digest, train_config
+    from train.stages import prepare_digest, site_run, train_config
 
     cfg = tune_config(params)
     tcfg = train_config(params)
-    site, tsplit, vsplit = DATA["pretrain"]
-    train_stores = find_stores(stores, splits=[tsplit], sites=[site])
-    val_stores = find_stores(stores, splits=[vsplit], sites=[site])
-    if not train_stores:
-        raise FileNotFoundError(f"{stores}: no prepared {site} store in split {tsplit!r} (run `qsnet prepare`)")
-    if not val_stores:
-        raise FileNotFoundError(f"{stores}: no prepared {site} store in split {vsplit!r}: a search ranks trials "
-                                "by validation loss")
-    data = [_prepare_digest(p) for p in train_stores + val_stores]
+    groups = [[c] for c in cfg["contrasts"]] if cfg["per_contrast"] else [list(cfg["contrasts"])]
+    runs_of = {c: site_run({"arch": cfg["arch"], "contrast": c, "inputs": tcfg["inputs"], "stage": "pretrain"}, stores)
+               for c in cfg["contrasts"]}
+    first = runs_of[cfg["contrasts"][0]]
+    if not first["val_stores"]:
+        raise FileNotFoundError(f"{stores}: no prepared {first['site']} store in the validation split: a search "
+                                "ranks trials by validation loss")
+    data = [prepare_digest(Path(p)) for p in first["train_stores"] + first["val_stores"]]
     code = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(
         list((Path(__file__).parent).glob("*.py")) + list((Path(__file__).parent.parent / "train").glob("*.py"))
     ))).hexdigest()[:16]
-    groups = [[c] for c in cfg["contrasts"]] if cfg["per_contrast"] else [list(cfg["contrasts"])]
     searches = []
     for contrasts in groups:
         name = contrasts[0] if cfg["per_contrast"] else "shared"
-        runs = [{"arch": cfg["arch"], "contrast": c, "inputs": tcfg["inputs"], "stage": "pretrain",
-                 "name": f"{cfg['arch']}/{c}", "site": site, "split": tsplit,
-                 "train_stores": [str(p.resolve()) for p in train_stores],
-                 "val_stores": [str(p.resolve()) for p in val_stores], "init_weights": None, "freeze_encoder": False}
-                for c in contrasts]
+        runs = [runs_of[c] for c in contrasts]
         identity = {"search": name, "arch": cfg["arch"], "contrasts": contrasts, "metric": cfg["metric"],
                     "mode": cfg["mode"], "epochs": cfg["epochs"], "seed": cfg["seed"],
                     "space": {k: list(v) for k, v in cfg["space"].items()}, "data": _digest(data)}
@@ -157,6 +150,8 @@ def trainable_for(cfg: dict, search: dict):
     """The search's function trainable, its fixed inputs bound and its resources set."""
     from ray import tune
 
+    from train.stages import HP_KEYS
+
     res = dict(cfg["resources"])
     if res["use_gpu"] == "auto":
         import torch
@@ -164,10 +159,7 @@ def trainable_for(cfg: dict, search: dict):
         res["use_gpu"] = torch.cuda.is_available()
     t = cfg["train"]
     base = {"train": t, "runs": search["runs"], "resources": res, "max_failures": t["max_failures"],
-            "config": {**{k: t[k] for k in ("width", "depth", "batch_size", "lr", "lr_d", "betas", "plateau_factor",
-                                             "plateau_after_epoch", "ds_weights", "adv_weight", "augment",
-                                             "loader_workers", "amp", "seed")},
-                       "epochs": cfg["epochs"], "storage": str(search["dir"] / "train"),
+            "config": {**{k: t[k] for k in HP_KEYS}, "epochs": cfg["epochs"], "storage": str(search["dir"] / "train"),
                        "cpus_per_worker": None if res["use_gpu"] else res["cpus_per_worker"],
                        "torch_threads": res["cpus_per_worker"]}}
     trainable = tune.with_parameters(_trial, base=base)
