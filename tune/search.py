@@ -78,13 +78,9 @@ def _trial(config: dict, base: dict) -> None:
     run_training(cfg, res["num_workers"], res["use_gpu"], base["max_failures"], callbacks=[TuneReportCallback()])
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def plan(params: dict, stores: Path, storage: Path) -> tuple[dict, list[dict]]:
     """The checked settings and one entry per search (name, runs, identity)."""
-    from train.stages import prepare_digest, site_run, train_config
+    from train.stages import params_hash, prepare_digest, site_run, train_config
 
     cfg = tune_config(params)
     tcfg = train_config(params)
@@ -105,8 +101,8 @@ def plan(params: dict, stores: Path, storage: Path) -> tuple[dict, list[dict]]:
         runs = [runs_of[c] for c in contrasts]
         identity = {"search": name, "arch": cfg["arch"], "contrasts": contrasts, "metric": cfg["metric"],
                     "mode": cfg["mode"], "epochs": cfg["epochs"], "seed": cfg["seed"],
-                    "space": {k: list(v) for k, v in cfg["space"].items()}, "data": _digest(data)}
-        identity["digest"] = _digest(identity)
+                    "space": {k: list(v) for k, v in cfg["space"].items()}, "data": params_hash(data)}
+        identity["digest"] = params_hash(identity)
         # recorded, not compared: a fix to the code does not make an interrupted search foreign
         identity["code"] = code
         searches.append({"name": name, "dir": Path(storage).resolve() / name, "runs": runs, "identity": identity})
