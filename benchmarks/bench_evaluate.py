@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 def one_pair(arch: str, size: int, width: int, slices: int, repeats: int = 3) -> float:
     """Seconds for one model on one subject and contrast: inference of every slice + the metrics."""
     from train.evaluate.metrics import masked_metrics, region_metrics, to_12bit
-    from train.evaluate.service import _predict
+    from train.evaluate.service import predict
     from train.models import build
 
     torch.manual_seed(0)
@@ -50,11 +50,11 @@ def one_pair(arch: str, size: int, width: int, slices: int, repeats: int = 3) ->
     yy, xx = np.mgrid[:size, :size] - size / 2
     brain = np.broadcast_to(np.hypot(yy, xx) < 0.4 * size, truth.shape).copy()
     regions = {"tumour": brain & (np.hypot(yy - size / 8, xx) < size / 16)}
-    _predict(model, x[:2])  # warm-up
+    predict(model, x[:2])  # warm-up
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        p = to_12bit(_predict(model, x) * brain)
+        p = to_12bit(predict(model, x) * brain)
         masked_metrics(p, truth, brain)
         region_metrics(p, truth, brain, regions)
         best = min(best, time.perf_counter() - t0)

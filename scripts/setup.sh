@@ -13,5 +13,11 @@ python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || tr
 python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
 python -m pip install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
 python -c "import torch, ingest; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+# The viewer test drives Debian's chromium through Playwright (no browser download): install the
+# package where this runs as root with apt; elsewhere that one test is skipped and says why.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  { apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; } >/dev/null 2>&1 \
+    || echo "setup: could not install chromium; the viewer's browser test will be skipped" >&2
+fi
 # DVC needs a git repository; a source tarball without one still gets a working pipeline.
 [ -d .git ] || git init -q

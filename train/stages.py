@@ -203,6 +203,8 @@ def run_stage(stage: str, params: dict, stores: Path, models: Path, reports: Pat
             "git_commit": registry.git_commit(), "encoder_frozen": run["freeze_encoder"],
             "trained_on": {"site": run["site"], "split": run["split"], "exams": len(run["train_stores"]),
                            "val_exams": len(run["val_stores"])},
+            # how its input is made from two MRF maps (prepare's input contract): what serve reproduces
+            "input": _store_attr(run["train_stores"][0], "input_contract"),
             "ray_run": config["name"], "best_epoch": res["best"]["epoch"],
             "validation": {"val_l1": res["best"]["val"] if math.isfinite(res["best"]["val"]) else None},
             "epochs": len(res["history"]),
@@ -243,11 +245,15 @@ def site_run(run: dict, stores: Path) -> dict:
             "init_weights": None, "freeze_encoder": False, "hp": {}}
 
 
-def prepare_digest(store: Path) -> str:
+def _store_attr(store: Path, key: str, default=None):
     try:
-        return str(json.loads((store / "zarr.json").read_text())["attributes"].get("prepare_digest", ""))
+        return json.loads((Path(store) / "zarr.json").read_text())["attributes"].get(key, default)
     except (OSError, ValueError, KeyError):
-        return ""
+        return default
+
+
+def prepare_digest(store: Path) -> str:
+    return str(_store_attr(store, "prepare_digest", ""))
 
 
 def _dvclive(out: Path, history: list[dict]) -> None:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["PREPARE_VERSION", "PrepareError", "prepare", "prepare_exam", "assign_splits", "DEFAULTS"]
+__all__ = ["PREPARE_VERSION", "PrepareError", "prepare", "prepare_exam", "prepare_inputs", "input_contract",
+           "assign_splits", "DEFAULTS"]
 
 PREPARE_VERSION = "1"
 INPUT_ROLES = ("mrf_t1", "mrf_t2")
@@ -153,9 +154,61 @@ def _remove_store(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def _prepare(task: ExamTask, cfg: dict) -> dict:
-    from ingest.prepare.brainmask import brain_mask, dice
+def input_contract(cfg: dict) -> dict:
+    """What a model trained on this profile's stores expects as input: the settings that turn
+    two MRF maps into its input (the model card carries it, so serving needs no params file)."""
+    return {"channels": list(INPUT_ROLES), "units": "ms", "image_size": int(cfg["image_size"]),
+            **{k: cfg[k] for k in ("brain_mask", "normalise", "mrf_check")}}
+
+
+def prepare_inputs(t1, t2, t1_affine, t2_affine, cfg: dict) -> dict:
+    """The registration-free half of :func:`prepare_exam`: two MRF maps (ms, native grid) ->
+    the model input on the prepared grid. ``cfg`` is a prepare config or an
+    :func:`input_contract`. Serving a new exam runs exactly this, so a served synthesis equals
+    the offline one of the same maps.
+
+    Returns ``input`` (2, Z, S, S) in [0, 1], ``brain`` (prepared grid), ``shape``/``affine`` of
+    the prepared grid, ``scale`` of both maps, ``inversion`` (for :func:`grid.to_native`),
+    and the checked native ``t1``, ``brain_native`` and ``native_affine``.
+    Raises :class:`PrepareError` for maps that are not a usable T1/T2 pair in ms.
+    """
+    from ingest.prepare.brainmask import brain_mask
     from ingest.prepare.grid import apply_scale, percentile_scale, resample, standard_grid
+
+    t1, t2 = np.asarray(t1), np.asarray(t2)
+    for name, vol in (("mrf_t1", t1), ("mrf_t2", t2)):
+        if vol.ndim != 3:
+            raise PrepareError(f"{name}: a {vol.ndim}-D array; an MRF map must be one volume (Z, Y, X)")
+    fixed_aff = np.asarray(t1_affine, float)
+    t1 = _check_map("mrf_t1", t1, cfg)
+    t2 = _check_map("mrf_t2", t2, cfg)
+    if t2.shape != t1.shape or not np.allclose(t2_affine, fixed_aff, atol=0.01):
+        raise PrepareError("mrf_t2 is not on the grid of mrf_t1: the two maps must come from one MRF acquisition")
+    brain = brain_mask(t1, cfg["brain_mask"])
+    if int(brain.sum()) < int(cfg["brain_mask"]["min_voxels"]):
+        raise PrepareError(f"brain mask empty or too small ({int(brain.sum())} voxels): is mrf_t1 a T1 map in ms?")
+    pshape, paff = standard_grid(t1.shape, fixed_aff, int(cfg["image_size"]))
+    psp = np.linalg.norm(paff[:3, :3], axis=0)
+    inplane = [0.0, float(psp[1]), float(psp[2])]
+    pbrain = resample(brain.astype(np.float32), fixed_aff, pshape, paff, footprint_mm=inplane)[0] > 0.5
+    pct = cfg["normalise"]["percentiles"]
+    scale, inputs = {}, []
+    for name, vol in (("mrf_t1", t1), ("mrf_t2", t2)):
+        v, _ = resample(vol, fixed_aff, pshape, paff, footprint_mm=inplane)
+        lo, hi = percentile_scale(v, pbrain, pct)
+        if not hi > lo:
+            raise PrepareError(f"{name}: constant inside the brain ({lo:g}): nothing to learn from")
+        scale[name] = {"lo": lo, "hi": hi, "units": "ms"}
+        inputs.append(apply_scale(v, lo, hi, pbrain))
+    inversion = {"native_shape": list(t1.shape), "native_affine_lps": np.round(fixed_aff, 6).tolist(),
+                 "prepared_affine_lps": np.round(paff, 6).tolist()}
+    return {"input": np.stack(inputs), "brain": pbrain, "shape": pshape, "affine": paff, "scale": scale,
+            "inversion": inversion, "t1": t1, "brain_native": brain, "native_affine": fixed_aff}
+
+
+def _prepare(task: ExamTask, cfg: dict) -> dict:
+    from ingest.prepare.brainmask import dice
+    from ingest.prepare.grid import apply_scale, percentile_scale, resample
     from ingest.prepare.register import mutual_information, rigid_register, rotation_deg
     from ingest.store import open_store, write_exam_store
 
@@ -165,23 +218,14 @@ def _prepare(task: ExamTask, cfg: dict) -> dict:
     missing = [r for r in need if r not in raw]
     if missing:
         raise PrepareError(f"missing role(s) {', '.join(missing)}: the profile needs {', '.join(need)}")
-    fixed_aff = np.asarray(raw.attrs_of("mrf_t1")["affine_lps"], float)
-    t1 = _check_map("mrf_t1", raw.read("mrf_t1"), cfg)
-    t2 = _check_map("mrf_t2", raw.read("mrf_t2"), cfg)
-    if t2.shape != t1.shape or not np.allclose(raw.attrs_of("mrf_t2")["affine_lps"], fixed_aff, atol=0.01):
-        raise PrepareError("mrf_t2 is not on the grid of mrf_t1: the two maps must come from one MRF acquisition")
-    brain = brain_mask(t1, cfg["brain_mask"])
-    if int(brain.sum()) < int(cfg["brain_mask"]["min_voxels"]):
-        raise PrepareError(f"brain mask empty or too small ({int(brain.sum())} voxels): is mrf_t1 a T1 map in ms?")
+    mrf = prepare_inputs(raw.read("mrf_t1"), raw.read("mrf_t2"), raw.attrs_of("mrf_t1")["affine_lps"],
+                         raw.attrs_of("mrf_t2")["affine_lps"], cfg)
+    t1, brain, fixed_aff = mrf["t1"], mrf["brain_native"], mrf["native_affine"]
+    pshape, paff, pbrain = mrf["shape"], mrf["affine"], mrf["brain"]
     out = {"native_shape": list(t1.shape)}
     truth_brain = raw.read("brain") if "brain" in raw else None
     if truth_brain is not None and truth_brain.shape == t1.shape:
         out["brain_dice"] = round(dice(brain, truth_brain), 4)
-
-    pshape, paff = standard_grid(t1.shape, fixed_aff, int(cfg["image_size"]))
-    psp = np.linalg.norm(paff[:3, :3], axis=0)
-    inplane = [0.0, float(psp[1]), float(psp[2])]
-    pbrain = resample(brain.astype(np.float32), fixed_aff, pshape, paff, footprint_mm=inplane)[0] > 0.5
 
     rc = cfg["registration"]
     reg_report, targets, figure_rows = {}, {}, []
@@ -236,23 +280,15 @@ def _prepare(task: ExamTask, cfg: dict) -> dict:
     out["elastix_s"] = round(elastix_s, 3)
 
     pct = cfg["normalise"]["percentiles"]
-    arrays, scale = {}, {}
-    inputs = []
-    for name, vol in (("mrf_t1", t1), ("mrf_t2", t2)):
-        v, _ = resample(vol, fixed_aff, pshape, paff, footprint_mm=inplane)
-        lo, hi = percentile_scale(v, pbrain, pct)
-        if not hi > lo:
-            raise PrepareError(f"{name}: constant inside the brain ({lo:g}): nothing to learn from")
-        scale[name] = {"lo": lo, "hi": hi, "units": "ms"}
-        inputs.append(apply_scale(v, lo, hi, pbrain))
+    arrays, scale = {}, dict(mrf["scale"])
     for role, v in targets.items():
         lo, hi = percentile_scale(v, pbrain, pct)
         if not hi > lo:
             raise PrepareError(f"{role}: constant inside the brain after registration ({lo:g})")
         scale[role] = {"lo": lo, "hi": hi, "units": raw.attrs_of(role).get("units", "scanner")}
         arrays[role] = (apply_scale(v, lo, hi, pbrain), {"role": role, "affine_lps": np.round(paff, 6).tolist()})
-    arrays["input"] = (np.stack(inputs), {"role": "input", "channels": ["mrf_t1", "mrf_t2"],
-                                          "affine_lps": np.round(paff, 6).tolist()})
+    arrays["input"] = (mrf["input"], {"role": "input", "channels": list(INPUT_ROLES),
+                                      "affine_lps": np.round(paff, 6).tolist()})
     arrays["brain"] = (pbrain.astype(np.uint8), {"role": "brain", "affine_lps": np.round(paff, 6).tolist()})
     if truth_brain is not None and truth_brain.shape == t1.shape:
         for name in ("brain", "labels"):
@@ -261,12 +297,11 @@ def _prepare(task: ExamTask, cfg: dict) -> dict:
     if "brain_dice" in out:
         out["brain_dice_prepared"] = round(dice(pbrain, arrays["truth_brain"][0]), 4)
 
-    inversion = {"native_shape": list(t1.shape), "native_affine_lps": np.round(fixed_aff, 6).tolist(),
-                 "prepared_affine_lps": np.round(paff, 6).tolist()}
+    inversion = mrf["inversion"]
     group = {k: attrs[k] for k in ("site", "subject", "patient", "cohort") if k in attrs}
     group.update(split=task.split, profile_image_size=int(cfg["image_size"]), prepare_version=PREPARE_VERSION,
                  prepare_digest=task.digest, raw_content_hash=raw.content_hash(), inversion=inversion, scale=scale,
-                 targets=list(cfg["targets"]),
+                 targets=list(cfg["targets"]), input_contract=input_contract(cfg),
                  prepare_report={k: v for k, v in out.items() if k != "native_shape"})
     if task.figure:
         _figure(Path(task.figure), task.subject, t1, figure_rows, brain)

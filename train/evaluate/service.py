@@ -35,7 +35,7 @@ import numpy as np
 
 from train.evaluate.metrics import lesion_contrast, masked_metrics, paired_tests, region_metrics, to_12bit
 
-__all__ = ["evaluate", "EvaluateError", "CONTRASTS", "METRICS"]
+__all__ = ["evaluate", "predict", "EvaluateError", "CONTRASTS", "METRICS"]
 
 CONTRASTS = ("t1w", "t2w", "t1flair", "t2flair", "swi")
 METRICS = ("ssim", "psnr", "mae")
@@ -115,7 +115,8 @@ class _Exam:
         return (self.store.attrs.get("scale") or {}).get(contrast) or {}
 
 
-def _predict(model, x: np.ndarray, batch: int = 32) -> np.ndarray:
+def predict(model, x: np.ndarray, batch: int = 32) -> np.ndarray:
+    """A generator's [0, 1] output for model inputs ``x`` (N, C, H, W), in batches (evaluate's forward)."""
     import torch
 
     out = []
@@ -264,7 +265,7 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
                 break
             t0 = time.perf_counter()
             try:
-                pred = _predict(model, x)
+                pred = predict(model, x)
             except Exception as exc:  # noqa: BLE001 - shape and size errors come as several types
                 errors.append(f"{name}: {ex.path}: the model does not take this input "
                               f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")

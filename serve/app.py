@@ -1,0 +1,418 @@
+"""The Ray Serve application: a FastAPI ingress and one model deployment for every model.
+
+- ``Synthesizer`` hosts every card of the registry (``@serve.multiplexed``: models load on
+  first use, least recently used ones are dropped) and batches slices across concurrent
+  requests (``@serve.batch``). Replicas, autoscaling, CPUs/GPUs come from the Serve config
+  (``platform/serve.yaml``); it uses a GPU when its replica has one.
+- ``Ingress`` answers HTTP: it unpacks and reads the upload (``serve.exam``), asks the
+  synthesizer for each contrast, writes the results back on the MRF geometry
+  (``serve.dicomout``) and serves the viewer page.
+
+``build_app(args)`` is the application builder: ``serve run serve.app:build_app models=models``,
+the Serve config's ``import_path`` and ``qsnet serve`` all go through it.
+"""
+
+
+import asyncio
+import hmac
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from ray import serve
+
+from serve.catalog import CONTRASTS, load_catalog, public_card, select
+from serve.exam import Limits, RequestError, model_input, read_exam, unpack
+
+log = logging.getLogger("ray.serve")
+API_KEYS_ENV = "QSNET_API_KEYS"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_ERR = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def api_keys(configured=None) -> list[str]:
+    """Bearer tokens: ``$QSNET_API_KEYS`` (comma-separated) and those of the Serve config."""
+    keys = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
+    if isinstance(configured, str):
+        configured = configured.split(",")
+    keys += [str(k).strip() for k in (configured or []) if str(k).strip()]
+    return keys
+
+
+def check_bind(host: str, keys: list[str]) -> None:
+    if not keys and host not in LOOPBACK:
+        raise ValueError(f"refusing to serve on {host} without API keys: set {API_KEYS_ENV} (comma-separated bearer "
+                         "tokens) or api_keys in the Serve config, or bind to 127.0.0.1")
+
+
+# Module-level helpers the deployments call sit above them: Serve pickles the ingress class
+# when it is decorated, and a name defined later in the module is missing in the replica.
+def _png(img: np.ndarray) -> str:
+    import base64
+
+    import matplotlib.image as mpimg
+
+    a = np.asarray(img, np.float32)
+    hi = float(np.percentile(a, 99.5)) or 1.0
+    out = io.BytesIO()
+    mpimg.imsave(out, np.clip(a / hi, 0, 1), cmap="gray", vmin=0, vmax=1, format="png")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+def _viewer_doc(exam, stored: dict, record: dict, zip_bytes: bytes) -> dict:
+    import base64
+
+    from serve.dicomout import LABELS
+
+    panels = {"MRF T1 (ms)": exam.t1, "MRF T2 (ms)": exam.t2}
+    panels.update({f"{LABELS[c]} (synthetic)": v for c, v in stored.items()})
+    return {"slices": int(exam.t1.shape[0]),
+            "panels": {name: [_png(v[k]) for k in range(v.shape[0])] for name, v in panels.items()},
+            "synthesis": record, "zip_base64": base64.b64encode(zip_bytes).decode()}
+
+
+@serve.deployment(name="Synthesizer", max_ongoing_requests=64)
+class Synthesizer:
+    """Every model of the registry; slices of concurrent requests go through one forward."""
+
+    def __init__(self, models: str, cards: list[str] | None = None, max_batch_size: int = 32,
+                 batch_wait_timeout_s: float = 0.005, max_models: int = 16):
+        import torch
+
+        self.catalog, _ = load_catalog(models, cards)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.max_batch_size = int(max_batch_size)
+        self._forward_batch.set_max_batch_size(self.max_batch_size)
+        self._forward_batch.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
+        self.forwards = 0
+
+    @serve.multiplexed(max_num_models_per_replica=16)
+    async def get_model(self, model_id: str):
+        from train import registry
+
+        if model_id not in self.catalog:
+            raise KeyError(model_id)
+        return registry.load(self.catalog[model_id], device=self.device)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _forward_batch(self, items: list[tuple[str, np.ndarray]]) -> list[np.ndarray]:
+        out: list = [None] * len(items)
+        by_model: dict[str, list[int]] = {}
+        for i, (mid, _) in enumerate(items):
+            by_model.setdefault(mid, []).append(i)
+        for mid, idx in by_model.items():
+            model = await self.get_model(mid)
+            x = np.stack([items[i][1] for i in idx])
+            y = await asyncio.to_thread(self._run, model, x)
+            for j, i in enumerate(idx):
+                out[i] = y[j]
+        return out
+
+    def _run(self, model, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        self.forwards += 1
+        with torch.inference_mode():
+            return model(torch.from_numpy(x).to(self.device)).float()[:, 0].cpu().numpy()
+
+    async def synthesize(self, model_id: str, x: np.ndarray) -> np.ndarray:
+        """``x`` (Z, 2, H, W) -> (Z, H, W): each slice joins the batch of whatever else is waiting."""
+        ys = await asyncio.gather(*[self._forward_batch((model_id, x[k])) for k in range(len(x))])
+        return np.stack(ys)
+
+    async def stats(self) -> dict:
+        return {"forwards": self.forwards, "device": self.device, "max_batch_size": self.max_batch_size}
+
+
+api = FastAPI(title="qsnet", version="0.1.0",
+              description="MRF T1/T2 maps in, synthetic T1w, T2w, T1-FLAIR, T2-FLAIR and SWI out (QS-Net). "
+                          "Send a zip of one exam's MRF map series; get one DICOM series per contrast back on "
+                          "the MRF geometry, in the original study.")
+
+
+@api.exception_handler(RequestError)
+async def _request_error(request: Request, exc: RequestError):
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError):
+    where = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()[:3])
+    return JSONResponse(RequestError(422, "bad_parameter", where).body(), status_code=422)
+
+
+def _openapi():
+    from fastapi.openapi.utils import get_openapi
+
+    if api.openapi_schema:
+        return api.openapi_schema
+    schema = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+    schema.setdefault("components", {}).setdefault("schemas", {})["Error"] = {
+        "type": "object", "required": ["error"],
+        "properties": {"error": {"type": "object", "required": ["status", "code", "message"], "properties": {
+            "status": {"type": "integer"}, "code": {"type": "string"}, "message": {"type": "string"}}}}}
+    schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    api.openapi_schema = schema
+    return schema
+
+
+api.openapi = _openapi
+
+
+@serve.deployment(name="Ingress", max_ongoing_requests=16)
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, synthesizer, models: str, cards: list[str] | None = None, api_keys_: list[str] | None = None,
+                 limits: dict | None = None, sites: str | None = None):
+        from ingest.service import load_sites
+
+        self.synth = synthesizer
+        self.catalog, self.skipped = load_catalog(models, cards)
+        self.keys = api_keys(api_keys_)
+        self.limits = Limits.from_dict(limits)
+        self.sites = load_sites(Path(sites) if sites else None)
+        self.viewer = (Path(__file__).parent / "viewer.html").read_text()
+        for why in self.skipped:
+            log.warning("not served: %s", why)
+
+    # ------------------------------------------------------------------ helpers
+    def _auth(self, request: Request) -> None:
+        if not self.keys:
+            return
+        got = request.headers.get("authorization", "")
+        token = got[7:].strip() if got.lower().startswith("bearer ") else ""
+        if not token or not any(hmac.compare_digest(token, k) for k in self.keys):
+            raise RequestError(401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+    async def _body(self, request: Request) -> tuple[bytes, dict]:
+        """The zip and form fields: a raw zip body or a multipart form with a 'file' field."""
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > self.limits.max_request_bytes:
+            raise RequestError(413, "request_too_large", f"the body is {length} bytes; the limit is "
+                               f"{self.limits.max_request_bytes}")
+        ctype = request.headers.get("content-type", "")
+        if ctype.startswith("multipart/form-data"):
+            form = await request.form()
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise RequestError(400, "no_file", "multipart form without a 'file' field holding the zip")
+            data = await upload.read()
+            fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        else:
+            chunks, n = [], 0
+            async for chunk in request.stream():
+                n += len(chunk)
+                if n > self.limits.max_request_bytes:
+                    raise RequestError(413, "request_too_large", f"the body is over the limit of "
+                                       f"{self.limits.max_request_bytes} bytes")
+                chunks.append(chunk)
+            data, fields = b"".join(chunks), {}
+        if not data:
+            raise RequestError(400, "empty_body", "empty body: send the exam as a zip")
+        return data, fields
+
+    # ------------------------------------------------------------------ routes
+    @api.get("/healthz", summary="Liveness: the ingress answers")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/readyz", summary="Readiness: models listed and the model deployment answers",
+             responses={503: _ERR})
+    async def readyz(self):
+        if not self.catalog:
+            return JSONResponse(RequestError(503, "no_models", "no servable model card").body(), status_code=503)
+        try:
+            stats = await asyncio.wait_for(self.synth.stats.remote(), timeout=10)
+        except Exception as exc:  # noqa: BLE001 - any failure of the model deployment means not ready
+            return JSONResponse(RequestError(503, "model_deployment_down", f"{type(exc).__name__}").body(),
+                                status_code=503)
+        return {"status": "ready", "models": len(self.catalog), "device": stats["device"]}
+
+    @api.get("/v1/models", summary="The served model cards", responses={401: _ERR})
+    async def models(self, request: Request) -> dict:
+        self._auth(request)
+        return {"models": [public_card(c) for c in self.catalog.values()], "not_served": self.skipped}
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def viewer_page(self):
+        return HTMLResponse(self.viewer)
+
+    @api.post(
+        "/v1/synthesize", summary="Synthesise clinical contrasts from one exam's MRF maps",
+        responses={200: {"description": "format=dicom: a zip with one DICOM series per contrast "
+                         "(<contrast>/IM0001.dcm ...) and synthesis.json; format=nifti: <contrast>.nii.gz files "
+                         "and synthesis.json; format=viewer: JSON with PNG slices and the DICOM zip (base64)",
+                         "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}},
+                                     "application/json": {"schema": {"type": "object"}}}},
+                   400: _ERR, 401: _ERR, 404: _ERR, 413: _ERR, 422: _ERR},
+        openapi_extra={"security": [{"bearer": []}], "requestBody": {"required": True, "content": {
+            "application/zip": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+                "file": {"type": "string", "format": "binary"}, "contrasts": {"type": "string"},
+                "site": {"type": "string"}, "model": {"type": "string"}, "format": {"type": "string"}}}}}}})
+    async def synthesize(
+        self, request: Request,
+        contrasts: str | None = Query(None, description="comma-separated, of t1w,t2w,t1flair,t2flair,swi "
+                                      "(default: all five)"),
+        site: str | None = Query(None, description="the exam's site (default: recognised from the DICOM)"),
+        model: str | None = Query(None, description="architecture (qsnet), <stage>/<arch>, or a card id"),
+        format: str | None = Query(None, description="dicom, nifti or viewer (default dicom; nifti for NIfTI or "
+                                   "store uploads)"),
+    ):
+        rid = uuid.uuid4().hex[:12]
+        t0 = time.perf_counter()
+        status = 500
+        try:
+            self._auth(request)
+            body, fields = await self._body(request)
+            contrasts = fields.get("contrasts", contrasts)
+            site = fields.get("site", site) or None
+            model = fields.get("model", model) or None
+            fmt = fields.get("format", format)
+            wanted = [c.strip().lower() for c in (contrasts or ",".join(CONTRASTS)).split(",") if c.strip()]
+            unknown = [c for c in wanted if c not in CONTRASTS]
+            if unknown or not wanted:
+                raise RequestError(422, "unknown_contrast", f"unknown contrast(s) {unknown or contrasts!r}; "
+                                   f"choose from {', '.join(CONTRASTS)}")
+            if fmt not in (None, "dicom", "nifti", "viewer"):
+                raise RequestError(422, "unknown_format", f"format {fmt!r}: dicom, nifti or viewer")
+            answer, media, info = await self._synthesize(body, list(dict.fromkeys(wanted)), site, model, fmt)
+            status = 200
+            log.info("synthesize %s: %d contrast(s), %s input, %.2f s", rid, len(wanted), info["input"],
+                     time.perf_counter() - t0)
+            # the stages' wall times (W3C Server-Timing): decode = unzip + ingest, model = the forwards
+            headers = {"X-Request-Id": rid, "Server-Timing": ", ".join(
+                f"{k[:-2]};dur={1000 * v:.1f}" for k, v in info.items() if k.endswith("_s"))}
+            if media == "application/zip":
+                headers["Content-Disposition"] = f'attachment; filename="qsnet-{rid}.zip"'
+            return Response(answer, media_type=media, headers=headers)
+        except RequestError as exc:
+            status = exc.status
+            log.info("synthesize %s: refused %d %s", rid, exc.status, exc.code)
+            return JSONResponse(exc.body(), status_code=exc.status, headers={"X-Request-Id": rid})
+        except Exception as exc:  # noqa: BLE001 - never a traceback (it could quote headers) to the client
+            # where, not what: an exception's message can quote header values
+            import traceback
+
+            frames = traceback.extract_tb(exc.__traceback__)[-4:]
+            log.error("synthesize %s: failed (%s at %s)", rid, type(exc).__name__,
+                      " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames)))
+            return JSONResponse(RequestError(500, "internal_error", f"request {rid} failed; see the server log "
+                                             "for this id").body(), status_code=500, headers={"X-Request-Id": rid})
+        finally:
+            if status >= 500:
+                log.warning("synthesize %s: status %d after %.2f s", rid, status, time.perf_counter() - t0)
+
+    async def _synthesize(self, body: bytes, wanted: list[str], site: str | None, model: str | None,
+                          fmt: str | None) -> tuple[bytes, str, dict]:
+        timing = {}
+        tmp = Path(tempfile.mkdtemp(prefix="qsnet-serve-"))
+        try:
+            t = time.perf_counter()
+            exam = await asyncio.to_thread(self._read, body, tmp, site)
+            timing["decode_s"] = time.perf_counter() - t
+            if fmt is None:
+                fmt = "dicom" if exam.kind == "dicom" else "nifti"
+            if fmt in ("dicom", "viewer") and exam.kind != "dicom":
+                raise RequestError(422, "dicom_needs_dicom", f"format={fmt} writes into the uploaded study: send "
+                                   "DICOM, or ask for format=nifti")
+            try:
+                cards = {c: select(self.catalog, c, exam.site, model) for c in wanted}
+            except LookupError as exc:
+                raise RequestError(404, "no_model", str(exc)) from None
+            t = time.perf_counter()
+            prepared = {}
+            for c, card in cards.items():
+                key = json.dumps(card["input"], sort_keys=True)
+                if key not in prepared:
+                    prepared[key] = await asyncio.to_thread(model_input, exam, card["input"])
+            timing["prepare_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+
+            async def one(c):
+                p = prepared[json.dumps(cards[c]["input"], sort_keys=True)]
+                x = np.ascontiguousarray(np.moveaxis(p["input"], 0, 1), np.float32)
+                mid = cards[c]["id"]
+                return c, await self.synth.options(multiplexed_model_id=mid).synthesize.remote(mid, x)
+
+            preds = dict(await asyncio.gather(*[one(c) for c in wanted]))
+            timing["model_s"] = time.perf_counter() - t
+            answer, media = await asyncio.to_thread(self._encode, exam, cards, prepared, preds, fmt, timing)
+            return answer, media, {"input": exam.kind, **timing}
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _read(self, body: bytes, tmp: Path, site: str | None):
+        root = unpack(body, tmp / "upload", self.limits)
+        return read_exam(root, self.sites, site, work=tmp / "store")
+
+    def _encode(self, exam, cards, prepared, preds, fmt, timing) -> tuple[bytes, str]:
+        from serve.dicomout import dicom_series, nifti_bytes, to_stored
+
+        t0 = time.perf_counter()
+        record = {"qsnet": "0.1.0", "input": exam.kind, "site": exam.site, "contrasts": {}, "notes": exam.notes[:50]}
+        stored = {}
+        for c, card in cards.items():
+            p = prepared[json.dumps(card["input"], sort_keys=True)]
+            stored[c] = to_stored(preds[c], p["brain"], p["inversion"])
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+            for i, (c, card) in enumerate(cards.items()):
+                record["contrasts"][c] = {"model": card["id"], "weights_sha256": card["weights_sha256"]}
+                if fmt == "nifti":
+                    zf.writestr(f"{c}.nii.gz", nifti_bytes(stored[c], exam.affine))
+                    continue
+                try:
+                    files = dicom_series(stored[c], exam.affine, exam.sources["mrf_t1"], exam.sources["mrf_t2"],
+                                         c, card, series_number=9900 + i)
+                except ValueError as exc:
+                    raise RequestError(422, "cannot_write_back", str(exc)) from None
+                for name, data in files:
+                    zf.writestr(f"{c}/{name}", data)
+                record["contrasts"][c]["series_files"] = len(files)
+            timing["encode_s"] = time.perf_counter() - t0
+            record["timing_s"] = {k: round(v, 4) for k, v in timing.items()}
+            zf.writestr("synthesis.json", json.dumps(record, indent=1) + "\n")
+        if fmt != "viewer":
+            return buf.getvalue(), "application/zip"
+        return json.dumps(_viewer_doc(exam, stored, record, buf.getvalue())).encode(), "application/json"
+
+
+def build_app(args: dict):
+    """The application from builder arguments (``serve run serve.app:build_app models=models``,
+    or a Serve config's ``args``): models (registry folder), cards (ids, optional), api_keys,
+    limits, sites, max_batch_size, batch_wait_timeout_s, host (checked: no keys, no public bind)."""
+    args = dict(args or {})
+    models = str(args.get("models", "models"))
+    cards = args.get("cards")
+    if isinstance(cards, str):
+        cards = [c for c in cards.split(",") if c]
+    keys = api_keys(args.get("api_keys"))
+    check_bind(str(args.get("host", os.environ.get("QSNET_SERVE_HOST", "127.0.0.1"))), keys)
+    catalog, skipped = load_catalog(models, cards)
+    if not catalog:
+        raise ValueError(f"{models}: no servable model card" + (f" ({'; '.join(skipped[:3])})" if skipped else ""))
+    limits = args.get("limits")
+    Limits.from_dict(limits)  # a bad limit fails at deploy time, not on the first request
+    # per-deployment options (replicas, autoscaling, actor resources) when not given by a Serve
+    # config's `deployments` (which `serve run config.yaml` applies itself)
+    opts = args.get("deployments") or {}
+    unknown = set(opts) - {"Synthesizer", "Ingress"}
+    if unknown:
+        raise ValueError(f"deployments: unknown name(s) {sorted(unknown)}; the app has Synthesizer and Ingress")
+    synth = Synthesizer.options(**opts.get("Synthesizer", {})).bind(
+        models, cards, int(args.get("max_batch_size", 32)), float(args.get("batch_wait_timeout_s", 0.005)))
+    cfg_keys = args.get("api_keys")
+    cfg_keys = cfg_keys.split(",") if isinstance(cfg_keys, str) else list(cfg_keys or [])
+    return Ingress.options(**opts.get("Ingress", {})).bind(synth, models, cards, cfg_keys, limits, args.get("sites"))

@@ -1,0 +1,82 @@
+"""`qsnet serve` (registered through the `qsnet.commands` entry point)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def load_config(path: Path) -> dict:
+    """The first application of a Serve config file: its ``args`` with its ``deployments``
+    folded in (as ``serve run`` would apply them), plus the file's ``http_options``."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: cannot read the Serve config ({str(exc).splitlines()[0]})") from None
+    apps = doc.get("applications") or []
+    if not apps or apps[0].get("import_path") != "serve.app:build_app":
+        raise ValueError(f"{path}: needs an application with import_path serve.app:build_app")
+    args = dict(apps[0].get("args") or {})
+    deps = {}
+    for d in apps[0].get("deployments") or []:
+        deps[d["name"]] = {k: v for k, v in d.items() if k != "name"}
+    if deps:
+        args["deployments"] = deps
+    return {"args": args, "http_options": doc.get("http_options") or {}}
+
+
+def register(app: typer.Typer) -> None:
+    from ingest.cli import fail
+
+    @app.command("serve")
+    def serve_command(
+        host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. Anything but loopback needs API keys "
+                                 "($QSNET_API_KEYS or api_keys in --config)."),
+        port: int = typer.Option(8000, "--port", help="HTTP port."),
+        models: Path = typer.Option(None, "--models", help="Model registry folder (`models/`, from pretrain and "
+                                    "finetune); default: the config's, else models/."),
+        config: Path = typer.Option(None, "--config", help="A Serve config (platform/serve.yaml): its application "
+                                    "args and deployment options (replicas, autoscaling, resources)."),
+    ):
+        """Serve the models over HTTP with Ray Serve: POST a zip of an exam's MRF DICOM to /v1/synthesize, get the
+        five contrasts back as DICOM; a viewer at /. Runs the app locally, as `serve run` would."""
+        import os
+        import signal
+        import time
+
+        from serve.app import api_keys, build_app, check_bind
+
+        try:
+            cfg = load_config(config) if config else {"args": {}, "http_options": {}}
+            args = {**cfg["args"], "host": host}
+            if models is not None:
+                args["models"] = str(models)
+            args.setdefault("models", "models")
+            check_bind(host, api_keys(args.get("api_keys")))
+            application = build_app(args)
+        except (ValueError, FileNotFoundError) as exc:
+            fail("serve", str(exc))
+        import ray
+        from ray import serve
+
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+        serve.start(http_options={**cfg["http_options"], "host": host, "port": port})
+        serve.run(application, name="qsnet", route_prefix="/", blocking=False)
+        if not api_keys(args.get("api_keys")):
+            typer.echo("serve: no API keys configured: open to anyone on this machine (loopback only)")
+        typer.echo(f"serve: ready on http://{host}:{port}/ (viewer), POST /v1/synthesize, docs at /docs; "
+                   "Ctrl-C stops")
+        stop = []
+        signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+        try:
+            while not stop:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+        serve.shutdown()
+        ray.shutdown()
+        os._exit(0)  # Ray's atexit hooks can block on a second Ctrl-C; everything is shut down already

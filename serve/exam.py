@@ -1,0 +1,263 @@
+"""One uploaded exam, from request body to model input, without Ray (the app runs it in a thread).
+
+The body is a zip holding a site's MRF T1 and T2 maps as DICOM (one exam), a NIfTI pair
+(``*t1*.nii[.gz]`` and ``*t2*.nii[.gz]``, maps in ms) or a raw exam store as ``qsnet ingest``
+writes it. DICOM goes through ingest itself (:func:`ingest.service.ingest_exam`: the same
+series grouping, role rules, reader, checks and de-identified store), and the maps through
+prepare's registration-free path (:func:`ingest.prepare.service.prepare_inputs`), so a served
+exam gives the model exactly the input the offline pipeline would.
+
+Every way an upload can be wrong raises :class:`RequestError` with an HTTP status and a code a
+client can act on; nothing here logs header values (names, IDs, dates stay in the request).
+"""
+
+from __future__ import annotations
+
+import io
+import stat
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+__all__ = ["Exam", "Limits", "RequestError", "model_input", "read_exam", "unpack"]
+
+
+class RequestError(ValueError):
+    """A request the service refuses: ``status`` (4xx), ``code`` (stable, for clients), message."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+    def body(self) -> dict:
+        return {"error": {"status": self.status, "code": self.code, "message": self.message}}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may hold. The zip limits are checked on the bytes actually inflated,
+    not on the sizes the zip claims (a zip bomb lies about them)."""
+
+    max_request_bytes: int = 256 << 20
+    max_entries: int = 10_000
+    max_unpacked_bytes: int = 2 << 30
+    max_ratio: float = 200.0           # inflated / compressed, per entry and overall
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> Limits:
+        d = dict(d or {})
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown request limit(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**d)
+
+
+@dataclass
+class Exam:
+    """The maps of one exam on their native grid and what the answer needs from the upload."""
+
+    kind: str                                  # dicom | nifti | zarr
+    t1: np.ndarray
+    t2: np.ndarray
+    affine: np.ndarray                         # (z, y, x) -> LPS of mrf_t1
+    t2_affine: np.ndarray
+    site: str | None = None                    # a known site whose rules recognised the maps
+    sources: dict = field(default_factory=dict)  # role -> [Path] of the DICOM files (dicom only)
+    notes: list = field(default_factory=list)    # ignored files and why, for the answer's record
+
+
+# ----------------------------------------------------------------------------- unpacking
+
+def _safe_name(name: str) -> PurePosixPath | None:
+    if "\\" in name or name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        return None
+    p = PurePosixPath(name)
+    if any(part in ("..", "") for part in p.parts) or p.is_absolute():
+        return None
+    return p
+
+
+def unpack(body: bytes, dest: Path, limits: Limits = Limits()) -> Path:
+    """Extract the zip ``body`` under ``dest``; refuse traversal, links, encryption and bombs."""
+    if len(body) > limits.max_request_bytes:
+        raise RequestError(413, "request_too_large", f"the body is {len(body)} bytes; the limit is "
+                           f"{limits.max_request_bytes}")
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(body))
+    except (zipfile.BadZipFile, ValueError, OSError):
+        raise RequestError(400, "not_a_zip", "the body is not a zip archive: send the exam's files zipped "
+                           "(DICOM, a NIfTI pair or an exam store)") from None
+    infos = [i for i in zf.infolist() if not i.is_dir()]
+    if len(infos) > limits.max_entries:
+        raise RequestError(413, "zip_too_many_entries", f"the zip holds {len(infos)} files; the limit is "
+                           f"{limits.max_entries}")
+    if not infos:
+        raise RequestError(422, "empty_zip", "the zip holds no file")
+    total = 0
+    packed = sum(max(i.compress_size, 1) for i in infos)
+    dest.mkdir(parents=True, exist_ok=True)
+    for info in infos:
+        rel = _safe_name(info.filename)
+        if rel is None:
+            raise RequestError(400, "unsafe_zip_path", f"zip entry {info.filename!r}: absolute or parent-relative "
+                               "path; entries must stay inside the archive")
+        if stat.S_ISLNK(info.external_attr >> 16):
+            raise RequestError(400, "unsafe_zip_path", f"zip entry {info.filename!r} is a symbolic link")
+        if info.flag_bits & 0x1:
+            raise RequestError(400, "encrypted_zip", f"zip entry {info.filename!r} is encrypted")
+        out = dest.joinpath(*rel.parts)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        written = 0
+        try:
+            with zf.open(info) as src, open(out, "wb") as fh:
+                while chunk := src.read(1 << 20):
+                    written += len(chunk)
+                    total += len(chunk)
+                    if total > limits.max_unpacked_bytes:
+                        raise RequestError(413, "zip_bomb", f"the zip inflates past {limits.max_unpacked_bytes} "
+                                           "bytes; refused")
+                    if written > 1 << 20 and written > limits.max_ratio * max(info.compress_size, 1):
+                        raise RequestError(413, "zip_bomb", f"zip entry {info.filename!r} inflates more than "
+                                           f"{limits.max_ratio:g} times its packed size; refused")
+                    fh.write(chunk)
+        except (zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError) as exc:
+            raise RequestError(400, "bad_zip", f"zip entry {info.filename!r}: cannot be read ({exc})") from None
+    if total > 1 << 20 and total > limits.max_ratio * packed:
+        raise RequestError(413, "zip_bomb", f"the zip inflates {total / packed:.0f} times its size; refused")
+    return dest
+
+
+# ----------------------------------------------------------------------------- reading
+
+def _kind(root: Path) -> str:
+    if any(p.name == "zarr.json" and p.parent != root and (p.parent / "mrf_t1").exists()
+           for p in root.rglob("zarr.json")):
+        return "zarr"
+    if any(p.name.endswith((".nii", ".nii.gz")) for p in root.rglob("*")):
+        return "nifti"
+    return "dicom"
+
+
+def read_exam(root: Path, sites: dict[str, dict], site: str | None = None, work: Path | None = None) -> Exam:
+    """The MRF maps of the one exam under ``root`` (an unpacked upload)."""
+    if site is not None and site not in sites:
+        raise RequestError(422, "unknown_site", f"site {site!r} is not configured; known: {', '.join(sorted(sites))}")
+    kind = _kind(root)
+    if kind == "zarr":
+        return _read_store(root, site)
+    if kind == "nifti":
+        return _read_nifti(root, site)
+    return _read_dicom(root, sites, site, work or root.parent / "store")
+
+
+def _check_units(role: str, units: str | None) -> None:
+    if units and str(units).lower() not in ("ms", "msec", "millisecond", "milliseconds"):
+        raise RequestError(422, "wrong_units", f"{role}: the map is in {units!r}; the models take T1/T2 maps in ms")
+
+
+def _read_store(root: Path, site: str | None) -> Exam:
+    from ingest.store import open_store
+
+    folders = sorted({p.parent for p in root.rglob("zarr.json") if (p.parent / "mrf_t1").exists()})
+    if len(folders) != 1:
+        raise RequestError(422, "several_exams", f"the zip holds {len(folders)} exam stores; send one exam")
+    try:
+        st = open_store(folders[0])
+        arr = {r: st.read(r) for r in ("mrf_t1", "mrf_t2")}
+        attrs = {r: st.attrs_of(r) for r in ("mrf_t1", "mrf_t2")}
+    except (KeyError, ValueError) as exc:
+        raise RequestError(422, "bad_store", f"exam store: {str(exc).splitlines()[0]}") from None
+    for r in arr:
+        _check_units(r, attrs[r].get("units"))
+    return Exam("zarr", arr["mrf_t1"], arr["mrf_t2"], np.asarray(attrs["mrf_t1"]["affine_lps"], float),
+                np.asarray(attrs["mrf_t2"]["affine_lps"], float), site=site or st.attrs.get("site"))
+
+
+def _read_nifti(root: Path, site: str | None) -> Exam:
+    from ingest.phantom.anatomy import load_nifti_zyx
+
+    files = sorted(p for p in root.rglob("*") if p.name.endswith((".nii", ".nii.gz")))
+    pick = {}
+    for role, tag in (("mrf_t1", "t1"), ("mrf_t2", "t2")):
+        hits = [p for p in files if tag in p.name.lower().replace("-", "").replace("_", "")]
+        if len(hits) != 1:
+            raise RequestError(422, "not_mrf", f"NIfTI upload: need exactly one file named like *{tag}*.nii[.gz] "
+                               f"(found {len(hits)} among {len(files)})")
+        pick[role] = hits[0]
+    out = {}
+    for role, p in pick.items():
+        try:
+            data, aff = load_nifti_zyx(p)
+        except Exception as exc:  # noqa: BLE001 - nibabel raises many kinds for a broken file
+            raise RequestError(422, "bad_nifti", f"{p.name}: not a readable NIfTI image ({exc})") from None
+        if data.ndim != 3:
+            raise RequestError(422, "wrong_shape", f"{p.name}: a {data.ndim}-D image; an MRF map is one volume")
+        out[role] = (np.asarray(data, np.float32), aff)
+    return Exam("nifti", out["mrf_t1"][0], out["mrf_t2"][0], out["mrf_t1"][1], out["mrf_t2"][1], site=site)
+
+
+def _read_dicom(root: Path, sites: dict[str, dict], site: str | None, work: Path) -> Exam:
+    from ingest.deid import load_key
+    from ingest.series import group_series, scan
+    from ingest.service import ExamJob, ingest_exam, recognise
+    from ingest.store import open_store
+
+    infos, problems = scan(root)
+    if not infos:
+        why = problems[0][1] if problems else "no file"
+        raise RequestError(422, "no_dicom", f"no DICOM image in the upload ({why})")
+    studies = {i.study_uid for i in infos}
+    if len(studies) > 1:
+        raise RequestError(422, "several_exams", f"the upload holds {len(studies)} studies; send one exam")
+    groups, _ = group_series(infos)
+    # the site whose rules find both maps; the scanner's manufacturer breaks a tie
+    candidates = [site] if site else list(sites)
+    found = []
+    for name in candidates:
+        roles = {recognise(sites[name], g)[0] for g in groups}
+        if {"mrf_t1", "mrf_t2"} <= roles:
+            found.append(name)
+    if not found:
+        descr = sorted({g.description or "(no description)" for g in groups})[:6]
+        raise RequestError(422, "not_mrf", "no MRF T1 map and T2 map series in the upload (series seen: "
+                           f"{'; '.join(descr)}); send the MRF map series of one exam")
+    vendor = {str(getattr(i, "manufacturer", "") or "").upper() for i in infos}
+    same = [n for n in found if str(sites[n].get("manufacturer", "")).upper() in vendor]
+    chosen = (same or found)[0]
+    known = bool(site) or bool(same)
+    job = ExamJob(chosen, "upload", [str(Path(i.path).relative_to(root)) for i in infos], [], list(infos))
+    key, _ = load_key()
+    res = ingest_exam(str(root), str(work), job, sites[chosen], key, {})
+    rows = res["rows"]
+    bad = {r["role"]: r["reason"] for r in rows if r["status"] == "quarantined" and r["role"] in ("mrf_t1", "mrf_t2")}
+    if bad:
+        role, why = sorted(bad.items())[0]
+        raise RequestError(422, "bad_mrf_series", f"{role}: {why}")
+    if res["status"] == "no-store":
+        raise RequestError(422, "not_mrf", "no series of the upload could be read as an MRF map")
+    st = open_store(work / res["store"])
+    missing = [r for r in ("mrf_t1", "mrf_t2") if r not in st]
+    if missing:
+        raise RequestError(422, "not_mrf", f"the upload lacks the MRF {' and '.join(missing)} series")
+    attrs = {r: st.attrs_of(r) for r in ("mrf_t1", "mrf_t2")}
+    for r in attrs:
+        _check_units(r, attrs[r].get("units"))
+    sources = {}
+    for r in ("mrf_t1", "mrf_t2"):
+        sources[r] = sorted(root / row["path"] for row in rows if row["role"] == r and row["status"] == "ingested")
+    notes = [f"{r['path']}: {r['reason']}" for r in rows if r["status"] != "ingested"]
+    return Exam("dicom", st.read("mrf_t1"), st.read("mrf_t2"), np.asarray(attrs["mrf_t1"]["affine_lps"], float),
+                np.asarray(attrs["mrf_t2"]["affine_lps"], float), site=chosen if known else None,
+                sources=sources, notes=notes)
+
+
+def model_input(exam: Exam, contract: dict) -> dict:
+    """Prepare's registration-free path on the exam's maps, under a model card's input contract."""
+    from ingest.prepare.service import PrepareError, prepare_inputs
+
+    try:
+        return prepare_inputs(exam.t1, exam.t2, exam.affine, exam.t2_affine, contract)
+    except PrepareError as exc:
+        raise RequestError(422, "bad_maps", str(exc)) from None

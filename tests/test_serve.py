@@ -1,0 +1,410 @@
+"""`qsnet serve` end to end on loopback: a phantom site-B exam's MRF DICOM in, five synthetic DICOM
+series out (geometry, UIDs, study, pixels against the offline synthesis of the same exam), the
+other input and output formats, every kind of bad request (each followed by /healthz), no PHI in
+the server's log, and the viewer page in a real (headless Debian chromium) browser."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+httpx = pytest.importorskip("httpx")
+
+CONTRASTS = ("t1w", "t2w", "t1flair", "t2flair", "swi")
+KEY = "test-key-0123456789"
+LIMITS = {"max_request_bytes": 4 << 20, "max_unpacked_bytes": 64 << 20, "max_ratio": 200, "max_entries": 500}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _zip(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def _zip_dirs(root: Path, folders) -> bytes:
+    return _zip({f"{d.name}/{f.name}": f.read_bytes() for d in folders for f in sorted(d.iterdir())})
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """Untrained QS-Net models (weights do not matter to serving): pretrain on site A, finetune on site B."""
+    import torch
+
+    from ingest.prepare.service import config, input_contract
+    from train import registry as reg
+    from train.models import build
+
+    root = tmp_path_factory.mktemp("registry")
+    contract = input_contract(config({"prepare": {"image_size": 64}}))
+    torch.manual_seed(0)
+    for stage, site in (("pretrain", "site-A"), ("finetune", "site-B")):
+        for c in CONTRASTS:
+            m = build("qsnet", in_channels=2, out_channels=1, width=8)
+            reg.save(root / stage / "qsnet" / c, m.generator, {
+                "architecture": "qsnet", "build": m.config, "contrast": c, "inputs": "mrf", "stage": stage,
+                "trained_on": {"site": site}, "params_hash": "test", "input": contract})
+    # an MRI-input model and a card without an input contract: listed as not served
+    m = build("qsnet", in_channels=2, out_channels=1, width=8)
+    reg.save(root / "pretrain" / "qsnet-mri" / "t1w", m.generator, {
+        "architecture": "qsnet", "build": m.config, "contrast": "t1w", "inputs": "mri", "stage": "pretrain",
+        "input": contract})
+    reg.save(root / "pretrain" / "cgan" / "t1w", m.generator, {
+        "architecture": "qsnet", "build": m.config, "contrast": "t1w", "inputs": "mrf", "stage": "pretrain"})
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(registry, tmp_path_factory):
+    """`qsnet serve` in its own process, on loopback, with an API key and small request limits."""
+    import yaml
+
+    tmp = tmp_path_factory.mktemp("serve")
+    cfg = tmp / "serve.yaml"
+    doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "platform" / "serve.yaml").read_text())
+    app = doc["applications"][0]
+    app["args"]["limits"] = LIMITS
+    for d in app["deployments"]:  # a 2-core machine: one replica each
+        d.pop("autoscaling_config", None)
+        d["num_replicas"] = 1
+    cfg.write_text(yaml.safe_dump(doc))
+    port = _free_port()
+    log = tmp / "server.log"
+    env = {**os.environ, "QSNET_API_KEYS": f"other-key,{KEY}", "RAY_DEDUP_LOGS": "0"}
+    env.pop("RAY_ADDRESS", None)
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "ingest", "serve", "--models", str(registry), "--port", str(port),
+                                 "--config", str(cfg)], stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while True:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"qsnet serve did not become ready:\n{log.read_text()[-3000:]}")
+        time.sleep(1)
+    client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=300)
+    yield {"base": base, "client": client, "log": log, "proc": proc}
+    client.close()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def exam_b(demo_tree) -> Path:
+    return demo_tree / "site-B" / "sub-B01"
+
+
+@pytest.fixture(scope="module")
+def mrf_zip(exam_b) -> bytes:
+    return _zip_dirs(exam_b, sorted(exam_b.glob("S70*")))
+
+
+@pytest.fixture(scope="module")
+def answer(server, mrf_zip, tmp_path_factory) -> Path:
+    r = server["client"].post("/v1/synthesize", content=mrf_zip, headers={"Content-Type": "application/zip"})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/zip"
+    assert "model;dur=" in r.headers["server-timing"]
+    out = tmp_path_factory.mktemp("answer")
+    zipfile.ZipFile(io.BytesIO(r.content)).extractall(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def offline(raw_pair, tmp_path_factory):
+    """The same exam through `qsnet prepare` (the offline path evaluate reads)."""
+    from ingest.prepare.service import prepare
+
+    root = tmp_path_factory.mktemp("offline")
+    src = root / "raw" / "site-B"
+    shutil.copytree(raw_pair["site-B"], src / raw_pair["site-B"].name)
+    prepare(root / "raw", root / "prepared", root / "prepare.json", {"prepare": {"image_size": 64}, "seed": 0}, jobs=1)
+    stores = list((root / "prepared" / "site-B").glob("*.zarr"))
+    assert len(stores) == 1, (root / "prepare.json").read_text()
+    return stores[0]
+
+
+def _series(folder: Path) -> list[pydicom.Dataset]:
+    return [pydicom.dcmread(p) for p in sorted(folder.iterdir())]
+
+
+def _volume(dss, affine) -> np.ndarray:
+    inv = np.linalg.inv(affine)
+    z = {int(round((inv @ np.r_[np.asarray(d.ImagePositionPatient, float), 1])[0])): d for d in dss}
+    return np.stack([z[k].pixel_array.astype(np.int32) for k in range(len(z))])
+
+
+def test_five_dicom_series_on_the_mrf_geometry_in_the_original_study(answer, exam_b):
+    src = _series(exam_b / "S700_MRF-FISP_T1_Map")
+    src_at = {tuple(np.round(np.asarray(d.ImagePositionPatient, float), 3)): d for d in src}
+    src_uids = {d.SOPInstanceUID for d in src} | {d.SeriesInstanceUID for d in src}
+    series_uids, sop_uids = set(), set()
+    record = json.loads((answer / "synthesis.json").read_text())
+    assert set(record["contrasts"]) == set(CONTRASTS) and record["site"] == "site-B"
+    for c in CONTRASTS:
+        out = _series(answer / c)
+        assert len(out) == len(src)
+        assert len({d.SeriesInstanceUID for d in out}) == 1
+        series_uids.add(out[0].SeriesInstanceUID)
+        for d in out:
+            s = src_at[tuple(np.round(np.asarray(d.ImagePositionPatient, float), 3))]
+            assert list(d.ImagePositionPatient) == list(s.ImagePositionPatient)
+            assert list(d.ImageOrientationPatient) == list(s.ImageOrientationPatient)
+            assert list(d.PixelSpacing) == list(s.PixelSpacing)
+            assert (d.Rows, d.Columns) == (s.Rows, s.Columns)
+            assert d.StudyInstanceUID == s.StudyInstanceUID and d.FrameOfReferenceUID == s.FrameOfReferenceUID
+            assert d.PatientID == s.PatientID
+            assert d.SOPClassUID == "1.2.840.10008.5.1.4.1.1.4"
+            assert d.ImageType[0] == "DERIVED" and "SYNTHETIC" in d.ImageType
+            assert d.SeriesDescription.startswith("SYNTHETIC") and "finetune/qsnet" in d.SeriesDescription
+            assert "Not an acquired image" in d.DerivationDescription
+            assert d.SourceImageSequence[0].ReferencedSOPInstanceUID == s.SOPInstanceUID
+            for uid in (d.SOPInstanceUID, d.SeriesInstanceUID):
+                assert pydicom.uid.UID(uid).is_valid and uid not in src_uids
+            sop_uids.add(d.SOPInstanceUID)
+            assert d.file_meta.MediaStorageSOPInstanceUID == d.SOPInstanceUID
+    assert len(series_uids) == 5 and len(sop_uids) == 5 * len(src)
+
+
+def test_pixels_match_the_offline_synthesis(answer, offline, registry):
+    """Served pixels = the offline path (prepared store -> evaluate's forward -> back on the MRF
+    grid, 12-bit) within rounding."""
+    from ingest.store import open_store
+    from serve.dicomout import to_stored
+    from train import registry as reg
+    from train.data import exam_input
+    from train.evaluate.service import predict
+
+    store = open_store(offline)
+    x = exam_input(store)
+    inv = store.attrs["inversion"]
+    affine = np.asarray(inv["native_affine_lps"], float)
+    for c in CONTRASTS:
+        pred = predict(reg.load(registry / "finetune" / "qsnet" / c / "card.json"), x)
+        want = to_stored(pred, store.read("brain"), inv).astype(np.int32)
+        got = _volume(_series(answer / c), affine)
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() <= 1, c
+        assert want.max() > 0
+
+
+def test_nifti_out_and_nifti_and_store_uploads_agree(server, mrf_zip, raw_pair, tmp_path):
+    from ingest.phantom.anatomy import load_nifti_zyx, save_nifti
+    from ingest.store import open_store
+
+    cl = server["client"]
+    r = cl.post("/v1/synthesize?contrasts=t1w,swi&format=nifti", content=mrf_zip)
+    assert r.status_code == 200, r.text
+    z = zipfile.ZipFile(io.BytesIO(r.content))
+    assert sorted(z.namelist()) == ["swi.nii.gz", "synthesis.json", "t1w.nii.gz"]
+    z.extractall(tmp_path / "a")
+    ref, ref_aff = load_nifti_zyx(tmp_path / "a" / "t1w.nii.gz")
+    st = open_store(raw_pair["site-B"])
+    assert np.allclose(ref_aff, st.attrs_of("mrf_t1")["affine_lps"], atol=1e-4)
+    # the same maps as a NIfTI pair, and as the exam store ingest writes: the same answer
+    for role in ("mrf_t1", "mrf_t2"):
+        save_nifti(tmp_path / f"{role}.nii.gz", st.read(role), np.asarray(st.attrs_of(role)["affine_lps"]))
+    pair = _zip({f"maps/{r}.nii.gz": (tmp_path / f"{r}.nii.gz").read_bytes() for r in ("mrf_t1", "mrf_t2")})
+    top = raw_pair["site-B"]
+    files = {str(p.relative_to(top.parent)): p.read_bytes() for p in top.rglob("*")
+             if p.is_file() and (p.parent == top or p.relative_to(top).parts[0] in ("mrf_t1", "mrf_t2"))}
+    for i, body in enumerate((pair, _zip(files))):
+        r = cl.post("/v1/synthesize?contrasts=t1w&site=site-B", content=body)
+        assert r.status_code == 200, r.text
+        zipfile.ZipFile(io.BytesIO(r.content)).extractall(tmp_path / f"b{i}")
+        got, aff = load_nifti_zyx(tmp_path / f"b{i}" / "t1w.nii.gz")
+        # NIfTI stores the affine in float32: the resampling moves by at most one 12-bit step
+        assert np.abs(got.astype(np.int32) - ref).max() <= (0 if i else 1), i
+        assert np.allclose(aff, ref_aff, atol=1e-4)
+    r = cl.post("/v1/synthesize?format=dicom", content=pair)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "dicom_needs_dicom"
+
+
+def test_models_health_and_openapi(server):
+    cl = server["client"]
+    doc = cl.get("/v1/models").json()
+    ids = sorted(m["id"] for m in doc["models"])
+    assert ids == sorted(f"{s}/qsnet/{c}" for s in ("pretrain", "finetune") for c in CONTRASTS)
+    assert not any("_path" in m for m in doc["models"])
+    assert any("qsnet-mri" in w for w in doc["not_served"]) and any("input contract" in w for w in doc["not_served"])
+    assert cl.get("/healthz").json() == {"status": "ok"}
+    assert cl.get("/readyz").json()["status"] == "ready"
+    spec = cl.get("/openapi.json").json()
+    op = spec["paths"]["/v1/synthesize"]["post"]
+    assert {"application/zip", "multipart/form-data"} <= set(op["requestBody"]["content"])
+    assert {"200", "400", "401", "413", "422"} <= set(op["responses"])
+    assert {"contrasts", "site", "model", "format"} <= {p["name"] for p in op["parameters"]}
+    assert "Error" in spec["components"]["schemas"]
+    page = httpx.get(server["base"] + "/")
+    assert page.status_code == 200 and "v1/synthesize" in page.text
+
+
+def _bomb() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("S1/bomb.dcm", b"\0" * (48 << 20))
+    return buf.getvalue()
+
+
+def _traversal() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("../../etc/evil.dcm", b"x")
+    return buf.getvalue()
+
+
+def _nifti_pair(tmp: Path, raw: Path, edit) -> bytes:
+    from ingest.phantom.anatomy import save_nifti
+    from ingest.store import open_store
+
+    st = open_store(raw)
+    files = {}
+    for role in ("mrf_t1", "mrf_t2"):
+        vol, aff = edit(role, st.read(role), np.asarray(st.attrs_of(role)["affine_lps"]))
+        p = tmp / f"{role}.nii.gz"
+        save_nifti(p, vol, aff)
+        files[f"{role}.nii.gz"] = p.read_bytes()
+    return _zip(files)
+
+
+def _store_with_units(tmp: Path, raw: Path, units: str) -> bytes:
+    from ingest.store import open_store, write_exam_store
+
+    st = open_store(raw)
+    arrays = {r: (st.read(r), {**st.attrs_of(r), "units": units}) for r in ("mrf_t1", "mrf_t2")}
+    write_exam_store(tmp / "x.zarr", arrays, dict(st.attrs))
+    return _zip({str(p.relative_to(tmp)): p.read_bytes() for p in (tmp / "x.zarr").rglob("*") if p.is_file()})
+
+
+BAD = {
+    "not a zip": (lambda ctx: b"this is not a zip archive", "", 400, "not_a_zip"),
+    "path traversal": (lambda ctx: _traversal(), "", 400, "unsafe_zip_path"),
+    "zip bomb": (lambda ctx: _bomb(), "", 413, "zip_bomb"),
+    "too large": (lambda ctx: os.urandom(5 << 20), "", 413, "request_too_large"),
+    "empty body": (lambda ctx: b"", "", 400, "empty_body"),
+    "DICOM that is not MRF": (lambda ctx: _zip_dirs(ctx["exam"], [ctx["exam"] / "S003_Ax_T1_BRAVO"]), "", 422,
+                              "not_mrf"),
+    "maps in seconds": (lambda ctx: _nifti_pair(ctx["tmp"], ctx["raw"], lambda r, v, a: (v / 1000.0, a)), "", 422,
+                        "bad_maps"),
+    "store units not ms": (lambda ctx: _store_with_units(ctx["tmp"], ctx["raw"], "s"), "", 422, "wrong_units"),
+    "maps of different shapes": (lambda ctx: _nifti_pair(ctx["tmp"], ctx["raw"], lambda r, v, a: (
+        v[:, :-3] if r == "mrf_t2" else v, a)), "", 422, "bad_maps"),
+    "unknown contrast": (lambda ctx: ctx["zip"], "?contrasts=t1w,dwi", 422, "unknown_contrast"),
+    "unknown model": (lambda ctx: ctx["zip"], "?model=unet3d", 404, "no_model"),
+    "unknown site": (lambda ctx: ctx["zip"], "?site=site-Z", 422, "unknown_site"),
+    "unknown format": (lambda ctx: ctx["zip"], "?format=png", 422, "unknown_format"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_requests_get_a_4xx_and_the_server_stays_healthy(server, case, mrf_zip, exam_b, raw_pair, tmp_path):
+    make, query, status, code = BAD[case]
+    body = make({"exam": exam_b, "raw": raw_pair["site-B"], "tmp": tmp_path, "zip": mrf_zip})
+    r = server["client"].post(f"/v1/synthesize{query}", content=body, headers={"Content-Type": "application/zip"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code and err["status"] == status and err["message"]
+    assert httpx.get(server["base"] + "/healthz", timeout=10).status_code == 200
+
+
+def test_api_keys(server, mrf_zip):
+    url = server["base"] + "/v1/synthesize"
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        r = httpx.post(url, content=mrf_zip, headers=headers, timeout=60)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+    assert httpx.get(server["base"] + "/v1/models", timeout=10).status_code == 401
+    r = httpx.get(server["base"] + "/v1/models", headers={"Authorization": "Bearer other-key"}, timeout=10)
+    assert r.status_code == 200
+
+
+def test_no_phi_in_the_server_log(server, answer, exam_b):
+    """Names, IDs, dates and UIDs of the uploaded exam never reach the log."""
+    ds = pydicom.dcmread(next((exam_b / "S700_MRF-FISP_T1_Map").iterdir()))
+    text = server["log"].read_text(errors="replace")
+    assert "synthesize" in text  # the requests were logged
+    for kw in ("PatientName", "PatientID", "PatientBirthDate", "StudyInstanceUID", "AccessionNumber",
+               "InstitutionName", "ReferringPhysicianName"):
+        v = str(ds.get(kw, "") or "")
+        if len(v) >= 4:
+            assert v not in text, kw
+
+
+def test_refuses_a_public_address_without_api_keys(registry):
+    env = {k: v for k, v in os.environ.items() if k != "QSNET_API_KEYS"}
+    r = subprocess.run([sys.executable, "-m", "ingest", "serve", "--models", str(registry), "--host", "0.0.0.0"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 1
+    assert "without API keys" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_viewer_in_a_real_browser(server, exam_b, tmp_path):
+    """Debian's chromium, headless, driven by Playwright: upload, see seven panels, move the slider."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium on this machine (scripts/setup.sh installs Debian's package when run as root)")
+    upload = tmp_path / "exam.zip"
+    upload.write_bytes(_zip_dirs(exam_b, sorted(exam_b.glob("S70*"))))
+    shots = Path(os.environ.get("QSNET_TEST_ARTIFACTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1300, "height": 900})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(server["base"] + "/")
+        page.set_input_files("#file", str(upload))
+        page.fill("#key", KEY)
+        page.click("#go")
+        page.wait_for_function("/^(Done|Failed)/.test(document.getElementById('status').textContent)",
+                               timeout=180_000)
+        assert page.inner_text("#status").startswith("Done"), page.inner_text("#status")
+        assert page.locator("#grid figure").count() == 7
+        assert "T1-FLAIR (synthetic)" in page.inner_text("#grid")
+        first = page.get_attribute("#grid img >> nth=2", "src")
+        page.fill("#slider", "2")
+        page.dispatch_event("#slider", "input")
+        assert page.get_attribute("#grid img >> nth=2", "src") != first
+        assert page.get_attribute("#download", "href").startswith("blob:")
+        page.fill("#slider", str(int(page.get_attribute("#slider", "max")) // 2))
+        page.dispatch_event("#slider", "input")
+        shot = shots / "viewer.png"
+        page.screenshot(path=str(shot), full_page=True)
+        # a wrong key: the page says why
+        page.fill("#key", "wrong")
+        page.click("#go")
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('Failed')", timeout=60_000)
+        assert "401" in page.inner_text("#status")
+        browser.close()
+    assert not errors, errors
+    assert shot.stat().st_size > 10_000
+    print(f"viewer screenshot: {shot}")
