@@ -408,3 +408,23 @@ def test_viewer_in_a_real_browser(server, exam_b, tmp_path):
     assert not errors, errors
     assert shot.stat().st_size > 10_000
     print(f"viewer screenshot: {shot}")
+
+
+def test_serve_config_validates_with_rays_schema(registry):
+    """platform/serve.yaml is a valid Serve config, and `qsnet serve --config` reads the same args."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import build_app
+    from serve.cli import load_config
+
+    path = Path(__file__).resolve().parents[1] / "platform" / "serve.yaml"
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    assert schema.applications[0].import_path == "serve.app:build_app"
+    cfg = load_config(path)
+    assert set(cfg["args"]["deployments"]) == {"Synthesizer", "Ingress"}
+    build_app({**cfg["args"], "models": str(registry)})
+    with pytest.raises(ValueError, match="unknown name"):
+        build_app({"models": str(registry), "deployments": {"Synth": {}}})
+    with pytest.raises(ValueError, match="unknown request limit"):
+        build_app({"models": str(registry), "limits": {"max_size": 1}})
