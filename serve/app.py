@@ -87,7 +87,7 @@ class Synthesizer:
     """Every model of the registry; slices of concurrent requests go through one forward."""
 
     def __init__(self, models: str, cards: list[str] | None = None, max_batch_size: int = 32,
-                 batch_wait_timeout_s: float = 0.005, max_models: int = 16):
+                 batch_wait_timeout_s: float = 0.005):
         import torch
 
         self.catalog, _ = load_catalog(models, cards)
@@ -358,7 +358,7 @@ class Ingress:
         return read_exam(root, self.sites, site, work=tmp / "store")
 
     def _encode(self, exam, cards, prepared, preds, fmt, timing) -> tuple[bytes, str]:
-        from serve.dicomout import dicom_series, nifti_bytes, to_stored
+        from serve.dicomout import dicom_series, nifti_bytes, source_headers, to_stored
 
         t0 = time.perf_counter()
         record = {"qsnet": "0.1.0", "input": exam.kind, "site": exam.site, "contrasts": {}, "notes": exam.notes[:50]}
@@ -366,6 +366,9 @@ class Ingress:
         for c, card in cards.items():
             p = prepared[json.dumps(card["input"], sort_keys=True)]
             stored[c] = to_stored(preds[c], p["brain"], p["inversion"])
+        heads = None
+        if fmt != "nifti":
+            heads = source_headers(exam.affine, exam.sources["mrf_t1"], exam.sources["mrf_t2"])
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
             for i, (c, card) in enumerate(cards.items()):
@@ -374,8 +377,7 @@ class Ingress:
                     zf.writestr(f"{c}.nii.gz", nifti_bytes(stored[c], exam.affine))
                     continue
                 try:
-                    files = dicom_series(stored[c], exam.affine, exam.sources["mrf_t1"], exam.sources["mrf_t2"],
-                                         c, card, series_number=9900 + i)
+                    files = dicom_series(stored[c], *heads, c, card, series_number=9900 + i)
                 except ValueError as exc:
                     raise RequestError(422, "cannot_write_back", str(exc)) from None
                 for name, data in files:

@@ -11,22 +11,22 @@ SourceImageSequence. Pixels are 12-bit (0-4095), the range the evaluation scores
 from __future__ import annotations
 
 import datetime as _dt
-import io
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DATA_RANGE", "LABELS", "dicom_series", "nifti_bytes", "to_stored"]
+__all__ = ["DATA_RANGE", "LABELS", "dicom_series", "nifti_bytes", "source_headers", "to_stored"]
 
 DATA_RANGE = 4095
 LABELS = {"t1w": "T1w", "t2w": "T2w", "t1flair": "T1-FLAIR", "t2flair": "T2-FLAIR", "swi": "SWI"}
-# copied unchanged from the source slice: who and which exam, and where the slice is
-_COPY = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "PatientAge",
-         "PatientWeight", "PatientSize", "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
-         "ReferringPhysicianName", "StudyDescription", "FrameOfReferenceUID", "PositionReferenceIndicator",
-         "PatientPosition", "BodyPartExamined", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
-         "SliceThickness", "SpacingBetweenSlices", "SliceLocation", "InstanceNumber", "AcquisitionNumber",
-         "SpecificCharacterSet", "InstitutionName")
+# copied unchanged from the MRF T1 map: who and which exam (one series: the same on every slice) ...
+_COPY_STUDY = ("SpecificCharacterSet", "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate",
+               "PatientSex", "PatientAge", "PatientWeight", "PatientSize", "StudyInstanceUID", "StudyDate", "StudyTime",
+               "StudyID", "AccessionNumber", "ReferringPhysicianName", "StudyDescription", "InstitutionName",
+               "FrameOfReferenceUID", "PositionReferenceIndicator", "PatientPosition", "BodyPartExamined")
+# ... and where each slice is, from the MRF slice at the same position
+_COPY_SLICE = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
+               "SpacingBetweenSlices", "SliceLocation", "InstanceNumber", "AcquisitionNumber")
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 
 
@@ -45,11 +45,46 @@ def _slice_index(ds, inv_affine: np.ndarray) -> int:
     return int(round(float((inv_affine @ ipp)[0])))
 
 
-def dicom_series(stored: np.ndarray, affine: np.ndarray, sources: list[Path], t2_sources: list[Path],
-                 contrast: str, card: dict, series_number: int) -> list[tuple[str, bytes]]:
-    """One MR Image Storage file per slice of ``stored`` (Z, Y, X): [(file name, bytes)]."""
+def source_headers(affine: np.ndarray, t1_files: list[Path], t2_files: list[Path]) -> tuple[dict, dict]:
+    """The MRF T1 and T2 map headers by slice index of ``affine``: read once per request, shared
+    by every contrast's series. ValueError when the T1 map series cannot carry a write-back."""
     import pydicom
+
+    inv = np.linalg.inv(np.asarray(affine, float))
+    out = []
+    for files in (t1_files, t2_files):
+        at = {}
+        for p in files:
+            h = pydicom.dcmread(p, stop_before_pixels=True)
+            if "ImagePositionPatient" in h and getattr(h, "NumberOfFrames", 1) in (1, "1", None):
+                at[_slice_index(h, inv)] = h
+        out.append(at)
+    return out[0], out[1]
+
+
+def _encode(ds, encodings) -> dict[int, bytes]:
+    """Each element of ``ds`` as explicit VR little endian bytes, by tag."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_data_element
+
+    out = {}
+    for elem in ds:
+        fp = DicomBytesIO()
+        fp.is_little_endian, fp.is_implicit_VR = True, False
+        write_data_element(fp, elem, encodings)
+        out[int(elem.tag)] = fp.getvalue()
+    return out
+
+
+def dicom_series(stored: np.ndarray, t1_at: dict, t2_at: dict, contrast: str, card: dict,
+                 series_number: int) -> list[tuple[str, bytes]]:
+    """One MR Image Storage file per slice of ``stored`` (Z, Y, X): [(file name, bytes)].
+    ``t1_at`` / ``t2_at``: :func:`source_headers`. The elements every slice shares are encoded
+    once per series; a file is its meta group, then its own and the shared elements in tag order."""
+    from pydicom.charset import convert_encodings
     from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
     from pydicom.sequence import Sequence
     from pydicom.uid import (
         PYDICOM_IMPLEMENTATION_UID,
@@ -59,46 +94,54 @@ def dicom_series(stored: np.ndarray, affine: np.ndarray, sources: list[Path], t2
 
     from ingest import __version__
 
-    inv = np.linalg.inv(np.asarray(affine, float))
-    heads = [pydicom.dcmread(p, stop_before_pixels=True) for p in sources]
-    t2_at = {}
-    for p in t2_sources:
-        h = pydicom.dcmread(p, stop_before_pixels=True)
-        if "ImagePositionPatient" in h:
-            t2_at[_slice_index(h, inv)] = h
-    by_slice = {}
-    for h in heads:
-        if "ImagePositionPatient" not in h or getattr(h, "NumberOfFrames", 1) not in (1, "1", None):
-            raise ValueError("the MRF T1 map series is not classic single-frame DICOM: write-back needs one "
-                             "header per slice")
-        by_slice[_slice_index(h, inv)] = h
     z, rows, cols = stored.shape
-    if sorted(by_slice) != list(range(z)):
-        raise ValueError(f"the MRF T1 map series has slices {sorted(by_slice)[:4]}...; expected 0..{z - 1}")
-    series_uid = generate_uid()
+    if sorted(t1_at) != list(range(z)):
+        raise ValueError(f"the MRF T1 map series has {len(t1_at)} single-frame slices on its grid, expected {z}: "
+                         "write-back needs one classic header per slice")
+    first = t1_at[0]
     now = _dt.datetime.now()
     label = LABELS.get(contrast, contrast)
     model_id = card.get("id", "")
-    desc = f"SYNTHETIC {label} (qsnet {model_id})"[:64]
-    derivation = (f"Synthesised by qsnet {__version__} from the MRF T1 and T2 maps of this study; model "
-                  f"{model_id} ({card.get('architecture')}, {card.get('stage')}, weights sha256 "
-                  f"{str(card.get('weights_sha256', ''))[:16]}). Not an acquired image.")[:1024]
+    shared = Dataset()
+    for kw in _COPY_STUDY:
+        if kw in first:
+            setattr(shared, kw, first.data_element(kw).value)
+    shared.SOPClassUID = MR_IMAGE_STORAGE
+    shared.SeriesInstanceUID = generate_uid()
+    shared.Modality = "MR"
+    shared.SeriesNumber = int(series_number)
+    shared.SeriesDescription = f"SYNTHETIC {label} (qsnet {model_id})"[:64]
+    shared.ImageType = ["DERIVED", "SECONDARY", "SYNTHETIC", label.upper().replace("-", "")]
+    shared.DerivationDescription = (
+        f"Synthesised by qsnet {__version__} from the MRF T1 and T2 maps of this study; model {model_id} "
+        f"({card.get('architecture')}, {card.get('stage')}, weights sha256 {str(card.get('weights_sha256', ''))[:16]})."
+        " Not an acquired image.")[:1024]
+    shared.Manufacturer = "qsnet"
+    shared.ManufacturerModelName = f"QS-Net {card.get('architecture', '')}"[:64]
+    shared.SoftwareVersions = __version__
+    shared.SeriesDate = shared.ContentDate = now.strftime("%Y%m%d")
+    shared.SeriesTime = shared.ContentTime = now.strftime("%H%M%S")
+    shared.ScanningSequence, shared.SequenceVariant, shared.ScanOptions = "RM", "NONE", ""
+    shared.MRAcquisitionType = "2D"
+    shared.EchoTime = shared.RepetitionTime = shared.EchoTrainLength = None
+    shared.SamplesPerPixel = 1
+    shared.PhotometricInterpretation = "MONOCHROME2"
+    shared.Rows, shared.Columns = rows, cols
+    shared.BitsAllocated, shared.BitsStored, shared.HighBit, shared.PixelRepresentation = 16, 12, 11, 0
+    shared.RescaleIntercept, shared.RescaleSlope, shared.RescaleType = 0, 1, "US"
+    shared.WindowCenter, shared.WindowWidth = 2048, 4096
+    shared.BurnedInAnnotation = "NO"
+    shared.LossyImageCompression = "00"
+    encodings = convert_encodings(first.get("SpecificCharacterSet") or "ISO_IR 6")
+    common = _encode(shared, encodings)
     out = []
     for k in range(z):
-        src = by_slice[k]
+        src = t1_at[k]
         ds = Dataset()
-        for kw in _COPY:
+        for kw in _COPY_SLICE:
             if kw in src:
                 setattr(ds, kw, src.data_element(kw).value)
-        sop = generate_uid()
-        ds.SOPClassUID = MR_IMAGE_STORAGE
-        ds.SOPInstanceUID = sop
-        ds.SeriesInstanceUID = series_uid
-        ds.Modality = "MR"
-        ds.SeriesNumber = int(series_number)
-        ds.SeriesDescription = desc
-        ds.ImageType = ["DERIVED", "SECONDARY", "SYNTHETIC", label.upper().replace("-", "")]
-        ds.DerivationDescription = derivation
+        ds.SOPInstanceUID = generate_uid()
         refs = []
         for h in (src, t2_at.get(k)):
             if h is not None and "SOPInstanceUID" in h:
@@ -107,32 +150,19 @@ def dicom_series(stored: np.ndarray, affine: np.ndarray, sources: list[Path], t2
                 r.ReferencedSOPInstanceUID = h.SOPInstanceUID
                 refs.append(r)
         ds.SourceImageSequence = Sequence(refs)
-        ds.Manufacturer = "qsnet"
-        ds.ManufacturerModelName = f"QS-Net {card.get('architecture', '')}"[:64]
-        ds.SoftwareVersions = __version__
-        ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
-        ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
-        ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions = "RM", "NONE", ""
-        ds.MRAcquisitionType = "2D"
-        ds.EchoTime = ds.RepetitionTime = ds.EchoTrainLength = None
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows, ds.Columns = rows, cols
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "US"
-        ds.WindowCenter, ds.WindowWidth = 2048, 4096
-        ds.BurnedInAnnotation = "NO"
-        ds.LossyImageCompression = "00"
         ds.PixelData = np.ascontiguousarray(stored[k], "<u2").tobytes()
+        ds["PixelData"].VR = "OW"
+        elems = {**common, **_encode(ds, encodings)}
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
-        meta.MediaStorageSOPInstanceUID = sop
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        ds.file_meta = meta
-        buf = io.BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
-        out.append((f"IM{k + 1:04d}.dcm", buf.getvalue()))
+        fp = DicomBytesIO()
+        fp.is_little_endian, fp.is_implicit_VR = True, False
+        fp.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(fp, meta)
+        out.append((f"IM{k + 1:04d}.dcm", fp.getvalue() + b"".join(elems[t] for t in sorted(elems))))
     return out
 
 
