@@ -63,7 +63,10 @@ def register(app: typer.Typer) -> None:
         from ray import serve
 
         if not ray.is_initialized():
-            ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+            # RAY_ADDRESS joins that cluster; otherwise a private local one, never whatever
+            # `ray start` cluster happens to run on this machine
+            ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=True,
+                     configure_logging=False)
         serve.start(http_options={**cfg["http_options"], "host": host, "port": port})
         serve.run(application, name="qsnet", route_prefix="/", blocking=False)
         if not api_keys(args.get("api_keys")):
