@@ -50,7 +50,7 @@ def test_pretrain_under_ray_job_submit(tmp_path):
     try:
         import time
 
-        for _ in range(24):  # the head's job agent comes up some seconds after `ray start` returns
+        for _ in range(36):  # the head's job agent comes up seconds (minutes on a busy machine) after `ray start`
             job = subprocess.run(
                 [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", f"--working-dir={work}", "--",
                  "qsnet", "pretrain", "--stores", str(stores), "--models", str(tmp_path / "models"),
