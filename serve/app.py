@@ -173,8 +173,8 @@ api.openapi = _openapi
 @serve.deployment(name="Ingress", max_ongoing_requests=16)
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, synthesizer, models: str, cards: list[str] | None = None, api_keys_: list[str] | None = None,
-                 limits: dict | None = None, sites: str | None = None):
+    def __init__(self, synthesizer, models: str, cards: list[str] | None = None,
+                 api_keys_: list[str] | str | None = None, limits: dict | None = None, sites: str | None = None):
         from ingest.service import load_sites
 
         self.synth = synthesizer
@@ -332,17 +332,17 @@ class Ingress:
             except LookupError as exc:
                 raise RequestError(404, "no_model", str(exc)) from None
             t = time.perf_counter()
-            prepared = {}
+            by_contract, prepared = {}, {}  # contrasts whose models share an input contract share one input
             for c, card in cards.items():
                 key = json.dumps(card["input"], sort_keys=True)
-                if key not in prepared:
-                    prepared[key] = await asyncio.to_thread(model_input, exam, card["input"])
+                if key not in by_contract:
+                    by_contract[key] = await asyncio.to_thread(model_input, exam, card["input"])
+                prepared[c] = by_contract[key]
             timing["prepare_s"] = time.perf_counter() - t
             t = time.perf_counter()
 
             async def one(c):
-                p = prepared[json.dumps(cards[c]["input"], sort_keys=True)]
-                x = np.ascontiguousarray(np.moveaxis(p["input"], 0, 1), np.float32)
+                x = np.ascontiguousarray(np.moveaxis(prepared[c]["input"], 0, 1), np.float32)
                 mid = cards[c]["id"]
                 return c, await self.synth.options(multiplexed_model_id=mid).synthesize.remote(mid, x)
 
@@ -363,8 +363,7 @@ class Ingress:
         t0 = time.perf_counter()
         record = {"qsnet": "0.1.0", "input": exam.kind, "site": exam.site, "contrasts": {}, "notes": exam.notes[:50]}
         stored = {}
-        for c, card in cards.items():
-            p = prepared[json.dumps(card["input"], sort_keys=True)]
+        for c, p in prepared.items():
             stored[c] = to_stored(preds[c], p["brain"], p["inversion"])
         heads = None
         if fmt != "nifti":
@@ -415,6 +414,5 @@ def build_app(args: dict):
         raise ValueError(f"deployments: unknown name(s) {sorted(unknown)}; the app has Synthesizer and Ingress")
     synth = Synthesizer.options(**opts.get("Synthesizer", {})).bind(
         models, cards, int(args.get("max_batch_size", 32)), float(args.get("batch_wait_timeout_s", 0.005)))
-    cfg_keys = args.get("api_keys")
-    cfg_keys = cfg_keys.split(",") if isinstance(cfg_keys, str) else list(cfg_keys or [])
-    return Ingress.options(**opts.get("Ingress", {})).bind(synth, models, cards, cfg_keys, limits, args.get("sites"))
+    return Ingress.options(**opts.get("Ingress", {})).bind(synth, models, cards, args.get("api_keys"), limits,
+                                                           args.get("sites"))
