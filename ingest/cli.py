@@ -160,7 +160,8 @@ def phantom_qa(
 
 @app.command()
 def prepare(
-    src: Path = typer.Argument(Path("stores/raw"), help="Raw exam stores: <site>/<subject>.zarr (from `qsnet ingest`)."),
+    src: str = typer.Argument("stores/raw", help="Raw exam stores: <site>/<subject>.zarr (from `qsnet ingest`); a "
+                              "folder or a URL (s3://...), read in place."),
     dst: Path = typer.Argument(Path("stores/prepared"), help="Prepared stores, one <site>/<subject>.zarr per exam."),
     report: Path = typer.Option(Path("reports/prepare.json"), "--report", help="Per-exam report and summary (JSON)."),
     figures: Optional[Path] = typer.Option(Path("reports/prepare"), "--figures",
@@ -179,7 +180,9 @@ def prepare(
     from ingest.prepare import prepare as run
 
     p = _run("prepare", load_params, params, profile)
-    n = len(list(src.glob("*/*.zarr"))) if src.is_dir() else None
+    from ingest import storage
+
+    n = len(_run("prepare", storage.list_stores, src)) if storage.is_url(src) or Path(src).is_dir() else None
     with Progress(TextColumn("prepare"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   disable=not sys.stderr.isatty()) as prog:
         bar = prog.add_task("", total=n)

@@ -22,9 +22,17 @@ _PUBLIC = ("id", "architecture", "contrast", "inputs", "stage", "profile", "trai
 def load_catalog(models: Path | str, cards: list[str] | None = None) -> tuple[dict[str, dict], list[str]]:
     """``{id: card}`` of every servable card under ``models`` (or only the ids in ``cards``),
     and the reasons the others are not served. Weights are checked when a model is loaded."""
+    from ingest import storage
     from train.registry import RegistryError, find_cards, read_card
 
-    root = Path(models)
+    if storage.is_url(models):
+        # each replica takes its own copy: replicas on other nodes share no filesystem
+        storage.check_access(str(models))
+        root = storage.mirror(str(models))
+        if not any(root.iterdir()):
+            raise FileNotFoundError(f"{models}: no model registry there (train with `qsnet pretrain` / `finetune`)")
+    else:
+        root = Path(models)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no model registry folder (train with `qsnet pretrain` / `finetune`)")
     found, skipped = {}, []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -36,7 +37,7 @@ def register(app: typer.Typer) -> None:
         host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. Anything but loopback needs API keys "
                                  "($QSNET_API_KEYS or api_keys in --config)."),
         port: int = typer.Option(8000, "--port", help="HTTP port."),
-        models: Path = typer.Option(None, "--models", help="Model registry folder (`models/`, from pretrain and "
+        models: Optional[str] = typer.Option(None, "--models", help="Model registry folder or URL (`models/`, from pretrain and "
                                     "finetune); default: the config's, else models/."),
         config: Path = typer.Option(None, "--config", help="A Serve config (platform/serve.yaml): its application "
                                     "args and deployment options (replicas, autoscaling, resources)."),
@@ -57,7 +58,7 @@ def register(app: typer.Typer) -> None:
             args.setdefault("models", "models")
             check_bind(host, api_keys(args.get("api_keys")))
             application = build_app(args)
-        except (ValueError, FileNotFoundError) as exc:
+        except (ValueError, OSError) as exc:  # OSError: a missing folder, an unreachable s3:// registry
             fail("serve", str(exc))
         import ray
         from ray import serve

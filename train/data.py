@@ -30,17 +30,18 @@ __all__ = ["SliceDataset", "Augment", "find_stores", "exam_input", "INPUT_KINDS"
 INPUT_KINDS = {"mrf": ("mrf_t1", "mrf_t2"), "mri": ("t1w", "t2w")}
 
 
-def find_stores(root: Path | str, splits=None, sites=None) -> list[Path]:
-    """Prepared stores under ``root`` (``<site>/<subject>.zarr``) in the given splits and sites."""
-    import json
+def find_stores(root: Path | str, splits=None, sites=None) -> list:
+    """Prepared stores under ``root`` (``<site>/<subject>.zarr``) in the given splits and sites.
+    ``root`` may be an fsspec URL (``s3://...``): the stores are then URLs, read in place."""
+    from ingest import storage
 
-    root = Path(root)
-    if not root.is_dir():
+    root = storage.location(root)
+    if isinstance(root, Path) and not root.is_dir():
         raise FileNotFoundError(f"{root}: no prepared stores here (run `qsnet prepare` first)")
     out = []
-    for p in sorted(root.glob("*/*.zarr")):
+    for p in storage.list_stores(root):
         try:
-            attrs = json.loads((p / "zarr.json").read_text())["attributes"]
+            attrs = storage.read_json(storage.join(p, "zarr.json"))["attributes"]
         except (OSError, ValueError, KeyError) as exc:
             raise ValueError(f"{p}: not a readable prepared store ({exc})") from None
         if splits is not None and attrs.get("split") not in splits:
@@ -102,11 +103,12 @@ class SliceDataset(Dataset):
 
     def __init__(self, stores, contrasts=("t1w",), inputs: str = "mrf", brain_only: bool = True,
                  min_brain_fraction: float = 0.02, augment: Augment | dict | bool | None = None, seed: int = 0):
+        from ingest.storage import location, name_parts
         from ingest.store import open_store
 
         if inputs not in INPUT_KINDS:
             raise ValueError(f"inputs must be one of {sorted(INPUT_KINDS)}, got {inputs!r}")
-        self.paths = [Path(p) for p in stores]
+        self.paths = [location(p) for p in stores]
         self.contrasts = tuple(contrasts)
         self.inputs = inputs
         self.seed = int(seed)
@@ -126,8 +128,9 @@ class SliceDataset(Dataset):
             frac = brain.reshape(brain.shape[0], -1).mean(1)
             zs = [z for z in range(brain.shape[0]) if not brain_only or frac[z] >= min_brain_fraction]
             self.index.extend((si, z) for z in zs)
-            self.subjects.append(str(st.attrs.get("subject", p.stem)))
-            self.sites.append(str(st.attrs.get("site", p.parent.name)))
+            site, subject = name_parts(p)
+            self.subjects.append(str(st.attrs.get("subject", subject)))
+            self.sites.append(str(st.attrs.get("site", site)))
         if augment is True or isinstance(augment, dict):
             augment = Augment(size or 64, **(augment if isinstance(augment, dict) else {}))
         self.augment = augment or None

@@ -19,6 +19,7 @@ epoch k of the first model still to train (a marker file in the run's storage re
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 import os
@@ -57,6 +58,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
+    from ingest import storage
     from train.loop import Losses, Trainer
     from train.models import build
 
@@ -73,7 +75,7 @@ def train_loop_per_worker(config: dict) -> None:
     done: dict = saved["done"]
     last_report = time.monotonic()
     fail_at = os.environ.get("QSNET_FAIL_AT_EPOCH")
-    marker = Path(config["storage"]) / config["name"] / ".failed-once"
+    marker = storage.join(config["storage"], config["name"], ".failed-once")
     every_s = float(config.get("report_every_s", REPORT_EVERY_S))
     for run in config["runs"]:
         if run["name"] in done:
@@ -93,7 +95,8 @@ def train_loop_per_worker(config: dict) -> None:
             tr.load_state_dict(saved["trainer"], source=f"checkpoint of {config['name']}")
             best, history, resumed = saved["best"], saved["history"], tr.epoch
         elif run.get("init_weights"):
-            tr.g.load_state_dict(torch.load(run["init_weights"], map_location=device, weights_only=True))
+            tr.g.load_state_dict(torch.load(io.BytesIO(storage.read_bytes(run["init_weights"])),
+                                            map_location=device, weights_only=True))
         if world > 1:
             tr.wrap(lambda m: ray.train.torch.prepare_model(m))
         train_ds, train, val = _loaders(run, c)
@@ -101,9 +104,8 @@ def train_loop_per_worker(config: dict) -> None:
             train = ray.train.torch.prepare_data_loader(train)
             val = ray.train.torch.prepare_data_loader(val) if val is not None else None
         for epoch in range(tr.epoch, c["epochs"]):
-            if fail_at is not None and epoch == int(fail_at) and rank == 0 and not marker.exists():
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.write_text(f"{run['name']} {epoch}")
+            if fail_at is not None and epoch == int(fail_at) and rank == 0 and not storage.exists(marker):
+                storage.write_bytes(marker, f"{run['name']} {epoch}".encode())
                 raise RuntimeError(f"injected failure at epoch {epoch} of {run['name']} (QSNET_FAIL_AT_EPOCH)")
             train_ds.set_epoch(epoch)
             if hasattr(getattr(train, "sampler", None), "set_epoch"):
@@ -176,12 +178,12 @@ def _keep_best(config: dict, name: str, best: dict) -> dict:
     """
     import torch
 
-    folder = Path(config["storage"]) / config["name"] / "best"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / (name.replace("/", "__") + ".pt")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(best["state"], tmp)
-    os.replace(tmp, path)
+    from ingest import storage
+
+    path = storage.join(config["storage"], config["name"], "best", name.replace("/", "__") + ".pt")
+    buf = io.BytesIO()
+    torch.save(best["state"], buf)
+    storage.write_bytes(path, buf.getvalue())
     return {**best, "state": None, "file": str(path)}
 
 
@@ -199,20 +201,25 @@ def run_training(config: dict, num_workers: int, use_gpu: bool, max_failures: in
                  callbacks: list | None = None) -> dict:
     """Fit every model of ``config["runs"]``; returns ``{run name: {"best", "history"}}``.
     ``callbacks``: Ray Train callbacks, e.g. Tune's ``TuneReportCallback`` inside a trial."""
-    import ray
     import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from ingest import storage
+
     _init()
     cpus = config.get("cpus_per_worker") or _cpus_per_worker(num_workers)
+    if storage.is_url(config["storage"]):
+        fs, storage_path = storage.pyarrow_filesystem(config["storage"])
+    else:
+        fs, storage_path = None, config["storage"]
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=config,
         # on CPU each worker gets its share of the cores: Ray sets OMP_NUM_THREADS from it,
         # and with the default of 1 CPU a lone worker runs its convolutions on one thread
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker=None if use_gpu else {"CPU": cpus}),
-        run_config=RunConfig(name=config["name"], storage_path=config["storage"],
+        run_config=RunConfig(name=config["name"], storage_path=storage_path, storage_filesystem=fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=callbacks or None,
                              failure_config=FailureConfig(max_failures=max_failures)))
     try:
@@ -227,11 +234,12 @@ def run_training(config: dict, num_workers: int, use_gpu: bool, max_failures: in
         raise RuntimeError(f"training run {config['name']} failed: {cause}")
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / CKPT, map_location="cpu", weights_only=False)
-    hist = Path(config["storage"]) / config["name"] / "history.json"
-    hist.write_text(json.dumps({k: v["history"] for k, v in state["done"].items()}, indent=1))
+    storage.write_bytes(storage.join(config["storage"], config["name"], "history.json"),
+                        json.dumps({k: v["history"] for k, v in state["done"].items()}, indent=1).encode())
     done = copy.deepcopy(state["done"])
     for v in done.values():
-        v["best"]["state"] = torch.load(v["best"]["file"], map_location="cpu", weights_only=True)
+        v["best"]["state"] = torch.load(io.BytesIO(storage.read_bytes(v["best"]["file"])), map_location="cpu",
+                                        weights_only=True)
     return done
 
 
@@ -241,8 +249,33 @@ def _init(dashboard: bool = False) -> None:
     import ray
 
     if not ray.is_initialized():
-        # embedded by default; under `ray job submit` (RAY_ADDRESS set) this joins that cluster
-        ray.init(include_dashboard=dashboard, log_to_driver=False, configure_logging=False)
+        # embedded by default, a private cluster; under `ray job submit` (RAY_ADDRESS set) this
+        # joins that cluster. Never ray.init() alone: it joins any `ray start` cluster that
+        # happens to run on the machine (RAY_ADDRESS=auto asks for that explicitly).
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=dashboard,
+                 log_to_driver=False, configure_logging=False)
+
+
+def check_cluster(num_workers: int, parallel: int, use_gpu: bool | str) -> bool:
+    """Join (or start) the cluster and check it can run ``parallel`` runs of ``num_workers``
+    workers; returns whether they use GPUs (``"auto"``: when the cluster has one per worker).
+    Counts the resources the cluster has now: an autoscaling cluster must have started its GPU
+    nodes (min_workers >= 1) before a GPU job is submitted."""
+    import ray
+
+    from ingest.params import ParamsError
+
+    _init()
+    res = ray.cluster_resources()
+    gpus, cpus = int(res.get("GPU", 0)), int(res.get("CPU", 0))
+    if use_gpu == "auto":
+        use_gpu = gpus >= num_workers
+    if use_gpu and gpus < num_workers:
+        raise ParamsError(f"params: train.use_gpu asks for {num_workers} GPU worker(s) per run, the Ray cluster "
+                          f"has {gpus} GPU(s) (set train.use_gpu: false, or add GPU nodes)")
+    if not use_gpu and cpus < num_workers:
+        raise ParamsError(f"params: train.num_workers {num_workers} > the Ray cluster's {cpus} CPUs and no GPU")
+    return bool(use_gpu)
 
 
 # relative cost of one model (demo, 2-core CPU: seconds per model for 12 epochs)

@@ -67,7 +67,8 @@ def train_config(params: dict) -> dict:
             raise ParamsError(f"params: train.{key} must be a positive integer, got {cfg[key]!r}")
     use_gpu = _use_gpu(cfg["use_gpu"])
     cpus = os.cpu_count() or 1
-    if not use_gpu and cfg["num_workers"] * cfg["parallel_runs"] > cpus:
+    # on a cluster the check is against the cluster's CPUs, once it is joined (train.distributed)
+    if use_gpu is False and not os.environ.get("RAY_ADDRESS") and cfg["num_workers"] * cfg["parallel_runs"] > cpus:
         raise ParamsError(f"params: train.num_workers {cfg['num_workers']} x parallel_runs {cfg['parallel_runs']} "
                           f"> {cpus} CPUs and no GPU: each Ray worker needs a CPU")
     for run in cfg["extra_runs"]:
@@ -112,8 +113,10 @@ def tuned_hp(tuned: dict, arch: str, contrast: str) -> dict:
     return {**tuned["train"], **tuned["by_contrast"].get(contrast, {})}
 
 
-def _use_gpu(v) -> bool:
+def _use_gpu(v) -> bool | str:
     if v == "auto":
+        if os.environ.get("RAY_ADDRESS"):
+            return "auto"  # decided against the cluster's GPUs once it is joined (a CPU head has none)
         import torch
 
         return torch.cuda.is_available()
@@ -143,18 +146,39 @@ def _folder(root: Path, run: dict) -> Path:
     return root / run["stage"] / name / run["contrast"]
 
 
-def run_stage(stage: str, params: dict, stores: Path, models: Path, reports: Path, storage: Path,
+def run_stage(stage: str, params: dict, stores, models, reports, storage,
               progress=None, tuned: Path | None = None) -> list[Path]:
     """Train every model of ``stage`` in one Ray Train run; returns the model card paths.
-    ``tuned``: a search's best.yaml, whose values replace the profile's for its architecture."""
-    from train import registry
-    from train.distributed import run_parallel
-    from train.models import build
+    ``tuned``: a search's best.yaml, whose values replace the profile's for its architecture.
+    ``stores``, ``models``, ``reports`` and ``storage`` may be fsspec URLs (``s3://...``): stores
+    are read in place, models and reports written locally and uploaded when the stage succeeds,
+    ``storage`` is Ray Train's run storage (every node reads and writes it)."""
+    from ingest import storage as st
+    from train.distributed import check_cluster
 
     if stage not in ("pretrain", "finetune"):
         raise ParamsError(f"unknown stage {stage!r}")
     cfg = train_config(params)
+    for loc in (stores, models, reports, storage):
+        st.check_access(str(loc), write=loc is not stores)
+    # before any data is read: params that ask for GPUs the cluster lacks fail here, in one line
+    cfg["use_gpu"] = check_cluster(cfg["num_workers"], cfg["parallel_runs"], cfg["use_gpu"])
+    # finetune reads the pretrained cards from the same registry it writes to
+    with st.staged(models, download=stage == "finetune") as models_dir, st.staged(reports) as reports_dir:
+        cards = _run_stage(stage, params, cfg, stores, models_dir, reports_dir, storage, progress, tuned)
+        # where the cards are once the block has uploaded them (the local folder goes)
+        return [st.join(models, Path(c).relative_to(models_dir).as_posix()) if st.is_url(models) else c
+                for c in cards]
+
+
+def _run_stage(stage, params, cfg, stores, models: Path, reports: Path, storage, progress, tuned) -> list[Path]:
+    from ingest import storage as st
+    from train import registry
+    from train.distributed import run_parallel
+    from train.models import build
+
     tuned_doc = read_tuned(tuned)
+    run_storage = str(storage) if st.is_url(storage) else str(Path(storage).resolve())
     runs, key = [], []
     for run in _runs(stage, cfg):
         r = site_run(run, stores)
@@ -162,12 +186,15 @@ def run_stage(stage: str, params: dict, stores: Path, models: Path, reports: Pat
         if run["stage"] == "finetune":
             card = registry.read_card(_folder(models, {**run, "stage": "pretrain"}) / "card.json")
             registry.load(card)  # checks the weights' hash before anything trains on them
-            r["init_weights"] = str((Path(card["_path"]).parent / card["weights"]).resolve())  # workers have their own cwd
             init_sha = card["weights_sha256"]
+            # in the run storage, which every node reads: the registry may be a folder on this node only
+            r["init_weights"] = str(st.join(run_storage, "init", f"{init_sha}.pt"))
+            if not st.exists(r["init_weights"]):
+                st.write_bytes(r["init_weights"], (Path(card["_path"]).parent / card["weights"]).read_bytes())
             r["freeze_encoder"] = run["arch"] in ("qsnet", "resunet")
         r["hp"] = tuned_hp(tuned_doc, run["arch"], run["contrast"])
         runs.append(r)
-        key.append("".join(prepare_digest(Path(p)) for p in r["train_stores"] + r["val_stores"]))
+        key.append("".join(prepare_digest(p) for p in r["train_stores"] + r["val_stores"]))
         if init_sha:
             key.append(init_sha)
     import zarr
@@ -184,7 +211,7 @@ def run_stage(stage: str, params: dict, stores: Path, models: Path, reports: Pat
     # interrupted run with the same inputs resumes from its checkpoint, a changed one starts afresh
     code = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(Path(__file__).parent.glob("*.py")))).hexdigest()
     digest = hashlib.sha256(json.dumps([hp, runs, key, code], sort_keys=True).encode()).hexdigest()[:12]
-    config = {**hp, "name": f"{stage}-{digest}", "storage": str(Path(storage).resolve()), "runs": runs,
+    config = {**hp, "name": f"{stage}-{digest}", "storage": run_storage, "runs": runs,
               "torch_threads": max(1, (os.cpu_count() or 1) // cfg["num_workers"])}
     if stage == "finetune":  # the stage's outputs exist even when params list no scratch run
         for root in (models, reports):
@@ -232,7 +259,11 @@ def run_stage(stage: str, params: dict, stores: Path, models: Path, reports: Pat
 def site_run(run: dict, stores: Path) -> dict:
     """``run`` (arch, contrast, inputs, stage) with its site's training and validation stores
     (``DATA``): one model of a Ray Train run, from random weights, nothing frozen, no tuned values."""
+    from ingest.storage import is_url
     from train.data import find_stores
+
+    def absolute(p) -> str:  # workers have their own working directory
+        return str(p) if is_url(p) else str(Path(p).resolve())
 
     site, tsplit, vsplit = DATA[run["stage"]]
     train_stores = find_stores(stores, splits=[tsplit], sites=[site])
@@ -240,19 +271,21 @@ def site_run(run: dict, stores: Path) -> dict:
         raise FileNotFoundError(f"{stores}: no prepared {site} store in split {tsplit!r} "
                                 "(run `qsnet prepare`, or see the splits in reports/prepare.json)")
     return {**run, "name": _folder(Path(""), run).as_posix(), "site": site, "split": tsplit,
-            "train_stores": [str(p.resolve()) for p in train_stores],
-            "val_stores": [str(p.resolve()) for p in find_stores(stores, splits=[vsplit], sites=[site])],
+            "train_stores": [absolute(p) for p in train_stores],
+            "val_stores": [absolute(p) for p in find_stores(stores, splits=[vsplit], sites=[site])],
             "init_weights": None, "freeze_encoder": False, "hp": {}}
 
 
-def _store_attr(store: Path, key: str, default=None):
+def _store_attr(store, key: str, default=None):
+    from ingest import storage
+
     try:
-        return json.loads((Path(store) / "zarr.json").read_text())["attributes"].get(key, default)
+        return storage.read_json(storage.join(store, "zarr.json"))["attributes"].get(key, default)
     except (OSError, ValueError, KeyError):
         return default
 
 
-def prepare_digest(store: Path) -> str:
+def prepare_digest(store) -> str:
     return str(_store_attr(store, "prepare_digest", ""))
 
 

@@ -361,24 +361,28 @@ def _run_one(args):
 def prepare(src: Path, dst: Path, report: Path, params: dict, jobs: int | None = None,
             figures: Path | None = None, progress=None) -> dict:
     """Prepare every exam store under ``src`` (``<site>/<subject>.zarr``) into ``dst``; write ``report``."""
+    from ingest import storage
     from ingest.store import open_store
 
-    src, dst, report = Path(src), Path(dst), Path(report)
+    # src may be a URL (s3://...): raw stores are read in place
+    src, dst, report = storage.location(src), Path(dst), Path(report)
     cfg = config(params)
-    if not src.is_dir():
+    if isinstance(src, Path) and not src.is_dir():
         raise PrepareError(f"{src}: input folder of raw stores does not exist")
-    raws = sorted(p for p in src.glob("*/*.zarr") if p.is_dir())
+    storage.check_access(str(src))
+    raws = storage.list_stores(src)
     exams, found = [], {}
     problems = {}
     for p in raws:
+        site, subject = storage.name_parts(p)
         try:
             st = open_store(p)
             a = st.attrs
-            key = (str(a.get("site") or p.parent.name), str(a.get("subject") or p.stem))
+            key = (str(a.get("site") or site), str(a.get("subject") or subject))
             found[key] = (p, st.content_hash())
             exams.append((*key, str(a.get("cohort", ""))))
         except Exception as exc:  # noqa: BLE001
-            problems[f"{p.parent.name}/{p.stem}"] = f"{p}: not a readable exam store ({exc})"
+            problems[f"{site}/{subject}"] = f"{p}: not a readable exam store ({exc})"
     splits = assign_splits(exams, cfg)
     previous = _previous(report)
     tasks, entries = [], {}

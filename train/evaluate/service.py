@@ -77,13 +77,15 @@ class _Exam:
     """One test subject: its store, brain mask, lesion regions; arrays read once, on demand."""
 
     def __init__(self, path: Path):
+        from ingest.storage import name_parts
         from ingest.store import open_store
 
         self.path = path
         self.store = open_store(path)
         a = self.store.attrs
-        self.site = str(a.get("site", path.parent.name))
-        self.subject = str(a.get("subject", path.stem))
+        site, subject = name_parts(path)
+        self.site = str(a.get("site", site))
+        self.subject = str(a.get("subject", subject))
         self.cohort = cohort_name(self.site)
         self.health = str(a.get("cohort", ""))
         self.targets = set(a.get("targets") or [c for c in CONTRASTS if c in self.store])
