@@ -1,0 +1,204 @@
+"""`qsnet submit`: `ray job submit` for the pipeline's stages, checked before anything is sent.
+
+A job that cannot work should fail on the user's terminal in seconds, not as a pending or
+crashed job on the cluster: the dashboard address is probed, the working directory and the
+runtime_env are checked, every ``s3://`` location of the command is checked with the caller's
+credentials, and params that ask for GPUs are checked against the cluster's nodes. Then the job
+goes through Ray's own Jobs API (``JobSubmissionClient``), so ``ray job logs / status / stop``
+work on it as on any Ray job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+__all__ = ["SubmitError", "preflight", "submit", "STAGE_COMMANDS"]
+
+# qsnet subcommands that make sense as a cluster job, and their options that name outputs
+STAGE_COMMANDS = {"pretrain", "finetune", "tune", "evaluate", "prepare"}
+OUTPUT_OPTIONS = {"--models", "--reports", "--storage", "--out"}
+PROBE_TIMEOUT_S = 5.0
+AGENT_WAIT_S = 180.0
+
+
+class SubmitError(ValueError):
+    pass
+
+
+def dashboard_address(address: str | None) -> str:
+    address = address or os.environ.get("RAY_ADDRESS") or ""
+    if not address:
+        raise SubmitError("no cluster address: pass --address http://HEAD:8265 (the head's dashboard) "
+                          "or set RAY_ADDRESS")
+    if address.startswith("ray://"):
+        raise SubmitError(f"{address}: a Ray Client address; jobs go to the dashboard, http://HEAD:8265")
+    if "://" not in address:
+        address = f"http://{address}"
+    return address.rstrip("/")
+
+
+def probe(address: str) -> dict:
+    """The dashboard's version answer, or a one-line error in PROBE_TIMEOUT_S, never a hang."""
+    try:  # the same token Ray's own job client would send (RAY_AUTH_TOKEN, ~/.ray/auth_token)
+        from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+
+        headers = dict(get_auth_headers_if_auth_enabled({}))
+    except Exception:  # noqa: BLE001 - a private helper: without it, the probe goes unauthenticated
+        headers = {}
+    req = urllib.request.Request(f"{address}/api/version", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=PROBE_TIMEOUT_S) as resp:
+            return json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            raise SubmitError(f"{address}: the Ray dashboard refused the request (HTTP {exc.code}): the cluster "
+                              "uses token authentication, set RAY_AUTH_TOKEN") from None
+        raise SubmitError(f"{address}: cannot reach a Ray dashboard (HTTP {exc.code} {exc.reason}: something "
+                          "else answers there)") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        why = getattr(exc, "reason", exc)
+        raise SubmitError(f"{address}: cannot reach a Ray dashboard ({why}); is the head running "
+                          "(`ray start --head --dashboard-host=...`) and the address right?") from None
+
+
+def read_runtime_env(path: Path | None) -> dict:
+    import yaml
+
+    if path is None:
+        return {}
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise SubmitError(f"{path}: cannot read the runtime_env ({str(exc).splitlines()[0]})") from None
+    if not isinstance(doc, dict):
+        raise SubmitError(f"{path}: a runtime_env is a mapping")
+    from ray.runtime_env import RuntimeEnv
+
+    try:
+        RuntimeEnv(**doc)
+    except Exception as exc:  # noqa: BLE001 - Ray raises TypeError/ValueError/its own
+        raise SubmitError(f"{path}: not a valid runtime_env ({str(exc).splitlines()[0]})") from None
+    if "working_dir" in doc:
+        raise SubmitError(f"{path}: give the working directory with --working-dir, not in the runtime_env")
+    return doc
+
+
+def _stage_locations(command: list[str]) -> list[tuple[str, str, bool]]:
+    """(option, value, written) for each option of the command that takes a location."""
+    out = []
+    for i, tok in enumerate(command):
+        opt, _, val = tok.partition("=")
+        if opt.startswith("--") and not val and i + 1 < len(command):
+            val = command[i + 1]
+        if opt.startswith("--") and val:
+            out.append((opt, val, opt in OUTPUT_OPTIONS))
+    return out
+
+
+def cluster_gpus(address: str) -> int:
+    from ray.util.state import list_nodes
+
+    try:
+        nodes = list_nodes(address=address, timeout=int(PROBE_TIMEOUT_S) * 2)
+    except Exception as exc:  # noqa: BLE001
+        raise SubmitError(f"{address}: cannot list the cluster's nodes ({str(exc).splitlines()[0]})") from None
+    return sum(int(n.resources_total.get("GPU", 0)) for n in nodes if n.state == "ALIVE")
+
+
+def preflight(address: str | None, working_dir: Path, command: list[str], runtime_env: Path | None = None,
+              params: str = "params.yaml", profile: str | None = None) -> tuple[str, dict, list[str]]:
+    """Everything checkable before the job exists: ``(dashboard address, runtime_env, warnings)``."""
+    from ingest import storage
+
+    warnings: list[str] = []
+    working_dir = Path(working_dir)
+    if not working_dir.is_dir():
+        raise SubmitError(f"{working_dir}: working directory does not exist")
+    if not command or command[0] != "qsnet" or len(command) < 2 or command[1] not in STAGE_COMMANDS:
+        raise SubmitError(f"command {shlex.join(command) or '(none)'!r}: submit one of "
+                          f"{', '.join(f'qsnet {c}' for c in sorted(STAGE_COMMANDS))}")
+    env = read_runtime_env(runtime_env)
+    # params are read in the job's working directory: check the same file here
+    params_file = working_dir / params
+    for opt, val, _ in _stage_locations(command):
+        if opt == "--params":
+            params_file = working_dir / val
+        if opt == "--profile":
+            profile = val
+    if not params_file.is_file() and command[1] != "evaluate":
+        raise SubmitError(f"{params_file}: no params file in the working directory (the job reads it there)")
+    for opt, val, written in _stage_locations(command):
+        if storage.is_url(val):
+            try:
+                storage.check_access(val, write=False)
+            except storage.StorageError as exc:
+                raise SubmitError(f"{opt} {exc}") from None
+        elif written and not Path(val).is_absolute():
+            warnings.append(f"{opt} {val}: a relative path lands in the job's temporary copy of the working "
+                            "directory on the head node; on a cluster give an s3:// URL")
+    address = dashboard_address(address)
+    probe(address)
+    if command[1] in ("pretrain", "finetune") and params_file.is_file():
+        from ingest.params import load_params
+        from train.stages import DEFAULTS
+
+        p = load_params(params_file, profile)
+        train = {**DEFAULTS, **(p.get("train") or {})}
+        if train["use_gpu"] is True:
+            need = int(train["num_workers"])
+            have = cluster_gpus(address)
+            if have < need:
+                raise SubmitError(f"{params_file}: train.use_gpu asks for {need} GPU worker(s), the cluster at "
+                                  f"{address} has {have} GPU(s) now (set use_gpu: auto or false, or start GPU nodes)")
+    return address, env, warnings
+
+
+def submit(address: str, working_dir: Path, command: list[str], runtime_env: dict, wait: bool = True,
+           submission_id: str | None = None, echo=print) -> int:
+    """Submit; with ``wait``, stream the job's log and return 0 only if it SUCCEEDED."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            job = client.submit_job(entrypoint=shlex.join(command), submission_id=submission_id,
+                                    runtime_env={**runtime_env, "working_dir": str(Path(working_dir).resolve())})
+            break
+        except RuntimeError as exc:
+            # a head that has just started answers before its job agent is up
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise SubmitError(f"{address}: job not accepted ({str(exc).strip().splitlines()[-1]})") from None
+            time.sleep(2)
+    echo(f"submit: job {job} on {address}")
+    echo(f"submit: follow with `ray job logs -f {job} --address {address}`, stop with "
+         f"`ray job stop {job} --address {address}`")
+    if not wait:
+        return 0
+    import asyncio
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job):
+            echo(lines.rstrip("\n"))
+
+    try:
+        asyncio.run(tail())
+    except KeyboardInterrupt:
+        echo(f"submit: stopped following; job {job} keeps running (`ray job stop {job}` stops it)")
+        return 130
+    for _ in range(60):  # the log ends a moment before the status is final
+        status = client.get_job_status(job)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            break
+        time.sleep(1)
+    info = client.get_job_info(job)
+    echo(f"submit: job {job} {status.value}" + (f": {info.message}" if status != JobStatus.SUCCEEDED and
+                                                 info.message else ""))
+    return 0 if status == JobStatus.SUCCEEDED else 1
