@@ -70,6 +70,7 @@ def main() -> None:
     train.update(archs=["qsnet"], contrasts=["t1w"], epochs=args.epochs, num_workers=1, parallel_runs=1,
                  use_gpu=False, max_failures=1)
     tmp = Path(tempfile.mkdtemp(prefix="bench-submit-"))
+    ray_tmp = Path(tempfile.gettempdir()) / f"qsnet-ray-bench-{os.getpid()}"  # short: Ray's socket paths
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     ray = str(BIN / "ray")
@@ -83,7 +84,8 @@ def main() -> None:
         port, dash = free_port(), free_port()
         t0 = time.perf_counter()
         timed([ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
-               f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--disable-usage-stats"], env, work)
+               f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--temp-dir={ray_tmp}",
+               "--disable-usage-stats"], env, work)
         address = f"http://127.0.0.1:{dash}"
         from ray.job_submission import JobSubmissionClient
 
@@ -118,7 +120,9 @@ def main() -> None:
         out["overhead_s_median"] = round(statistics.median(p["submitted"]["wall_s"] - p["direct"]["wall_s"]
                                                            for p in out["pairs"]), 1)
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        from test_platform_cluster import stop_nodes  # this cluster only, not every Ray on the machine
+
+        stop_nodes([ray_tmp])
         shutil.rmtree(tmp, ignore_errors=True)
     res_file = ROOT / "benchmarks" / "results" / "submit.json"
     res_file.write_text(json.dumps(out, indent=1) + "\n")

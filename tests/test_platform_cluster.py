@@ -92,15 +92,42 @@ class Cluster:
         raise AssertionError(f"no raylet with node manager port {node_manager_port}")
 
 
+def stop_nodes(temp_dirs: list[Path]) -> None:
+    """Stop this cluster's processes only: `ray stop` would stop every Ray on the machine, a
+    user's own cluster or a pipeline's private one included. Every Ray process of a node names
+    its temp dir on its command line, except the workers, which exit when their raylet goes."""
+    marks = [str(d).encode() for d in temp_dirs]
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                cmd = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if any(m in cmd for m in marks):
+                pids.append(int(proc.name))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(3)
+    for d in temp_dirs:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def cluster():
     env = _env()
     port, dash = _free_port(), _free_port()
+    temp = Path(tempfile.gettempdir()) / f"qsnet-ray-{port}"
     head = _run([RAY, "start", "--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=true",
-                 f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--disable-usage-stats"], env, timeout=180)
-    assert head.returncode == 0, head.stdout + head.stderr
-    c = Cluster(gcs=f"127.0.0.1:{port}", dashboard=f"http://127.0.0.1:{dash}", env=env)
+                 f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp}",
+                 "--disable-usage-stats"], env, timeout=180)
+    c = Cluster(gcs=f"127.0.0.1:{port}", dashboard=f"http://127.0.0.1:{dash}", env=env, temp_dirs=[temp])
     try:
+        assert head.returncode == 0, head.stdout + head.stderr
         c.add_worker()
         deadline = time.monotonic() + 120
         while len(c.alive_nodes()) < 2:
@@ -108,9 +135,7 @@ def cluster():
             time.sleep(2)
         yield c
     finally:
-        _run([RAY, "stop", "--force"], env, timeout=120)
-        for d in c.temp_dirs:
-            shutil.rmtree(d, ignore_errors=True)
+        stop_nodes(c.temp_dirs)
 
 
 def _work(tmp_path: Path, epochs: int, **extra) -> Path:
