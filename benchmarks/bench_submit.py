@@ -70,6 +70,7 @@ def main() -> None:
     train.update(archs=["qsnet"], contrasts=["t1w"], epochs=args.epochs, num_workers=1, parallel_runs=1,
                  use_gpu=False, max_failures=1)
     tmp = Path(tempfile.mkdtemp(prefix="bench-submit-"))
+    port = None
     ray_tmp = Path(tempfile.gettempdir()) / f"qsnet-ray-bench-{os.getpid()}"  # short: Ray's socket paths
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
@@ -122,7 +123,7 @@ def main() -> None:
     finally:
         from test_platform_cluster import stop_nodes  # this cluster only, not every Ray on the machine
 
-        stop_nodes([ray_tmp])
+        stop_nodes([ray_tmp], gcs_port=port)
         shutil.rmtree(tmp, ignore_errors=True)
     res_file = ROOT / "benchmarks" / "results" / "submit.json"
     res_file.write_text(json.dumps(out, indent=1) + "\n")

@@ -92,22 +92,32 @@ class Cluster:
         raise AssertionError(f"no raylet with node manager port {node_manager_port}")
 
 
-def stop_nodes(temp_dirs: list[Path]) -> None:
+def stop_nodes(temp_dirs: list[Path], gcs_port: int | None = None) -> None:
     """Stop this cluster's processes only: `ray stop` would stop every Ray on the machine, a
-    user's own cluster or a pipeline's private one included. Every Ray process of a node names
-    its temp dir on its command line, except the workers, which exit when their raylet goes."""
+    user's own cluster or a pipeline's private one included. A node's Ray processes name its
+    temp dir on their command line; the agents are their children; the head's client server
+    names the GCS port."""
     marks = [str(d).encode() for d in temp_dirs]
-    pids = []
+    if gcs_port:
+        marks.append(f":{gcs_port}\0".encode())
+    parent, ours = {}, set()
     for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                cmd = (proc / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if any(m in cmd for m in marks):
-                pids.append(int(proc.name))
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes() + b"\0"
+            parent[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if any(m in cmd for m in marks):
+            ours.add(int(proc.name))
+    grew = True
+    while grew:  # and everything they started
+        kids = {p for p, pp in parent.items() if pp in ours} - ours
+        ours |= kids
+        grew = bool(kids)
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
+        for pid in ours:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
@@ -135,7 +145,7 @@ def cluster():
             time.sleep(2)
         yield c
     finally:
-        stop_nodes(c.temp_dirs)
+        stop_nodes(c.temp_dirs, gcs_port=port)
 
 
 def _work(tmp_path: Path, epochs: int, **extra) -> Path:
