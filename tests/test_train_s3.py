@@ -75,3 +75,24 @@ def test_pretrain_and_finetune_read_and_write_s3(s3, tmp_path):  # noqa: F811
     assert not found and sorted(s.split(":")[0] for s in skipped) == ["finetune/qsnet/t2w", "pretrain/qsnet/t2w"]
     model = registry.load(local_copy / "finetune" / "qsnet" / "t2w")
     assert sum(p.numel() for p in model.parameters()) == fcard["parameter_count"]
+
+
+def test_missing_credentials_fail_before_training(s3, tmp_path):  # noqa: F811
+    """No keys in the environment, no ~/.aws: one line naming the location, before Ray starts."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "params.yaml").write_text(PARAMS)
+    env = {**without_aws(), "HOME": str(tmp_path / "home"), "AWS_ENDPOINT_URL": s3.endpoint,
+           "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_CONFIG_FILE": str(tmp_path / "none"),
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    env.pop("RAY_ADDRESS", None)
+    res = _qsnet(["pretrain", "--stores", f"s3://{s3.bucket}/prepared", "--models", str(tmp_path / "m"),
+                  "--storage", str(tmp_path / "runs")], work, env, ok=False)
+    assert res.returncode == 1
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and "no storage credentials" in err[0] and f"s3://{s3.bucket}/prepared" in err[0], res.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "m").exists()
+    # a bucket that is not there is named as such
+    res = _qsnet(["pretrain", "--stores", "s3://no-such-bucket/prepared", "--storage", str(tmp_path / "runs")],
+                 work, s3.subprocess_env(HOME=str(tmp_path / "home")), ok=False)
+    assert res.returncode == 1 and "bucket 'no-such-bucket' does not exist" in res.stderr, res.stderr

@@ -12,14 +12,16 @@ def register(app: typer.Typer) -> None:
 
     @app.command("tune")
     def tune_command(
-        stores: Path = typer.Option(Path("stores/prepared"), "--stores", help="Prepared stores (from `qsnet prepare`); "
-                                    "trials train on site A's training split and are ranked on its validation split."),
+        stores: str = typer.Option("stores/prepared", "--stores", help="Prepared stores (from `qsnet prepare`), a "
+                                   "folder or an s3:// URL; trials train on site A's training split and are ranked on "
+                                   "its validation split."),
         out: Path = typer.Option(Path("tuned"), "--out", help="Folder for best.yaml, the best configuration as train "
                                  "params (`qsnet pretrain --tuned tuned/best.yaml`)."),
         reports: Path = typer.Option(Path("reports/tune"), "--reports", help="Trials table (CSV), summary and Optuna's "
                                      "figures."),
         storage: Path = typer.Option(Path("runs/tune"), "--storage", help="Experiment folders (Ray Tune's, the Optuna "
-                                     "journal, the trials' checkpoints), one per search; kept for --resume."),
+                                     "journal, the trials' checkpoints), one per search; kept for --resume. A folder "
+                                     "every node sees (the Optuna journal is a file)."),
         params: Path = typer.Option(Path("params.yaml"), "--params", help="Params file; its `tune` section (search "
                                     "space, trials, resources) and `train` section are read."),
         profile: str | None = typer.Option(None, "--profile", help="Profile instead of the file's `profile`."),
@@ -30,17 +32,19 @@ def register(app: typer.Typer) -> None:
         """Search QS-Net's training hyperparameters with Ray Tune (Optuna TPE, ASHA early stopping) and write the
         best configuration, which the pretrain and finetune stages can take as their params."""
         from ingest.params import load_params
+        from ingest.storage import check_access, is_url, location
         from tune.search import Interrupted, run_search
         from tune.space import tune_config
 
         p = _run("tune", load_params, params, profile)
         if (p.get("tune") or {}).get("enabled") or enable or resume:
             _run("tune", tune_config, p)  # a bad space fails before Ray starts
-            if not stores.is_dir():
+            if not is_url(stores) and not Path(stores).is_dir():
                 fail("tune", f"{stores}: no prepared stores (run `qsnet prepare` first)")
+            _run("tune", check_access, stores)
         def search():
             try:
-                return run_search(p, stores, out, reports, storage, resume=resume, force=enable, progress=typer.echo)
+                return run_search(p, location(stores), out, reports, storage, resume=resume, force=enable, progress=typer.echo)
             except Interrupted as exc:  # Ctrl-C: Tune saved the state; the conventional exit code
                 fail("tune", str(exc), 130)
 

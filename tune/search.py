@@ -91,7 +91,7 @@ def plan(params: dict, stores: Path, storage: Path) -> tuple[dict, list[dict]]:
     if not first["val_stores"]:
         raise FileNotFoundError(f"{stores}: no prepared {first['site']} store in the validation split: a search "
                                 "ranks trials by validation loss")
-    data = [prepare_digest(Path(p)) for p in first["train_stores"] + first["val_stores"]]
+    data = [prepare_digest(p) for p in first["train_stores"] + first["val_stores"]]
     code = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(
         list((Path(__file__).parent).glob("*.py")) + list((Path(__file__).parent.parent / "train").glob("*.py"))
     ))).hexdigest()[:16]
