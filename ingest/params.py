@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["load_params", "ParamsError"]
+__all__ = ["load_params", "read_mapping", "ParamsError"]
 
 
 class ParamsError(ValueError):
@@ -29,3 +29,16 @@ def load_params(path: Path | str = "params.yaml", profile: str | None = None) ->
         known = sorted(k for k, v in doc.items() if isinstance(v, dict))
         raise ParamsError(f"{path}: profile {name!r} not found (profiles: {', '.join(known) or 'none'})")
     return {"profile": name, "seed": int(doc.get("seed", 0)), **doc[name]}
+
+
+def read_mapping(path: Path | str, what: str) -> dict:
+    """A YAML file whose top level is a mapping (empty file: ``{}``), or one line naming the file
+    and ``what`` it should have been."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ParamsError(f"{path}: cannot read the {what} ({str(exc).splitlines()[0]})") from None
+    if not isinstance(doc, dict):
+        raise ParamsError(f"{path}: not a {what} (expected a mapping)")
+    return doc

@@ -109,8 +109,14 @@ def register(app: typer.Typer) -> None:
         for loc, write in ((stores, False), (models, False), (out, True)):
             _run("evaluate", st.check_access, loc, write)
         models_dir = _run("evaluate", st.mirror, models) if st.is_url(models) else Path(models)
-        with st.staged(out) as out_dir:
-            res = _run("evaluate", evaluate, models_dir, st.location(stores), out_dir, p, progress=typer.echo)
+        try:
+            with st.staged(out) as out_dir:
+                res = _run("evaluate", evaluate, models_dir, st.location(stores), out_dir, p, progress=typer.echo)
+        finally:
+            if st.is_url(models):  # the downloaded copy of the registry
+                import shutil
+
+                shutil.rmtree(models_dir, ignore_errors=True)
         for e in res["errors"]:
             typer.echo(f"qsnet evaluate: not evaluated: {e}", err=True)
         failed = [c for c in res["checks"] if not c["passed"]]

@@ -256,11 +256,12 @@ def _init(dashboard: bool = False) -> None:
                  log_to_driver=False, configure_logging=False)
 
 
-def check_cluster(num_workers: int, parallel: int, use_gpu: bool | str) -> bool:
-    """Join (or start) the cluster and check it can run ``parallel`` runs of ``num_workers``
-    workers; returns whether they use GPUs (``"auto"``: when the cluster has one per worker).
-    Counts the resources the cluster has now: an autoscaling cluster must have started its GPU
-    nodes (min_workers >= 1) before a GPU job is submitted."""
+def check_cluster(num_workers: int, use_gpu: bool | str) -> bool:
+    """Join (or start) the cluster and check it can run one run of ``num_workers`` workers
+    (parallel runs beyond what fits wait for resources); returns whether they use GPUs
+    (``"auto"``: when the cluster has one per worker). Counts the resources the cluster has now:
+    an autoscaling cluster must have started its GPU nodes (min_workers >= 1) before a GPU job
+    is submitted."""
     import ray
 
     from ingest.params import ParamsError

@@ -82,17 +82,12 @@ def train_config(params: dict) -> dict:
 def read_tuned(path: Path | None) -> dict:
     """The overrides of a tuned configuration: ``{"arch", "train": {...}, "by_contrast": {c: {...}}}``,
     empty when no search ran (``searched: false``) or no file is given."""
-    import yaml
+    from ingest.params import read_mapping
 
     if path is None:
         return {}
     path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ParamsError(f"{path}: cannot read the tuned configuration ({exc})") from exc
-    if not isinstance(doc, dict):
-        raise ParamsError(f"{path}: not a tuned configuration (expected a mapping)")
+    doc = read_mapping(path, "tuned configuration")
     if not doc.get("searched"):
         return {}
     parts = [doc.get("train") or {}, *(doc.get("by_contrast") or {}).values()]
@@ -162,7 +157,7 @@ def run_stage(stage: str, params: dict, stores, models, reports, storage,
     for loc in (stores, models, reports, storage):
         st.check_access(str(loc), write=loc is not stores)
     # before any data is read: params that ask for GPUs the cluster lacks fail here, in one line
-    cfg["use_gpu"] = check_cluster(cfg["num_workers"], cfg["parallel_runs"], cfg["use_gpu"])
+    cfg["use_gpu"] = check_cluster(cfg["num_workers"], cfg["use_gpu"])
     # finetune reads the pretrained cards from the same registry it writes to
     with st.staged(models, download=stage == "finetune") as models_dir, st.staged(reports) as reports_dir:
         cards = _run_stage(stage, params, cfg, stores, models_dir, reports_dir, storage, progress, tuned)

@@ -68,17 +68,15 @@ def probe(address: str) -> dict:
 
 
 def read_runtime_env(path: Path | None) -> dict:
-    import yaml
+    from ingest.params import ParamsError, read_mapping
 
     if path is None:
         return {}
     path = Path(path)
     try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise SubmitError(f"{path}: cannot read the runtime_env ({str(exc).splitlines()[0]})") from None
-    if not isinstance(doc, dict):
-        raise SubmitError(f"{path}: a runtime_env is a mapping")
+        doc = read_mapping(path, "runtime_env")
+    except ParamsError as exc:
+        raise SubmitError(str(exc)) from None
     from ray.runtime_env import RuntimeEnv
 
     try:
