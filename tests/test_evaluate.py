@@ -148,6 +148,22 @@ def test_physics_baseline_is_exact_on_equation_made_data(evaluated):
     assert checks and not any(c["passed"] for c in checks if "QS-Net" in c["check"])
 
 
+def test_voxel_reference_is_reported_outside_the_contract(evaluated):
+    """The reference is in the tables, the checks' notes and the report, not in metrics.json."""
+    _, out, _ = evaluated
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert all("voxel" not in models for models in metrics.values())
+    summary = json.loads((out / "evaluate" / "summary.json").read_text())
+    assert set(summary["reference"]) == {f"{s}/{c}" for s in ("site-A", "site-B")
+                                         for c in ("t1w", "t2w", "t1flair", "t2flair", "swi")}
+    rows = (out / "evaluate" / "subjects.csv").read_text()
+    assert ",voxel,reference," in rows
+    checks = json.loads((out / "evaluate" / "checks.json").read_text())["checks"]
+    failed = [c for c in checks if c["check"].endswith(">= 0.85") and not c["passed"]]
+    assert failed and all("voxel-regression reference reaches" in c["note"] for c in failed)
+    assert "Voxel regression (reference)" in (out / "evaluate" / "report.html").read_text()
+
+
 def test_lesion_regions_and_contrast(evaluated):
     import csv
 
@@ -223,3 +239,16 @@ def test_cards_that_do_not_fit_are_reported_and_the_rest_runs(tmp_path):
     assert not list(tmp_path.glob("out/.evaluate.*"))  # no temporary folder left behind
     # a perfect subject's infinite PSNR is left out of the paired tests, not turned into a difference
     assert paired_tests([float("inf"), 30.0, 31.0, 33.0], [29.0, 28.0, 30.0, 31.0])["n"] == 3
+
+
+def test_failed_comparisons_say_how_much_they_mean():
+    from train.evaluate.service import _reference_note, _significance
+
+    few = _significance({"n": 3, "wilcoxon_p": 0.25, "ttest_p": 0.4})
+    assert "not a significant difference" in few and "cannot go below p 0.25" in few
+    many = _significance({"n": 12, "wilcoxon_p": 0.001, "ttest_p": 0.002})
+    assert "not a significant" not in many and "cannot go below" not in many
+    assert _significance({}) == ""
+    assert "carry this contrast at the bar" in _reference_note(0.9, 0.8, 0.85)
+    assert "reaches only 0.700" in _reference_note(0.7, 0.6, 0.85)
+    assert _reference_note(float("nan"), 0.6, 0.85) == ""
