@@ -57,7 +57,8 @@ def plain_run(cfg: dict, run: dict, hp: dict) -> tuple[float, float]:
     torch.manual_seed(c["seed"])
     tr = Trainer(build(run["arch"], width=c["width"], depth=c["depth"]), lr=c["lr"], lr_d=c.get("lr_d"),
                  betas=c["betas"], losses=Losses(tuple(c["ds_weights"]), c["adv_weight"]),
-                 plateau_factor=c["plateau_factor"], plateau_after_epoch=c["plateau_after_epoch"])
+                 plateau_factor=c["plateau_factor"], plateau_after_epoch=c["plateau_after_epoch"],
+                 ema_decay=c.get("ema_decay", 0.0))
     train_ds, train, val = _loaders(run, c)
     val_loss = float("nan")
     for epoch in range(c["epochs"]):

@@ -84,6 +84,39 @@ def test_frozen_encoder_keeps_its_bytes_and_has_no_optimiser_state():
         Trainer(build("cgan", width=8), freeze_encoder=True)
 
 
+def test_weight_average_follows_the_generator_and_keeps_a_frozen_encoder():
+    torch.manual_seed(0)
+    model = build("qsnet", width=8)
+    enc = {k: v.clone() for k, v in model.generator.encoder.state_dict().items()}
+    tr = Trainer(model, freeze_encoder=True, ema_decay=0.9, lr=1e-2)
+    tr.train_step(batch(seed=0))  # the first update copies the generator
+    avg = tr.eval_generator()
+    assert avg is not model.generator
+    assert all(torch.equal(a, b) for a, b in zip(avg.state_dict().values(), model.generator.state_dict().values()))
+    before = {k: v.clone() for k, v in avg.state_dict().items()}
+    tr.train_step(batch(seed=1))
+    live = model.generator.state_dict()
+    for k, v in avg.state_dict().items():
+        torch.testing.assert_close(v, 0.9 * before[k] + 0.1 * live[k])
+    assert any(not torch.equal(v, live[k]) for k, v in avg.state_dict().items())
+    # a frozen encoder stays bit-identical in the average too (finetune's byte check reads it)
+    assert all(torch.equal(enc[k], avg.encoder.state_dict()[k]) for k in enc)
+    # validation scores the average; a checkpoint carries it
+    ref = Trainer(build("qsnet", width=8), freeze_encoder=True, ema_decay=0.9)
+    ref.load_state_dict(tr.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(ref.eval_generator().state_dict().values(),
+                                                 avg.state_dict().values()))
+    assert int(ref.ema.n_averaged) == 2
+    b = batch(seed=2)
+    avg.eval()
+    with torch.no_grad():
+        expect = float(torch.nn.functional.l1_loss(avg(b["input"]), b["target"]))
+    total, n = tr.val_sums([b])
+    assert total / n == pytest.approx(expect, rel=1e-5)
+    with pytest.raises(ValueError, match="ema_decay"):
+        Trainer(build("qsnet", width=8), ema_decay=1.0)
+
+
 def test_checkpoint_of_another_architecture_is_refused():
     a = Trainer(build("qsnet", width=8))
     b = Trainer(build("resunet", width=8))
@@ -122,6 +155,7 @@ def test_registry_round_trip_and_bad_files(tmp_path):
 @pytest.mark.parametrize("bad,msg", [({"archs": ["unet9"]}, "unknown architecture"),
                                      ({"contrasts": ["pd"]}, "unknown contrast"),
                                      ({"epochs": 0}, "train.epochs must be a positive integer"),
+                                     ({"ema_decay": 1.0}, r"train.ema_decay must be in \[0, 1\)"),
                                      ({"num_workers": 64, "use_gpu": False}, "CPUs and no GPU")])
 def test_bad_params_fail_in_one_line(bad, msg):
     with pytest.raises(ParamsError, match=msg):

@@ -47,7 +47,7 @@ def ray_cluster():
 PARAMS = {"profile": "test", "seed": 0,
           "train": {"archs": ["qsnet"], "contrasts": ["t1w"], "width": 4, "epochs": 3, "batch_size": 2,
                     "plateau_after_epoch": 1, "checkpoint_every": 1, "max_failures": 1, "num_workers": 1,
-                    "use_gpu": False}}
+                    "use_gpu": False, "ema_decay": 0.9}}  # the average: resumed, and the encoder kept in it
 
 
 @pytest.mark.slow

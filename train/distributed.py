@@ -87,7 +87,8 @@ def train_loop_per_worker(config: dict) -> None:
         tr = Trainer(model, lr=c["lr"], lr_d=c.get("lr_d"), betas=c["betas"],
                      losses=Losses(tuple(c["ds_weights"]), c["adv_weight"]),
                      plateau_factor=c["plateau_factor"], plateau_after_epoch=c["plateau_after_epoch"],
-                     device=device, freeze_encoder=run.get("freeze_encoder", False), amp=c.get("amp", True))
+                     device=device, freeze_encoder=run.get("freeze_encoder", False), amp=c.get("amp", True),
+                     ema_decay=c.get("ema_decay", 0.0))
         best = {"val": math.inf, "epoch": 0, "state": None}
         history: list[dict] = []
         resumed = None
@@ -136,7 +137,7 @@ def train_loop_per_worker(config: dict) -> None:
             tr.end_epoch(val_loss)
             # no validation data: the last epoch counts as the best
             if (vn and val_loss < best["val"]) or (not vn and last):
-                best = {"val": val_loss if vn else math.inf, "epoch": epoch + 1, "state": _state_cpu(tr._gen())}
+                best = {"val": val_loss if vn else math.inf, "epoch": epoch + 1, "state": _state_cpu(tr.eval_generator())}
             metrics = {"model": run["name"], "epoch": epoch + 1, "val_l1": val_loss if vn else None,
                        "lr": tr.opt_g.param_groups[0]["lr"], "epoch_s": round(seconds, 3), "steps": steps,
                        "wall_start": wall_start,

@@ -5,7 +5,8 @@ Generator loss (paper 2.4): L1(output, target) + sum_k w_k L1(head_k, target res
 k) (QS-Net's deep supervision) + adv_weight * adversarial term (least squares for QS-Net,
 binary cross-entropy for the pix2pix cGAN). Adam on the generator and the discriminator;
 the learning rate is multiplied by ``plateau_factor`` when the validation loss plateaus, only
-after epoch ``plateau_after_epoch``.
+after epoch ``plateau_after_epoch``. With ``ema_decay`` > 0, an exponential moving average of
+the generator's weights is what validation scores and what the best weights are taken from.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class Trainer:
                  lr_d: float | None = None,
                  plateau_factor: float = 0.9, plateau_after_epoch: int = 100, patience: int = 5,
                  device: torch.device | str = "cpu", freeze_encoder: bool = False, amp: bool = False,
-                 channels_last: bool | None = None):
+                 channels_last: bool | None = None, ema_decay: float = 0.0):
         self.model = model
         self.device = torch.device(device)
         self.losses = losses or Losses()
@@ -66,6 +67,20 @@ class Trainer:
             self.g.to(memory_format=torch.channels_last)
             if self.d is not None:
                 self.d.to(memory_format=torch.channels_last)
+        # An exponential moving average of the generator's weights, validated and kept as the
+        # best weights instead of the live ones: short, high-learning-rate runs (the demo's)
+        # otherwise end on whichever noisy step the last batch left. Off (0) in the paper's recipe.
+        self.ema_decay = float(ema_decay)
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}")
+        self.ema = None
+        if self.ema_decay > 0:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            # the first update copies the generator as it is then, so weights loaded after this
+            # (finetune's pretrained ones) are what the average starts from; lerp leaves frozen
+            # weights bit-identical
+            self.ema = AveragedModel(self.g, multi_avg_fn=get_ema_multi_avg_fn(self.ema_decay), use_buffers=True)
         self.epoch = 0
 
     # the modules DDP wraps are swapped in through these
@@ -77,6 +92,10 @@ class Trainer:
     def _gen(self):
         g = self.g.module if hasattr(self.g, "module") else self.g
         return g
+
+    def eval_generator(self) -> nn.Module:
+        """The generator validation scores and the best weights come from (the average, if kept)."""
+        return self.ema.module if self.ema is not None else self._gen()
 
     def generator_loss(self, x, y) -> tuple[torch.Tensor, dict, torch.Tensor]:
         out, heads = self._forward_heads(x)
@@ -121,6 +140,8 @@ class Trainer:
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         self.opt_g.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self._gen())
         parts["loss_g"] = float(loss_g.detach())
         if self.d is not None:
             self.d.train()
@@ -137,12 +158,13 @@ class Trainer:
     @torch.no_grad()
     def val_sums(self, loader) -> tuple[float, int]:
         """(sum of per-slice L1, number of slices) over ``loader``, generator in eval mode."""
-        self.g.eval()
+        g = self.eval_generator()
+        g.eval()
         total, n = 0.0, 0
         for batch in loader:
             x = batch["input"].to(self.device)
             y = batch["target"].to(self.device)
-            out = self.g(x)
+            out = g(x)
             total += float(F.l1_loss(out.float(), y, reduction="none").mean(dim=(1, 2, 3)).sum())
             n += x.shape[0]
         return total, n
@@ -158,7 +180,9 @@ class Trainer:
         return {"arch": self.model.arch, "config": self.model.config, "epoch": self.epoch,
                 "generator": g.state_dict(), "discriminator": d.state_dict() if d is not None else None,
                 "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict() if self.opt_d else None,
-                "sched": self.sched.state_dict()}
+                "sched": self.sched.state_dict(),
+                "ema": self.ema.module.state_dict() if self.ema is not None else None,
+                "ema_n": int(self.ema.n_averaged) if self.ema is not None else 0}
 
     def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:
         if state.get("arch") != self.model.arch or state.get("config") != self.model.config:
@@ -172,4 +196,7 @@ class Trainer:
         if self.opt_d is not None and state.get("opt_d") is not None:
             self.opt_d.load_state_dict(state["opt_d"])
         self.sched.load_state_dict(state["sched"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.module.load_state_dict(state["ema"])
+            self.ema.n_averaged.fill_(int(state.get("ema_n", 1)))
         self.epoch = int(state["epoch"])

@@ -34,11 +34,11 @@ DEFAULTS = {
     "batch_size": 1, "lr": 2e-4, "betas": [0.5, 0.999], "plateau_factor": 0.9, "plateau_after_epoch": 100,
     "ds_weights": [0.5, 0.25, 0.125, 0.0625], "adv_weight": 0.01, "num_workers": 1, "use_gpu": "auto",
     "checkpoint_every": 1, "max_failures": 1, "augment": True, "loader_workers": 0, "amp": True,
-    "extra_runs": [], "finetune_epochs": None, "parallel_runs": 1, "lr_d": None, "depth": 6,
+    "extra_runs": [], "finetune_epochs": None, "parallel_runs": 1, "lr_d": None, "depth": 6, "ema_decay": 0.0,
 }
 # the training hyperparameters a Ray Train run carries (train.distributed reads them)
 HP_KEYS = ("width", "depth", "epochs", "batch_size", "lr", "lr_d", "betas", "plateau_factor", "plateau_after_epoch",
-           "ds_weights", "adv_weight", "augment", "checkpoint_every", "loader_workers", "amp", "seed")
+           "ds_weights", "adv_weight", "augment", "checkpoint_every", "loader_workers", "amp", "seed", "ema_decay")
 # what a tuned configuration (``qsnet tune``'s best.yaml) may set, per architecture and contrast
 TUNABLE = ("lr", "lr_d", "betas", "adv_weight", "ds_weights", "width", "depth", "augment", "plateau_factor",
            "plateau_after_epoch", "batch_size")
@@ -65,6 +65,8 @@ def train_config(params: dict) -> dict:
     for key in ("epochs", "finetune_epochs", "batch_size", "num_workers", "checkpoint_every", "width", "parallel_runs"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ParamsError(f"params: train.{key} must be a positive integer, got {cfg[key]!r}")
+    if not isinstance(cfg["ema_decay"], (int, float)) or not 0 <= cfg["ema_decay"] < 1:
+        raise ParamsError(f"params: train.ema_decay must be in [0, 1) (0: no average), got {cfg['ema_decay']!r}")
     use_gpu = _use_gpu(cfg["use_gpu"])
     cpus = os.cpu_count() or 1
     # on a cluster the check is against the cluster's CPUs, once it is joined (train.distributed)
