@@ -157,15 +157,12 @@ def _cards(models: Path, errors: list[str]):
     return cards
 
 
-def _fit_baselines(stores: Path, sites: set[str], errors: list[str], kind: str) -> dict:
-    """The physics baseline or the voxel-regression reference per (site, contrast), fitted on
-    that site's training exams; what cannot be fitted is reported and left out."""
+def _fit_baselines(stores: Path, sites: set[str], errors: list[str], make, label: str) -> dict:
+    """``make(contrast).fit(training exams)`` per (site, contrast): the physics baseline or the
+    voxel-regression reference; what cannot be fitted is reported and left out."""
     from train.data import find_stores
-    from train.evaluate.physics import PhysicsBaseline, PhysicsUnavailable
-    from train.evaluate.reference import VoxelRegression
+    from train.evaluate.physics import PhysicsUnavailable
 
-    make = {"physics": PhysicsBaseline, "reference": VoxelRegression}[kind]
-    label = {"physics": "physics baseline", "reference": "voxel-regression reference"}[kind]
     fitted = {}
     for site in sorted(sites):
         train = find_stores(stores, splits=["train", "finetune"], sites=[site])
@@ -280,11 +277,14 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
             timing["predict_s"] += time.perf_counter() - t0
             record(ex, _model_key(card), arm, c, pred * ex.brain, card)
 
-    from train.evaluate.physics import PhysicsUnavailable
+    from train.evaluate.physics import PhysicsBaseline, PhysicsUnavailable
+    from train.evaluate.reference import VoxelRegression
 
-    baselines = {kind: _fit_baselines(stores, {ex.site for ex in exams}, errors, kind)
-                 for kind in ("physics", "reference")}
-    for kind, fitted in baselines.items():
+    baselines = {}
+    # every cohort also gets these, fitted on its site's training exams: arm, model key, class, name
+    for arm, key, make, label in (("physics", "physics", PhysicsBaseline, "physics baseline"),
+                                  ("reference", "voxel", VoxelRegression, "voxel-regression reference")):
+        fitted = baselines[arm] = _fit_baselines(stores, {ex.site for ex in exams}, errors, make, label)
         for ex in exams:
             for c in CONTRASTS:
                 if (ex.site, c) in fitted and c in ex.targets:
@@ -292,10 +292,10 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
                     try:
                         pred = fitted[(ex.site, c)].predict(ex.store.path)
                     except (PhysicsUnavailable, ValueError, KeyError) as exc:
-                        errors.append(f"{kind} {ex.site}/{c}: {exc}")
+                        errors.append(f"{label} {ex.site}/{c}: {exc}")
                         continue
                     timing["predict_s"] += time.perf_counter() - t0
-                    record(ex, "physics" if kind == "physics" else "voxel", kind, c, pred)
+                    record(ex, key, arm, c, pred)
     if not rows:
         raise EvaluateError("nothing could be evaluated: " + ("; ".join(errors[:3]) or "no model matches the stores"))
 
