@@ -137,7 +137,8 @@ def train_loop_per_worker(config: dict) -> None:
             tr.end_epoch(val_loss)
             # no validation data: the last epoch counts as the best
             if (vn and val_loss < best["val"]) or (not vn and last):
-                best = {"val": val_loss if vn else math.inf, "epoch": epoch + 1, "state": _state_cpu(tr.eval_generator())}
+                best = {"val": val_loss if vn else math.inf, "epoch": epoch + 1,
+                        "state": _state_cpu(tr.eval_generator())}
             metrics = {"model": run["name"], "epoch": epoch + 1, "val_l1": val_loss if vn else None,
                        "lr": tr.opt_g.param_groups[0]["lr"], "epoch_s": round(seconds, 3), "steps": steps,
                        "wall_start": wall_start,
@@ -231,7 +232,8 @@ def run_training(config: dict, num_workers: int, use_gpu: bool, max_failures: in
     if error is not None:
         # the useful line is the workers' own exception, at the end of Ray's report
         lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
-        cause = next((ln for ln in reversed(lines) if ":" in ln and not ln.startswith("File ")), lines[0] if lines else "")
+        cause = next((ln for ln in reversed(lines) if ":" in ln and not ln.startswith("File ")),
+                     lines[0] if lines else "")
         raise RuntimeError(f"training run {config['name']} failed: {cause}")
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / CKPT, map_location="cpu", weights_only=False)
