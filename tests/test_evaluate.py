@@ -103,7 +103,8 @@ def evaluated(stores, tmp_path_factory):
 
     models = _registry(tmp_path_factory.mktemp("models"), [
         ("pretrain", "qsnet", "mrf", "t1w"), ("pretrain", "qsnet", "mri", "t1w"), ("finetune", "qsnet", "mrf", "t1w"),
-        ("scratch", "qsnet", "mrf", "t1w"), ("pretrain", "cgan", "mrf", "t2flair"), ("finetune", "cgan", "mrf", "t2flair")])
+        ("scratch", "qsnet", "mrf", "t1w"), ("pretrain", "cgan", "mrf", "t2flair"), ("finetune", "cgan", "mrf", "t2flair"),
+        ("pretrain", "qsnet", "mrf", "t1flair"), ("pretrain", "qsnet", "mri", "t1flair")])
     out = tmp_path_factory.mktemp("reports")
     res = evaluate(models, stores, out, {"profile": "test"})
     return models, out, res
@@ -239,6 +240,30 @@ def test_cards_that_do_not_fit_are_reported_and_the_rest_runs(tmp_path):
     assert not list(tmp_path.glob("out/.evaluate.*"))  # no temporary folder left behind
     # a perfect subject's infinite PSNR is left out of the paired tests, not turned into a difference
     assert paired_tests([float("inf"), 30.0, 31.0, 33.0], [29.0, 28.0, 30.0, 31.0])["n"] == 3
+
+
+def test_mri_inputs_copied_as_predictions_are_scored_outside_the_contract(evaluated):
+    import csv
+
+    _, out, res = evaluated
+    rows = list(csv.DictReader((out / "evaluate" / "subjects.csv").open()))
+    copies = [r for r in rows if r["arm"] == "copy"]
+    # only contrasts an mri-input model targets and does not hold: t1flair here, not t1w
+    assert {(r["model"], r["contrast"], r["inputs"]) for r in copies} == {("copy_t1w", "t1flair", "mri"),
+                                                                           ("copy_t2w", "t1flair", "mri")}
+    assert len(copies) == 2 * 6  # every test subject of both sites
+    assert not any(m.startswith("copy") for cohort in res["metrics"].values() for m in cohort)
+    html = (out / "evaluate" / "report.html").read_text()
+    assert "mri input copied" in html
+
+
+def test_copy_note_names_the_best_input():
+    from train.evaluate.service import _copy_note
+
+    note = _copy_note({"t1w": {"ssim": 0.895}, "t2w": {"ssim": 0.2}}, "t1flair", 0.69)
+    assert note.startswith("the mri input t1w alone, copied, scores SSIM 0.895 against t1flair")
+    assert "0.690" in note
+    assert _copy_note({}, "t1flair", 0.69) == "" and _copy_note({"t1w": {"ssim": float("nan")}}, "t1flair", 0.5) == ""
 
 
 def test_failed_comparisons_say_how_much_they_mean():

@@ -163,7 +163,7 @@ def write(folder: Path, rows, region_rows, tables, checks, summary, grids, exams
         why = ["Where a check fails, the numbers are what this data and these models give; the check is not "
                "changed to pass. The last column gives what the model cards show."]
         if prov.get("profile") == "demo":
-            why.append("On the demo profile each model trains for about 100 steps on a CPU at 64 x 64 pixels "
+            why.append("On the demo profile each model trains for about 150 steps on a CPU at 64 x 64 pixels "
                        "(params.yaml); at that size a blur of one pixel alone costs about 0.1 SSIM.")
         why.append("The voxel-regression reference (below) tells the two causes apart: where it reaches a bar "
                    "that QS-Net misses, the MRF maps carry the contrast and the network has not learned it; "
@@ -216,6 +216,15 @@ def write(folder: Path, rows, region_rows, tables, checks, summary, grids, exams
                             + [_fmt(p.get("wilcoxon_p")), _fmt(p.get("ttest_p"))])
         parts.append(_table(["model", "contrast", "mrf SSIM", "mrf PSNR", "mrf MAE", "mri SSIM", "mri PSNR",
                              "mri MAE", "SSIM Wilcoxon p", "SSIM t-test p"], body))
+        copies = tables.get("copies") or {}
+        body = [[html.escape(cohort), c, src, _fmt(v["ssim"]), _fmt(v["psnr"]), _fmt(v["mae"])]
+                for cohort, by_c in sorted(copies.items()) for c, srcs in sorted(by_c.items())
+                for src, v in sorted(srcs.items())]
+        if body:
+            parts.append("<p>An mri-input model can copy one of its inputs. Each input scored as it is, as the "
+                         "prediction of the contrasts above, shows how far that copy alone goes (not a model of "
+                         "the study, not in the contract files):</p>"
+                         + _table(["cohort", "contrast", "mri input copied", "SSIM", "PSNR", "MAE"], body))
 
     if region_rows:
         parts.append("<h2>Lesions: metrics inside the tumour, enhancing rim and oedema, and lesion contrast "

@@ -213,7 +213,8 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
         timing["pairs"] += 1
         base = {"cohort": ex.cohort, "site": ex.site, "subject": ex.subject, "health": ex.health,
                 "model": model_key, "arm": arm, "contrast": contrast,
-                "stage": card.get("stage") if card else arm, "inputs": card.get("inputs") if card else "mrf",
+                "stage": card.get("stage") if card else arm,
+                "inputs": card.get("inputs") if card else ("mri" if arm == "copy" else "mrf"),
                 "card": str(Path(card["_path"]).relative_to(models)) if card else "",
                 "model_params_hash": card.get("params_hash") if card else "",
                 "model_git_commit": card.get("git_commit") if card else ""}
@@ -296,6 +297,17 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
                         continue
                     timing["predict_s"] += time.perf_counter() - t0
                     record(ex, key, arm, c, pred)
+    # The generalisation study's shortcut: an mri-input model may copy one of its inputs. Each
+    # input scored as the prediction of each contrast the mri models target (outside the
+    # contract, like the reference) shows how far a copy alone goes on each site.
+    from train.data import INPUT_KINDS
+
+    gen_targets = {r["contrast"] for r in rows if r["arm"] == "generalisation_mri"} - set(INPUT_KINDS["mri"])
+    for ex in exams:
+        for c in sorted(gen_targets & set(ex.targets)):
+            for source in INPUT_KINDS["mri"]:
+                if source in ex.targets:
+                    record(ex, f"copy_{source}", "copy", c, ex.truth(source) * ex.brain)
     if not rows:
         raise EvaluateError("nothing could be evaluated: " + ("; ".join(errors[:3]) or "no model matches the stores"))
 
@@ -395,11 +407,14 @@ def _tables(rows: list[dict], home: str) -> dict:
 
     metrics: dict = defaultdict(lambda: defaultdict(dict))
     reference: dict = defaultdict(dict)  # not in metrics.json: the report contract names its models
+    copies: dict = defaultdict(dict)  # cohort -> contrast -> mri input -> its scores as a prediction
     for (cohort, arm, model, c), cells in by.items():
         if arm in ("main", "physics"):
             metrics[cohort][model][c] = means(cells)
         elif arm == "reference":
             reference[cohort][c] = means(cells)
+        elif arm == "copy":
+            copies[cohort].setdefault(c, {})[model.split("_", 1)[1]] = means(cells)
 
     def paired(a: dict, b: dict) -> dict:
         subj = sorted(set(a) & set(b))
@@ -427,7 +442,8 @@ def _tables(rows: list[dict], home: str) -> dict:
     for (cohort, _arm, model, c), cells in by.items():
         if model == "qsnet_scratch" and (cohort, "main", "qsnet", c) in by:
             stats["two_stage_vs_scratch"].setdefault(cohort, {})[c] = paired(by[(cohort, "main", "qsnet", c)], cells)
-    return {"metrics": metrics, "reference": reference, "generalisation": gen, "stats": stats, "home": home}
+    return {"metrics": metrics, "reference": reference, "copies": copies, "generalisation": gen, "stats": stats,
+            "home": home}
 
 
 def _undertrained(training: dict, key: tuple) -> str:
@@ -464,6 +480,16 @@ def _significance(p: dict, alpha: float = 0.05) -> str:
         # the exact two-sided test's smallest p is 2 / 2^n
         text += f" (with {n} subjects Wilcoxon cannot go below p {2.0 / 2 ** n:.3g})"
     return text
+
+
+def _copy_note(copies: dict, contrast: str, mri_ssim: float) -> str:
+    """How close an mri-input model gets to ``contrast`` by copying one of its inputs."""
+    scored = {k: v["ssim"] for k, v in copies.items() if math.isfinite(v.get("ssim", float("nan")))}
+    if not scored:
+        return ""
+    source = max(scored, key=scored.get)
+    return (f"the mri input {source} alone, copied, scores SSIM {scored[source]:.3f} against {contrast} on this site "
+            f"(the mri-input model: {mri_ssim:.3f})")
 
 
 def _fmt_p(v) -> str:
@@ -521,6 +547,8 @@ def _checks(tables: dict, cfg: dict, home: str, training: dict | None = None, ph
             notes = [] if ok else [_undertrained(training, ("pretrain", arch, k, c)) for k in ("mrf", "mri")]
             if not ok and c in INPUT_KINDS["mri"]:
                 notes.insert(0, f"the mri input holds {c} itself")
+            elif not ok:
+                notes.insert(0, _copy_note(tables.get("copies", {}).get(a.get("cohort"), {}).get(c, {}), c, b["ssim"]))
             if not ok:
                 notes.insert(0, _significance(g["p_values"].get(c, {}).get("ssim") or {}))
             out.append({"check": f"generalisation: {arch} with mrf inputs beats mri inputs (SSIM)", "contrast": c,
