@@ -180,7 +180,7 @@ def _fit_baselines(stores: Path, sites: set[str], errors: list[str], make, label
 def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, progress=None) -> dict:
     """Score every usable model card under ``models`` on the test subjects under ``stores``."""
     from train import registry
-    from train.data import find_stores
+    from train.data import INPUT_KINDS, find_stores
     from train.stages import DATA
 
     cfg = {**EVAL_DEFAULTS, **((params or {}).get("evaluate") or {})}
@@ -300,8 +300,6 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
     # The generalisation study's shortcut: an mri-input model may copy one of its inputs. Each
     # input scored as the prediction of each contrast the mri models target (outside the
     # contract, like the reference) shows how far a copy alone goes on each site.
-    from train.data import INPUT_KINDS
-
     gen_targets = {r["contrast"] for r in rows if r["arm"] == "generalisation_mri"} - set(INPUT_KINDS["mri"])
     for ex in exams:
         for c in sorted(gen_targets & set(ex.targets)):
@@ -544,13 +542,11 @@ def _checks(tables: dict, cfg: dict, home: str, training: dict | None = None, ph
         for c in sorted(set(g["mrf"]) & set(g["mri"])):
             a, b = g["mrf"][c], g["mri"][c]
             ok = _beats(a["ssim"], b["ssim"], "ssim")
-            notes = [] if ok else [_undertrained(training, ("pretrain", arch, k, c)) for k in ("mrf", "mri")]
-            if not ok and c in INPUT_KINDS["mri"]:
-                notes.insert(0, f"the mri input holds {c} itself")
-            elif not ok:
-                notes.insert(0, _copy_note(tables.get("copies", {}).get(a.get("cohort"), {}).get(c, {}), c, b["ssim"]))
-            if not ok:
-                notes.insert(0, _significance(g["p_values"].get(c, {}).get("ssim") or {}))
+            notes = [] if ok else [
+                _significance(g["p_values"].get(c, {}).get("ssim") or {}),
+                f"the mri input holds {c} itself" if c in INPUT_KINDS["mri"] else
+                _copy_note(tables.get("copies", {}).get(a.get("cohort"), {}).get(c, {}), c, b["ssim"]),
+                *(_undertrained(training, ("pretrain", arch, k, c)) for k in ("mrf", "mri"))]
             out.append({"check": f"generalisation: {arch} with mrf inputs beats mri inputs (SSIM)", "contrast": c,
                         "value": [a["ssim"], b["ssim"]], "passed": ok, "note": "; ".join(n for n in notes if n)})
     return out
