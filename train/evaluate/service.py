@@ -206,7 +206,7 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
     shown = _pick_grid_subjects(exams, home)
     timing = {"predict_s": 0.0, "metrics_s": 0.0, "pairs": 0}
 
-    def record(ex, model_key, arm, contrast, pred, card=None):
+    def record(ex, model_key, arm, contrast, pred, card=None, inputs="mrf"):
         t0 = time.perf_counter()
         m, regs = _score(pred, ex, contrast, cfg)
         timing["metrics_s"] += time.perf_counter() - t0
@@ -214,7 +214,7 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
         base = {"cohort": ex.cohort, "site": ex.site, "subject": ex.subject, "health": ex.health,
                 "model": model_key, "arm": arm, "contrast": contrast,
                 "stage": card.get("stage") if card else arm,
-                "inputs": card.get("inputs") if card else ("mri" if arm == "copy" else "mrf"),
+                "inputs": card.get("inputs") if card else inputs,
                 "card": str(Path(card["_path"]).relative_to(models)) if card else "",
                 "model_params_hash": card.get("params_hash") if card else "",
                 "model_git_commit": card.get("git_commit") if card else ""}
@@ -305,7 +305,7 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
         for c in sorted(gen_targets & set(ex.targets)):
             for source in INPUT_KINDS["mri"]:
                 if source in ex.targets:
-                    record(ex, f"copy_{source}", "copy", c, ex.truth(source) * ex.brain)
+                    record(ex, f"copy_{source}", "copy", c, ex.truth(source) * ex.brain, inputs="mri")
     if not rows:
         raise EvaluateError("nothing could be evaluated: " + ("; ".join(errors[:3]) or "no model matches the stores"))
 
