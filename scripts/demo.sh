@@ -7,10 +7,16 @@ bash scripts/setup.sh
 # shellcheck disable=SC1091
 [ -n "${VIRTUAL_ENV:-}" ] || . .venv/bin/activate
 qsnet simulate --out data --size demo
-# Hash the fresh simulation into the DVC cache; the committed data.dvc must not change
-# (the simulator is deterministic), after which `dvc status data.dvc` is clean.
+# Hash the fresh simulation into the DVC cache. The simulator is deterministic on one machine
+# kind, but floating-point rounding differs between CPU types and numeric library builds, so
+# another machine can write the same phantom a few last digits apart. `dvc add` stages data.dvc
+# (core.autostage), so the comparison is with the commit, not the index.
 dvc add -q data
-git diff --exit-code --stat data.dvc
+if ! git diff --quiet HEAD -- data.dvc; then
+    echo "demo: note: data/ is not byte-identical to the committed data version (data.dvc): expected on" \
+         "another CPU type; DVC now tracks this machine's data, and the results can differ from the" \
+         "committed reports in the last digits" >&2
+fi
 dvc status data.dvc
 dvc repro
 # Serve the models just trained and send one site-B exam's MRF map series over HTTP, as a new

@@ -178,6 +178,39 @@ def test_lesion_regions_and_contrast(evaluated):
         assert float(r["contrast_truth"]) > 0 and abs(float(r["contrast_synth"]) - float(r["contrast_truth"])) < 0.05
 
 
+def test_lesion_conspicuity_is_summarised_with_a_verdict(evaluated):
+    """The equation-made physics synthesis keeps every lesion; the verdicts reach summary and report."""
+    _, out, _ = evaluated
+    summary = json.loads((out / "evaluate" / "summary.json").read_text())
+    les = summary["lesions"]
+    assert set(les) == {"site_b"}
+    cell = les["site_b"]["physics"]["t2flair"]["oedema"]
+    assert cell["truth"] > 0.2 and abs(cell["kept"] - 1) < 0.1 and cell["verdict"] == "kept"
+    assert cell["subjects"] == 3
+    html = (out / "evaluate" / "report.html").read_text()
+    assert "<th>kept</th>" in html and "<th>verdict</th>" in html
+
+
+@pytest.mark.parametrize("truth, synth, verdict", [(0.7, 0.7, "kept"), (0.7, 0.1, "erased"), (0.7, 0.3, "faint"),
+                                                   (0.7, 1.6, "exaggerated"), (-0.5, 0.2, "inverted"),
+                                                   (0.1, 0.0, ""), (float("nan"), 0.1, "")])
+def test_lesion_verdicts(truth, synth, verdict):
+    from train.evaluate.service import _verdict
+
+    assert _verdict(truth, synth) == verdict
+
+
+def test_blurred_truth_yardstick(evaluated):
+    """A 1-pixel blur of the truth scores below 1 and above a useless image, per cohort and contrast."""
+    _, out, _ = evaluated
+    blur = json.loads((out / "evaluate" / "summary.json").read_text())["blurred_truth_ssim"]
+    assert blur["sigma_px"] == 1.0 and set(blur["ssim"]) == {"site_a", "site_b"}
+    for per in blur["ssim"].values():
+        assert set(per) == set(CONTRASTS)
+        assert all(0.3 < v < 0.999 for v in per.values()), per
+    assert "ground truth blurred by a Gaussian of 1 pixel" in (out / "evaluate" / "report.html").read_text()
+
+
 def test_bad_cards_are_reported_and_the_rest_runs(stores, tmp_path):
     from train.evaluate.service import evaluate
 

@@ -164,7 +164,13 @@ def write(folder: Path, rows, region_rows, tables, checks, summary, grids, exams
                "changed to pass. The last column gives what the model cards show."]
         if prov.get("profile") == "demo":
             why.append("On the demo profile each model trains for about 150 steps on a CPU at 64 x 64 pixels "
-                       "(params.yaml); at that size a blur of one pixel alone costs about 0.1 SSIM.")
+                       "(params.yaml).")
+        blur = tables.get("blur") or {}
+        if blur.get("ssim"):
+            cells = "; ".join(f"{cohort}: " + ", ".join(f"{c} {_fmt(v)}" for c, v in sorted(per.items()))
+                              for cohort, per in sorted(blur["ssim"].items()))
+            why.append(f"How demanding SSIM is on this grid: the ground truth blurred by a Gaussian of "
+                       f"{blur['sigma_px']:g} pixel scores, against itself, {cells}.")
         why.append("The voxel-regression reference (below) tells the two causes apart: where it reaches a bar "
                    "that QS-Net misses, the MRF maps carry the contrast and the network has not learned it; "
                    "where it also falls short, the maps carry too little of it.")
@@ -233,13 +239,26 @@ def write(folder: Path, rows, region_rows, tables, checks, summary, grids, exams
         for r in region_rows:
             if r["arm"] in TABLE_ARMS:
                 agg[(r["cohort"], r["model"], r["region"], r["contrast"])].append(r)
+        lesions = tables.get("lesions") or {}
         body = []
         for (cohort, m, reg, c), rs in sorted(agg.items(), key=lambda kv: (kv[0][0], ORDER.index(kv[0][1])
                                                                            if kv[0][1] in ORDER else 99, kv[0][2:])):
+            cell = lesions.get(cohort, {}).get(m, {}).get(c, {}).get(reg, {})
             body.append([cohort, LABEL.get(m, m), reg, c, _pm([r["ssim"] for r in rs]), _pm([r["mae"] for r in rs]),
-                         _pm([r["contrast_truth"] for r in rs]), _pm([r["contrast_synth"] for r in rs])])
+                         _pm([r["contrast_truth"] for r in rs]), _pm([r["contrast_synth"] for r in rs]),
+                         _fmt(cell.get("kept"), 2), cell.get("verdict") or "–"])
+        lost = [f"{cohort}: {reg} on {c}, {_fmt(cell['truth'], 2)} true, {_fmt(cell['synth'], 2)} synthetic"
+                for cohort, models in sorted(lesions.items())
+                for c, regs in sorted(models.get("qsnet", {}).items())
+                for reg, cell in sorted(regs.items()) if cell["verdict"] in ("erased", "faint", "inverted")]
+        parts.append("<p>A synthesis can score well over the brain and still lose a lesion, the failure that "
+                     "matters to a reader. <i>kept</i> is the synthetic lesion contrast over the true one, where "
+                     "the true one is at least 0.2: <i>erased</i> under 0.25, <i>faint</i> under 0.5, "
+                     "<i>exaggerated</i> over 2, <i>inverted</i> below 0."
+                     + (f" <b class=fail>QS-Net renders {len(lost)} lesion contrast(s) erased, faint or "
+                        f"inverted</b>: {'; '.join(lost)}." if lost else "") + "</p>")
         parts.append(_table(["cohort", "model", "region", "contrast", "SSIM", "MAE", "contrast (truth)",
-                             "contrast (synthetic)"], body))
+                             "contrast (synthetic)", "kept", "verdict"], body))
 
     parts.append("<h2>Images</h2><p>Ground truth, each model's synthesis and its absolute error, same slice, "
                  "same window.</p>")
