@@ -451,11 +451,18 @@ def _tables(rows: list[dict], home: str) -> dict:
 MIN_LESION_CONTRAST = 0.2
 
 
+def _kept(truth: float, synth: float) -> float:
+    """The share of a lesion's true contrast the synthesis keeps; NaN where the truth is too faint."""
+    if not (math.isfinite(truth) and math.isfinite(synth)) or abs(truth) < MIN_LESION_CONTRAST:
+        return float("nan")
+    return synth / truth
+
+
 def _verdict(truth: float, synth: float) -> str:
     """How a synthesis renders a lesion whose true contrast against NAWM is ``truth``."""
-    if not (math.isfinite(truth) and math.isfinite(synth)) or abs(truth) < MIN_LESION_CONTRAST:
+    kept = _kept(truth, synth)
+    if not math.isfinite(kept):
         return ""
-    kept = synth / truth
     if kept < 0:
         return "inverted"
     return "erased" if kept < 0.25 else "faint" if kept < 0.5 else "exaggerated" if kept > 2 else "kept"
@@ -473,9 +480,8 @@ def _conspicuity(region_rows: list[dict]) -> dict:
     out: dict = {}
     for (cohort, model, c, region), rs in sorted(cells.items()):
         t, s = _mean([r["contrast_truth"] for r in rs]), _mean([r["contrast_synth"] for r in rs])
-        kept = s / t if math.isfinite(t) and abs(t) >= MIN_LESION_CONTRAST else float("nan")
         out.setdefault(cohort, {}).setdefault(model, {}).setdefault(c, {})[region] = {
-            "truth": t, "synth": s, "kept": kept, "verdict": _verdict(t, s), "subjects": len(rs)}
+            "truth": t, "synth": s, "kept": _kept(t, s), "verdict": _verdict(t, s), "subjects": len(rs)}
     return out
 
 
