@@ -70,7 +70,8 @@ def _store(path, site, split, subject, rng, lesion=False, drop=()):
     arrays["truth_brain"] = (brain.astype(np.uint8), {})
     write_exam_store(path / site / f"{subject}.zarr", arrays,
                      {"site": site, "split": split, "subject": subject, "cohort": "gbm" if lesion else "healthy",
-                      "scale": scale, "targets": [c for c in CONTRASTS if c not in drop]})
+                      "scale": scale, "targets": [c for c in CONTRASTS if c not in drop],
+                      "input_contract": {"channels": ["mrf_t1", "mrf_t2"], "normalise": {"percentiles": [0.5, 99.5]}}})
 
 
 @pytest.fixture(scope="module")
@@ -222,12 +223,20 @@ def test_bad_cards_are_reported_and_the_rest_runs(stores, tmp_path):
     # damaged weights
     _registry(models, [("finetune", "resunet", "mrf", "t1w")])
     (models / "finetune/resunet/t1w/model.pt").write_bytes(b"not a model")
+    # a model trained on MRF maps scaled as rates, the stores scaled between percentiles: it would
+    # run, on numbers that mean something else
+    _registry(models, [("finetune", "swin", "mrf", "t1w")])
+    card = json.loads((models / "finetune/swin/t1w/card.json").read_text())
+    card["input"] = {"normalise": {"inputs": "rate", "rate_ms": {"mrf_t1": 250, "mrf_t2": 20}}}
+    (models / "finetune/swin/t1w/card.json").write_text(json.dumps(card))
     res = evaluate(models, stores, tmp_path / "out", {})
     errs = "\n".join(res["errors"])
     assert "finetune/qsnet/t2w: contrast 'pd' has no ground truth" in errs
     assert "finetune/resunet/t1w/model.pt" in errs and "sha256" in errs
+    assert ("finetune/swin/t1w: not evaluated: the model takes MRF inputs scaled as rates (mrf_t1 250 ms, "
+            "mrf_t2 20 ms / T), the stores hold them scaled between per-exam percentiles [0.5, 99.5]") in errs
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert "t1w" in metrics["site_b"]["qsnet"]
+    assert "t1w" in metrics["site_b"]["qsnet"] and "swin" not in metrics["site_b"]
 
 
 def test_cli_without_test_subjects_fails_in_one_line(stores, tmp_path):

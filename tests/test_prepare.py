@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ingest.prepare.grid import resample, standard_grid, to_native
-from ingest.prepare.service import ExamTask, assign_splits, config, prepare, prepare_exam
+from ingest.prepare.grid import denormalise, normalise, resample, standard_grid, to_native
+from ingest.prepare.service import (ExamTask, PrepareError, assign_splits, config, contract_mismatch, input_contract,
+                                    prepare, prepare_exam, prepare_inputs)
 from ingest.store import open_store, write_exam_store
 
 CFG = config({"prepare": {"image_size": 64}, "seed": 0})
@@ -126,18 +127,70 @@ def test_inversion_round_trip(prepared_pair, raw_pair):
     st = open_store(root / "prepared" / f"{key}.zarr")
     raw = open_store(raw_pair["site-B"])
     inv, scale = st.attrs["inversion"], st.attrs["scale"]
+    assert scale["mrf_t1"] == {"rate_ms": 250.0, "units": "ms"}   # the default: rates on a fixed scale
     t1_back, aff = to_native(st.read("input")[0], inv, scale["mrf_t1"])
     native = raw.read("mrf_t1")
     assert t1_back.shape == native.shape
     assert np.array_equal(np.round(aff, 6), np.round(np.asarray(raw.attrs_of("mrf_t1")["affine_lps"]), 6))
-    # inside the brain (away from its edge, where the mask cuts), within the interpolation error
+    # inside the brain (away from its edge, where the mask cuts), within the interpolation error:
+    # 55 -> 64 -> 55 in plane across the phantom's sharp tissue edges costs about 7% (median)
     from scipy import ndimage as ndi
 
-    core = ndi.binary_erosion(raw.read("brain") > 0, iterations=2)
-    lo, hi = scale["mrf_t1"]["lo"], scale["mrf_t1"]["hi"]
-    inside = core & (native > lo) & (native < hi)
-    err = np.abs(t1_back[inside] - native[inside])
-    assert np.median(err) < 0.05 * (hi - lo), np.median(err)
+    core = ndi.binary_erosion(raw.read("brain") > 0, iterations=2) & (native > 250.0)
+    rel = np.abs(t1_back[core] - native[core]) / native[core]
+    assert np.median(rel) < 0.1, np.median(rel)
+
+
+@pytest.mark.parametrize("scale", [{"rate_ms": 250.0}, {"lo": 500.0, "hi": 4500.0}])
+def test_normalise_inverts_inside_its_range(scale):
+    t = np.array([[0.0, 100.0, 600.0, 1000.0, 4000.0]], np.float32)
+    mask = np.array([[1, 1, 1, 1, 0]])
+    x = normalise(t, scale, mask)
+    assert x.min() >= 0 and x.max() <= 1 and x[0, 4] == 0            # outside the mask: 0
+    back = denormalise(x, scale, mask)
+    np.testing.assert_allclose(back[0, 2:4], t[0, 2:4], rtol=1e-5)   # unclipped voxels come back
+    if "rate_ms" in scale:   # a faster rate than the scale's end is clipped, an unmeasured voxel stays 0
+        np.testing.assert_allclose(x[0, :4], [0.0, 1.0, 250 / 600, 0.25], rtol=1e-6)
+        assert back[0, 0] == 0 and back[0, 1] == 250.0
+
+
+def test_input_scaling_is_fixed_or_per_exam(raw_pair):
+    """Rates: the T2 map doubled gives half the input (absolute T2 reaches the model);
+    percentiles (a model card that predates the choice): the same input either way. (T2, as
+    the brain mask comes from T1 and would change with it.)"""
+    st = open_store(raw_pair["site-A"])
+    t1, t2, aff = st.read("mrf_t1"), st.read("mrf_t2"), st.attrs_of("mrf_t1")["affine_lps"]
+    for kind, same in (("rate", False), ("percentiles", True)):
+        norm = {"percentiles": [0.5, 99.5]} if kind == "percentiles" else CFG["normalise"]
+        cfg = {**CFG, "normalise": norm}
+        a = prepare_inputs(t1, t2, aff, aff, cfg)
+        b = prepare_inputs(t1, 2 * t2, aff, aff, cfg)
+        assert np.array_equal(a["brain"], b["brain"])
+        core = a["brain"] & (a["input"][1] > 0) & (a["input"][1] < 1)
+        assert np.allclose(a["input"][1][core], b["input"][1][core], atol=1e-5) == same, kind
+        if not same:
+            np.testing.assert_allclose(b["input"][1][core], a["input"][1][core] / 2, rtol=1e-4, atol=1e-6)
+
+
+def test_contract_mismatch_names_both_scalings():
+    rate = input_contract(CFG)
+    old = {**rate, "normalise": {"percentiles": [0.5, 99.5]}}   # a card from before the option
+    assert contract_mismatch(rate, rate) is None and contract_mismatch(old, old) is None
+    assert contract_mismatch(None, rate) is None                  # unknown: nothing to compare
+    why = contract_mismatch(old, rate)
+    assert "percentiles [0.5, 99.5]" in why and "rates (mrf_t1 250 ms, mrf_t2 20 ms / T)" in why
+    other = {**rate, "normalise": {**rate["normalise"], "rate_ms": {"mrf_t1": 500, "mrf_t2": 20}}}
+    assert "mrf_t1 500 ms" in contract_mismatch(other, rate)
+    # the settings that do not change what an input value means do not count
+    assert contract_mismatch({**rate, "mrf_check": {"max_bad_fraction": 0.5}}, rate) is None
+
+
+@pytest.mark.parametrize("norm, why", [({"inputs": "zscore"}, "expected 'rate' or 'percentiles'"),
+                                       ({"inputs": "rate", "rate_ms": {"mrf_t2": -1}}, "for mrf_t2"),
+                                       ({"inputs": "rate", "rate_ms": {"mrf_t1": 0, "mrf_t2": 20}}, "for mrf_t1")])
+def test_bad_input_scaling_is_refused(norm, why):
+    with pytest.raises(PrepareError, match=why):
+        config({"prepare": {"normalise": norm}})
 
 
 def test_slab_average_is_not_a_point_sample():

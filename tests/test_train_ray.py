@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_train_data import fake_prepared  # noqa: E402
 
+from ingest.params import ParamsError  # noqa: E402
 from train import registry  # noqa: E402
 from train.stages import run_stage  # noqa: E402
 
@@ -75,6 +76,19 @@ def test_pretrain_survives_a_failure_and_finetune_freezes_the_encoder(ray_cluste
     assert any(not torch.equal(a, b) for a, b in zip(pre.decoder.state_dict().values(), fine.decoder.state_dict().values()))
     assert registry.read_card(fcards[0])["encoder_frozen"] is True
     assert registry.read_card(fcards[0])["trained_on"]["site"] == "site-B"
+
+    # site B prepared with another input scaling than the pretrained model's: refused before training
+    card_path = Path(cards[0])
+    card = json.loads(card_path.read_text())
+    card["input"] = {"normalise": {"inputs": "rate", "rate_ms": {"mrf_t1": 250, "mrf_t2": 20}}}
+    card_path.write_text(json.dumps(card))
+    for meta_path in (stores / "site-B").glob("*/zarr.json"):
+        meta = json.loads(meta_path.read_text())
+        meta["attributes"]["input_contract"] = {"normalise": {"percentiles": [0.5, 99.5]}}
+        meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ParamsError, match="the model takes MRF inputs scaled as rates .* the stores hold them "
+                                          "scaled between per-exam percentiles"):
+        run_stage("finetune", PARAMS, stores, models, reports, runs)
 
 
 def test_missing_stores_and_small_images_are_clear_errors(tmp_path):

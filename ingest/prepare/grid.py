@@ -13,7 +13,8 @@ import math
 import numpy as np
 from scipy import ndimage as ndi
 
-__all__ = ["standard_grid", "resample", "percentile_scale", "apply_scale", "invert_scale", "to_native"]
+__all__ = ["standard_grid", "resample", "percentile_scale", "apply_scale", "invert_scale", "rate_scale",
+           "invert_rate", "normalise", "denormalise", "to_native"]
 
 
 def standard_grid(native_shape, native_affine, size: int) -> tuple[tuple[int, int, int], np.ndarray]:
@@ -102,11 +103,49 @@ def invert_scale(vol: np.ndarray, lo: float, hi: float, mask: np.ndarray | None 
     return out.astype(np.float32)
 
 
+def rate_scale(vol: np.ndarray, ref_ms: float, mask: np.ndarray | None = None) -> np.ndarray:
+    """A relaxation time map (ms) -> ``ref_ms / T`` clipped to [0, 1]: the relaxation rate on a
+    fixed scale. MRF measures T1 and T2 in absolute units, and a per-exam percentile scale
+    would throw that away (the same white matter would get a different input value in every
+    exam). Rates also spread the tissue range that the contrasts depend on and squeeze the
+    long CSF times that they barely do. ``T <= 0`` (a voxel the MRF check zeroed) -> 0."""
+    v = np.asarray(vol, np.float32)
+    out = np.where(v > 0, np.float32(ref_ms) / np.where(v > 0, v, 1.0), 0.0)
+    out = np.clip(out, 0.0, 1.0)
+    if mask is not None:
+        out = np.where(mask > 0, out, 0.0)
+    return out.astype(np.float32)
+
+
+def invert_rate(vol: np.ndarray, ref_ms: float, mask: np.ndarray | None = None) -> np.ndarray:
+    """:func:`rate_scale` undone: ``ref_ms / x``, 0 where ``x`` is 0 (no measurement); a clipped
+    voxel (``T < ref_ms``) comes back as ``ref_ms``."""
+    x = np.asarray(vol, np.float32)
+    out = np.where(x > 0, np.float32(ref_ms) / np.where(x > 0, x, 1.0), 0.0)
+    if mask is not None:
+        out = np.where(mask > 0, out, 0.0)
+    return out.astype(np.float32)
+
+
+def normalise(vol: np.ndarray, scale: dict, mask: np.ndarray | None = None) -> np.ndarray:
+    """Scanner units -> [0, 1] by a store's ``scale`` entry: ``{"rate_ms"}`` or ``{"lo", "hi"}``."""
+    if "rate_ms" in scale:
+        return rate_scale(vol, scale["rate_ms"], mask)
+    return apply_scale(vol, scale["lo"], scale["hi"], mask)
+
+
+def denormalise(vol: np.ndarray, scale: dict, mask: np.ndarray | None = None) -> np.ndarray:
+    """[0, 1] -> scanner units by a store's ``scale`` entry (the inverse of :func:`normalise`)."""
+    if "rate_ms" in scale:
+        return invert_rate(vol, scale["rate_ms"], mask)
+    return invert_scale(vol, scale["lo"], scale["hi"], mask)
+
+
 def to_native(vol: np.ndarray, inversion: dict, scale: dict | None = None, order: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """A prepared volume ``(Z, H, W)`` back on the native MRF grid: (array, native affine).
 
     ``inversion`` is the prepared store's ``inversion`` attribute; ``scale`` an entry of its
-    ``scale`` attribute (``{"lo", "hi"}``), given to return scanner units instead of [0, 1].
+    ``scale`` attribute (see :func:`denormalise`), given to return scanner units instead of [0, 1].
     """
     shape = tuple(inversion["native_shape"])
     native_aff = np.asarray(inversion["native_affine_lps"], float)
@@ -115,5 +154,5 @@ def to_native(vol: np.ndarray, inversion: dict, scale: dict | None = None, order
                       order=order)
     if scale is not None:
         inside = out > 0
-        out = np.where(inside, invert_scale(out, scale["lo"], scale["hi"]), 0.0).astype(np.float32)
+        out = np.where(inside, denormalise(out, scale), 0.0).astype(np.float32)
     return out, native_aff

@@ -2,8 +2,9 @@
 
 Per exam (section 2.3 of the paper): rigid registration of each mpMRI series to the MRF T1
 map (elastix), resampling onto the MRF slices with a slab average, a brain mask from the
-MRF T1 map, in-plane resizing to the profile's size, [0, 1] scaling inside the brain, and a
-quality gate. Everything needed to invert the last three steps is kept in the store, so a
+MRF T1 map, in-plane resizing to the profile's size, [0, 1] scaling inside the brain (the
+MRF maps as relaxation rates on a fixed scale, each contrast between its own percentiles),
+and a quality gate. Everything needed to invert the last three steps is kept in the store, so a
 result can be written back onto the native MRF grid in scanner units.
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["PREPARE_VERSION", "PrepareError", "prepare", "prepare_exam", "prepare_inputs", "input_contract",
-           "assign_splits", "DEFAULTS"]
+           "input_scaling", "contract_mismatch", "assign_splits", "DEFAULTS"]
 
 PREPARE_VERSION = "1"
 INPUT_ROLES = ("mrf_t1", "mrf_t2")
@@ -34,7 +35,9 @@ DEFAULTS = {
                      "max_rotation_deg": 20.0, "max_translation_mm": 30.0, "min_mi_gain": -0.02,
                      "min_coverage": 0.8},
     "brain_mask": {"t1_range_ms": [750.0, 6000.0], "opening": 1, "closing": 1, "min_voxels": 500},
-    "normalise": {"percentiles": [0.5, 99.5]},
+    # inputs: "rate" (ref / T on a fixed scale, see grid.rate_scale) or "percentiles" (per exam,
+    # as the targets). A model card without "inputs" predates the choice: "percentiles".
+    "normalise": {"percentiles": [0.5, 99.5], "inputs": "rate", "rate_ms": {"mrf_t1": 250.0, "mrf_t2": 20.0}},
     "mrf_check": {"max_bad_fraction": 0.01},
     "split": {"train_fraction": {"site-A": 20 / 32, "site-B": 9 / 18}, "val_fraction": 0.2},
 }
@@ -59,7 +62,21 @@ def config(params: dict) -> dict:
         raise PrepareError(f"params: unknown target contrast(s) {unknown} (known: {', '.join(TARGETS)})")
     if int(cfg["image_size"]) < 8:
         raise PrepareError(f"params: prepare.image_size {cfg['image_size']} is too small")
+    _check_normalise(cfg["normalise"], "params: prepare.normalise")
     return cfg
+
+
+def _check_normalise(norm: dict, where: str) -> str:
+    """The input scaling of a profile or a model card's contract: its kind, checked."""
+    kind = norm.get("inputs", "percentiles")
+    if kind not in ("rate", "percentiles"):
+        raise PrepareError(f"{where}.inputs {kind!r}: expected 'rate' or 'percentiles'")
+    if kind == "rate":
+        ref = norm.get("rate_ms") or {}
+        bad = [r for r in INPUT_ROLES if not (isinstance(ref.get(r), (int, float)) and ref[r] > 0)]
+        if bad:
+            raise PrepareError(f"{where}.rate_ms: needs a positive reference time (ms) for {', '.join(bad)}")
+    return kind
 
 
 # ----------------------------------------------------------------------------- splits
@@ -161,6 +178,32 @@ def input_contract(cfg: dict) -> dict:
             **{k: cfg[k] for k in ("brain_mask", "normalise", "mrf_check")}}
 
 
+def input_scaling(contract: dict | None) -> dict | None:
+    """What an MRF input value means under an input contract (None: the contract is unknown)."""
+    if not contract:
+        return None
+    norm = contract.get("normalise") or {}
+    kind = norm.get("inputs", "percentiles")
+    if kind == "rate":
+        ref = norm.get("rate_ms") or {}
+        return {"inputs": "rate", "rate_ms": {r: float(ref[r]) if r in ref else None for r in INPUT_ROLES}}
+    return {"inputs": kind, "percentiles": [float(p) for p in norm.get("percentiles", DEFAULTS["normalise"]["percentiles"])]}
+
+
+def contract_mismatch(model_contract: dict | None, store_contract: dict | None) -> str | None:
+    """Why a model cannot take a store's MRF input, or None. Input values scaled another way
+    would not fail: the model would run and synthesise from numbers that mean something else."""
+    a, b = input_scaling(model_contract), input_scaling(store_contract)
+    if a is None or b is None or a == b:
+        return None
+
+    def say(x):
+        return (f"as rates ({', '.join(f'{r} {v:g} ms' for r, v in x['rate_ms'].items() if v)} / T)"
+                if x["inputs"] == "rate" else f"between per-exam percentiles {x.get('percentiles')}")
+    return (f"the model takes MRF inputs scaled {say(a)}, the stores hold them scaled {say(b)}: "
+            "prepare the exams with the model card's normalise settings")
+
+
 def prepare_inputs(t1, t2, t1_affine, t2_affine, cfg: dict) -> dict:
     """The registration-free half of :func:`prepare_exam`: two MRF maps (ms, native grid) ->
     the model input on the prepared grid. ``cfg`` is a prepare config or an
@@ -173,7 +216,7 @@ def prepare_inputs(t1, t2, t1_affine, t2_affine, cfg: dict) -> dict:
     Raises :class:`PrepareError` for maps that are not a usable T1/T2 pair in ms.
     """
     from ingest.prepare.brainmask import brain_mask
-    from ingest.prepare.grid import apply_scale, percentile_scale, resample, standard_grid
+    from ingest.prepare.grid import normalise, percentile_scale, resample, standard_grid
 
     t1, t2 = np.asarray(t1), np.asarray(t2)
     for name, vol in (("mrf_t1", t1), ("mrf_t2", t2)):
@@ -191,15 +234,17 @@ def prepare_inputs(t1, t2, t1_affine, t2_affine, cfg: dict) -> dict:
     psp = np.linalg.norm(paff[:3, :3], axis=0)
     inplane = [0.0, float(psp[1]), float(psp[2])]
     pbrain = resample(brain.astype(np.float32), fixed_aff, pshape, paff, footprint_mm=inplane)[0] > 0.5
-    pct = cfg["normalise"]["percentiles"]
+    norm = cfg["normalise"]
+    kind = _check_normalise(norm, "normalise")
     scale, inputs = {}, []
     for name, vol in (("mrf_t1", t1), ("mrf_t2", t2)):
         v, _ = resample(vol, fixed_aff, pshape, paff, footprint_mm=inplane)
-        lo, hi = percentile_scale(v, pbrain, pct)
+        lo, hi = percentile_scale(v, pbrain, norm["percentiles"])
         if not hi > lo:
             raise PrepareError(f"{name}: constant inside the brain ({lo:g}): nothing to learn from")
-        scale[name] = {"lo": lo, "hi": hi, "units": "ms"}
-        inputs.append(apply_scale(v, lo, hi, pbrain))
+        scale[name] = ({"rate_ms": float(norm["rate_ms"][name]), "units": "ms"} if kind == "rate"
+                       else {"lo": lo, "hi": hi, "units": "ms"})
+        inputs.append(normalise(v, scale[name], pbrain))
     inversion = {"native_shape": list(t1.shape), "native_affine_lps": np.round(fixed_aff, 6).tolist(),
                  "prepared_affine_lps": np.round(paff, 6).tolist()}
     return {"input": np.stack(inputs), "brain": pbrain, "shape": pshape, "affine": paff, "scale": scale,

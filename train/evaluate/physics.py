@@ -22,12 +22,12 @@ import numpy as np
 import zarr
 
 from ingest.phantom.physics import sequence_model
-from ingest.prepare.grid import apply_scale, invert_scale, percentile_scale
+from ingest.prepare.grid import apply_scale, denormalise, percentile_scale
 from ingest.siteconfig import SiteConfigError, load_site
 
 __all__ = ["PhysicsUnavailable", "signal", "exam_signal", "PhysicsBaseline"]
 
-# MRF maps are 0 outside the brain after invert_scale (and could be 0 at a clipped edge):
+# MRF maps are 0 outside the brain after denormalise (and could be 0 at a clipped edge):
 # a floor keeps log(T1) and exp(-TE / T2) finite there.
 _FLOOR_MS = 1.0
 
@@ -86,8 +86,8 @@ def exam_signal(store, role: str, site_config=None) -> np.ndarray:
         raise PhysicsUnavailable(f"{name}: no mrf_t1/mrf_t2 scale in the store's attributes")
     brain = np.asarray(g["brain"][...]) > 0
     x = np.asarray(g["input"][...])
-    t1 = invert_scale(x[0], scale["mrf_t1"]["lo"], scale["mrf_t1"]["hi"], brain)
-    t2 = invert_scale(x[1], scale["mrf_t2"]["lo"], scale["mrf_t2"]["hi"], brain)
+    t1 = denormalise(x[0], scale["mrf_t1"], brain)
+    t2 = denormalise(x[1], scale["mrf_t2"], brain)
     try:
         s = signal(t1, t2, series)
     except (KeyError, ValueError) as e:

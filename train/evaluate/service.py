@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ingest.prepare.service import contract_mismatch
 from train.evaluate.metrics import lesion_contrast, masked_metrics, paired_tests, region_metrics, to_12bit
 
 __all__ = ["evaluate", "predict", "EvaluateError", "CONTRASTS", "METRICS"]
@@ -251,6 +252,13 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
             continue
         if not any(c in ex.targets for ex, _ in targets):
             errors.append(f"{name}: contrast {c!r} has no ground truth in the test stores under {stores}")
+            continue
+        # scaled another way, the input would not fail: the model would synthesise from numbers
+        # that mean something else
+        why = next((w for ex, _ in targets if kind == "mrf" and (
+            w := contract_mismatch(card.get("input"), ex.store.attrs.get("input_contract")))), None)
+        if why:
+            errors.append(f"{name}: not evaluated: {why}")
             continue
         card = {**card, "stage": stage}
         try:
