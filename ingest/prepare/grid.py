@@ -107,8 +107,8 @@ def rate_scale(vol: np.ndarray, ref_ms: float, mask: np.ndarray | None = None) -
     """A relaxation time map (ms) -> ``ref_ms / T`` clipped to [0, 1]: the relaxation rate on a
     fixed scale. MRF measures T1 and T2 in absolute units, and a per-exam percentile scale
     would throw that away (the same white matter would get a different input value in every
-    exam). Rates also spread the tissue range that the contrasts depend on and squeeze the
-    long CSF times that they barely do. ``T <= 0`` (a voxel the MRF check zeroed) -> 0."""
+    exam). Rates also spread the short times of brain tissue over most of [0, 1] and compress
+    the long times of CSF. ``T <= 0`` (a voxel the MRF check zeroed) -> 0."""
     v = np.asarray(vol, np.float32)
     out = np.where(v > 0, np.float32(ref_ms) / np.where(v > 0, v, 1.0), 0.0)
     out = np.clip(out, 0.0, 1.0)

@@ -239,7 +239,7 @@ def prepare_inputs(t1, t2, t1_affine, t2_affine, cfg: dict) -> dict:
     scale, inputs = {}, []
     for name, vol in (("mrf_t1", t1), ("mrf_t2", t2)):
         v, _ = resample(vol, fixed_aff, pshape, paff, footprint_mm=inplane)
-        lo, hi = percentile_scale(v, pbrain, norm["percentiles"])
+        lo, hi = percentile_scale(v, pbrain, norm.get("percentiles", DEFAULTS["normalise"]["percentiles"]))
         if not hi > lo:
             raise PrepareError(f"{name}: constant inside the brain ({lo:g}): nothing to learn from")
         scale[name] = ({"rate_ms": float(norm["rate_ms"][name]), "units": "ms"} if kind == "rate"
