@@ -109,17 +109,13 @@ def rate_scale(vol: np.ndarray, ref_ms: float, mask: np.ndarray | None = None) -
     would throw that away (the same white matter would get a different input value in every
     exam). Rates also spread the short times of brain tissue over most of [0, 1] and compress
     the long times of CSF. ``T <= 0`` (a voxel the MRF check zeroed) -> 0."""
-    v = np.asarray(vol, np.float32)
-    out = np.where(v > 0, np.float32(ref_ms) / np.where(v > 0, v, 1.0), 0.0)
-    out = np.clip(out, 0.0, 1.0)
-    if mask is not None:
-        out = np.where(mask > 0, out, 0.0)
-    return out.astype(np.float32)
+    return np.clip(invert_rate(vol, ref_ms, mask), 0.0, 1.0)
 
 
 def invert_rate(vol: np.ndarray, ref_ms: float, mask: np.ndarray | None = None) -> np.ndarray:
     """:func:`rate_scale` undone: ``ref_ms / x``, 0 where ``x`` is 0 (no measurement); a clipped
-    voxel (``T < ref_ms``) comes back as ``ref_ms``."""
+    voxel (``T < ref_ms``) comes back as ``ref_ms``. The map is its own inverse, so
+    :func:`rate_scale` is this, clipped."""
     x = np.asarray(vol, np.float32)
     out = np.where(x > 0, np.float32(ref_ms) / np.where(x > 0, x, 1.0), 0.0)
     if mask is not None:
