@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.datadict import dictionary_VR, private_dictionary_VR, tag_for_keyword
 
-__all__ = ["read_lite", "LiteDataset"]
+__all__ = ["read_lite", "LiteDataset", "native_pixels"]
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -143,22 +143,19 @@ class LiteDataset:
                 return _PrivateBlock(self, (group << 16) | (el << 8))
         raise KeyError(f"private creator {creator!r} not in group {group:04X}")
 
-    @property
-    def pixel_array(self) -> np.ndarray:
+    def pixel_layout(self) -> tuple[int, int, int, int, int, bool]:
+        """(offset of the pixel bytes in the file, rows, columns, bits allocated, bits stored,
+        signed): all :func:`native_pixels` needs to decode them."""
         rows, cols = int(self._value(0x00280010)), int(self._value(0x00280011))
         bits = int(self._value(0x00280100))
         stored = int(self._value(0x00280101) or bits)
         signed = int(self._value(0x00280103) or 0) == 1
-        _, off, length = self._elems[PIXEL_DATA]
-        dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
-        arr = np.frombuffer(self._buf, dtype=dtype, count=rows * cols, offset=off).reshape(rows, cols)
-        if stored < bits:  # as pydicom: mask the unused high bits, sign-extend from the high bit
-            if signed:
-                shift = bits - stored
-                arr = (arr << shift) >> shift
-            else:
-                arr = arr & ((1 << stored) - 1)
-        return arr
+        return self._elems[PIXEL_DATA][1], rows, cols, bits, stored, signed
+
+    @property
+    def pixel_array(self) -> np.ndarray:
+        off, rows, cols, bits, stored, signed = self.pixel_layout()
+        return native_pixels(self._buf, off, rows, cols, bits, stored, signed)
 
     # -- internals
     def _element(self, t: int) -> _Element:
@@ -221,6 +218,19 @@ class LiteDataset:
         if len(parts) == 1:
             return parts[0]
         return parts
+
+
+def native_pixels(buf, off: int, rows: int, cols: int, bits: int, stored: int, signed: bool) -> np.ndarray:
+    """One frame of native little-endian pixel data at ``buf[off:]``, as pydicom decodes it."""
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+    arr = np.frombuffer(buf, dtype=dtype, count=rows * cols, offset=off).reshape(rows, cols)
+    if stored < bits:  # as pydicom: mask the unused high bits, sign-extend from the high bit
+        if signed:
+            shift = bits - stored
+            arr = (arr << shift) >> shift
+        else:
+            arr = arr & ((1 << stored) - 1)
+    return arr
 
 
 def _parse(buf, pos: int, end: int, explicit: bool, top: bool, encoding: str, nested: int = 0):

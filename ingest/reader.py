@@ -31,11 +31,13 @@ duplicates, gaps, even spacing, complete volumes) and only then decoded.
 from __future__ import annotations
 
 import math
+import os
 import struct
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pydicom
@@ -43,7 +45,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
-__all__ = ["SeriesError", "read_series", "parse_csa_header", "siemens_csa_image_header"]
+__all__ = ["SeriesError", "ReadPlan", "read_plan", "read_series", "parse_csa_header", "siemens_csa_image_header"]
 
 
 class SeriesError(ValueError):
@@ -723,6 +725,90 @@ def _meta(ds, frames_used: list[_Frame], kind: str, ts_list: list[str], n_files:
     return meta
 
 
+# --------------------------------------------------------------------------- read plans
+
+class ReadPlan(NamedTuple):
+    """What :func:`read_series` needs of one healthy classic file (single frame, native
+    pixels, parsed by :mod:`ingest.dicomlite`), taken when :func:`ingest.series.scan` parsed
+    its header, so that ingest parses each file once. Valid while the file's size and
+    modification time are the ones seen then; otherwise the file is read again."""
+
+    size: int
+    mtime_ns: int
+    transfer_syntax: str
+    offset: int                  # of the pixel bytes in the file
+    rows: int
+    cols: int
+    bits: int
+    stored: int
+    signed: bool
+    ipp: tuple[float, ...]
+    iop: tuple[float, ...]
+    spacing: tuple[float, ...]
+    slope: float
+    intercept: float
+    tkey: tuple
+    tpi: int | None
+    echo: int | None
+
+
+def read_plan(ds, path: Path, size: int, mtime_ns: int) -> ReadPlan | None:
+    """The plan of a file :mod:`ingest.dicomlite` parsed, when it is a plain classic slice;
+    None for anything else (the reader then parses the file itself, with its messages).
+    Built with the reader's own frame and pixel checks, so a planned file gives exactly
+    what parsing it again would."""
+    from ingest.dicomlite import LiteDataset
+
+    if not isinstance(ds, LiteDataset):
+        return None
+    try:
+        ts = _ts_of(ds)
+        _check_pixel_data(ds, path, ts)
+        frames, kind = _frames_of(ds, path, 0)
+    except SeriesError:
+        return None
+    if kind != "classic" or len(frames) != 1:
+        return None
+    fr = frames[0]
+    offset, rows, cols, bits, stored, signed = ds.pixel_layout()
+    if (rows, cols) != (fr.rows, fr.cols):
+        return None
+    return ReadPlan(size, mtime_ns, str(ts), offset, rows, cols, bits, stored, signed,
+                    tuple(fr.ipp.tolist()), tuple(fr.iop.tolist()), tuple(fr.spacing.tolist()),
+                    fr.slope, fr.intercept, fr.tkey, fr.tpi, fr.echo)
+
+
+def _plan_current(p: Path, plan: ReadPlan) -> bool:
+    try:
+        st = os.stat(p)
+    except OSError:
+        return False
+    return st.st_size == plan.size and st.st_mtime_ns == plan.mtime_ns
+
+
+def _plan_frame(plan: ReadPlan, fidx: int) -> _Frame:
+    return _Frame(fidx, 0, None, plan.rows, plan.cols, np.array(plan.ipp), np.array(plan.iop),
+                  np.array(plan.spacing), plan.slope, plan.intercept, plan.tkey, plan.tpi, plan.echo)
+
+
+def _plan_pixels(p: Path, plan: ReadPlan) -> np.ndarray:
+    """The planned file's stored values, shape (1, rows, cols)."""
+    from ingest.dicomlite import native_pixels
+
+    n = plan.rows * plan.cols * (plan.bits // 8)
+    try:
+        with open(p, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if st.st_size != plan.size or st.st_mtime_ns != plan.mtime_ns:
+                raise SeriesError(f"{p}: the file changed while its series was being read: ingest it again")
+            buf = os.pread(fh.fileno(), n, plan.offset)
+    except OSError as exc:
+        raise SeriesError(f"{p}: cannot read file ({exc.strerror or exc})") from None
+    if len(buf) < n:
+        raise SeriesError(f"{p}: pixel data shorter than its header says ({len(buf)} of {n} bytes)")
+    return native_pixels(buf, 0, plan.rows, plan.cols, plan.bits, plan.stored, plan.signed)[None]
+
+
 # --------------------------------------------------------------------------- read_series
 
 def _read_file(p: Path):
@@ -741,7 +827,14 @@ def _read_file(p: Path):
         raise SeriesError(f"{p}: unreadable DICOM file ({exc.__class__.__name__}: {exc})") from None
 
 
-def read_series(paths) -> tuple[np.ndarray, np.ndarray, dict]:
+def _dataset(dsets: list, plist: list[Path], i: int):
+    """The dataset of file i, parsed now if only its plan was kept."""
+    if isinstance(dsets[i], ReadPlan):
+        dsets[i] = _read_file(plist[i])
+    return dsets[i]
+
+
+def read_series(paths, infos=None) -> tuple[np.ndarray, np.ndarray, dict]:
     """The files of ONE series -> (array float32, affine_lps, meta).
 
     ``array`` is ``(Z, Y, X)``, or ``(T, Z, Y, X)`` when every slice position holds
@@ -751,6 +844,10 @@ def read_series(paths) -> tuple[np.ndarray, np.ndarray, dict]:
     grid: mixed orientation / matrix / pixel spacing, duplicated or missing slices,
     uneven spacing, incomplete volumes, missing or short pixel data, undecodable
     transfer syntaxes.
+
+    ``infos``, optional: the :class:`ingest.series.FileInfo` of these files from
+    :func:`ingest.series.scan`. A file whose info carries a :class:`ReadPlan` and that has
+    not changed since is not parsed again (the result is the same either way).
     """
     if isinstance(paths, (str, Path)):  # one file, or a folder holding one series
         paths = sorted(p for p in Path(paths).iterdir() if p.is_file()) if Path(paths).is_dir() else [paths]
@@ -759,8 +856,17 @@ def read_series(paths) -> tuple[np.ndarray, np.ndarray, dict]:
         raise SeriesError("(no files): read_series needs the files of one series, got none")
     where = _where(plist)
 
+    plans = {Path(fi.path): fi.plan for fi in infos or () if getattr(fi, "plan", None) is not None}
+    # per file: its dataset, or its ReadPlan until the dataset is needed
     dsets, kinds, frames, ts_list = [], set(), [], []
     for fidx, p in enumerate(plist):
+        plan = plans.get(p)
+        if plan is not None and _plan_current(p, plan):
+            dsets.append(plan)
+            kinds.add("classic")
+            frames.append(_plan_frame(plan, fidx))
+            ts_list.append(plan.transfer_syntax)
+            continue
         ds = _read_file(p)
         ts = _ts_of(ds)
         _check_pixel_data(ds, p, ts)
@@ -797,7 +903,7 @@ def read_series(paths) -> tuple[np.ndarray, np.ndarray, dict]:
     if z > 1:
         step = _check_spacing(reps, np.array([d[c[0]] for c in clusters]), plist, kind, where)
     else:
-        ds0 = dsets[f0.file]
+        ds0 = _dataset(dsets, plist, f0.file)
         sp = _f(_find(ds0, "SpacingBetweenSlices")) or _f(_find(ds0, "SliceThickness")) or 1.0
         step = normal * abs(sp)
 
@@ -809,7 +915,7 @@ def read_series(paths) -> tuple[np.ndarray, np.ndarray, dict]:
 
     first = frames[clusters[0][0]]
     shape = (n_vol, z, f0.rows, f0.cols) if n_vol > 1 else (z, f0.rows, f0.cols)
-    meta = _meta(dsets[first.file], frames, kind, ts_list, len(plist), shape, step, z)
+    meta = _meta(_dataset(dsets, plist, first.file), frames, kind, ts_list, len(plist), shape, step, z)
 
     # decode file by file, placing each frame at (t, z)
     out = np.empty((n_vol, z, f0.rows, f0.cols), dtype=np.float32)
@@ -818,7 +924,10 @@ def read_series(paths) -> tuple[np.ndarray, np.ndarray, dict]:
         for t, i in enumerate(c):
             place.setdefault(frames[i].file, []).append((t, zi, frames[i]))
     for fidx in sorted(place):
-        arr = _decode(dsets[fidx], plist[fidx], UID(ts_list[fidx]))
+        if isinstance(dsets[fidx], ReadPlan):
+            arr = _plan_pixels(plist[fidx], dsets[fidx])
+        else:
+            arr = _decode(dsets[fidx], plist[fidx], UID(ts_list[fidx]))
         dsets[fidx] = None  # drop the pixel bytes as we go
         for t, zi, fr in place[fidx]:
             img = arr[fr.frame]

@@ -30,7 +30,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from ingest.dicomlite import read_lite
-from ingest.reader import _f, _find, _i, acquisition_fields  # one parser for DICOM numbers (DS/IS, multi-valued, blank)
+from ingest.reader import ReadPlan, _f, _find, _i, acquisition_fields, read_plan  # one parser for DICOM numbers
 
 __all__ = ["FileInfo", "SeriesGroup", "scan", "group_series", "is_image_sop_class"]
 
@@ -68,6 +68,8 @@ class FileInfo:
     enhanced: bool = False                            # geometry in functional groups
     acquisition_number: int | None = None
     instance_number: int | None = None
+    # what the reader needs to read a plain classic file without parsing it again
+    plan: ReadPlan | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -130,7 +132,7 @@ def find_attr(ds, keyword: str, frame: int = 0):
     return _find(ds, keyword, frame)
 
 
-def header_summary(ds, path: Path, size: int) -> FileInfo:
+def header_summary(ds, path: Path, size: int, plan: ReadPlan | None = None) -> FileInfo:
     """FileInfo from a (header-only) dataset."""
     meta = getattr(ds, "file_meta", None)
     ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
@@ -168,6 +170,7 @@ def header_summary(ds, path: Path, size: int) -> FileInfo:
         enhanced=enhanced,
         acquisition_number=_i(ds.get("AcquisitionNumber")),
         instance_number=_i(ds.get("InstanceNumber")),
+        plan=plan,
     )
 
 
@@ -187,8 +190,9 @@ def _native_pixel_bytes(ds) -> int | None:
     return (n + 7) // 8 if bits == 1 else n * (bits // 8)
 
 
-def _read_header(path: Path, size: int) -> tuple[FileInfo | None, str]:
-    """(FileInfo, "") for a DICOM image file, else (None, reason)."""
+def _read_header(path: Path, size: int, mtime_ns: int | None = None) -> tuple[FileInfo | None, str]:
+    """(FileInfo, "") for a DICOM image file, else (None, reason). With ``mtime_ns``, a
+    plain classic file's FileInfo carries its read plan (see :class:`ingest.reader.ReadPlan`)."""
     if size == 0:
         return None, "empty file (0 bytes): incomplete copy?"
     ds = read_lite(path)
@@ -198,7 +202,8 @@ def _read_header(path: Path, size: int) -> tuple[FileInfo | None, str]:
             return None, f"not an image ({UID(sop_class).name}): no pixel data to ingest"
         if not _s(ds, "SeriesInstanceUID"):
             return None, "DICOM file without SeriesInstanceUID: cannot tell which series it belongs to"
-        return header_summary(ds, path, size), ""
+        plan = read_plan(ds, path, size, mtime_ns) if mtime_ns is not None else None
+        return header_summary(ds, path, size, plan), ""
     try:
         with open(path, "rb") as fh:
             ds = pydicom.dcmread(fh, stop_before_pixels=True, force=False)
@@ -330,11 +335,11 @@ def _scan_chunk(files: list[Path]) -> tuple[list[FileInfo], list[tuple[Path, str
 def _scan_files(files: list[Path], infos: list, problems: list) -> None:
     for p in files:
         try:
-            size = os.stat(p).st_size
+            st = os.stat(p)
         except OSError as exc:
             problems.append((p, f"cannot stat file: {exc.strerror or exc}"))
             continue
-        info, reason = _read_header(p, size)
+        info, reason = _read_header(p, st.st_size, st.st_mtime_ns)
         if info is None:
             problems.append((p, " ".join(x.strip() for x in reason.splitlines() if x.strip())))
         else:

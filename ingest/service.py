@@ -211,6 +211,7 @@ def ingest_exam(src: str, dst: str, job: ExamJob, site_cfg: dict, key: bytes, sp
                     "store": str(store_path.relative_to(dst_p))}
 
     groups, dup_problems = group_series(job.infos)
+    info_of = {info.path: info for info in job.infos}
     for path, reason in dup_problems:
         row(str(Path(path).relative_to(src_p)), "quarantined", reason, subject=subject)
     arrays: dict[str, tuple[np.ndarray, dict]] = {}
@@ -232,7 +233,7 @@ def ingest_exam(src: str, dst: str, job: ExamJob, site_cfg: dict, key: bytes, sp
     for role, (g, series_id) in chosen.items():
         rels = [str(Path(f).relative_to(src_p)) for f in g.files]
         try:
-            vol, affine, meta = read_series(g.files)
+            vol, affine, meta = read_series(g.files, infos=[info_of[f] for f in g.files])
         except SeriesError as exc:
             for r in rels:
                 row(r, "quarantined", str(exc), subject=subject, series=series_id, role=role)

@@ -19,7 +19,7 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 
 from ingest.dicomlite import read_lite
 from ingest.reader import read_series
-from ingest.series import _read_header
+from ingest.series import _read_header, scan
 
 TESTDATA = Path(os.environ.get("QSNET_TESTDATA") or Path(__file__).resolve().parents[2] / "shared" / "testdata") / "dicom"
 GOLDEN = sorted(TESTDATA.glob("*/*/In")) if TESTDATA.is_dir() else []
@@ -46,6 +46,9 @@ def test_vendor_series_identical(folder, monkeypatch):
     files = sorted(p for p in folder.iterdir() if p.is_file())
     fast, slow = both(monkeypatch, lambda: read_series(files))
     same_read(fast, slow)
+    # with the scan's read plans (each file parsed once): the same result again
+    infos, _ = scan(folder)
+    same_read(read_series(files, infos=infos), slow)
     for f in files:
         h_fast, h_slow = both(monkeypatch, lambda f=f: _read_header(f, f.stat().st_size))
         assert h_fast == h_slow, f
@@ -71,6 +74,27 @@ def test_phantom_series_identical(demo_tree, monkeypatch):
         files = sorted(series.iterdir())
         fast, slow = both(monkeypatch, lambda files=files: read_series(files))
         same_read(fast, slow)
+        infos, problems = scan(series)
+        assert not problems and all(i.plan is not None for i in infos), series
+        same_read(read_series(files, infos=infos), slow)
+
+
+def test_read_plan_of_a_changed_file_is_not_used(tmp_path):
+    """A file rewritten between the scan and the read is parsed again, not read at its old
+    pixel offset; the planned and unplanned reads agree before and after."""
+    uid = generate_uid()
+    files = [_classic(tmp_path / f"{k}.dcm", SeriesInstanceUID=uid, ImagePositionPatient=[0, 0, k], InstanceNumber=k + 1)
+             for k in range(3)]
+    infos, problems = scan(tmp_path)
+    assert not problems and all(i.plan is not None for i in infos)
+    before = read_series(files, infos=infos)
+    same_read(before, read_series(files))
+    # the same slice again, with a longer header before its pixels
+    _classic(files[1], SeriesInstanceUID=uid, ImagePositionPatient=[0, 0, 1], InstanceNumber=2,
+             ImageComments="x" * 301, RescaleSlope="5")
+    after = read_series(files, infos=infos)
+    same_read(after, read_series(files))
+    assert np.array_equal(after[0][1], 2 * before[0][1] + 10)  # slope 5 instead of 2.5, intercept -10
 
 
 def _classic(path, ts=ExplicitVRLittleEndian, **kw):

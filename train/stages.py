@@ -184,9 +184,10 @@ def _run_stage(stage, params, cfg, stores, models: Path, reports: Path, storage,
         if run["stage"] == "finetune":
             card = registry.read_card(_folder(models, {**run, "stage": "pretrain"}) / "card.json")
             registry.load(card)  # checks the weights' hash before anything trains on them
-            why = contract_mismatch(card.get("input"), _store_attr(r["train_stores"][0], "input_contract"))
-            if why and run["inputs"] == "mrf":
-                raise ParamsError(f"{card['_path']}: {why}")
+            if run["inputs"] == "mrf":  # only MRF inputs are scaled by the contract
+                why = contract_mismatch(card.get("input"), _store_attr(r["train_stores"][0], "input_contract"))
+                if why:
+                    raise ParamsError(f"{card['_path']}: {why}")
             init_sha = card["weights_sha256"]
             # in the run storage, which every node reads: the registry may be a folder on this node only
             r["init_weights"] = str(st.join(run_storage, "init", f"{init_sha}.pt"))

@@ -66,9 +66,14 @@ def config(params: dict) -> dict:
     return cfg
 
 
+def _input_kind(norm: dict) -> str:
+    # a contract without "inputs" predates the choice, when inputs were scaled as the targets
+    return norm.get("inputs", "percentiles")
+
+
 def _check_normalise(norm: dict, where: str) -> str:
     """The input scaling of a profile or a model card's contract: its kind, checked."""
-    kind = norm.get("inputs", "percentiles")
+    kind = _input_kind(norm)
     if kind not in ("rate", "percentiles"):
         raise PrepareError(f"{where}.inputs {kind!r}: expected 'rate' or 'percentiles'")
     if kind == "rate":
@@ -183,7 +188,7 @@ def input_scaling(contract: dict | None) -> dict | None:
     if not contract:
         return None
     norm = contract.get("normalise") or {}
-    kind = norm.get("inputs", "percentiles")
+    kind = _input_kind(norm)
     if kind == "rate":
         ref = norm.get("rate_ms") or {}
         return {"inputs": "rate", "rate_ms": {r: float(ref[r]) if r in ref else None for r in INPUT_ROLES}}
