@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -224,6 +225,47 @@ def test_deterministic_bytes(demo_tree, tmp_path):
         name = sim._exam_name(site, idx)
         sim.simulate_exam(tmp_path / name, site, idx, 0, "demo", None)
         assert tree_digest(tmp_path / name) == tree_digest(demo_tree / site / name)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+_AVX512 = "AVX512F AVX512CD AVX512_SKX AVX512_CLX AVX512_CNL AVX512_ICL AVX512_SPR AVX512_KNL AVX512_KNM"
+
+
+@pytest.mark.slow
+def test_same_bytes_whatever_the_cpu_kernels(demo_tree, tmp_path):
+    """The data (and so data.dvc and every stage after it) must not depend on the machine:
+    numpy and OpenBLAS pick SIMD kernels by CPU, and their last bits once showed in the
+    16-character header strings (an Intel and an AMD machine simulated different data.dvc).
+    One exam is simulated again with other kernels forced, as on a CPU without AVX-512 and
+    with OpenBLAS's Haswell or SkylakeX kernels, and must equal the pool's bytes."""
+    import platform
+
+    flags = _cpu_flags()
+    if platform.machine() != "x86_64" or not {"avx2", "fma"} <= flags:
+        pytest.skip("needs an x86-64 CPU with AVX2 and FMA to force other kernels")
+    variants = [{"NPY_DISABLE_CPU_FEATURES": _AVX512, "OPENBLAS_CORETYPE": "Haswell"}]
+    if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+        variants.append({"OPENBLAS_CORETYPE": "SkylakeX"})
+    site, idx = "site-B", 0
+    name = sim._exam_name(site, idx)
+    want = tree_digest(demo_tree / site / name)
+    code = ("import sys; from pathlib import Path; from ingest.phantom import simulate as sim; "
+            "sim.simulate_exam(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), 0, 'demo', None)")
+    for k, env in enumerate(variants):
+        out = tmp_path / f"v{k}" / name
+        res = subprocess.run([sys.executable, "-c", code, str(out), site, str(idx)], capture_output=True,
+                             text=True, env={**os.environ, **env})
+        assert res.returncode == 0, res.stderr[-2000:]
+        got = tree_digest(out)
+        assert got == want, (env, sorted(f for f in want if got.get(f) != want[f])[:5])
 
 
 @pytest.mark.slow

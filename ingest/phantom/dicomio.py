@@ -148,8 +148,20 @@ def _ds_float(value: float, *, fixed: bool = True) -> float:
 # ---------------------------------------------------------------------- geometry
 
 
+def _dot(a: Any, b: Any) -> float:
+    """a . b, the same to the last bit on every CPU: numpy's dot goes through a BLAS kernel
+    chosen for the CPU (FMA or not, its own summation order), and the header values below
+    are printed to 16 characters, where that last bit can show (slice locations are sums of
+    products of ~100 mm that cancel). Python's float products and fsum do not vary."""
+    return math.fsum(float(x) * float(y) for x, y in zip(a, b))
+
+
+def _norm(v: Any) -> float:
+    return math.sqrt(_dot(v, v))
+
+
 def _unit(v: np.ndarray) -> np.ndarray:
-    n = float(np.linalg.norm(v))
+    n = _norm(v)
     if not n > 0:
         raise ValueError("affine has a zero-length axis")
     return v / n
@@ -204,7 +216,7 @@ def geometry_from_affine(affine_lps: Any) -> dict:
     n = np.cross(r, c)
     return {
         "iop": [float(x) for x in np.concatenate([r, c])],
-        "pixel_spacing": [float(np.linalg.norm(col_vec)), float(np.linalg.norm(row_vec))],
+        "pixel_spacing": [_norm(col_vec), _norm(row_vec)],
         "normal": [float(x) for x in n],
         "slice_step": [float(x) for x in step],
         "spacing_between_slices": float(np.linalg.norm(step)),
@@ -223,7 +235,7 @@ def _header_geometry(a: np.ndarray, n_slices: int) -> dict:
         "iop": [format_ds(v, fixed=True) for v in g["iop"]],
         "pixel_spacing": [format_ds(v, fixed=True) for v in g["pixel_spacing"]],
         "ipp": [[format_ds(v, fixed=True) for v in p] for p in ipps],
-        "slice_location": [format_ds(float(p @ normal), fixed=True) for p in ipps],
+        "slice_location": [format_ds(_dot(p, normal), fixed=True) for p in ipps],
     }
 
 
