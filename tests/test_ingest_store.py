@@ -76,8 +76,8 @@ def test_layout_one_shard_file_per_array_and_zstd(tmp_path):
     arrays = exam()
     write_exam_store(tmp_path / "s.zarr", arrays, GROUP)
     files = sorted(p.relative_to(tmp_path / "s.zarr").as_posix() for p in (tmp_path / "s.zarr").rglob("*") if p.is_file())
-    assert files == ["input/c/0/0/0/0", "input/zarr.json", "labels/c/0/0/0", "labels/zarr.json",
-                     "mrf_t1/c/0/0/0", "mrf_t1/zarr.json", "zarr.json"]
+    assert files == ["input/c.0.0.0.0", "input/zarr.json", "labels/c.0.0.0", "labels/zarr.json",
+                     "mrf_t1/c.0.0.0", "mrf_t1/zarr.json", "zarr.json"]
     for role, (data, _) in arrays.items():
         meta = json.loads((tmp_path / "s.zarr" / role / "zarr.json").read_text())
         assert meta["zarr_format"] == 3 and meta["shape"] == list(data.shape)
@@ -90,7 +90,7 @@ def test_layout_one_shard_file_per_array_and_zstd(tmp_path):
         assert [c["name"] for c in cfg["index_codecs"]] == ["bytes", "crc32c"]
         arr = open_store(tmp_path / "s.zarr").array(role)
         assert arr.shards == data.shape and arr.chunks == tuple(cfg["chunk_shape"])
-    shard = tmp_path / "s.zarr" / "mrf_t1" / "c" / "0" / "0" / "0"
+    shard = tmp_path / "s.zarr" / "mrf_t1" / "c.0.0.0"
     assert shard.stat().st_size < arrays["mrf_t1"][0].nbytes  # compressed
 
 
@@ -335,7 +335,7 @@ def test_slice_after_store_replaced_and_corruption(tmp_path):
     write_exam_store(path, v2, GROUP)  # same shapes, new file: the cached index must not be reused
     assert np.array_equal(s.slice("mrf_t1", 2), v2["mrf_t1"][0][2])
     # corrupt the shard index (at the end of the file): checksum error, not garbage
-    shard = path / "mrf_t1" / "c" / "0" / "0" / "0"
+    shard = path / "mrf_t1" / "c.0.0.0"
     raw = bytearray(shard.read_bytes())
     raw[-10] ^= 0xFF
     shard.write_bytes(bytes(raw))
@@ -548,6 +548,7 @@ def _zarr_reference_store(root, data, attrs, gattrs, level=store.ZSTD_LEVEL):
         serializer=BytesCodec(endian="little") if data.dtype.itemsize > 1 else BytesCodec(endian=None),
         compressors=ZstdCodec(level=level, checksum=False),
         fill_value=False if data.dtype.kind == "b" else 0, attributes=attrs,
+        chunk_key_encoding={"name": "default", "separator": "."},
         config={"write_empty_chunks": True})
     arr[...] = data
 
