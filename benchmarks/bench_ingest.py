@@ -13,7 +13,8 @@ Two inputs, in one script, each timed as the best of --repeat runs in this machi
   per series folder and pydicom read + decode of the same files. These series carry no site
   roles, so the CLI would only list them as ignored; this times the work ingest does on them.
 
-Ratios are to dcm2niix in the same run. Target: ingest within 1.5x of dcm2niix.
+Ratios are to dcm2niix in the same run. Target: ingest within 1.5x of dcm2niix. The demo's
+jobs-1 run is also split by phase, in process (`demo_phases_jobs1`), to show where the time goes.
 """
 
 from __future__ import annotations
@@ -87,6 +88,47 @@ def bench_demo(data: Path, repeat: int, tmp: Path) -> dict:
     return row
 
 
+def phases(data: Path, tmp: Path) -> dict:
+    """Where an in-process `ingest --jobs 1` of the demo tree spends its time (seconds, one
+    warm run): the stage's functions are wrapped with a clock for the run."""
+    import ingest.manifest
+    import ingest.reader
+    import ingest.service
+    import ingest.store
+
+    acc: dict[str, float] = {}
+    wrapped = [(ingest.service, "plan_exams", "scan: walk and parse every header"),
+               (ingest.reader, "read_series", "read series (pixels, geometry)"),
+               (ingest.store, "write_exam_store", "write stores"),
+               (ingest.store, "_write_shard", "  of which zstd + shard files"),
+               (ingest.store, "_fsync_tree", "  of which fsync"),
+               (ingest.manifest, "file_sha256", "sha256 of every input file")]
+    originals = []
+    for mod, name, label in wrapped:
+        fn = getattr(mod, name)
+        originals.append((mod, name, fn))
+
+        def timed(*a, _fn=fn, _label=label, **kw):
+            t0 = time.perf_counter()
+            try:
+                return _fn(*a, **kw)
+            finally:
+                acc[_label] = acc.get(_label, 0.0) + time.perf_counter() - t0
+        setattr(mod, name, timed)
+    try:
+        out = tmp / "phases"
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        ingest.service.ingest(data, out / "raw", manifest=out / "m.csv", jobs=1)
+        total = time.perf_counter() - t0
+    finally:
+        for mod, name, fn in originals:
+            setattr(mod, name, fn)
+    top = sum(v for k, v in acc.items() if not k.startswith(" "))
+    return {"total_s": round(total, 3), **{k: round(v, 3) for k, v in acc.items()},
+            "rest (grouping, truth maps, manifest)": round(total - top, 3)}
+
+
 def bench_testdata(testdata: Path, repeat: int, tmp: Path) -> dict:
     from ingest.reader import read_series
     from ingest.store import write_exam_store
@@ -125,6 +167,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         res = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(),
                "demo": bench_demo(args.data, args.repeat, Path(tmp)),
+               "demo_phases_jobs1": phases(args.data, Path(tmp)),
                "testdata": bench_testdata(args.testdata, args.repeat, Path(tmp))}
     print(json.dumps(res, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ import os
 import re
 import secrets
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path, PurePosixPath
 
 __all__ = ["FIELDS", "STATUSES", "Row", "check_coverage", "file_sha256", "read_manifest", "write_manifest"]
@@ -111,8 +111,7 @@ def _encode(rows: Iterable[Row]) -> bytes:
     w = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
     w.writerow(FIELDS)
     for r in rows:
-        d = asdict(r)
-        w.writerow([d[f] for f in FIELDS])
+        w.writerow([getattr(r, f) for f in FIELDS])
     return buf.getvalue().encode("utf-8")
 
 

@@ -516,21 +516,29 @@ def _where(paths: list[Path]) -> Path:
 
 def _check_consistency(frames: list[_Frame], paths: list[Path], kind: str) -> None:
     f0 = frames[0]
-    p0 = _frame_name(f0, paths, kind)
-    for fr in frames[1:]:
-        p = _frame_name(fr, paths, kind)
-        if (fr.rows, fr.cols) != (f0.rows, f0.cols):
-            raise SeriesError(
-                f"{p}: image is {fr.rows} x {fr.cols} (rows x columns) but {p0} is {f0.rows} x {f0.cols}: "
-                "inconsistent dimensions, not one series")
-        if not np.allclose(fr.iop, f0.iop, atol=_ORIENT_TOL, rtol=0):
-            raise SeriesError(
-                f"{p}: orientation {np.round(fr.iop, 4).tolist()} differs from {np.round(f0.iop, 4).tolist()} "
-                f"of {p0}: not one stack (split the series by orientation)")
-        if not np.allclose(fr.spacing, f0.spacing, atol=_SPACING_TOL, rtol=0):
-            raise SeriesError(
-                f"{p}: pixel spacing {fr.spacing.tolist()} differs from {f0.spacing.tolist()} of {p0}: "
-                "not one series")
+    # all frames at once (a per-frame np.allclose cost more than parsing on small slices);
+    # the first frame that disagrees is then checked as before, for its message
+    dims = np.array([(fr.rows, fr.cols) for fr in frames])
+    iops = np.array([fr.iop for fr in frames])
+    sps = np.array([fr.spacing for fr in frames])
+    bad = (np.any(dims != dims[0], axis=1)
+           | ~np.all(np.abs(iops - f0.iop) <= _ORIENT_TOL, axis=1)
+           | ~np.all(np.abs(sps - f0.spacing) <= _SPACING_TOL, axis=1))
+    if not bad.any():
+        return
+    fr = frames[int(np.argmax(bad))]
+    p, p0 = _frame_name(fr, paths, kind), _frame_name(f0, paths, kind)
+    if (fr.rows, fr.cols) != (f0.rows, f0.cols):
+        raise SeriesError(
+            f"{p}: image is {fr.rows} x {fr.cols} (rows x columns) but {p0} is {f0.rows} x {f0.cols}: "
+            "inconsistent dimensions, not one series")
+    if not np.allclose(fr.iop, f0.iop, atol=_ORIENT_TOL, rtol=0):
+        raise SeriesError(
+            f"{p}: orientation {np.round(fr.iop, 4).tolist()} differs from {np.round(f0.iop, 4).tolist()} "
+            f"of {p0}: not one stack (split the series by orientation)")
+    raise SeriesError(
+        f"{p}: pixel spacing {fr.spacing.tolist()} differs from {f0.spacing.tolist()} of {p0}: "
+        "not one series")
 
 
 def _cluster_positions(frames: list[_Frame], normal: np.ndarray, paths: list[Path]):

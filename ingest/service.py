@@ -187,8 +187,11 @@ def ingest_exam(src: str, dst: str, job: ExamJob, site_cfg: dict, key: bytes, sp
     rows: dict[str, dict] = {}
     shas = {rel: file_sha256(src_p / rel) for rel in job.files + job.truth}
 
+    # relative paths from the scan (pathlib calls per file and row add up on big trees)
+    rel_of = {info.path: rel for info, rel in zip(job.infos, job.files)}
+
     def row(rel, status, reason="", **kw):
-        rows[rel] = dict(path=rel, size=(src_p / rel).stat().st_size, sha256=shas[rel], status=status,
+        rows[rel] = dict(path=rel, size=os.stat(os.path.join(src, rel)).st_size, sha256=shas[rel], status=status,
                          reason=reason, site=job.site, subject=kw.get("subject", ""),
                          series=kw.get("series", ""), role=kw.get("role", ""))
 
@@ -213,11 +216,11 @@ def ingest_exam(src: str, dst: str, job: ExamJob, site_cfg: dict, key: bytes, sp
     groups, dup_problems = group_series(job.infos)
     info_of = {info.path: info for info in job.infos}
     for path, reason in dup_problems:
-        row(str(Path(path).relative_to(src_p)), "quarantined", reason, subject=subject)
+        row(rel_of[path], "quarantined", reason, subject=subject)
     arrays: dict[str, tuple[np.ndarray, dict]] = {}
     chosen: dict[str, tuple[object, str]] = {}
     for g in groups:
-        rels = [str(Path(f).relative_to(src_p)) for f in g.files]
+        rels = [rel_of[f] for f in g.files]
         series_id = pseudonym(key, job.site, g.key, prefix="ser-")
         role, why = recognise(site_cfg, g)
         if role is None:
@@ -231,7 +234,7 @@ def ingest_exam(src: str, dst: str, job: ExamJob, site_cfg: dict, key: bytes, sp
             continue
         chosen[role] = (g, series_id)
     for role, (g, series_id) in chosen.items():
-        rels = [str(Path(f).relative_to(src_p)) for f in g.files]
+        rels = [rel_of[f] for f in g.files]
         try:
             vol, affine, meta = read_series(g.files, infos=[info_of[f] for f in g.files])
         except SeriesError as exc:
