@@ -45,7 +45,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
-__all__ = ["SeriesError", "ReadPlan", "read_plan", "read_series", "parse_csa_header", "siemens_csa_image_header"]
+__all__ = ["SeriesError", "ReadPlan", "plan_is_current", "read_plan", "read_series", "parse_csa_header", "siemens_csa_image_header"]
 
 
 class SeriesError(ValueError):
@@ -786,7 +786,8 @@ def read_plan(ds, path: Path, size: int, mtime_ns: int) -> ReadPlan | None:
                     fr.slope, fr.intercept, fr.tkey, fr.tpi, fr.echo)
 
 
-def _plan_current(p: Path, plan: ReadPlan) -> bool:
+def plan_is_current(p: Path, plan: ReadPlan) -> bool:
+    """True while the file is the one the plan was taken from (same size and mtime)."""
     try:
         st = os.stat(p)
     except OSError:
@@ -869,7 +870,7 @@ def read_series(paths, infos=None) -> tuple[np.ndarray, np.ndarray, dict]:
     dsets, kinds, frames, ts_list = [], set(), [], []
     for fidx, p in enumerate(plist):
         plan = plans.get(p)
-        if plan is not None and _plan_current(p, plan):
+        if plan is not None and plan_is_current(p, plan):
             dsets.append(plan)
             kinds.add("classic")
             frames.append(_plan_frame(plan, fidx))

@@ -20,6 +20,7 @@ group), geometry and acquisition parameters only.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from ingest.dicomlite import enabled as dicomlite_enabled
 from ingest.dicomlite import read_lite
 from ingest.reader import ReadPlan, _f, _find, _i, acquisition_fields, read_plan  # one parser for DICOM numbers
 
@@ -68,8 +70,10 @@ class FileInfo:
     enhanced: bool = False                            # geometry in functional groups
     acquisition_number: int | None = None
     instance_number: int | None = None
-    # what the reader needs to read a plain classic file without parsing it again
+    # what the reader needs to read a plain classic file without parsing it again, and the
+    # sha256 of the bytes that plan was taken from (valid together, see plan_is_current)
     plan: ReadPlan | None = field(default=None, compare=False, repr=False)
+    sha256: str = field(default="", compare=False, repr=False)
 
 
 @dataclass
@@ -132,7 +136,7 @@ def find_attr(ds, keyword: str, frame: int = 0):
     return _find(ds, keyword, frame)
 
 
-def header_summary(ds, path: Path, size: int, plan: ReadPlan | None = None) -> FileInfo:
+def header_summary(ds, path: Path, size: int, plan: ReadPlan | None = None, sha256: str = "") -> FileInfo:
     """FileInfo from a (header-only) dataset."""
     meta = getattr(ds, "file_meta", None)
     ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
@@ -171,8 +175,11 @@ def header_summary(ds, path: Path, size: int, plan: ReadPlan | None = None) -> F
         acquisition_number=_i(ds.get("AcquisitionNumber")),
         instance_number=_i(ds.get("InstanceNumber")),
         plan=plan,
+        sha256=sha256,
     )
 
+
+_WHOLE_FILE_MAX = 64 << 20  # larger files are left to pydicom, which reads the header only
 
 # uncompressed, not deflated: the file size alone tells whether the pixel data is complete
 _NATIVE_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
@@ -195,7 +202,14 @@ def _read_header(path: Path, size: int, mtime_ns: int | None = None) -> tuple[Fi
     plain classic file's FileInfo carries its read plan (see :class:`ingest.reader.ReadPlan`)."""
     if size == 0:
         return None, "empty file (0 bytes): incomplete copy?"
-    ds = read_lite(path)
+    buf = None
+    if size <= _WHOLE_FILE_MAX and dicomlite_enabled():
+        try:  # read once: parsed here, and hashed here for the manifest
+            with open(path, "rb") as fh:
+                buf = fh.read()
+        except OSError:
+            buf = None  # pydicom below says why
+    ds = read_lite(path, buf=buf) if buf is not None else None
     if ds is not None:  # a healthy classic file (complete pixel data): the fast path
         sop_class = _s(ds, "SOPClassUID") or str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
         if not is_image_sop_class(sop_class):
@@ -203,7 +217,8 @@ def _read_header(path: Path, size: int, mtime_ns: int | None = None) -> tuple[Fi
         if not _s(ds, "SeriesInstanceUID"):
             return None, "DICOM file without SeriesInstanceUID: cannot tell which series it belongs to"
         plan = read_plan(ds, path, size, mtime_ns) if mtime_ns is not None else None
-        return header_summary(ds, path, size, plan), ""
+        sha = hashlib.sha256(buf).hexdigest() if plan is not None else ""
+        return header_summary(ds, path, size, plan, sha), ""
     try:
         with open(path, "rb") as fh:
             ds = pydicom.dcmread(fh, stop_before_pixels=True, force=False)

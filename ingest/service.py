@@ -179,13 +179,16 @@ def ingest_exam(src: str, dst: str, job: ExamJob, site_cfg: dict, key: bytes, sp
     from ingest.deid import pseudonym, scrub_text
     from ingest.manifest import file_sha256
     from ingest.phantom.anatomy import load_nifti_zyx
-    from ingest.reader import SeriesError, read_series
+    from ingest.reader import SeriesError, plan_is_current, read_series
     from ingest.series import group_series
     from ingest.store import open_store, write_exam_store
 
     src_p, dst_p = Path(src), Path(dst)
     rows: dict[str, dict] = {}
-    shas = {rel: file_sha256(src_p / rel) for rel in job.files + job.truth}
+    # the scan hashed the files it parsed in full; the rest, and any file changed since, here
+    scanned = {rel: info.sha256 for info, rel in zip(job.infos, job.files)
+               if info.sha256 and plan_is_current(info.path, info.plan)}
+    shas = {rel: scanned.get(rel) or file_sha256(src_p / rel) for rel in job.files + job.truth}
 
     # relative paths from the scan (pathlib calls per file and row add up on big trees)
     rel_of = {info.path: rel for info, rel in zip(job.infos, job.files)}

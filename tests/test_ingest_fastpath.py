@@ -18,7 +18,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from ingest.dicomlite import read_lite
-from ingest.reader import read_series
+from ingest.manifest import file_sha256
+from ingest.reader import plan_is_current, read_series
 from ingest.series import _read_header, scan
 
 TESTDATA = Path(os.environ.get("QSNET_TESTDATA") or Path(__file__).resolve().parents[2] / "shared" / "testdata") / "dicom"
@@ -87,11 +88,14 @@ def test_read_plan_of_a_changed_file_is_not_used(tmp_path):
              for k in range(3)]
     infos, problems = scan(tmp_path)
     assert not problems and all(i.plan is not None for i in infos)
+    assert all(i.sha256 == file_sha256(i.path) for i in infos)  # the manifest's hash, from the scan's read
     before = read_series(files, infos=infos)
     same_read(before, read_series(files))
     # the same slice again, with a longer header before its pixels
     _classic(files[1], SeriesInstanceUID=uid, ImagePositionPatient=[0, 0, 1], InstanceNumber=2,
              ImageComments="x" * 301, RescaleSlope="5")
+    info1 = next(i for i in infos if i.path == files[1])
+    assert not plan_is_current(files[1], info1.plan) and plan_is_current(files[0], infos[0].plan)
     after = read_series(files, infos=infos)
     same_read(after, read_series(files))
     assert np.array_equal(after[0][1], 2 * before[0][1] + 10)  # slope 5 instead of 2.5, intercept -10

@@ -16,6 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from ingest.manifest import file_sha256
 from ingest.store import open_store
 
 
@@ -121,6 +122,11 @@ def test_manifest_accounts_for_every_file(ingested):
     files = input_files(root)
     assert sorted(p for p in paths if p in files) == files
     by = {r["path"]: r for r in rows}
+    # each row's hash and size are the file's (most come from the scan's single read)
+    for rel in files:
+        if by[rel]["sha256"]:
+            assert by[rel]["sha256"] == file_sha256(root / rel), rel
+            assert int(by[rel]["size"]) == (root / rel).stat().st_size, rel
     assert by[expect["notes"]]["status"] == "ignored"
     for k in ("empty", "truncated", "huge", "nopixels", "missing_series", "duplicate", "unsupported"):
         assert by[expect[k]]["status"] == "quarantined", (k, by[expect[k]])
