@@ -50,7 +50,8 @@ def cpu_part(args) -> dict:
     tmp = Path(tempfile.mkdtemp())
     stores = [str(p) for p in fake_prepared(tmp / "s", n=4, z=16, size=64, split="train")]
     val = [str(p) for p in fake_prepared(tmp / "v", n=1, z=16, size=64, split="val", prefix="v")]
-    torch.set_num_threads(os.cpu_count() or 1)
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
 
     # plain PyTorch: the same Trainer, data and batch size as the Ray loop
     torch.manual_seed(0)
@@ -67,7 +68,7 @@ def cpu_part(args) -> dict:
         tr.val_sums(vdl)
         plain.append(time.perf_counter() - t0)
 
-    out = {"plain_epoch_s": plain}
+    out = {"torch_threads": threads, "plain_epoch_s": plain}
     t0 = time.perf_counter()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
     out["ray_init_s"] = round(time.perf_counter() - t0, 2)
@@ -77,7 +78,7 @@ def cpu_part(args) -> dict:
                   "plateau_factor": 0.9, "plateau_after_epoch": 1, "ds_weights": [0.5, 0.25, 0.125, 0.0625],
                   "adv_weight": 0.01, "augment": True, "checkpoint_every": every, "loader_workers": 0, "amp": False,
                   "seed": 0, "name": f"bench-{workers}-{time.time_ns()}", "storage": str(tmp / "runs"),
-                  "torch_threads": max(1, (os.cpu_count() or 1) // workers),
+                  "torch_threads": max(1, threads // workers),
                   "runs": [{"name": "m", "arch": "qsnet", "contrast": "t1w", "inputs": "mrf",
                             "train_stores": stores, "val_stores": val}]}
         t0 = time.perf_counter()
@@ -147,6 +148,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--checkpoint-every", type=int, default=5, help="as the demo profile")
     ap.add_argument("--width", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of the plain loop and of a lone Ray worker (default: every core); "
+                         "with 1, Ray's own processes have a core to themselves")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64])
     ap.add_argument("--peak-tflops", type=float, default=790.0)
