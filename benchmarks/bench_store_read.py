@@ -104,7 +104,8 @@ def main() -> None:
         nii = tmp / "mrf_t1.nii"
         # NIfTI is x-fastest: store (X, Y, Z) so that [..., z] is one axial slice
         nib.save(nib.Nifti1Image(np.ascontiguousarray(vol.transpose(2, 1, 0)), np.eye(4)), nii)
-        shard = tmp / "sub-bench.zarr" / "mrf_t1" / "c" / "0" / "0" / "0"
+        # the array's one shard file, whatever its chunk key
+        shard = next(p for p in (tmp / "sub-bench.zarr" / "mrf_t1").rglob("*") if p.is_file() and p.name != "zarr.json")
 
         store = open_store(tmp / "sub-bench.zarr")
         arr = zarr.open_array(tmp / "sub-bench.zarr" / "mrf_t1", mode="r")
