@@ -27,7 +27,9 @@ import numpy as np
 from ingest import __version__
 from ingest.siteconfig import ROLES, builtin_sites, load_site
 
-INGEST_VERSION = "1"
+# A store made by another version is written again, not kept as "unchanged": 2 writes its
+# shards at <role>/c.0.0.0 with zstd level 1 (1 wrote c/0/0/0, level 3).
+INGEST_VERSION = "2"
 
 
 class IngestError(ValueError):

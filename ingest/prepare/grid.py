@@ -117,7 +117,10 @@ def invert_rate(vol: np.ndarray, ref_ms: float, mask: np.ndarray | None = None) 
     voxel (``T < ref_ms``) comes back as ``ref_ms``. The map is its own inverse, so
     :func:`rate_scale` is this, clipped."""
     x = np.asarray(vol, np.float32)
-    out = np.where(x > 0, np.float32(ref_ms) / np.where(x > 0, x, 1.0), 0.0)
+    # a subnormal x (resampling leaves some at the head's edge) overflows to inf: rate_scale
+    # clips it to 1 and the brain mask zeroes it; numpy's warning would only alarm a log reader
+    with np.errstate(over="ignore"):
+        out = np.where(x > 0, np.float32(ref_ms) / np.where(x > 0, x, 1.0), 0.0)
     if mask is not None:
         out = np.where(mask > 0, out, 0.0)
     return out.astype(np.float32)

@@ -351,14 +351,24 @@ def _prepare(task: ExamTask, cfg: dict) -> dict:
     group = {k: attrs[k] for k in ("site", "subject", "patient", "cohort") if k in attrs}
     group.update(split=task.split, profile_image_size=int(cfg["image_size"]), prepare_version=PREPARE_VERSION,
                  prepare_digest=task.digest, raw_content_hash=raw.content_hash(), inversion=inversion, scale=scale,
-                 targets=list(cfg["targets"]), input_contract=input_contract(cfg),
-                 prepare_report={k: v for k, v in out.items() if k != "native_shape"})
+                 targets=list(cfg["targets"]), input_contract=input_contract(cfg))
     if task.figure:
         _figure(Path(task.figure), task.subject, t1, figure_rows, brain)
         out["figure"] = task.figure
-    group["prepare_report"] = {k: v for k, v in out.items() if k != "native_shape"}
+    group["prepare_report"] = _without_timings({k: v for k, v in out.items() if k != "native_shape"})
     write_exam_store(Path(task.dst), arrays, group)
     return out
+
+
+def _without_timings(report):
+    """The exam's report as its store keeps it: no wall-clock times (they stay in
+    reports/prepare.json). Otherwise the same inputs made a store that differed in its
+    elastix_s, and DVC retrained every model after any rerun of prepare."""
+    if isinstance(report, dict):
+        return {k: _without_timings(v) for k, v in report.items() if k != "elastix_s"}
+    if isinstance(report, list):
+        return [_without_timings(v) for v in report]
+    return report
 
 
 def _figure(path: Path, subject: str, fixed: np.ndarray, rows, brain: np.ndarray) -> None:
