@@ -42,7 +42,9 @@ _UNDEFINED = 0xFFFFFFFF
 _MULTI_TEXT = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH", "TM", "UC", "UI"}
 _STRIP_BOTH = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"}
 _NUMERIC = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d", "SV": "q", "UV": "Q"}
-_CHARSETS = {"": "ascii", "ISO_IR 6": "ascii", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
+# The default repertoire as pydicom reads it: Latin-1, so a stray accented byte in a file that
+# declares no character set decodes (real exports have them) instead of failing
+_CHARSETS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
 _FG = (0x52009229, 0x52009230)  # Shared / Per-frame Functional Groups Sequence
 
 
@@ -148,8 +150,8 @@ class LiteDataset:
         signed): all :func:`native_pixels` needs to decode them."""
         rows, cols = int(self._value(0x00280010)), int(self._value(0x00280011))
         bits = int(self._value(0x00280100))
-        stored = int(self._value(0x00280101) or bits)
-        signed = int(self._value(0x00280103) or 0) == 1
+        stored = int(self.get("BitsStored") or bits)
+        signed = int(self.get("PixelRepresentation") or 0) == 1
         return self._elems[PIXEL_DATA][1], rows, cols, bits, stored, signed
 
     @property
@@ -200,7 +202,10 @@ class LiteDataset:
             return vals[0] if n == 1 else list(vals)
         if vr in ("OB", "OW", "OF", "OD", "OL", "OV", "UN", "AT"):
             return bytes(raw)
-        text = bytes(raw).decode(self._enc if vr in ("LO", "SH", "PN", "LT", "ST", "UT", "UC") else "latin-1")
+        # invalid UTF-8 becomes U+FFFD, as pydicom falls back to; values are decoded lazily, after
+        # read_lite has returned, so a decode error here would escape every caller's handling
+        text = bytes(raw).decode(self._enc if vr in ("LO", "SH", "PN", "LT", "ST", "UT", "UC") else "latin-1",
+                                 errors="replace")
         if vr in ("LT", "ST", "UT", "UR"):
             return text.rstrip("\0 ")
         parts = text.split("\\") if vr in _MULTI_TEXT else [text]
@@ -247,7 +252,9 @@ def _parse(buf, pos: int, end: int, explicit: bool, top: bool, encoding: str, ne
             return elems, pos  # caller handles the delimiter
         if explicit:
             vr = _VR_NAMES.get(buf[pos + 4:pos + 6])
-            if vr is None:
+            # a standard element sent as UN (a converter that lost its dictionary): pydicom
+            # reads it with its dictionary VR; here its value would stay raw bytes
+            if vr is None or (vr == "UN" and not group & 1):
                 raise _Decline
             if vr in _LONG_VR_NAMES:
                 if pos + 12 > nbuf:
@@ -362,8 +369,9 @@ def _read(buf) -> LiteDataset | None:
         return None
     if frames not in (None, 1) or (ds.get("SamplesPerPixel") or 1) != 1:
         return None
-    stored = ds.get("BitsStored") or bits
-    if not isinstance(stored, int) or not 1 <= stored <= bits:
+    stored = ds.get("BitsStored")
+    # pydicom cannot decode pixels without these: it says so, per file
+    if not isinstance(stored, int) or not 1 <= stored <= bits or ds.get("PixelRepresentation") not in (0, 1):
         return None
     _, off, length = elems[PIXEL_DATA]
     if length < rows * cols * (bits // 8):

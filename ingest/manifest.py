@@ -63,7 +63,8 @@ class Row:
             object.__setattr__(self, name, _one_line(getattr(self, name)))
         p = self.path
         pp = PurePosixPath(p)
-        if not p or "\\" in p or pp.is_absolute() or ".." in pp.parts or str(pp) != p or p == ".":
+        # a backslash is an ordinary character in a POSIX name (a Windows zip unpacked here)
+        if not p or pp.is_absolute() or ".." in pp.parts or str(pp) != p or p == ".":
             raise ValueError(f"manifest row {p!r}: path must be a normalised relative POSIX path")
         if self.status not in STATUSES:
             raise ValueError(f"manifest row {p!r}: status {self.status!r} not one of {', '.join(STATUSES)}")
@@ -112,7 +113,9 @@ def _encode(rows: Iterable[Row]) -> bytes:
     w.writerow(FIELDS)
     for r in rows:
         w.writerow([getattr(r, f) for f in FIELDS])
-    return buf.getvalue().encode("utf-8")
+    # A file name that is not UTF-8 (legal on POSIX) is written as its own bytes, as tar and git
+    # do: its row still names the file, and reads back (read_manifest) as the name os.scandir gives
+    return buf.getvalue().encode("utf-8", errors="surrogateescape")
 
 
 def write_manifest(path: Path | str, rows: list[Row]) -> None:
@@ -145,7 +148,7 @@ def write_manifest(path: Path | str, rows: list[Row]) -> None:
 def read_manifest(path: Path | str) -> list[Row]:
     """Read and validate a manifest; errors name the file and line."""
     path = Path(path)
-    with open(path, newline="", encoding="utf-8") as fh:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
         reader = csv.reader(fh)
         try:
             header = next(reader)

@@ -820,6 +820,40 @@ def _plan_pixels(p: Path, plan: ReadPlan) -> np.ndarray:
 
 # --------------------------------------------------------------------------- read_series
 
+def _bare_dataset(fp) -> bool:
+    """Whether a file without the 128-byte preamble and "DICM" starts like a DICOM data set: its
+    first element in the file meta (0002) or identifying (0008) group, little endian. Older PACS
+    exports write such files; dcm2niix and ``dcmread(force=True)`` read them."""
+    if hasattr(fp, "seek"):
+        fp.seek(0)
+        head = fp.read(4)
+    else:
+        with open(fp, "rb") as fh:
+            head = fh.read(4)
+    return len(head) == 4 and struct.unpack("<HH", head)[0] in (0x0002, 0x0008)
+
+
+def dcmread_any(fp, **kw):
+    """``pydicom.dcmread``, which also takes a bare data set (see :func:`_bare_dataset`); anything
+    else without the DICM prefix still raises InvalidDicomError."""
+    try:
+        return pydicom.dcmread(fp, force=False, **kw)
+    except InvalidDicomError:
+        if not _bare_dataset(fp):
+            raise
+        if hasattr(fp, "seek"):
+            fp.seek(0)
+        ds = pydicom.dcmread(fp, force=True, **kw)
+        if "TransferSyntaxUID" not in ds.file_meta:
+            # the encoding pydicom found is the transfer syntax (always native: a bare data set
+            # has no meta header to declare a compressed one); the pixel decoders need it named
+            implicit, little = ds.original_encoding
+            ds.file_meta.TransferSyntaxUID = (pydicom.uid.ImplicitVRLittleEndian if implicit else
+                                              pydicom.uid.ExplicitVRLittleEndian if little else
+                                              pydicom.uid.ExplicitVRBigEndian)
+        return ds
+
+
 def _read_file(p: Path):
     from ingest.dicomlite import read_lite
 
@@ -827,7 +861,7 @@ def _read_file(p: Path):
     if ds is not None:
         return ds
     try:
-        return pydicom.dcmread(p, force=False)
+        return dcmread_any(p)
     except FileNotFoundError:
         raise SeriesError(f"{p}: file not found") from None
     except InvalidDicomError:

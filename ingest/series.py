@@ -1,7 +1,7 @@
 """Finding DICOM files in a tree and grouping them into series.
 
 :func:`scan` walks a folder tree and reads the header of every file (pixel data is
-never read: ``pydicom.dcmread(stop_before_pixels=True, force=False)``), returning one
+never read: ``pydicom.dcmread(stop_before_pixels=True)``, which also takes a bare data set without the preamble), returning one
 small, picklable :class:`FileInfo` per DICOM image file and ``(path, reason)`` for
 every file that cannot be ingested (empty, not DICOM, truncated, not an image, a
 symlink loop...).
@@ -26,13 +26,12 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from ingest.dicomlite import enabled as dicomlite_enabled
 from ingest.dicomlite import read_lite
-from ingest.reader import ReadPlan, _f, _find, _i, acquisition_fields, read_plan  # one parser for DICOM numbers
+from ingest.reader import ReadPlan, _f, _find, _i, acquisition_fields, dcmread_any, read_plan  # one parser for DICOM numbers
 
 __all__ = ["FileInfo", "SeriesGroup", "scan", "group_series", "is_image_sop_class"]
 
@@ -197,6 +196,17 @@ def _native_pixel_bytes(ds) -> int | None:
     return (n + 7) // 8 if bits == 1 else n * (bits // 8)
 
 
+def _lite_summary(ds, path: Path, size: int, mtime_ns: int | None, buf: bytes) -> tuple[FileInfo | None, str]:
+    sop_class = _s(ds, "SOPClassUID") or str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
+    if not is_image_sop_class(sop_class):
+        return None, f"not an image ({UID(sop_class).name}): no pixel data to ingest"
+    if not _s(ds, "SeriesInstanceUID"):
+        return None, "DICOM file without SeriesInstanceUID: cannot tell which series it belongs to"
+    plan = read_plan(ds, path, size, mtime_ns) if mtime_ns is not None else None
+    sha = hashlib.sha256(buf).hexdigest() if plan is not None else ""
+    return header_summary(ds, path, size, plan, sha), ""
+
+
 def _read_header(path: Path, size: int, mtime_ns: int | None = None) -> tuple[FileInfo | None, str]:
     """(FileInfo, "") for a DICOM image file, else (None, reason). With ``mtime_ns``, a
     plain classic file's FileInfo carries its read plan (see :class:`ingest.reader.ReadPlan`)."""
@@ -211,17 +221,13 @@ def _read_header(path: Path, size: int, mtime_ns: int | None = None) -> tuple[Fi
             buf = None  # pydicom below says why
     ds = read_lite(path, buf=buf) if buf is not None else None
     if ds is not None:  # a healthy classic file (complete pixel data): the fast path
-        sop_class = _s(ds, "SOPClassUID") or str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
-        if not is_image_sop_class(sop_class):
-            return None, f"not an image ({UID(sop_class).name}): no pixel data to ingest"
-        if not _s(ds, "SeriesInstanceUID"):
-            return None, "DICOM file without SeriesInstanceUID: cannot tell which series it belongs to"
-        plan = read_plan(ds, path, size, mtime_ns) if mtime_ns is not None else None
-        sha = hashlib.sha256(buf).hexdigest() if plan is not None else ""
-        return header_summary(ds, path, size, plan, sha), ""
+        try:
+            return _lite_summary(ds, path, size, mtime_ns, buf)
+        except Exception:  # noqa: BLE001 - a case the fast path misjudged: pydicom reads it below
+            pass
     try:
         with open(path, "rb") as fh:
-            ds = pydicom.dcmread(fh, stop_before_pixels=True, force=False)
+            ds = dcmread_any(fh, stop_before_pixels=True)
             end = fh.tell()
     except InvalidDicomError:
         return None, "not DICOM (no 'DICM' signature after the 128-byte preamble)"
@@ -354,7 +360,10 @@ def _scan_files(files: list[Path], infos: list, problems: list) -> None:
         except OSError as exc:
             problems.append((p, f"cannot stat file: {exc.strerror or exc}"))
             continue
-        info, reason = _read_header(p, st.st_size, st.st_mtime_ns)
+        try:
+            info, reason = _read_header(p, st.st_size, st.st_mtime_ns)
+        except Exception as exc:  # noqa: BLE001 - one file the header code cannot handle must not stop the scan
+            info, reason = None, f"unreadable DICOM header ({exc.__class__.__name__}: {exc})"
         if info is None:
             problems.append((p, " ".join(x.strip() for x in reason.splitlines() if x.strip())))
         else:

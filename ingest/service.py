@@ -154,12 +154,33 @@ def _header_identity(path: Path) -> tuple[str, str]:
     return str(getattr(ds, "PatientID", "") or ""), str(getattr(ds, "StudyInstanceUID", "") or "")
 
 
+_MS = ("ms", "msec", "millisecond", "milliseconds")
+
+
+def _maps_in_ms(vol: np.ndarray, meta: dict) -> tuple[np.ndarray, dict]:
+    """An MRF map in ms. When the header's Real World Value Mapping gives the map in ms and the
+    Rescale Slope/Intercept (type US: units unspecified) say otherwise, the mapping is the
+    quantity: the stored values are mapped with it, not with the display rescale (which would
+    silently scale every T1 by the ratio of the two)."""
+    rwv = meta.get("real_world_value_mapping") or {}
+    slope, icpt = meta.get("rescale_slope"), meta.get("rescale_intercept")
+    if (meta.get("units") or "").lower() in _MS or str(rwv.get("units") or "").lower() not in _MS:
+        return vol, meta
+    rs, ri = rwv.get("slope"), rwv.get("intercept")
+    if rs is None or slope is None or icpt is None or slope == 0:
+        return vol, meta  # per-frame rescale: no single inversion to the stored values
+    stored = (np.asarray(vol, np.float64) - icpt) / slope
+    out = (stored * rs + (ri or 0.0)).astype(np.float32)
+    return out, {**meta, "units": "ms", "rescale_slope": rs, "rescale_intercept": ri or 0.0,
+                 "mapped_by": "real_world_value_mapping"}
+
+
 def _exam_digest(job: ExamJob, shas: dict[str, str], site_cfg: dict) -> str:
     h = hashlib.sha256()
     h.update(f"ingest {INGEST_VERSION}\n".encode())
     h.update(json.dumps({k: v for k, v in site_cfg.items() if not k.startswith("_")}, sort_keys=True).encode())
     for rel in sorted(job.files + job.truth):
-        h.update(f"{rel}\0{shas[rel]}\n".encode())
+        h.update(f"{rel}\0{shas[rel]}\n".encode("utf-8", "surrogateescape"))  # non-UTF-8 names too
     return h.hexdigest()
 
 
@@ -223,49 +244,55 @@ def ingest_exam(src: str, dst: str, job: ExamJob, site_cfg: dict, key: bytes, sp
     for path, reason in dup_problems:
         row(rel_of[path], "quarantined", reason, subject=subject)
     arrays: dict[str, tuple[np.ndarray, dict]] = {}
-    chosen: dict[str, tuple[object, str]] = {}
+    candidates: dict[str, list[tuple[object, str]]] = {}
     for g in groups:
-        rels = [rel_of[f] for f in g.files]
         series_id = pseudonym(key, job.site, g.key, prefix="ser-")
         role, why = recognise(site_cfg, g)
         if role is None:
-            for r in rels:
-                row(r, "ignored", why, subject=subject, series=series_id)
+            for f in g.files:
+                row(rel_of[f], "ignored", why, subject=subject, series=series_id)
             continue
-        if role in chosen:
+        candidates.setdefault(role, []).append((g, series_id))
+    for role, cands in candidates.items():
+        # The first series of a role that reads is kept; a broken one (a repeat is often the
+        # scan that replaced it) must not cost the role its good repeat.
+        kept = None
+        for g, series_id in cands:
+            rels = [rel_of[f] for f in g.files]
+            if kept is not None:
+                for r in rels:
+                    row(r, "ignored", f"a second series for role {role} (kept {kept})",
+                        subject=subject, series=series_id, role=role)
+                continue
+            try:
+                vol, affine, meta = read_series(g.files, infos=[info_of[f] for f in g.files])
+            except SeriesError as exc:
+                for r in rels:
+                    row(r, "quarantined", str(exc), subject=subject, series=series_id, role=role)
+                continue
+            except Exception as exc:  # noqa: BLE001 - a reader bug on one series must not lose the exam
+                for r in rels:
+                    row(r, "quarantined", f"{rels[0]}: unreadable series ({exc.__class__.__name__}: {exc})",
+                        subject=subject, series=series_id, role=role)
+                continue
+            kept = series_id
+            if role.startswith("mrf"):
+                vol, meta = _maps_in_ms(vol, meta)
+            spacing = np.linalg.norm(affine[:3, :3], axis=0)
+            attrs = {
+                "role": role, "affine_lps": np.round(affine, 6).tolist(),
+                "spacing": [round(float(s), 6) for s in spacing],
+                "units": meta.get("units") or ("ms" if role.startswith("mrf") else "scanner"),
+                "series": series_id, "vendor": meta.get("manufacturer", ""), "model": meta.get("model", ""),
+                "tr": meta.get("tr"), "te": meta.get("te"), "ti": meta.get("ti"),
+                "flip_angle": meta.get("flip_angle"),
+                # free text from the scanner: scrubbed of names and dates (PS3.15 clean descriptors)
+                "sequence_name": scrub_text(meta.get("sequence_name", "") or ""),
+                "series_description": scrub_text(meta.get("series_description", "") or ""),
+            }
+            arrays[role] = (vol.astype(np.float32), attrs)
             for r in rels:
-                row(r, "ignored", f"a second series for role {role} (kept {chosen[role][1]})",
-                    subject=subject, series=series_id, role=role)
-            continue
-        chosen[role] = (g, series_id)
-    for role, (g, series_id) in chosen.items():
-        rels = [rel_of[f] for f in g.files]
-        try:
-            vol, affine, meta = read_series(g.files, infos=[info_of[f] for f in g.files])
-        except SeriesError as exc:
-            for r in rels:
-                row(r, "quarantined", str(exc), subject=subject, series=series_id, role=role)
-            continue
-        except Exception as exc:  # noqa: BLE001 - a reader bug on one series must not lose the exam
-            for r in rels:
-                row(r, "quarantined", f"{rels[0]}: unreadable series ({exc.__class__.__name__}: {exc})",
-                    subject=subject, series=series_id, role=role)
-            continue
-        spacing = np.linalg.norm(affine[:3, :3], axis=0)
-        attrs = {
-            "role": role, "affine_lps": np.round(affine, 6).tolist(),
-            "spacing": [round(float(s), 6) for s in spacing],
-            "units": meta.get("units") or ("ms" if role.startswith("mrf") else "scanner"),
-            "series": series_id, "vendor": meta.get("manufacturer", ""), "model": meta.get("model", ""),
-            "tr": meta.get("tr"), "te": meta.get("te"), "ti": meta.get("ti"),
-            "flip_angle": meta.get("flip_angle"),
-            # free text from the scanner: scrubbed of names and dates (PS3.15 clean descriptors)
-            "sequence_name": scrub_text(meta.get("sequence_name", "") or ""),
-            "series_description": scrub_text(meta.get("series_description", "") or ""),
-        }
-        arrays[role] = (vol.astype(np.float32), attrs)
-        for r in rels:
-            row(r, "ingested", "", subject=subject, series=series_id, role=role)
+                row(r, "ingested", "", subject=subject, series=series_id, role=role)
     # phantom ground truth: labels and brain on the MRF grid, poses for registration checks
     truth_attrs = {}
     for rel in job.truth:

@@ -10,6 +10,7 @@ SourceImageSequence. Pixels are 12-bit (0-4095), the range the evaluation scores
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 from pathlib import Path
 
@@ -103,9 +104,12 @@ def dicom_series(stored: np.ndarray, t1_at: dict, t2_at: dict, contrast: str, ca
     label = LABELS.get(contrast, contrast)
     model_id = card.get("id", "")
     shared = Dataset()
+    # Elements are copied whole: assigning their values would have pydicom validate them again,
+    # and its warning about a non-conformant value (a birth date written 1965-11-09) quotes the
+    # value into the replica's log
     for kw in _COPY_STUDY:
         if kw in first:
-            setattr(shared, kw, first.data_element(kw).value)
+            shared.add(copy.deepcopy(first.data_element(kw)))
     shared.SOPClassUID = MR_IMAGE_STORAGE
     shared.SeriesInstanceUID = generate_uid()
     shared.Modality = "MR"
@@ -140,13 +144,14 @@ def dicom_series(stored: np.ndarray, t1_at: dict, t2_at: dict, contrast: str, ca
         ds = Dataset()
         for kw in _COPY_SLICE:
             if kw in src:
-                setattr(ds, kw, src.data_element(kw).value)
+                ds.add(copy.deepcopy(src.data_element(kw)))
         ds.SOPInstanceUID = generate_uid()
         refs = []
         for h in (src, t2_at.get(k)):
             if h is not None and "SOPInstanceUID" in h:
                 r = Dataset()
-                r.ReferencedSOPClassUID = h.SOPClassUID
+                # the scan accepts a SOP Class UID given only in the file meta
+                r.ReferencedSOPClassUID = h.get("SOPClassUID") or h.file_meta.MediaStorageSOPClassUID
                 r.ReferencedSOPInstanceUID = h.SOPInstanceUID
                 refs.append(r)
         ds.SourceImageSequence = Sequence(refs)

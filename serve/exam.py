@@ -108,9 +108,9 @@ def unpack(body: bytes, dest: Path, limits: Limits = Limits()) -> Path:
         if info.flag_bits & 0x1:
             raise RequestError(400, "encrypted_zip", f"zip entry {info.filename!r} is encrypted")
         out = dest.joinpath(*rel.parts)
-        out.parent.mkdir(parents=True, exist_ok=True)
         written = 0
         try:
+            out.parent.mkdir(parents=True, exist_ok=True)
             with zf.open(info) as src, open(out, "wb") as fh:
                 while chunk := src.read(1 << 20):
                     written += len(chunk)
@@ -124,6 +124,9 @@ def unpack(body: bytes, dest: Path, limits: Limits = Limits()) -> Path:
                     fh.write(chunk)
         except (zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError) as exc:
             raise RequestError(400, "bad_zip", f"zip entry {info.filename!r}: cannot be read ({exc})") from None
+        except OSError as exc:  # a name too long for the file system, a file and a folder of one name
+            raise RequestError(400, "bad_zip", f"zip entry {info.filename!r}: cannot be unpacked "
+                               f"({exc.strerror or exc})") from None
     if total > 1 << 20 and total > limits.max_ratio * packed:
         raise RequestError(413, "zip_bomb", f"the zip inflates {total / packed:.0f} times its size; refused")
     return dest
@@ -146,10 +149,16 @@ def read_exam(root: Path, sites: dict[str, dict], site: str | None = None, work:
         raise RequestError(422, "unknown_site", f"site {site!r} is not configured; known: {', '.join(sorted(sites))}")
     kind = _kind(root)
     if kind == "zarr":
-        return _read_store(root, site)
-    if kind == "nifti":
-        return _read_nifti(root, site)
-    return _read_dicom(root, sites, site, work or root.parent / "store")
+        exam = _read_store(root, site)
+    elif kind == "nifti":
+        exam = _read_nifti(root, site)
+    else:
+        exam = _read_dicom(root, sites, site, work or root.parent / "store")
+    for role, a in (("mrf_t1", exam.affine), ("mrf_t2", exam.t2_affine)):
+        if not np.isfinite(a).all() or abs(float(np.linalg.det(a[:3, :3]))) < 1e-9:
+            raise RequestError(422, "bad_maps", f"{role}: its voxel-to-patient affine is singular (a zero-length "
+                               "or collapsed axis): no geometry to write the results back on")
+    return exam
 
 
 def _check_units(role: str, units: str | None) -> None:
@@ -167,12 +176,15 @@ def _read_store(root: Path, site: str | None) -> Exam:
         st = open_store(folders[0])
         arr = {r: st.read(r) for r in ("mrf_t1", "mrf_t2")}
         attrs = {r: st.attrs_of(r) for r in ("mrf_t1", "mrf_t2")}
-    except (KeyError, ValueError) as exc:
-        raise RequestError(422, "bad_store", f"exam store: {str(exc).splitlines()[0]}") from None
+        affines = {r: np.asarray(attrs[r]["affine_lps"], float) for r in arr}
+        if any(a.shape != (4, 4) for a in affines.values()):
+            raise ValueError("affine_lps is not a 4 x 4 matrix")
+    except (KeyError, ValueError, TypeError) as exc:
+        raise RequestError(422, "bad_store", f"exam store: {str(exc).splitlines()[0] or type(exc).__name__}") from None
     for r in arr:
         _check_units(r, attrs[r].get("units"))
-    return Exam("zarr", arr["mrf_t1"], arr["mrf_t2"], np.asarray(attrs["mrf_t1"]["affine_lps"], float),
-                np.asarray(attrs["mrf_t2"]["affine_lps"], float), site=site or st.attrs.get("site"))
+    return Exam("zarr", arr["mrf_t1"], arr["mrf_t2"], affines["mrf_t1"], affines["mrf_t2"],
+                site=site or st.attrs.get("site"))
 
 
 def _read_nifti(root: Path, site: str | None) -> Exam:
@@ -223,8 +235,13 @@ def _read_dicom(root: Path, sites: dict[str, dict], site: str | None, work: Path
         descr = sorted({g.description or "(no description)" for g in groups})[:6]
         raise RequestError(422, "not_mrf", "no MRF T1 map and T2 map series in the upload (series seen: "
                            f"{'; '.join(descr)}); send the MRF map series of one exam")
-    vendor = {str(getattr(i, "manufacturer", "") or "").upper() for i in infos}
-    same = [n for n in found if str(sites[n].get("manufacturer", "")).upper() in vendor]
+    # A site is a scanner, not a vendor: another hospital's GE scanner must not get site B's
+    # finetuned models, so the model name must match too where the site's config gives one
+    scanners = {(str(i.manufacturer or "").strip().upper(), str(i.model or "").strip().upper()) for i in infos}
+    same = [n for n in found
+            if any(m == str(sites[n].get("manufacturer", "")).strip().upper()
+                   and (not sites[n].get("model") or mm == str(sites[n]["model"]).strip().upper())
+                   for m, mm in scanners)]
     chosen = (same or found)[0]
     known = bool(site) or bool(same)
     job = ExamJob(chosen, "upload", [str(Path(i.path).relative_to(root)) for i in infos], [], list(infos))

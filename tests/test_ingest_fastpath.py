@@ -9,6 +9,7 @@ never half-read.
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -161,3 +162,77 @@ def test_declines_what_it_does_not_handle(tmp_path, case):
         elif case == "preamble_only":
             p.write_bytes(raw[:140])
     assert read_lite(p) is None
+
+
+@pytest.mark.parametrize("case", ["no_bits_stored", "no_pixel_representation", "standard_element_as_un"])
+def test_declines_headers_it_would_misread(tmp_path, case):
+    """Files whose header the fast path would read differently from pydicom go to pydicom: the
+    scan never raises on them, and whatever the reader makes of them is pydicom's answer."""
+    p = _classic(tmp_path / "a.dcm")
+    if case == "standard_element_as_un":
+        # ImagePositionPatient re-encoded with VR UN, as a relay without a dictionary sends it
+        raw = bytearray(p.read_bytes())
+        i = raw.find(struct.pack("<HH", 0x0020, 0x0032), 132)
+        n = struct.unpack_from("<H", raw, i + 6)[0]
+        raw[i:i + 8 + n] = raw[i:i + 4] + b"UN\0\0" + struct.pack("<I", n) + raw[i + 8:i + 8 + n]
+        p.write_bytes(bytes(raw))
+    else:
+        ds = pydicom.dcmread(p)
+        delattr(ds, "BitsStored" if case == "no_bits_stored" else "PixelRepresentation")
+        ds.save_as(p)
+    assert read_lite(p) is None
+    assert len(scan(p)[0]) + len(scan(p)[1]) == 1
+    if case == "standard_element_as_un":
+        fast, slow = both(pytest.MonkeyPatch(), lambda: read_series([p]))
+        same_read(fast, slow)
+        assert np.array_equal(fast[1][:3, 3], [0, 0, 0])
+
+
+def test_text_in_no_declared_charset_reads_as_pydicom(tmp_path):
+    """A Latin-1 byte in a file that declares no character set (common in real exports), and
+    invalid UTF-8 in one that declares ISO_IR 192: read as pydicom reads them, never an error
+    raised later from a lazily decoded value."""
+    p = _classic(tmp_path / "a.dcm", SeriesDescription="T1 axial")
+    p.write_bytes(p.read_bytes().replace(b"T1 axial", b"T1 ax\xe9al"))
+    q = _classic(tmp_path / "b.dcm", SeriesDescription="T1 axial", SpecificCharacterSet="ISO_IR 192")
+    q.write_bytes(q.read_bytes().replace(b"T1 axial", b"T1 ax\xffal"))
+    for f in (p, q):
+        lite = read_lite(f)
+        assert lite is not None
+        with pytest.warns(UserWarning) if f == q else _no_warning():
+            ref = pydicom.dcmread(f).SeriesDescription
+        assert lite.get("SeriesDescription") == ref
+        info, reason = _read_header(f, f.stat().st_size, f.stat().st_mtime_ns)
+        assert info is not None and info.description == ref, reason
+
+
+def test_bare_data_set_without_preamble(tmp_path):
+    """A data set without the 128-byte preamble and "DICM" (older PACS exports) is read as
+    dcm2niix and pydicom (force) read it, not ignored as "not DICOM"."""
+    from pydicom.filebase import DicomFileLike
+    from pydicom.filewriter import write_dataset
+
+    full = _classic(tmp_path / "full.dcm")
+    ds = pydicom.dcmread(full)
+    del ds.file_meta
+    bare = tmp_path / "bare.dcm"
+    with open(bare, "wb") as fh:
+        f = DicomFileLike(fh)
+        f.is_little_endian, f.is_implicit_VR = True, True
+        write_dataset(f, ds)
+    infos, problems = scan(tmp_path)
+    assert sorted(i.path.name for i in infos) == ["bare.dcm", "full.dcm"] and not problems
+    a, aff, meta = read_series([bare])
+    b, bff, _ = read_series([full])
+    assert np.array_equal(a, b) and np.array_equal(aff, bff)
+    # a text file that starts with other bytes is still not DICOM
+    (tmp_path / "notes.txt").write_text("hello\n")
+    assert "not DICOM" in _read_header(tmp_path / "notes.txt", 6)[1]
+
+
+class _no_warning:  # noqa: N801 - a context manager used beside pytest.warns
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

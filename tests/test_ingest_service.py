@@ -251,3 +251,72 @@ def test_adding_an_exam_writes_only_its_store(demo_tree, tmp_path):
     res = qsnet("ingest", str(src), str(dst), "--manifest", str(tmp_path / "m.csv"), "--prune")
     assert res.returncode == 0 and "1 store(s) of removed exams deleted" in res.stdout, res.stdout
     assert set(dst.rglob("*.zarr")) == set(before)
+
+
+@pytest.mark.slow
+def test_real_world_names_text_and_repeats(demo_tree, tmp_path):
+    """Files as real sites send them: a name with a backslash (a Windows zip unpacked here), a
+    name that is not UTF-8, a description with a Latin-1 byte and no declared character set, and
+    a broken series followed by its complete repeat. Every file gets its row, the exam keeps the
+    repeat, and the other exam is not disturbed."""
+    from ingest.manifest import read_manifest
+
+    root = tmp_path / "data"
+    for exam in ("sub-A01", "sub-A02"):
+        shutil.copytree(demo_tree / "site-A" / exam, root / "site-A" / exam)
+    a1, a2 = root / "site-A" / "sub-A01", root / "site-A" / "sub-A02"
+    # a broken copy of the T1w series numbered before it, so that it is met first
+    t1w = series_dir(a1, "t1w")
+    broken = a1 / "S001_broken_first_try"
+    broken.mkdir()
+    uid = pydicom.uid.generate_uid()
+    files = sorted(t1w.iterdir())
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID, ds.SeriesNumber = uid, 1
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(broken / f.name)
+    (broken / files[len(files) // 2].name).unlink()
+    # odd but legal file names
+    t2w = sorted(series_dir(a1, "t2w").iterdir())
+    t2w[0].rename(t2w[0].parent / "IM\\0001.dcm")
+    os.rename(t2w[1], os.fsencode(t2w[1].parent) + b"/IM_\xff.dcm")
+    # a Latin-1 byte in the description, no SpecificCharacterSet
+    for f in series_dir(a2, "t2w").iterdir():
+        ds = pydicom.dcmread(f)
+        del ds.SpecificCharacterSet
+        ds.save_as(f)
+        f.write_bytes(f.read_bytes().replace(ds.SeriesDescription.encode(), ds.SeriesDescription[:-1].encode() + b"\xe9", 1))
+    out = tmp_path / "out"
+    res = qsnet("ingest", str(root), str(out / "raw"), "--manifest", str(out / "manifest.csv"), "--jobs", "2")
+    assert res.returncode == 0, res.stderr
+    rows = {r.path: r for r in read_manifest(out / "manifest.csv")}
+    assert sorted(rows) == input_files(root)
+    by_role = {}
+    for r in rows.values():
+        by_role.setdefault((r.path.split("/")[1], r.role, r.status), []).append(r)
+    assert all(r.status == "quarantined" and "missing" in r.reason
+               for p, r in rows.items() if "/S001_broken_first_try/" in p)
+    assert len(by_role[("sub-A01", "t1w", "ingested")]) == len(files)
+    assert len(by_role[("sub-A01", "t2w", "ingested")]) == len(t2w)
+    assert ("sub-A02", "t2w", "ingested") in by_role
+    stores = sorted((out / "raw" / "site-A").glob("*.zarr"))
+    assert len(stores) == 2
+    assert all({"t1w", "t2w", "mrf_t1"} <= set(open_store(s).roles) for s in stores)
+
+
+def test_mrf_maps_follow_their_real_world_value_mapping():
+    """A T1 map whose Real World Value Mapping says ms = stored x 0.5 while its Rescale Slope
+    (type US) says x 1: the map is stored in ms by the mapping, not doubled."""
+    from ingest.service import _maps_in_ms
+
+    stored = np.array([[[2000.0, 3000.0]]], np.float32)
+    meta = {"units": None, "rescale_slope": 1.0, "rescale_intercept": 0.0,
+            "real_world_value_mapping": {"units": "ms", "slope": 0.5, "intercept": 0.0}}
+    vol, m = _maps_in_ms(stored * 1.0, meta)
+    assert np.array_equal(vol, stored * 0.5) and m["units"] == "ms"
+    # header and mapping agree, or no mapping in ms: the values stay as they are
+    same = {**meta, "units": "ms", "rescale_slope": 0.5}
+    assert _maps_in_ms(stored * 0.5, same)[0] is not None and np.array_equal(_maps_in_ms(stored * 0.5, same)[0], stored * 0.5)
+    assert np.array_equal(_maps_in_ms(stored, {**meta, "real_world_value_mapping": None})[0], stored)

@@ -209,6 +209,9 @@ def test_contract_mismatch_names_both_scalings():
     assert "mrf_t1 500 ms" in contract_mismatch(other, rate)
     # the settings that do not change what an input value means do not count
     assert contract_mismatch({**rate, "mrf_check": {"max_bad_fraction": 0.5}}, rate) is None
+    # pixels of another size: the network would run on them, and synthesise at the wrong scale
+    why = contract_mismatch(rate, {**rate, "image_size": 2 * rate["image_size"]})
+    assert f"trained on {rate['image_size']} x {rate['image_size']}" in why
 
 
 @pytest.mark.parametrize("norm, why", [({"inputs": "zscore"}, "expected 'rate' or 'percentiles'"),
@@ -294,3 +297,17 @@ def test_splits_follow_the_paper_proportions():
     # excluding or adding exams of one site never re-deals the other site
     s2 = assign_splits(exams[:32] + exams[33:], CFG)
     assert all(s2[k] == v for k, v in s.items() if k[0] == "site-A")
+
+
+def test_visits_of_one_patient_share_a_split():
+    """Splits are dealt per patient: a second visit never lands in the test split while the
+    first trains. With one exam per patient the split is the per-exam one."""
+    exams = [("site-B", f"sub-b{i:02d}", "gbm", f"pat-{i:02d}") for i in range(18)]
+    single = assign_splits(exams, CFG)
+    assert single == assign_splits([e[:3] for e in exams], CFG)
+    visits = exams + [("site-B", f"sub-v{i:02d}", "gbm", f"pat-{i:02d}") for i in range(0, 18, 2)]
+    s = assign_splits(visits, CFG)
+    for i in range(0, 18, 2):
+        assert s[("site-B", f"sub-v{i:02d}")] == s[("site-B", f"sub-b{i:02d}")]
+    train = {e[3] for e in visits if s[e[:2]] in ("finetune", "val")}
+    assert train.isdisjoint({e[3] for e in visits if s[e[:2]] == "test"})

@@ -305,6 +305,16 @@ def _store_with_units(tmp: Path, raw: Path, units: str) -> bytes:
     return _zip({str(p.relative_to(tmp)): p.read_bytes() for p in (tmp / "x.zarr").rglob("*") if p.is_file()})
 
 
+def _store_without_affine(tmp: Path, raw: Path) -> bytes:
+    from ingest.store import open_store, write_exam_store
+
+    st = open_store(raw)
+    arrays = {r: (st.read(r), {k: v for k, v in st.attrs_of(r).items() if k != "affine_lps"})
+              for r in ("mrf_t1", "mrf_t2")}
+    write_exam_store(tmp / "x.zarr", arrays, dict(st.attrs))
+    return _zip({str(p.relative_to(tmp)): p.read_bytes() for p in (tmp / "x.zarr").rglob("*") if p.is_file()})
+
+
 BAD = {
     "not a zip": (lambda ctx: b"this is not a zip archive", "", 400, "not_a_zip"),
     "path traversal": (lambda ctx: _traversal(), "", 400, "unsafe_zip_path"),
@@ -318,6 +328,8 @@ BAD = {
     "store units not ms": (lambda ctx: _store_with_units(ctx["tmp"], ctx["raw"], "s"), "", 422, "wrong_units"),
     "maps of different shapes": (lambda ctx: _nifti_pair(ctx["tmp"], ctx["raw"], lambda r, v, a: (
         v[:, :-3] if r == "mrf_t2" else v, a)), "", 422, "bad_maps"),
+    "store without affine": (lambda ctx: _store_without_affine(ctx["tmp"], ctx["raw"]), "", 422, "bad_store"),
+    "a file and a folder of one name": (lambda ctx: _zip({"S1": b"x", "S1/a.dcm": b"y"}), "", 400, "bad_zip"),
     "unknown contrast": (lambda ctx: ctx["zip"], "?contrasts=t1w,dwi", 422, "unknown_contrast"),
     "unknown model": (lambda ctx: ctx["zip"], "?model=unet3d", 404, "no_model"),
     "unknown site": (lambda ctx: ctx["zip"], "?site=site-Z", 422, "unknown_site"),
@@ -356,6 +368,33 @@ def test_no_phi_in_the_server_log(server, answer, exam_b):
         v = str(ds.get(kw, "") or "")
         if len(v) >= 4:
             assert v not in text, kw
+
+
+def test_write_back_does_not_quote_header_values_into_the_log(exam_b, caplog):
+    """Study and patient elements are copied into the synthetic series as they are (the series
+    belongs to the patient's study), without pydicom re-validating them: its warning about a
+    non-conformant value (a birth date written 1965-11-09, common in real exports) would quote
+    the value into the replica's log."""
+    import logging
+    import warnings
+
+    from serve.dicomout import dicom_series
+
+    files = sorted((exam_b / "S700_MRF-FISP_T1_Map").iterdir())
+    h = pydicom.dcmread(files[0], stop_before_pixels=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        h.PatientBirthDate, h.StudyTime = "1965-11-09", "17:31:00"
+    del h.SOPClassUID  # the scan accepts a SOP Class UID given only in the file meta
+    caplog.set_level(logging.DEBUG)
+    caplog.clear()  # the edits above were logged
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = dicom_series(np.zeros((1, h.Rows, h.Columns)), {0: h}, {}, "t1w", {"id": "m"}, 900)
+    said = caplog.text + "\n".join(str(w.message) for w in seen)
+    assert "1965-11-09" not in said and "17:31:00" not in said
+    ds = pydicom.dcmread(io.BytesIO(out[0][1]))
+    assert ds.PatientBirthDate == "1965-11-09" and ds.StudyInstanceUID == h.StudyInstanceUID
 
 
 def test_refuses_a_public_address_without_api_keys(registry):
@@ -428,3 +467,22 @@ def test_serve_config_validates_with_rays_schema(registry):
         build_app({"models": str(registry), "deployments": {"Synth": {}}})
     with pytest.raises(ValueError, match="unknown request limit"):
         build_app({"models": str(registry), "limits": {"max_size": 1}})
+
+
+@pytest.mark.parametrize("model_name", ["SIGNA Premier", "Discovery MR750w"])
+def test_a_site_is_a_scanner_not_a_vendor(exam_b, tmp_path, model_name):
+    """Site B's GE scanner is recognised as site B; another GE model is an unknown site (which
+    gets the pretrained models), not site B with its finetuned ones."""
+    from ingest.service import load_sites
+    from serve.exam import read_exam, unpack
+
+    files = {}
+    for d in sorted(exam_b.glob("S70*")):
+        for f in sorted(d.iterdir()):
+            ds = pydicom.dcmread(f)
+            ds.ManufacturerModelName = model_name
+            b = io.BytesIO()
+            ds.save_as(b, enforce_file_format=True)
+            files[f"{d.name}/{f.name}"] = b.getvalue()
+    exam = read_exam(unpack(_zip(files), tmp_path / "u"), load_sites(None), None, tmp_path / "s")
+    assert exam.site == ("site-B" if model_name == "SIGNA Premier" else None)

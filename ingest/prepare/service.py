@@ -86,29 +86,37 @@ def _check_normalise(norm: dict, where: str) -> str:
 
 # ----------------------------------------------------------------------------- splits
 
-def assign_splits(exams: list[tuple[str, str, str]], cfg: dict) -> dict[tuple[str, str], str]:
-    """Deterministic split of ``(site, subject, cohort)`` exams, per site, in fixed proportions.
+def assign_splits(exams: list[tuple], cfg: dict) -> dict[tuple[str, str], str]:
+    """Deterministic split of ``(site, subject, cohort[, patient])`` exams, per site, in fixed
+    proportions, dealt per patient: every visit of one patient lands in the same split (two
+    visits in finetune and test would leak the patient into the test).
 
-    Exams are ranked by a hash of (seed, pseudonym); the first ``round(n * train_fraction)``
-    train (``finetune`` for a GBM cohort), the rest test; ``val_fraction`` of the training
-    part (at least one exam when it has two or more) is held out for validation. Excluded
-    exams keep their place in the ranking, so excluding one never re-deals the others.
+    Patients are ranked by a hash of (seed, pseudonym) of their first-ranked exam (a patient
+    with one exam: of that exam); the first ``round(n * train_fraction)`` train (``finetune``
+    for a GBM cohort), the rest test; ``val_fraction`` of the training part (at least one
+    patient when it has two or more) is held out for validation. Excluded exams keep their
+    place in the ranking, so excluding one never re-deals the others.
     """
     sp = cfg["split"]
     out = {}
+    rank = lambda subj: hashlib.sha256(f"{cfg['seed']}:{subj}".encode()).hexdigest()  # noqa: E731
     for site in sorted({e[0] for e in exams}):
-        rows = [e for e in exams if e[0] == site]
-        rows.sort(key=lambda e: hashlib.sha256(f"{cfg['seed']}:{e[1]}".encode()).hexdigest())
-        n = len(rows)
+        patients: dict[str, list[tuple]] = {}
+        for e in exams:
+            if e[0] == site:
+                patients.setdefault((e[3] if len(e) > 3 and e[3] else e[1]), []).append(e)
+        order = sorted(patients.values(), key=lambda visits: min(rank(v[1]) for v in visits))
+        n = len(order)
         frac = float(sp["train_fraction"].get(site, 0.5))
         n_train = min(n, max(1 if n > 1 else 0, round(n * frac)))
         n_val = round(n_train * float(sp["val_fraction"]))
         if n_train >= 2:
             n_val = max(1, n_val)
         n_val = min(n_val, n_train - 1) if n_train > 1 else 0
-        for i, (s, subj, cohort) in enumerate(rows):
-            first = "finetune" if cohort == "gbm" else "train"
-            out[(s, subj)] = first if i < n_train - n_val else ("val" if i < n_train else "test")
+        for i, visits in enumerate(order):
+            for s, subj, cohort, *_ in visits:
+                first = "finetune" if cohort == "gbm" else "train"
+                out[(s, subj)] = first if i < n_train - n_val else ("val" if i < n_train else "test")
     return out
 
 
@@ -196,8 +204,14 @@ def input_scaling(contract: dict | None) -> dict | None:
 
 
 def contract_mismatch(model_contract: dict | None, store_contract: dict | None) -> str | None:
-    """Why a model cannot take a store's MRF input, or None. Input values scaled another way
-    would not fail: the model would run and synthesise from numbers that mean something else."""
+    """Why a model cannot take a store's MRF input, or None. Input values scaled another way, or
+    another image size, would not fail: the model would run and synthesise from numbers that
+    mean something else."""
+    sizes = [(c or {}).get("image_size") for c in (model_contract, store_contract)]
+    if None not in sizes and int(sizes[0]) != int(sizes[1]):
+        # a convolutional network runs at any size, on pixels of another size than it learnt
+        return (f"the model was trained on {sizes[0]} x {sizes[0]} prepared images, the stores hold "
+                f"{sizes[1]} x {sizes[1]}: prepare the exams with the model card's image_size")
     a, b = input_scaling(model_contract), input_scaling(store_contract)
     if a is None or b is None or a == b:
         return None
@@ -440,7 +454,7 @@ def prepare(src: Path, dst: Path, report: Path, params: dict, jobs: int | None =
             a = st.attrs
             key = (str(a.get("site") or site), str(a.get("subject") or subject))
             found[key] = (p, st.content_hash())
-            exams.append((*key, str(a.get("cohort", ""))))
+            exams.append((*key, str(a.get("cohort", "")), str(a.get("patient") or "")))
         except Exception as exc:  # noqa: BLE001
             problems[f"{site}/{subject}"] = f"{p}: not a readable exam store ({exc})"
     splits = assign_splits(exams, cfg)
