@@ -1,10 +1,10 @@
 """Finding DICOM files in a tree and grouping them into series.
 
 :func:`scan` walks a folder tree and reads the header of every file (pixel data is
-never read: ``pydicom.dcmread(stop_before_pixels=True)``, which also takes a bare data set without the preamble), returning one
-small, picklable :class:`FileInfo` per DICOM image file and ``(path, reason)`` for
-every file that cannot be ingested (empty, not DICOM, truncated, not an image, a
-symlink loop...).
+never read: ``pydicom.dcmread(stop_before_pixels=True)``, also for a bare data set without
+the preamble), returning one small, picklable :class:`FileInfo` per DICOM image file and
+``(path, reason)`` for every file that cannot be ingested (empty, not DICOM, truncated, not
+an image, a symlink loop...).
 
 :func:`group_series` groups those files into series the way dcm2niix does: by
 (SeriesInstanceUID, SeriesNumber) - several vendors' exports reuse one

@@ -154,7 +154,7 @@ def _header_identity(path: Path) -> tuple[str, str]:
     return str(getattr(ds, "PatientID", "") or ""), str(getattr(ds, "StudyInstanceUID", "") or "")
 
 
-_MS = ("ms", "msec", "millisecond", "milliseconds")
+MS_UNITS = ("ms", "msec", "millisecond", "milliseconds")  # spellings of ms in map headers and stores
 
 
 def _maps_in_ms(vol: np.ndarray, meta: dict) -> tuple[np.ndarray, dict]:
@@ -164,7 +164,7 @@ def _maps_in_ms(vol: np.ndarray, meta: dict) -> tuple[np.ndarray, dict]:
     silently scale every T1 by the ratio of the two)."""
     rwv = meta.get("real_world_value_mapping") or {}
     slope, icpt = meta.get("rescale_slope"), meta.get("rescale_intercept")
-    if (meta.get("units") or "").lower() in _MS or str(rwv.get("units") or "").lower() not in _MS:
+    if (meta.get("units") or "").lower() in MS_UNITS or str(rwv.get("units") or "").lower() not in MS_UNITS:
         return vol, meta
     rs, ri = rwv.get("slope"), rwv.get("intercept")
     if rs is None or slope is None or icpt is None or slope == 0:

@@ -162,7 +162,9 @@ def read_exam(root: Path, sites: dict[str, dict], site: str | None = None, work:
 
 
 def _check_units(role: str, units: str | None) -> None:
-    if units and str(units).lower() not in ("ms", "msec", "millisecond", "milliseconds"):
+    from ingest.service import MS_UNITS
+
+    if units and str(units).lower() not in MS_UNITS:
         raise RequestError(422, "wrong_units", f"{role}: the map is in {units!r}; the models take T1/T2 maps in ms")
 
 
