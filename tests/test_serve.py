@@ -296,21 +296,12 @@ def _nifti_pair(tmp: Path, raw: Path, edit) -> bytes:
     return _zip(files)
 
 
-def _store_with_units(tmp: Path, raw: Path, units: str) -> bytes:
+def _store_edited(tmp: Path, raw: Path, edit) -> bytes:
+    """The exam store of ``raw`` with each map's attributes passed through ``edit``, zipped."""
     from ingest.store import open_store, write_exam_store
 
     st = open_store(raw)
-    arrays = {r: (st.read(r), {**st.attrs_of(r), "units": units}) for r in ("mrf_t1", "mrf_t2")}
-    write_exam_store(tmp / "x.zarr", arrays, dict(st.attrs))
-    return _zip({str(p.relative_to(tmp)): p.read_bytes() for p in (tmp / "x.zarr").rglob("*") if p.is_file()})
-
-
-def _store_without_affine(tmp: Path, raw: Path) -> bytes:
-    from ingest.store import open_store, write_exam_store
-
-    st = open_store(raw)
-    arrays = {r: (st.read(r), {k: v for k, v in st.attrs_of(r).items() if k != "affine_lps"})
-              for r in ("mrf_t1", "mrf_t2")}
+    arrays = {r: (st.read(r), edit(dict(st.attrs_of(r)))) for r in ("mrf_t1", "mrf_t2")}
     write_exam_store(tmp / "x.zarr", arrays, dict(st.attrs))
     return _zip({str(p.relative_to(tmp)): p.read_bytes() for p in (tmp / "x.zarr").rglob("*") if p.is_file()})
 
@@ -325,10 +316,12 @@ BAD = {
                               "not_mrf"),
     "maps in seconds": (lambda ctx: _nifti_pair(ctx["tmp"], ctx["raw"], lambda r, v, a: (v / 1000.0, a)), "", 422,
                         "bad_maps"),
-    "store units not ms": (lambda ctx: _store_with_units(ctx["tmp"], ctx["raw"], "s"), "", 422, "wrong_units"),
+    "store units not ms": (lambda ctx: _store_edited(ctx["tmp"], ctx["raw"], lambda a: {**a, "units": "s"}), "", 422,
+                           "wrong_units"),
     "maps of different shapes": (lambda ctx: _nifti_pair(ctx["tmp"], ctx["raw"], lambda r, v, a: (
         v[:, :-3] if r == "mrf_t2" else v, a)), "", 422, "bad_maps"),
-    "store without affine": (lambda ctx: _store_without_affine(ctx["tmp"], ctx["raw"]), "", 422, "bad_store"),
+    "store without affine": (lambda ctx: _store_edited(ctx["tmp"], ctx["raw"], lambda a: (
+        {k: v for k, v in a.items() if k != "affine_lps"})), "", 422, "bad_store"),
     "a file and a folder of one name": (lambda ctx: _zip({"S1": b"x", "S1/a.dcm": b"y"}), "", 400, "bad_zip"),
     "unknown contrast": (lambda ctx: ctx["zip"], "?contrasts=t1w,dwi", 422, "unknown_contrast"),
     "unknown model": (lambda ctx: ctx["zip"], "?model=unet3d", 404, "no_model"),
