@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 
-__all__ = ["LPS_FROM_RAS", "nifti_to_zyx_lps", "zyx_lps_to_xyz_ras", "compare_to_nifti"]
+__all__ = ["LPS_FROM_RAS", "nifti_to_zyx_lps", "zyx_lps_to_xyz_ras", "compare_to_nifti", "reindexed"]
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
 _ZYX_FROM_XYZ = [2, 1, 0, 3]  # column permutation between (x, y, z) and (z, y, x) affines
@@ -139,3 +139,16 @@ def rot(axis: int, deg: float) -> np.ndarray:
     r = np.eye(3)
     r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
     return r
+
+
+def reindexed(vol: np.ndarray, affine_lps, how: str) -> tuple[np.ndarray, np.ndarray]:
+    """``vol`` (Z, Y, X) stored in another voxel order, with the affine that keeps every voxel
+    where it is in the patient: ``how`` is "rows flipped", "columns flipped", "slices reversed"
+    or "transposed" (rows and columns swapped)."""
+    a = np.asarray(affine_lps, float)
+    m = np.eye(4)                    # new index -> old index
+    if how == "transposed":
+        return vol.transpose(0, 2, 1).copy(), a @ m[[0, 2, 1, 3]].T
+    axis = {"slices reversed": 0, "rows flipped": 1, "columns flipped": 2}[how]
+    m[axis, axis], m[axis, 3] = -1.0, vol.shape[axis] - 1
+    return np.flip(vol, axis).copy(), a @ m

@@ -12,6 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for niftiref
+from niftiref import reindexed  # noqa: E402
+
 from ingest.prepare.grid import denormalise, normalise, resample, standard_grid, to_native
 from ingest.prepare.service import (ExamTask, PrepareError, assign_splits, config, contract_mismatch, input_contract,
                                     prepare, prepare_exam, prepare_inputs)
@@ -231,11 +234,41 @@ def test_slab_average_is_not_a_point_sample():
     out_aff[0, 3] = 12.0
     v, cover = resample(fine, fine_aff, (5, 8, 8), out_aff)
     assert np.allclose(v[1:4], 0.5, atol=0.11) and cover[1:4].min() == 1.0
-    shape, aff = standard_grid((5, 55, 55), out_aff, 64)
+    axial = np.array([[0, 0, 1.0, -27], [0, 1.0, 0, -27], [5.0, 0, 0, 12], [0, 0, 0, 1]])   # (z, y, x) -> (S, P, L)
+    shape, aff = standard_grid((5, 55, 55), axial, 64)
     assert shape == (5, 64, 64)
     # the prepared grid covers the same field of view: its pixel edges meet the native ones
-    assert np.allclose(aff @ [0, -0.5, -0.5, 1], out_aff @ [0, -0.5, -0.5, 1])
-    assert np.allclose(aff @ [0, 63.5, 63.5, 1], out_aff @ [0, 54.5, 54.5, 1])
+    assert np.allclose(aff @ [0, -0.5, -0.5, 1], axial @ [0, -0.5, -0.5, 1])
+    assert np.allclose(aff @ [0, 63.5, 63.5, 1], axial @ [0, 54.5, 54.5, 1])
+
+
+@pytest.mark.parametrize("how", ["rows flipped", "columns flipped", "transposed", "slices reversed"])
+def test_prepared_input_does_not_depend_on_the_stored_voxel_order(raw_pair, how):
+    """The same head stored in another row, column or slice order (another vendor, phase-encoding
+    direction or patient position) must give the model the same input, or a 2D model reads it
+    as a different head; and the result goes back onto the upload's own voxel order."""
+    st = open_store(raw_pair["site-B"])
+    t1, t2, aff = st.read("mrf_t1"), st.read("mrf_t2"), st.attrs_of("mrf_t1")["affine_lps"]
+    a = prepare_inputs(t1, t2, aff, aff, CFG)
+    t1b, affb = reindexed(t1, aff, how)
+    t2b, _ = reindexed(t2, aff, how)
+    b = prepare_inputs(t1b, t2b, affb, affb, CFG)
+    assert b["shape"] == a["shape"]
+    np.testing.assert_allclose(b["affine"], a["affine"], atol=1e-6)
+    assert (a["brain"] != b["brain"]).sum() <= 2
+    np.testing.assert_allclose(b["input"], a["input"], atol=1e-4)
+    back_a, _ = to_native(a["input"][0], a["inversion"])
+    back_b, native_b = to_native(b["input"][0], b["inversion"])
+    np.testing.assert_allclose(native_b, affb)
+    np.testing.assert_allclose(back_b, reindexed(back_a, aff, how)[0], atol=1e-4)
+
+
+def test_maps_in_sagittal_slices_are_refused(raw_pair):
+    st = open_store(raw_pair["site-B"])
+    t1, t2, aff = st.read("mrf_t1"), st.read("mrf_t2"), np.asarray(st.attrs_of("mrf_t1")["affine_lps"], float)
+    sag = aff[:, [2, 1, 0, 3]]        # the slice axis now runs left-right
+    with pytest.raises(PrepareError, match="mrf_t1: the slices are not axial: the slice axis runs left-right"):
+        prepare_inputs(t1, t2, sag, sag, CFG)
 
 
 @pytest.mark.parametrize("case", ["missing_role", "nan_map", "negative_map", "diverged", "empty_brain"])
@@ -311,3 +344,18 @@ def test_visits_of_one_patient_share_a_split():
         assert s[("site-B", f"sub-v{i:02d}")] == s[("site-B", f"sub-b{i:02d}")]
     train = {e[3] for e in visits if s[e[:2]] in ("finetune", "val")}
     assert train.isdisjoint({e[3] for e in visits if s[e[:2]] == "test"})
+
+
+def test_a_slice_on_the_edge_of_the_volume_is_not_lost_to_rounding():
+    """A grid whose slices fall on the native ones up to floating-point error keeps every
+    slice: scipy's "constant" mode drops a point 1e-14 past the last voxel centre."""
+    vol = np.ones((4, 6, 6), np.float32)
+    aff = np.array([[0, 0, 1.0, 0], [0, 1.0, 0, 0], [5.0, 0, 0, 0], [0, 0, 0, 1]])
+    for eps in (-1e-4, -1e-12, 0.0, 1e-12, 1e-4):   # mm: float rounding, an affine kept to 6 decimals
+        out_aff = aff.copy()
+        out_aff[2, 3] += eps          # the slices, a rounding error apart
+        v, cover = resample(vol, aff, vol.shape, out_aff, footprint_mm=[0, 0, 0])
+        assert v.min() == 1.0 and cover.min() == 1.0, eps
+    v, _ = resample(vol, aff, vol.shape, out_aff @ [[1, 0, 0, -1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]],
+                    footprint_mm=[0, 0, 0])
+    assert v[0].max() == 0.0 and v[1:].min() == 1.0    # a slice truly outside stays empty

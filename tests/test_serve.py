@@ -23,6 +23,9 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for niftiref
+from niftiref import reindexed  # noqa: E402
+
 CONTRASTS = ("t1w", "t2w", "t1flair", "t2flair", "swi")
 KEY = "test-key-0123456789"
 LIMITS = {"max_request_bytes": 4 << 20, "max_unpacked_bytes": 64 << 20, "max_ratio": 200, "max_entries": 500}
@@ -245,6 +248,16 @@ def test_nifti_out_and_nifti_and_store_uploads_agree(server, mrf_zip, raw_pair, 
         # NIfTI stores the affine in float32: the resampling moves by at most one 12-bit step
         assert np.abs(got.astype(np.int32) - ref).max() <= (0 if i else 1), i
         assert np.allclose(aff, ref_aff, atol=1e-4)
+    # the same maps with their rows stored the other way up (another phase-encoding direction
+    # or vendor): the same synthesis, written back in the upload's own row order
+    flipped = _nifti_pair(tmp_path, top, lambda r, v, a: reindexed(v, a, "rows flipped"))
+    r = cl.post("/v1/synthesize?contrasts=t1w&site=site-B", content=flipped)
+    assert r.status_code == 200, r.text
+    zipfile.ZipFile(io.BytesIO(r.content)).extractall(tmp_path / "flipped")
+    got, aff = load_nifti_zyx(tmp_path / "flipped" / "t1w.nii.gz")
+    want, want_aff = reindexed(ref, ref_aff, "rows flipped")
+    assert np.allclose(aff, want_aff, atol=1e-4)
+    assert np.abs(got.astype(np.int32) - want).max() <= 1
     r = cl.post("/v1/synthesize?format=dicom", content=pair)
     assert r.status_code == 422 and r.json()["error"]["code"] == "dicom_needs_dicom"
 
@@ -320,6 +333,8 @@ BAD = {
                            "wrong_units"),
     "maps of different shapes": (lambda ctx: _nifti_pair(ctx["tmp"], ctx["raw"], lambda r, v, a: (
         v[:, :-3] if r == "mrf_t2" else v, a)), "", 422, "bad_maps"),
+    "maps in sagittal slices": (lambda ctx: _nifti_pair(ctx["tmp"], ctx["raw"], lambda r, v, a: (v, a[:, [2, 1, 0, 3]])),
+                                "", 422, "bad_maps"),
     "store without affine": (lambda ctx: _store_edited(ctx["tmp"], ctx["raw"], lambda a: (
         {k: v for k, v in a.items() if k != "affine_lps"})), "", 422, "bad_store"),
     "a file and a folder of one name": (lambda ctx: _zip({"S1": b"x", "S1/a.dcm": b"y"}), "", 400, "bad_zip"),

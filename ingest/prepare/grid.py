@@ -2,8 +2,9 @@
 
 A grid is ``(shape, affine)`` with the store convention: the 4x4 affine maps the voxel index
 ``(z, y, x)`` to patient LPS mm. The prepared grid keeps the native MRF slices and resizes
-only in plane, so writing a result back onto the native MRF grid is an in-plane resampling
-plus the inverse intensity scaling (:func:`to_native`).
+only in plane, in one orientation for every exam (:func:`canonical_grid`), so writing a result
+back onto the native MRF grid is an in-plane resampling plus the inverse intensity scaling
+(:func:`to_native`).
 """
 
 from __future__ import annotations
@@ -13,17 +14,66 @@ import math
 import numpy as np
 from scipy import ndimage as ndi
 
-__all__ = ["standard_grid", "resample", "percentile_scale", "apply_scale", "invert_scale", "rate_scale",
+__all__ = ["GridError", "canonical_grid", "standard_grid", "resample", "percentile_scale", "apply_scale", "invert_scale", "rate_scale",
            "invert_rate", "normalise", "denormalise", "to_native"]
 
 
-def standard_grid(native_shape, native_affine, size: int) -> tuple[tuple[int, int, int], np.ndarray]:
-    """The prepared grid: the native slices, ``size x size`` in plane over the same field of view.
+class GridError(ValueError):
+    """A native grid the prepared grid cannot be built on (slices that are not axial, no geometry)."""
 
-    Pixel edges line up with the native ones: prepared pixel j spans native index
+
+_AXIS_NAMES = ("left-right", "anterior-posterior", "superior-inferior")
+
+
+def canonical_grid(native_shape, native_affine) -> tuple[tuple[int, int, int], np.ndarray]:
+    """The same voxels indexed so that ``(z, y, x)`` run as near as they can to (S, P, L).
+
+    A 2D model sees a slice as a picture: trained on slices with anterior at the top and the
+    patient's left on the right, it would read a series stored with its rows flipped (a
+    swapped phase-encoding direction, feet-first or prone positioning, another vendor's row
+    order) as a different head. Only the order of the index axes changes (flips and an
+    in-plane transpose, chosen on the nearest patient axes, so an oblique tilt stays), no
+    voxel is interpolated, and :func:`to_native` undoes it through the affines.
+
+    Raises :class:`GridError` when the slices are not axial (the slice axis is nearest L-R or
+    A-P): the models take axial slices, and reslicing a 5 mm sagittal stack is not the same input.
+    """
+    from nibabel.orientations import io_orientation
+
+    shape = tuple(int(v) for v in native_shape)
+    a = np.asarray(native_affine, float)
+    if a.shape != (4, 4) or not np.isfinite(a).all() or abs(float(np.linalg.det(a[:3, :3]))) < 1e-12:
+        raise GridError("the voxel-to-patient affine is not an invertible 4 x 4 matrix")
+    ornt = io_orientation(a)                 # per index axis: (nearest LPS axis, its sign)
+    if np.isnan(ornt).any():
+        raise GridError("the voxel-to-patient affine has a degenerate axis")
+    world = [int(w) for w in ornt[:, 0]]
+    if world[0] != 2:
+        raise GridError(f"the slices are not axial: the slice axis runs {_AXIS_NAMES[world[0]]}; the models "
+                        "take axial slices")
+    # index axis k of the canonical grid runs along LPS axis 2 - k (S, then P, then L)
+    m = np.zeros((4, 4))
+    m[3, 3] = 1.0
+    out_shape = [0, 0, 0]
+    for i, (w, sign) in enumerate(zip(world, ornt[:, 1])):
+        k = 2 - w
+        out_shape[k] = shape[i]
+        if sign > 0:
+            m[i, k] = 1.0
+        else:                                # native index n - 1 - j for canonical index j
+            m[i, k] = -1.0
+            m[i, 3] = shape[i] - 1
+    return tuple(out_shape), a @ m
+
+
+def standard_grid(native_shape, native_affine, size: int) -> tuple[tuple[int, int, int], np.ndarray]:
+    """The prepared grid: the native slices in :func:`canonical_grid` order, ``size x size`` in
+    plane over the same field of view.
+
+    Pixel edges line up with the native ones: prepared pixel j spans (canonical) native index
     ``[j * Y / size - 0.5, (j + 1) * Y / size - 0.5]``.
     """
-    z, y, x = (int(v) for v in native_shape)
+    (z, y, x), native_affine = canonical_grid(native_shape, native_affine)
     fy, fx = y / size, x / size
     scale = np.array([[1.0, 0, 0, 0],
                       [0, fy, 0, 0.5 * fy - 0.5],
@@ -34,6 +84,19 @@ def standard_grid(native_shape, native_affine, size: int) -> tuple[tuple[int, in
 
 def _offsets(n: int) -> np.ndarray:
     return (np.arange(n) + 0.5) / n - 0.5
+
+
+def _snap(idx: np.ndarray, shape, tol: float = 1e-3) -> np.ndarray:
+    """Index points within ``tol`` outside ``[0, n - 1]`` moved onto the edge voxel. scipy's
+    "constant" mode counts a point 1e-14 past the last voxel centre as outside: a prepared
+    slice that falls exactly on the first or last native slice came out empty or not by
+    rounding alone (half the demo exams lost their first slice that way). ``tol`` covers the
+    affines' own rounding too (stores keep them to 6 decimals, NIfTI in float32)."""
+    for d, n in enumerate(shape):
+        col = idx[:, d]
+        col[(col < 0) & (col > -tol)] = 0.0
+        col[(col > n - 1) & (col < n - 1 + tol)] = n - 1
+    return idx
 
 
 def resample(vol: np.ndarray, vol_affine, out_shape, out_affine, transform=None,
@@ -70,7 +133,7 @@ def resample(vol: np.ndarray, vol_affine, out_shape, out_affine, transform=None,
     inside = np.ones(src.shape, np.float32)
     for k in range(zz):
         pts = (plane + [k, 0, 0])[:, None, :] + offs[None, :, :]           # (P, S, 3)
-        idx = pts.reshape(-1, 3) @ m[:3, :3].T + m[:3, 3]
+        idx = _snap(pts.reshape(-1, 3) @ m[:3, :3].T + m[:3, 3], src.shape)
         v = ndi.map_coordinates(src, idx.T, order=order, mode="constant", cval=0.0, prefilter=order > 1)
         c = ndi.map_coordinates(inside, idx.T, order=1, mode="constant", cval=0.0)
         values[k] = v.reshape(yy, xx, -1).mean(-1)

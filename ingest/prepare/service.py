@@ -24,7 +24,7 @@ import numpy as np
 __all__ = ["PREPARE_VERSION", "PrepareError", "prepare", "prepare_exam", "prepare_inputs", "input_contract",
            "input_scaling", "contract_mismatch", "assign_splits", "DEFAULTS"]
 
-PREPARE_VERSION = "1"
+PREPARE_VERSION = "2"   # 2: the prepared grid has one orientation (grid.canonical_grid)
 INPUT_ROLES = ("mrf_t1", "mrf_t2")
 TARGETS = ("t1w", "t2w", "t1flair", "t2flair", "swi")
 
@@ -235,7 +235,7 @@ def prepare_inputs(t1, t2, t1_affine, t2_affine, cfg: dict) -> dict:
     Raises :class:`PrepareError` for maps that are not a usable T1/T2 pair in ms.
     """
     from ingest.prepare.brainmask import brain_mask
-    from ingest.prepare.grid import normalise, percentile_scale, resample, standard_grid
+    from ingest.prepare.grid import GridError, normalise, percentile_scale, resample, standard_grid
 
     t1, t2 = np.asarray(t1), np.asarray(t2)
     for name, vol in (("mrf_t1", t1), ("mrf_t2", t2)):
@@ -249,7 +249,10 @@ def prepare_inputs(t1, t2, t1_affine, t2_affine, cfg: dict) -> dict:
     brain = brain_mask(t1, cfg["brain_mask"])
     if int(brain.sum()) < int(cfg["brain_mask"]["min_voxels"]):
         raise PrepareError(f"brain mask empty or too small ({int(brain.sum())} voxels): is mrf_t1 a T1 map in ms?")
-    pshape, paff = standard_grid(t1.shape, fixed_aff, int(cfg["image_size"]))
+    try:
+        pshape, paff = standard_grid(t1.shape, fixed_aff, int(cfg["image_size"]))
+    except GridError as exc:
+        raise PrepareError(f"mrf_t1: {exc}") from None
     psp = np.linalg.norm(paff[:3, :3], axis=0)
     inplane = [0.0, float(psp[1]), float(psp[2])]
     pbrain = resample(brain.astype(np.float32), fixed_aff, pshape, paff, footprint_mm=inplane)[0] > 0.5
