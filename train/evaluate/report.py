@@ -148,7 +148,8 @@ def write(folder: Path, rows, region_rows, tables, checks, summary, grids, exams
              f"models trained with params <code>{', '.join(prov['model_params_hashes']) or '–'}</code>"
              f"{' (the working tree had uncommitted changes)' if prov.get('git_dirty') else ''}. "
              f"Metrics as the paper defines them: L = {cfg['data_range']:g}, K1 = {cfg['k1']:g}, K2 = {cfg['k2']:g}, "
-             "inside the brain mask, on the prepared grid; MAE also in scanner units in subjects.csv.</p>"]
+             "inside the brain mask, on the prepared grid, each pooled over the brain voxels of a subject's whole "
+             "volume (not averaged over slices); MAE also in scanner units in subjects.csv.</p>"]
 
     parts.append("<h2>Checks</h2>")
     body = []
