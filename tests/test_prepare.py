@@ -359,3 +359,21 @@ def test_a_slice_on_the_edge_of_the_volume_is_not_lost_to_rounding():
     v, _ = resample(vol, aff, vol.shape, out_aff @ [[1, 0, 0, -1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]],
                     footprint_mm=[0, 0, 0])
     assert v[0].max() == 0.0 and v[1:].min() == 1.0    # a slice truly outside stays empty
+
+
+@pytest.mark.parametrize("how", ["rows flipped", "columns flipped", "transposed", "slices reversed"])
+def test_canonical_grid_of_a_non_square_oblique_grid(how):
+    """Any stored order of one grid (oblique, rows and columns of different lengths) gives one
+    canonical grid: the same shape and the same affine, so the same voxels in the same places."""
+    from ingest.prepare.grid import canonical_grid
+
+    axial = np.array([[0, 0, 0.9, -60], [0, 1.1, 0, -70], [4.0, 0, 0, -20], [0, 0, 0, 1]])
+    aff = rot("x", 12) @ rot("z", -7) @ axial
+    vol = np.arange(3 * 5 * 7, dtype=np.float32).reshape(3, 5, 7)
+    shape, want = canonical_grid(vol.shape, aff)
+    assert shape == (3, 5, 7)
+    np.testing.assert_allclose(want, aff)           # already (S, P, L): nothing to change
+    other, other_aff = reindexed(vol, aff, how)
+    got_shape, got = canonical_grid(other.shape, other_aff)
+    assert got_shape == shape
+    np.testing.assert_allclose(got, want, atol=1e-9)
