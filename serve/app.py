@@ -373,7 +373,7 @@ class Ingress:
             for i, (c, card) in enumerate(cards.items()):
                 record["contrasts"][c] = {"model": card["id"], "weights_sha256": card["weights_sha256"]}
                 if fmt == "nifti":
-                    zf.writestr(f"{c}.nii.gz", nifti_bytes(stored[c], exam.affine))
+                    zf.writestr(f"{c}.nii.gz", nifti_bytes(stored[c], exam.affine, exam.nifti_forms))
                     continue
                 try:
                     files = dicom_series(stored[c], *heads, c, card, series_number=9900 + i)

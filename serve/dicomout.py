@@ -171,12 +171,13 @@ def dicom_series(stored: np.ndarray, t1_at: dict, t2_at: dict, contrast: str, ca
     return out
 
 
-def nifti_bytes(stored: np.ndarray, affine: np.ndarray) -> bytes:
+def nifti_bytes(stored: np.ndarray, affine: np.ndarray, forms: dict | None = None) -> bytes:
+    """``stored`` (Z, Y, X) as a .nii.gz; ``forms``: the upload's own sform/qform (a NIfTI upload)."""
     import tempfile
 
     from ingest.phantom.anatomy import save_nifti
 
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "x.nii.gz"
-        save_nifti(p, stored, np.asarray(affine, float))
+        save_nifti(p, stored, np.asarray(affine, float), forms)
         return p.read_bytes()

@@ -66,6 +66,7 @@ class Exam:
     site: str | None = None                    # a known site whose rules recognised the maps
     sources: dict = field(default_factory=dict)  # role -> [Path] of the DICOM files (dicom only)
     notes: list = field(default_factory=list)    # ignored files and why, for the answer's record
+    nifti_forms: dict | None = None            # the upload's sform/qform and codes (nifti only)
 
 
 # ----------------------------------------------------------------------------- unpacking
@@ -189,8 +190,13 @@ def _read_store(root: Path, site: str | None) -> Exam:
                 site=site or st.attrs.get("site"))
 
 
+_NIFTI_AXES = ("left-right", "anterior-posterior", "superior-inferior")
+
+
 def _read_nifti(root: Path, site: str | None) -> Exam:
-    from ingest.phantom.anatomy import load_nifti_zyx
+    from nibabel.orientations import io_orientation
+
+    from ingest.phantom.anatomy import load_nifti_zyx, nifti_forms
 
     files = sorted(p for p in root.rglob("*") if p.name.endswith((".nii", ".nii.gz")))
     pick = {}
@@ -200,16 +206,28 @@ def _read_nifti(root: Path, site: str | None) -> Exam:
             raise RequestError(422, "not_mrf", f"NIfTI upload: need exactly one file named like *{tag}*.nii[.gz] "
                                f"(found {len(hits)} among {len(files)})")
         pick[role] = hits[0]
-    out = {}
+    out, forms = {}, {}
     for role, p in pick.items():
         try:
+            forms[role] = nifti_forms(p)
             data, aff = load_nifti_zyx(p)
         except Exception as exc:  # noqa: BLE001 - nibabel raises many kinds for a broken file
             raise RequestError(422, "bad_nifti", f"{p.name}: not a readable NIfTI image ({exc})") from None
         if data.ndim != 3:
             raise RequestError(422, "wrong_shape", f"{p.name}: a {data.ndim}-D image; an MRF map is one volume")
+        if forms[role]["sform_code"] == 0 and forms[role]["qform_code"] == 0:
+            # nibabel would make an orientation up from the voxel sizes: anterior could be posterior
+            raise RequestError(422, "no_geometry", f"{p.name}: the header gives no patient orientation (sform_code "
+                               "and qform_code 0); export the map with its scanner geometry")
+        runs = _NIFTI_AXES[int(io_orientation(aff)[0, 0])] if np.isfinite(aff).all() else None
+        if runs and runs != "superior-inferior":
+            # NIfTI's third axis holds the slices (as dcm2niix writes them); taking another axis
+            # for them would cut a sagittal or coronal stack into axial slices unasked
+            raise RequestError(422, "bad_maps", f"{p.name}: the NIfTI's third axis (the slices) runs {runs}; the "
+                               "models take axial MRF slices, stored along the third axis")
         out[role] = (np.asarray(data, np.float32), aff)
-    return Exam("nifti", out["mrf_t1"][0], out["mrf_t2"][0], out["mrf_t1"][1], out["mrf_t2"][1], site=site)
+    return Exam("nifti", out["mrf_t1"][0], out["mrf_t2"][0], out["mrf_t1"][1], out["mrf_t2"][1], site=site,
+                nifti_forms=forms["mrf_t1"])
 
 
 def _read_dicom(root: Path, sites: dict[str, dict], site: str | None, work: Path) -> Exam:

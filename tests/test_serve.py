@@ -221,7 +221,9 @@ def test_pixels_match_the_offline_synthesis(answer, offline, registry):
 
 
 def test_nifti_out_and_nifti_and_store_uploads_agree(server, mrf_zip, raw_pair, tmp_path):
-    from ingest.phantom.anatomy import load_nifti_zyx, save_nifti
+    import nibabel as nib
+
+    from ingest.phantom.anatomy import RAS_TO_LPS, load_nifti_zyx, save_nifti
     from ingest.store import open_store
 
     cl = server["client"]
@@ -258,6 +260,24 @@ def test_nifti_out_and_nifti_and_store_uploads_agree(server, mrf_zip, raw_pair, 
     want, want_aff = reindexed(ref, ref_aff, "rows flipped")
     assert np.allclose(aff, want_aff, atol=1e-4)
     assert np.abs(got.astype(np.int32) - want).max() <= 1
+    # an aligned sform (code 2, 10 mm off) beside the scanner qform, rows and columns swapped:
+    # the same synthesis, in the upload's voxel order, with the upload's own forms
+    def shifted(a):
+        ras = RAS_TO_LPS @ a[:, [2, 1, 0, 3]]          # (z, y, x) LPS -> NIfTI's (x, y, z) RAS
+        aligned = ras.copy()
+        aligned[0, 3] += 10.0
+        return {"sform": aligned, "sform_code": 2, "qform": ras, "qform_code": 1}
+
+    body = _nifti_pair(tmp_path, top, lambda r, v, a: reindexed(v, a, "transposed"), forms=shifted)
+    r = cl.post("/v1/synthesize?contrasts=t1w&site=site-B", content=body)
+    assert r.status_code == 200, r.text
+    zipfile.ZipFile(io.BytesIO(r.content)).extractall(tmp_path / "sideways")
+    got, _ = load_nifti_zyx(tmp_path / "sideways" / "t1w.nii.gz")
+    assert np.abs(got.transpose(0, 2, 1).astype(np.int32) - ref).max() <= 1
+    sent, back = (nib.load(str(p)).header for p in (tmp_path / "mrf_t1.nii.gz", tmp_path / "sideways" / "t1w.nii.gz"))
+    for form in ("get_sform", "get_qform"):
+        (a, ca), (b, cb) = getattr(sent, form)(coded=True), getattr(back, form)(coded=True)
+        assert ca == cb and np.allclose(a, b, atol=1e-4), form
     r = cl.post("/v1/synthesize?format=dicom", content=pair)
     assert r.status_code == 422 and r.json()["error"]["code"] == "dicom_needs_dicom"
 
@@ -295,7 +315,9 @@ def _traversal() -> bytes:
     return buf.getvalue()
 
 
-def _nifti_pair(tmp: Path, raw: Path, edit) -> bytes:
+def _nifti_pair(tmp: Path, raw: Path, edit, forms=None) -> bytes:
+    """The MRF maps of ``raw`` as a zipped NIfTI pair, each ``(vol, affine) = edit(role, vol, affine)``,
+    written with ``forms(affine)`` as their sform/qform when given (see ``save_nifti``)."""
     from ingest.phantom.anatomy import save_nifti
     from ingest.store import open_store
 
@@ -304,7 +326,7 @@ def _nifti_pair(tmp: Path, raw: Path, edit) -> bytes:
     for role in ("mrf_t1", "mrf_t2"):
         vol, aff = edit(role, st.read(role), np.asarray(st.attrs_of(role)["affine_lps"]))
         p = tmp / f"{role}.nii.gz"
-        save_nifti(p, vol, aff)
+        save_nifti(p, vol, aff, forms(aff) if forms else None)
         files[f"{role}.nii.gz"] = p.read_bytes()
     return _zip(files)
 
@@ -333,8 +355,12 @@ BAD = {
                            "wrong_units"),
     "maps of different shapes": (lambda ctx: _nifti_pair(ctx["tmp"], ctx["raw"], lambda r, v, a: (
         v[:, :-3] if r == "mrf_t2" else v, a)), "", 422, "bad_maps"),
+    "NIfTI without orientation": (lambda ctx: _nifti_pair(ctx["tmp"], ctx["raw"], lambda r, v, a: (v, a), forms=lambda a: {
+        "sform": None, "sform_code": 0, "qform": None, "qform_code": 0}), "", 422, "no_geometry"),
     "maps in sagittal slices": (lambda ctx: _nifti_pair(ctx["tmp"], ctx["raw"], lambda r, v, a: (v, a[:, [2, 1, 0, 3]])),
                                 "", 422, "bad_maps"),
+    "a store of sagittal maps": (lambda ctx: _store_edited(ctx["tmp"], ctx["raw"], lambda a: {
+        **a, "affine_lps": np.asarray(a["affine_lps"])[:, [2, 1, 0, 3]].tolist()}), "", 422, "bad_maps"),
     "store without affine": (lambda ctx: _store_edited(ctx["tmp"], ctx["raw"], lambda a: (
         {k: v for k, v in a.items() if k != "affine_lps"})), "", 422, "bad_store"),
     "a file and a folder of one name": (lambda ctx: _zip({"S1": b"x", "S1/a.dcm": b"y"}), "", 400, "bad_zip"),
