@@ -190,13 +190,9 @@ def _read_store(root: Path, site: str | None) -> Exam:
                 site=site or st.attrs.get("site"))
 
 
-_NIFTI_AXES = ("left-right", "anterior-posterior", "superior-inferior")
-
-
 def _read_nifti(root: Path, site: str | None) -> Exam:
-    from nibabel.orientations import io_orientation
-
     from ingest.phantom.anatomy import load_nifti_zyx, nifti_forms
+    from ingest.prepare.grid import GridError, canonical_grid
 
     files = sorted(p for p in root.rglob("*") if p.name.endswith((".nii", ".nii.gz")))
     pick = {}
@@ -219,12 +215,14 @@ def _read_nifti(root: Path, site: str | None) -> Exam:
             # nibabel would make an orientation up from the voxel sizes: anterior could be posterior
             raise RequestError(422, "no_geometry", f"{p.name}: the header gives no patient orientation (sform_code "
                                "and qform_code 0); export the map with its scanner geometry")
-        runs = _NIFTI_AXES[int(io_orientation(aff)[0, 0])] if np.isfinite(aff).all() else None
-        if runs and runs != "superior-inferior":
-            # NIfTI's third axis holds the slices (as dcm2niix writes them); taking another axis
-            # for them would cut a sagittal or coronal stack into axial slices unasked
-            raise RequestError(422, "bad_maps", f"{p.name}: the NIfTI's third axis (the slices) runs {runs}; the "
-                               "models take axial MRF slices, stored along the third axis")
+        try:
+            if np.isfinite(aff).all() and abs(float(np.linalg.det(aff[:3, :3]))) >= 1e-9:  # else: read_exam's check
+                canonical_grid(data.shape, aff)
+        except GridError as exc:
+            # the slices are NIfTI's third axis, as dcm2niix writes them: taking another axis for
+            # them would cut a sagittal or coronal stack into axial slices unasked
+            raise RequestError(422, "bad_maps", f"{p.name}: {exc} (a NIfTI holds its slices along its third "
+                               "axis)") from None
         out[role] = (np.asarray(data, np.float32), aff)
     return Exam("nifti", out["mrf_t1"][0], out["mrf_t2"][0], out["mrf_t1"][1], out["mrf_t2"][1], site=site,
                 nifti_forms=forms["mrf_t1"])
