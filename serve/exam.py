@@ -156,10 +156,14 @@ def read_exam(root: Path, sites: dict[str, dict], site: str | None = None, work:
     else:
         exam = _read_dicom(root, sites, site, work or root.parent / "store")
     for role, a in (("mrf_t1", exam.affine), ("mrf_t2", exam.t2_affine)):
-        if not np.isfinite(a).all() or abs(float(np.linalg.det(a[:3, :3]))) < 1e-9:
-            raise RequestError(422, "bad_maps", f"{role}: its voxel-to-patient affine is singular (a zero-length "
-                               "or collapsed axis): no geometry to write the results back on")
+        _check_affine(role, a)
     return exam
+
+
+def _check_affine(what: str, a: np.ndarray) -> None:
+    if not np.isfinite(a).all() or abs(float(np.linalg.det(a[:3, :3]))) < 1e-9:
+        raise RequestError(422, "bad_maps", f"{what}: its voxel-to-patient affine is singular (a zero-length "
+                           "or collapsed axis): no geometry to write the results back on")
 
 
 def _check_units(role: str, units: str | None) -> None:
@@ -215,9 +219,9 @@ def _read_nifti(root: Path, site: str | None) -> Exam:
             # nibabel would make an orientation up from the voxel sizes: anterior could be posterior
             raise RequestError(422, "no_geometry", f"{p.name}: the header gives no patient orientation (sform_code "
                                "and qform_code 0); export the map with its scanner geometry")
+        _check_affine(p.name, aff)
         try:
-            if np.isfinite(aff).all() and abs(float(np.linalg.det(aff[:3, :3]))) >= 1e-9:  # else: read_exam's check
-                canonical_grid(data.shape, aff)
+            canonical_grid(data.shape, aff)
         except GridError as exc:
             # the slices are NIfTI's third axis, as dcm2niix writes them: taking another axis for
             # them would cut a sagittal or coronal stack into axial slices unasked

@@ -357,6 +357,8 @@ BAD = {
         v[:, :-3] if r == "mrf_t2" else v, a)), "", 422, "bad_maps"),
     "NIfTI without orientation": (lambda ctx: _nifti_pair(ctx["tmp"], ctx["raw"], lambda r, v, a: (v, a), forms=lambda a: {
         "sform": None, "sform_code": 0, "qform": None, "qform_code": 0}), "", 422, "no_geometry"),
+    "NIfTI with a collapsed axis": (lambda ctx: _nifti_pair(ctx["tmp"], ctx["raw"], lambda r, v, a: (v, a), forms=lambda a: {
+        "sform": np.diag([0.0, 1.0, 1.0, 1.0]), "sform_code": 1, "qform": None, "qform_code": 0}), "", 422, "bad_maps"),
     "maps in sagittal slices": (lambda ctx: _nifti_pair(ctx["tmp"], ctx["raw"], lambda r, v, a: (v, a[:, [2, 1, 0, 3]])),
                                 "", 422, "bad_maps"),
     "a store of sagittal maps": (lambda ctx: _store_edited(ctx["tmp"], ctx["raw"], lambda a: {
