@@ -23,6 +23,8 @@ def load_catalog(models: Path | str, cards: list[str] | None = None) -> tuple[di
     """``{id: card}`` of every servable card under ``models`` (or only the ids in ``cards``),
     and the reasons the others are not served. Weights are checked when a model is loaded."""
     from ingest import storage
+    from ingest.prepare.grid import ORIENTATION
+    from ingest.prepare.service import orientation_mismatch
     from train.registry import RegistryError, find_cards, read_card
 
     if storage.is_url(models):
@@ -50,6 +52,10 @@ def load_catalog(models: Path | str, cards: list[str] | None = None) -> tuple[di
             continue
         if not isinstance(card.get("input"), dict):
             skipped.append(f"{mid}: the card has no input contract (trained before it was recorded): retrain it")
+            continue
+        why = orientation_mismatch(card["input"], ORIENTATION)  # serve prepares every exam in that order
+        if why:
+            skipped.append(f"{mid}: {why}")
             continue
         found[mid] = {**card, "id": mid}
     if cards is not None:

@@ -215,6 +215,11 @@ def test_contract_mismatch_names_both_scalings():
     # pixels of another size: the network would run on them, and synthesise at the wrong scale
     why = contract_mismatch(rate, {**rate, "image_size": 2 * rate["image_size"]})
     assert f"trained on {rate['image_size']} x {rate['image_size']}" in why
+    # slices in another index order: a 2D model would read them as a turned picture
+    before = {k: v for k, v in rate.items() if k != "orientation"}   # a card from before prepare version 2
+    why = contract_mismatch(before, rate)
+    assert "own voxel order" in why and "towards SPL" in why and "retrain" in why
+    assert contract_mismatch(before, before) is None and contract_mismatch(rate, {**rate, "orientation": "SPL"}) is None
 
 
 @pytest.mark.parametrize("norm, why", [({"inputs": "zscore"}, "expected 'rate' or 'percentiles'"),

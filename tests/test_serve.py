@@ -74,6 +74,10 @@ def registry(tmp_path_factory):
         "input": contract})
     reg.save(root / "pretrain" / "cgan" / "t1w", m.generator, {
         "architecture": "qsnet", "build": m.config, "contrast": "t1w", "inputs": "mrf", "stage": "pretrain"})
+    # trained before prepare indexed every grid in one order: its slices may have been turned
+    reg.save(root / "pretrain" / "resunet" / "t1w", m.generator, {
+        "architecture": "qsnet", "build": m.config, "contrast": "t1w", "inputs": "mrf", "stage": "pretrain",
+        "input": {k: v for k, v in contract.items() if k != "orientation"}})
     return root
 
 
@@ -289,6 +293,7 @@ def test_models_health_and_openapi(server):
     assert ids == sorted(f"{s}/qsnet/{c}" for s in ("pretrain", "finetune") for c in CONTRASTS)
     assert not any("_path" in m for m in doc["models"])
     assert any("qsnet-mri" in w for w in doc["not_served"]) and any("input contract" in w for w in doc["not_served"])
+    assert any(w.startswith("pretrain/resunet/t1w: ") and "own voxel order" in w for w in doc["not_served"])
     assert cl.get("/healthz").json() == {"status": "ok"}
     assert cl.get("/readyz").json()["status"] == "ready"
     spec = cl.get("/openapi.json").json()

@@ -14,7 +14,7 @@ import math
 import numpy as np
 from scipy import ndimage as ndi
 
-__all__ = ["GridError", "canonical_grid", "standard_grid", "resample", "percentile_scale", "apply_scale", "invert_scale", "rate_scale",
+__all__ = ["GridError", "ORIENTATION", "canonical_grid", "standard_grid", "resample", "percentile_scale", "apply_scale", "invert_scale", "rate_scale",
            "invert_rate", "normalise", "denormalise", "to_native"]
 
 
@@ -23,6 +23,11 @@ class GridError(ValueError):
 
 
 _AXIS_NAMES = ("left-right", "anterior-posterior", "superior-inferior")
+
+# The prepared grid's index order, (z, y, x) running towards S, P and L (nibabel's axis codes).
+# Input contracts carry it: a model that learnt slices in another order would run on these
+# and synthesise from a turned picture, so it is refused instead.
+ORIENTATION = "SPL"
 
 
 def canonical_grid(native_shape, native_affine) -> tuple[tuple[int, int, int], np.ndarray]:

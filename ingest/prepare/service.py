@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["PREPARE_VERSION", "PrepareError", "prepare", "prepare_exam", "prepare_inputs", "input_contract",
-           "input_scaling", "contract_mismatch", "assign_splits", "DEFAULTS"]
+           "input_scaling", "contract_mismatch", "orientation_mismatch", "assign_splits", "DEFAULTS"]
 
 PREPARE_VERSION = "2"   # 2: the prepared grid has one orientation (grid.canonical_grid)
 INPUT_ROLES = ("mrf_t1", "mrf_t2")
@@ -187,8 +187,27 @@ def _remove_store(path: Path) -> None:
 def input_contract(cfg: dict) -> dict:
     """What a model trained on this profile's stores expects as input: the settings that turn
     two MRF maps into its input (the model card carries it, so serving needs no params file)."""
+    from ingest.prepare.grid import ORIENTATION
+
     return {"channels": list(INPUT_ROLES), "units": "ms", "image_size": int(cfg["image_size"]),
-            **{k: cfg[k] for k in ("brain_mask", "normalise", "mrf_check")}}
+            "orientation": ORIENTATION, **{k: cfg[k] for k in ("brain_mask", "normalise", "mrf_check")}}
+
+
+def _say_orientation(code: str | None) -> str:
+    return (f"slices indexed towards {code}" if code else
+            f"the series' own voxel order (prepare before version {PREPARE_VERSION})")
+
+
+def orientation_mismatch(model_contract: dict | None, orientation: str | None) -> str | None:
+    """Why a model cannot take inputs whose slices are indexed in ``orientation``, or None.
+    A 2D model reads a slice as a picture: rows flipped are another head to it."""
+    if not isinstance(model_contract, dict):
+        return None
+    have = model_contract.get("orientation")
+    if have == orientation:
+        return None
+    return (f"the model was trained on {_say_orientation(have)}, its input here has "
+            f"{_say_orientation(orientation)}: retrain it on exams prepared by this version")
 
 
 def input_scaling(contract: dict | None) -> dict | None:
@@ -207,6 +226,10 @@ def contract_mismatch(model_contract: dict | None, store_contract: dict | None) 
     """Why a model cannot take a store's MRF input, or None. Input values scaled another way, or
     another image size, would not fail: the model would run and synthesise from numbers that
     mean something else."""
+    if isinstance(store_contract, dict):
+        why = orientation_mismatch(model_contract, store_contract.get("orientation"))
+        if why:
+            return why
     sizes = [(c or {}).get("image_size") for c in (model_contract, store_contract)]
     if None not in sizes and int(sizes[0]) != int(sizes[1]):
         # a convolutional network runs at any size, on pixels of another size than it learnt
