@@ -145,6 +145,13 @@ def test_registry_round_trip_and_bad_files(tmp_path):
     x = torch.rand(1, 2, 64, 64)
     model.generator.eval()
     assert torch.equal(g(x), model.generator(x))
+    # a card whose build config is broken or names another architecture: refused, naming the card
+    doc = registry.read_card(card)
+    for build_cfg, why in (({**model.config, "arch": "unet9"}, "bad build config .unknown architecture 'unet9'"),
+                           ({k: v for k, v in model.config.items() if k != "arch"}, "bad build config"),
+                           ({**model.config, "arch": "resunet"}, "the card says 'qsnet', its build config 'resunet'")):
+        with pytest.raises(registry.RegistryError, match=f"card.json: {why}"):
+            registry.load({**doc, "build": build_cfg})
     (tmp_path / "m" / "model.pt").write_bytes(b"garbage")
     with pytest.raises(registry.RegistryError, match="model.pt: sha256 differs"):
         registry.load(card)
@@ -173,3 +180,25 @@ def test_split_runs_balances_cost_and_keeps_order():
     cost = [sum({"qsnet": 21, "resunet": 15, "cgan": 11, "swin": 45}[r["arch"]] for r in g) for g in groups]
     assert max(cost) - min(cost) <= 45
     assert split_runs(runs[:1], 2) == [runs[:1]]
+
+
+def test_worker_loaders_validate_each_slice_once_and_shuffle_by_seed_and_epoch(tmp_path):
+    from test_train_data import fake_prepared
+
+    from train.distributed import _loaders
+
+    tr = [str(p) for p in fake_prepared(tmp_path / "a", n=2, z=5, size=32, split="train", prefix="tr")]
+    va = [str(p) for p in fake_prepared(tmp_path / "b", n=1, z=5, size=32, split="val", prefix="va")]
+    run = {"contrast": "t1w", "inputs": "mrf", "train_stores": tr, "val_stores": va}
+    cfg = {"seed": 3, "batch_size": 2}
+    # two workers share the validation slices, none counted twice (a padded DistributedSampler repeats one)
+    n_val = len(_loaders(run, cfg)[2].dataset)
+    assert n_val % 2 == 1 and sum(len(_loaders(run, cfg, r, 2)[2].dataset) for r in range(2)) == n_val
+
+    def order(epoch, seed=3):
+        _, train, _ = _loaders(run, {**cfg, "seed": seed})
+        train.sampler.set_epoch(epoch)
+        return list(train.sampler)
+
+    # a fresh process (a resumed run) at epoch 2 sees epoch 2's order, not epoch 0's
+    assert order(2) == order(2) and order(2) != order(0) and order(2, seed=4) != order(2)

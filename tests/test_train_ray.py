@@ -103,3 +103,76 @@ def test_missing_stores_and_small_images_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="at least 64 x 64"):
         run_stage("pretrain", PARAMS, small / "p", tmp_path / "m", tmp_path / "r", tmp_path / "runs")
 
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, monkeypatch):
+    """The worker loop without Ray (its ray.train calls stood in for): a failure at epoch 2 and a
+    resume from the last checkpoint give the same history and weights as no failure. Each
+    epoch's shuffle must follow (seed, epoch): a resumed process replaying epoch 0's order
+    trained on another sequence of batches and ended with other weights."""
+    import contextlib
+    import io
+    import tempfile
+
+    import ray.train
+    import ray.train.torch
+
+    from train import distributed
+
+    class Ckpt:
+        def __init__(self, blob):
+            self.blob = blob
+
+        @classmethod
+        def from_directory(cls, d):
+            return cls((Path(d) / distributed.CKPT).read_bytes())
+
+        @contextlib.contextmanager
+        def as_directory(self):
+            with tempfile.TemporaryDirectory() as d:
+                (Path(d) / distributed.CKPT).write_bytes(self.blob)
+                yield d
+
+    class Ctx:
+        def get_world_rank(self):
+            return 0
+
+        def get_world_size(self):
+            return 1
+
+    reported: list = []
+    resume: list = [None]
+    monkeypatch.setattr(ray.train, "get_context", lambda: Ctx())
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: resume[0])
+    monkeypatch.setattr(ray.train, "Checkpoint", Ckpt)
+    monkeypatch.setattr(ray.train, "report", lambda m, checkpoint=None: reported.append((m, checkpoint)))
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
+    train_stores = fake_prepared(tmp_path / "a", n=2, z=6, size=32, split="train", prefix="tr")
+    val_stores = fake_prepared(tmp_path / "b", n=1, z=6, size=32, split="val", prefix="va")
+    name = "pretrain/qsnet/t1w"
+
+    def config(root):
+        return {"width": 4, "depth": 4, "epochs": 4, "batch_size": 2, "lr": 1e-3, "betas": [0.5, 0.999],
+                "plateau_factor": 0.5, "plateau_after_epoch": 0, "ds_weights": [0.5, 0.25], "adv_weight": 0.01,
+                "augment": True, "checkpoint_every": 1, "amp": False, "seed": 0, "ema_decay": 0.9,
+                "name": "run", "storage": str(root), "torch_threads": 1,
+                "runs": [{"name": name, "arch": "qsnet", "contrast": "t1w", "inputs": "mrf",
+                          "train_stores": [str(p) for p in train_stores], "val_stores": [str(p) for p in val_stores]}]}
+
+    def outcome(root):
+        vals = [m["val_l1"] for m, _ in reported]
+        return vals, torch.load(root / "run" / "best" / (name.replace("/", "__") + ".pt"), weights_only=True)
+
+    monkeypatch.delenv("QSNET_FAIL_AT_EPOCH", raising=False)
+    distributed.train_loop_per_worker(config(tmp_path / "whole"))
+    vals_a, best_a = outcome(tmp_path / "whole")
+    reported.clear()
+    monkeypatch.setenv("QSNET_FAIL_AT_EPOCH", "2")
+    with pytest.raises(RuntimeError, match="injected failure at epoch 2"):
+        distributed.train_loop_per_worker(config(tmp_path / "broken"))
+    resume[0] = [c for _, c in reported if c is not None][-1]
+    distributed.train_loop_per_worker(config(tmp_path / "broken"))
+    vals_b, best_b = outcome(tmp_path / "broken")
+    assert [m["resumed_from_epoch"] for m, _ in reported[-2:]] == [2, 2]
+    assert vals_b == vals_a
+    assert best_a.keys() == best_b.keys() and all(torch.equal(best_a[k], best_b[k]) for k in best_a)

@@ -3,8 +3,8 @@ of the stage (each architecture x contrast its own model, one after the other).
 
 One run per stage, not one per model: starting a Ray Train run costs about 25 s on a 2-core
 machine, more than a demo model takes to train. Each worker builds the same model, wraps it
-in DDP (``prepare_model``), reads its own shard of slices (``prepare_data_loader`` installs a
-DistributedSampler) and reports metrics every epoch (``ray.train.report``). Rank 0 reports a
+in DDP (``prepare_model``), reads its own shard of slices (a DistributedSampler seeded from
+params and reshuffled per epoch, so a resumed run sees the same order) and reports metrics every epoch (``ray.train.report``). Rank 0 reports a
 checkpoint every ``checkpoint_every`` epochs and after each model: where the finished models'
 best weights are (written once each, under the run's storage folder, ``best/``), and the
 current model's trainer state (weights, both optimisers, the plateau
@@ -33,18 +33,26 @@ CKPT = "stage.pt"
 REPORT_EVERY_S = 10.0
 
 
-def _loaders(run: dict, config: dict):
+def _loaders(run: dict, config: dict, rank: int = 0, world: int = 1):
     import torch
+    from torch.utils.data.distributed import DistributedSampler
 
     from train.data import SliceDataset
 
     common = dict(contrasts=[run["contrast"]], inputs=run["inputs"])
     train_ds = SliceDataset(run["train_stores"], augment=config.get("augment") or None, seed=config["seed"], **common)
     val_ds = SliceDataset(run["val_stores"], **common) if run["val_stores"] else None
-    g = torch.Generator().manual_seed(config["seed"])
-    train = torch.utils.data.DataLoader(train_ds, batch_size=config["batch_size"], shuffle=True,
-                                        num_workers=config.get("loader_workers", 0), generator=g)
-    val = torch.utils.data.DataLoader(val_ds, batch_size=config["batch_size"]) if val_ds is not None else None
+    # The shuffle is a function of (seed, epoch) through set_epoch, so a run resumed at epoch k
+    # sees epoch k's order, as the uninterrupted run did (a generator seeded once per process
+    # replayed epoch 0's). Given explicitly, Ray's prepare_data_loader would put in its own
+    # sampler with seed 0 and ignore the params' seed.
+    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=int(config["seed"]))
+    train = torch.utils.data.DataLoader(train_ds, batch_size=config["batch_size"], sampler=sampler,
+                                        num_workers=config.get("loader_workers", 0))
+    # each worker validates every world-th slice, none twice: a DistributedSampler pads the
+    # shards with repeats, and the summed validation loss would count those
+    val = (torch.utils.data.DataLoader(val_ds.shard(rank, world), batch_size=config["batch_size"])
+           if val_ds is not None else None)
     return train_ds, train, val
 
 
@@ -100,17 +108,13 @@ def train_loop_per_worker(config: dict) -> None:
                                             map_location=device, weights_only=True))
         if world > 1:
             tr.wrap(lambda m: ray.train.torch.prepare_model(m))
-        train_ds, train, val = _loaders(run, c)
-        if world > 1:
-            train = ray.train.torch.prepare_data_loader(train)
-            val = ray.train.torch.prepare_data_loader(val) if val is not None else None
+        train_ds, train, val = _loaders(run, c, rank, world)
         for epoch in range(tr.epoch, c["epochs"]):
             if fail_at is not None and epoch == int(fail_at) and rank == 0 and not storage.exists(marker):
                 storage.write_bytes(marker, f"{run['name']} {epoch}".encode())
                 raise RuntimeError(f"injected failure at epoch {epoch} of {run['name']} (QSNET_FAIL_AT_EPOCH)")
             train_ds.set_epoch(epoch)
-            if hasattr(getattr(train, "sampler", None), "set_epoch"):
-                train.sampler.set_epoch(epoch)
+            train.sampler.set_epoch(epoch)
             wall_start = time.time()
             t0 = time.perf_counter()
             sums: dict[str, float] = {}

@@ -100,7 +100,15 @@ def load(card: Path | str | dict, device: str | torch.device = "cpu") -> nn.Modu
         raise RegistryError(f"{weights}: weights file named by the card is missing")
     if _sha256(weights) != doc["weights_sha256"]:
         raise RegistryError(f"{weights}: sha256 differs from the card's: the file was changed or damaged")
-    model = build(**doc["build"])
+    cfg = doc["build"]
+    try:
+        model = build(**cfg)
+    except (TypeError, ValueError) as exc:
+        raise RegistryError(f"{doc['_path']}: bad build config ({exc})") from None
+    if cfg.get("arch") != doc["architecture"]:
+        # weights of one architecture can fit another's build only by accident; the card's word is what serve shows
+        raise RegistryError(f"{doc['_path']}: the card says {doc['architecture']!r}, its build config "
+                            f"{cfg.get('arch')!r}")
     try:
         state = torch.load(weights, map_location=device, weights_only=True)
         model.generator.load_state_dict(state)
