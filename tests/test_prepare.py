@@ -215,6 +215,10 @@ def test_contract_mismatch_names_both_scalings():
     # pixels of another size: the network would run on them, and synthesise at the wrong scale
     why = contract_mismatch(rate, {**rate, "image_size": 2 * rate["image_size"]})
     assert f"trained on {rate['image_size']} x {rate['image_size']}" in why
+    # pixels of another size in mm: the same head would be another size to the model
+    assert "trained on 4 mm pixels, the stores hold 2 mm pixels" in contract_mismatch(rate, {**rate, "pixel_mm": 2.0})
+    assert "pixels spanning each exam's field of view" in contract_mismatch(
+        rate, {k: v for k, v in rate.items() if k != "pixel_mm"})
     # slices in another index order: a 2D model would read them as a turned picture
     before = {k: v for k, v in rate.items() if k != "orientation"}   # a card from before prepare version 2
     why = contract_mismatch(before, rate)
@@ -266,6 +270,32 @@ def test_prepared_input_does_not_depend_on_the_stored_voxel_order(raw_pair, how)
     back_b, native_b = to_native(b["input"][0], b["inversion"])
     np.testing.assert_allclose(native_b, affb)
     np.testing.assert_allclose(back_b, reindexed(back_a, aff, how)[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("pad, why", [(((0, 0), (8, 8), (8, 8)), None),      # a larger field of view
+                                      (((0, 0), (0, 0), (20, 20)), None),     # wider than tall
+                                      (((0, 0), (0, 0), (0, 40)), "the brain reaches outside the prepared 256 mm")])
+def test_prepared_pixels_keep_their_size_whatever_the_field_of_view(raw_pair, pad, why):
+    """The same head in a larger or non-square field of view gives the model the same input: over
+    each exam's own field of view it would see the head shrunk or squashed. A head that the fixed
+    field of view would cut is refused, not cropped."""
+    st = open_store(raw_pair["site-B"])
+    t1, t2 = st.read("mrf_t1"), st.read("mrf_t2")
+    aff = np.asarray(st.attrs_of("mrf_t1")["affine_lps"], float)
+    a = prepare_inputs(t1, t2, aff, aff, CFG)
+    shift = np.eye(4)
+    shift[:3, 3] = [-before for before, _ in pad]
+    big = aff @ shift                                     # index 0 of the padded volume lies `before` voxels out
+    t1b, t2b = (np.pad(v, pad) for v in (t1, t2))
+    if why:
+        with pytest.raises(PrepareError, match=why):
+            prepare_inputs(t1b, t2b, big, big, CFG)
+        return
+    b = prepare_inputs(t1b, t2b, big, big, CFG)
+    np.testing.assert_allclose(b["affine"], a["affine"], atol=1e-6)
+    assert np.allclose(np.linalg.norm(b["affine"][:3, 1:3], axis=0), CFG["pixel_mm"])
+    np.testing.assert_allclose(b["input"], a["input"], atol=1e-5)
+    assert (a["brain"] == b["brain"]).all()
 
 
 def test_maps_in_sagittal_slices_are_refused(raw_pair):

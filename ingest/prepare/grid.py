@@ -71,18 +71,28 @@ def canonical_grid(native_shape, native_affine) -> tuple[tuple[int, int, int], n
     return tuple(out_shape), a @ m
 
 
-def standard_grid(native_shape, native_affine, size: int) -> tuple[tuple[int, int, int], np.ndarray]:
+def standard_grid(native_shape, native_affine, size: int, pixel_mm: float | None = None
+                  ) -> tuple[tuple[int, int, int], np.ndarray]:
     """The prepared grid: the native slices in :func:`canonical_grid` order, ``size x size`` in
-    plane over the same field of view.
+    plane, centred on the native field of view.
 
-    Pixel edges line up with the native ones: prepared pixel j spans (canonical) native index
-    ``[j * Y / size - 0.5, (j + 1) * Y / size - 0.5]``.
+    With ``pixel_mm``, prepared pixels are that many mm square whatever the upload's field of
+    view or pixel shape: a model sees a head the size it learnt (over each exam's own field of
+    view, a 320 mm scan would reach it shrunk and a 256 x 384 mm one squashed). Without it, the
+    grid spans the native field of view and pixel j spans (canonical) native index
+    ``[j * Y / size - 0.5, (j + 1) * Y / size - 0.5]``; the two agree where the field of view
+    is ``size * pixel_mm`` square.
     """
     (z, y, x), native_affine = canonical_grid(native_shape, native_affine)
-    fy, fx = y / size, x / size
+    if pixel_mm is None:
+        fy, fx = y / size, x / size
+    else:
+        sy, sx = np.linalg.norm(np.asarray(native_affine, float)[:3, 1:3], axis=0)
+        fy, fx = float(pixel_mm) / sy, float(pixel_mm) / sx
+    # prepared pixel j's centre in native index: the two grids share their centre
     scale = np.array([[1.0, 0, 0, 0],
-                      [0, fy, 0, 0.5 * fy - 0.5],
-                      [0, 0, fx, 0.5 * fx - 0.5],
+                      [0, fy, 0, (y - 1) / 2 - fy * (size - 1) / 2],
+                      [0, 0, fx, (x - 1) / 2 - fx * (size - 1) / 2],
                       [0, 0, 0, 1.0]])
     return (z, size, size), np.asarray(native_affine, float) @ scale
 

@@ -30,6 +30,7 @@ TARGETS = ("t1w", "t2w", "t1flair", "t2flair", "swi")
 
 DEFAULTS = {
     "image_size": 64,
+    "pixel_mm": 4.0,   # prepared pixels in mm: image_size x pixel_mm is the field of view a model sees
     "targets": list(TARGETS),
     "registration": {"resolutions": 3, "iterations": 300, "samples": 4096, "histogram_bins": 32, "threads": 1,
                      "max_rotation_deg": 20.0, "max_translation_mm": 30.0, "min_mi_gain": -0.02,
@@ -62,6 +63,8 @@ def config(params: dict) -> dict:
         raise PrepareError(f"params: unknown target contrast(s) {unknown} (known: {', '.join(TARGETS)})")
     if int(cfg["image_size"]) < 8:
         raise PrepareError(f"params: prepare.image_size {cfg['image_size']} is too small")
+    if not (isinstance(cfg["pixel_mm"], (int, float)) and 0 < float(cfg["pixel_mm"]) < 20):
+        raise PrepareError(f"params: prepare.pixel_mm {cfg['pixel_mm']!r}: expected a pixel size in mm (0-20)")
     _check_normalise(cfg["normalise"], "params: prepare.normalise")
     return cfg
 
@@ -190,7 +193,8 @@ def input_contract(cfg: dict) -> dict:
     from ingest.prepare.grid import ORIENTATION
 
     return {"channels": list(INPUT_ROLES), "units": "ms", "image_size": int(cfg["image_size"]),
-            "orientation": ORIENTATION, **{k: cfg[k] for k in ("brain_mask", "normalise", "mrf_check")}}
+            "pixel_mm": float(cfg["pixel_mm"]), "orientation": ORIENTATION,
+            **{k: cfg[k] for k in ("brain_mask", "normalise", "mrf_check")}}
 
 
 def _say_orientation(code: str | None) -> str:
@@ -235,6 +239,13 @@ def contract_mismatch(model_contract: dict | None, store_contract: dict | None) 
         # a convolutional network runs at any size, on pixels of another size than it learnt
         return (f"the model was trained on {sizes[0]} x {sizes[0]} prepared images, the stores hold "
                 f"{sizes[1]} x {sizes[1]}: prepare the exams with the model card's image_size")
+    if isinstance(model_contract, dict) and isinstance(store_contract, dict):
+        mm = [c.get("pixel_mm") for c in (model_contract, store_contract)]
+        if mm[0] != mm[1] and (None in mm or abs(float(mm[0]) - float(mm[1])) > 1e-6):
+            def px(v):
+                return f"{float(v):g} mm pixels" if v is not None else "pixels spanning each exam's field of view"
+            return (f"the model was trained on {px(mm[0])}, the stores hold {px(mm[1])}: the head would be "
+                    "another size to it; prepare the exams with the model card's pixel_mm")
     a, b = input_scaling(model_contract), input_scaling(store_contract)
     if a is None or b is None or a == b:
         return None
@@ -273,12 +284,19 @@ def prepare_inputs(t1, t2, t1_affine, t2_affine, cfg: dict) -> dict:
     if int(brain.sum()) < int(cfg["brain_mask"]["min_voxels"]):
         raise PrepareError(f"brain mask empty or too small ({int(brain.sum())} voxels): is mrf_t1 a T1 map in ms?")
     try:
-        pshape, paff = standard_grid(t1.shape, fixed_aff, int(cfg["image_size"]))
+        pshape, paff = standard_grid(t1.shape, fixed_aff, int(cfg["image_size"]), cfg.get("pixel_mm"))
     except GridError as exc:
         raise PrepareError(f"mrf_t1: {exc}") from None
     psp = np.linalg.norm(paff[:3, :3], axis=0)
     inplane = [0.0, float(psp[1]), float(psp[2])]
     pbrain = resample(brain.astype(np.float32), fixed_aff, pshape, paff, footprint_mm=inplane)[0] > 0.5
+    # a fixed field of view (image_size x pixel_mm) can cut off a head that the scan's own covers
+    nsp = np.linalg.norm(fixed_aff[:3, :3], axis=0)
+    kept = float(pbrain.sum() * psp[1] * psp[2]) / max(float(brain.sum() * nsp[1] * nsp[2]), 1e-9)
+    if kept < 0.95:
+        fov = int(cfg["image_size"]) * float(psp[1])
+        raise PrepareError(f"mrf_t1: the brain reaches outside the prepared {fov:g} mm field of view (only "
+                           f"{100 * kept:.0f} % of it inside): is the head off centre in the scan's field of view?")
     norm = cfg["normalise"]
     kind = _check_normalise(norm, "normalise")
     scale, inputs = {}, []
