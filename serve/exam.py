@@ -266,6 +266,20 @@ def _read_dicom(root: Path, sites: dict[str, dict], site: str | None, work: Path
                    for m, mm in scanners)]
     chosen = (same or found)[0]
     known = bool(site) or bool(same)
+    # Two series for one map (a repeated MRF scan, or the maps of two acquisitions) must not be
+    # paired by a rule: T1 of one and T2 of the other would be maps of a head that moved.
+    per_role: dict[str, list] = {}
+    for g in groups:
+        role = recognise(sites[chosen], g)[0]
+        if role in ("mrf_t1", "mrf_t2"):
+            per_role.setdefault(role, []).append(g)
+    for role, gs in sorted(per_role.items()):
+        if len(gs) > 1:
+            numbers = [str(g.series_number) if g.series_number is not None else "?" for g in gs]
+            split = " (one series split: its files differ in geometry or size)" if len({g.series_uid for g in gs}) < len(gs) else ""
+            raise RequestError(422, "several_mrf_series",
+                               f"the upload holds {len(gs)} {role} series (series number {', '.join(numbers)}){split}: "
+                               "send the T1 and T2 maps of one MRF acquisition")
     job = ExamJob(chosen, "upload", [str(Path(i.path).relative_to(root)) for i in infos], [], list(infos))
     key, _ = load_key()
     res = ingest_exam(str(root), str(work), job, sites[chosen], key, {})

@@ -346,6 +346,25 @@ def _store_edited(tmp: Path, raw: Path, edit) -> bytes:
     return _zip({str(p.relative_to(tmp)): p.read_bytes() for p in (tmp / "x.zarr").rglob("*") if p.is_file()})
 
 
+def _repeated_t1(exam: Path) -> bytes:
+    """The exam's MRF maps plus a repeat of its T1 map series (new UIDs, next series number)."""
+    from pydicom.uid import generate_uid
+
+    files = {}
+    for d in sorted(exam.glob("S70*")):
+        for f in sorted(d.iterdir()):
+            files[f"{d.name}/{f.name}"] = f.read_bytes()
+    series_uid = generate_uid()
+    for f in sorted((exam / "S700_MRF-FISP_T1_Map").iterdir()):
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID, ds.SeriesNumber = series_uid, 702
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        buf = io.BytesIO()
+        ds.save_as(buf)
+        files[f"S702_repeat/{f.name}"] = buf.getvalue()
+    return _zip(files)
+
+
 BAD = {
     "not a zip": (lambda ctx: b"this is not a zip archive", "", 400, "not_a_zip"),
     "path traversal": (lambda ctx: _traversal(), "", 400, "unsafe_zip_path"),
@@ -354,6 +373,7 @@ BAD = {
     "empty body": (lambda ctx: b"", "", 400, "empty_body"),
     "DICOM that is not MRF": (lambda ctx: _zip_dirs(ctx["exam"], [ctx["exam"] / "S003_Ax_T1_BRAVO"]), "", 422,
                               "not_mrf"),
+    "two MRF T1 map series": (lambda ctx: _repeated_t1(ctx["exam"]), "", 422, "several_mrf_series"),
     "maps in seconds": (lambda ctx: _nifti_pair(ctx["tmp"], ctx["raw"], lambda r, v, a: (v / 1000.0, a)), "", 422,
                         "bad_maps"),
     "store units not ms": (lambda ctx: _store_edited(ctx["tmp"], ctx["raw"], lambda a: {**a, "units": "s"}), "", 422,
