@@ -170,15 +170,17 @@ class LiteDataset:
         vr, off, length = self._elems[t]
         if t == PIXEL_DATA:
             return memoryview(self._buf)[off:off + length]  # no copy: only its length is asked for
-        if vr == "UN" and self._implicit and (t >> 16) & 1:
+        # private elements arrive as UN in implicit files, and in explicit ones relayed by a PACS
+        # that did not know them; pydicom resolves both through its private dictionary
+        if vr == "UN" and (t >> 16) & 1:
             vr = self._private_vr(t)
         v = self._convert(vr, off, length)
         self._cache[t] = v
         return v
 
     def _private_vr(self, t: int) -> str:
-        """VR of a private element of an implicit-VR file, from pydicom's private dictionary
-        (as pydicom does), else UN (raw bytes)."""
+        """VR of a private element stored as UN, from pydicom's private dictionary (as pydicom
+        does), else UN (raw bytes)."""
         creator_tag = (t & 0xFFFF0000) | ((t >> 8) & 0xFF)
         if creator_tag not in self._elems or creator_tag == t:
             return "UN"
@@ -367,7 +369,8 @@ def _read(buf) -> LiteDataset | None:
     frames = ds.get("NumberOfFrames")
     if not isinstance(rows, int) or not isinstance(cols, int) or rows < 1 or cols < 1 or bits not in (8, 16, 32):
         return None
-    if frames not in (None, 1) or (ds.get("SamplesPerPixel") or 1) != 1:
+    # both are Type 1 in the Image Pixel module: pydicom refuses a file without them, with its reason
+    if frames not in (None, 1) or ds.get("SamplesPerPixel") != 1 or not ds.get("PhotometricInterpretation"):
         return None
     stored = ds.get("BitsStored")
     # pydicom cannot decode pixels without these: it says so, per file

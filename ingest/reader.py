@@ -225,6 +225,21 @@ def _dt_seconds(date_time: str | None) -> float | None:
         return None
 
 
+def _acquired_at(ds) -> float | None:
+    """When a classic image was acquired, in seconds, for ordering: with its date where the file
+    gives one, so a series that runs past midnight keeps its volumes in order."""
+    dt = str(ds.get("AcquisitionDateTime", "") or "").strip()
+    if dt:
+        return _dt_seconds(dt)
+    tm = str(ds.get("AcquisitionTime", "") or "").strip().replace(":", "")
+    date = str(ds.get("AcquisitionDate", "") or "").strip()
+    if tm and len(date) == 8 and date.isdigit():
+        whole, _, frac = tm.partition(".")
+        if whole.isdigit() and len(whole) <= 6:
+            return _dt_seconds(date + whole.ljust(6, "0") + (f".{frac}" if frac else ""))
+    return _dt_seconds(tm)
+
+
 def _fg_item(ds, frame: int, macro: str):
     """First item of functional-group macro `macro` for one frame (per-frame, else shared)."""
     for fg_kw, idx in (("PerFrameFunctionalGroupsSequence", frame),
@@ -392,7 +407,7 @@ def _frames_of(ds, path: Path, fidx: int) -> tuple[list[_Frame], str]:
     ps = _vec(ds.get("PixelSpacing"), 2, "PixelSpacing", path)
     slope, icpt = _rescale(ds.get("RescaleSlope"), ds.get("RescaleIntercept"), path)
     tpi = _i(ds.get("TemporalPositionIdentifier"))
-    t = _dt_seconds(str(ds.get("AcquisitionTime", "") or ""))
+    t = _acquired_at(ds)
     key = _time_key(tpi, acq, t, inst, 0)
 
     if not _is_mosaic(ds):

@@ -164,7 +164,8 @@ def test_declines_what_it_does_not_handle(tmp_path, case):
     assert read_lite(p) is None
 
 
-@pytest.mark.parametrize("case", ["no_bits_stored", "no_pixel_representation", "standard_element_as_un"])
+@pytest.mark.parametrize("case", ["no_bits_stored", "no_pixel_representation", "no_samples_per_pixel",
+                                  "no_photometric_interpretation", "standard_element_as_un"])
 def test_declines_headers_it_would_misread(tmp_path, case):
     """Files whose header the fast path would read differently from pydicom go to pydicom: the
     scan never raises on them, and whatever the reader makes of them is pydicom's answer."""
@@ -178,7 +179,9 @@ def test_declines_headers_it_would_misread(tmp_path, case):
         p.write_bytes(bytes(raw))
     else:
         ds = pydicom.dcmread(p)
-        delattr(ds, "BitsStored" if case == "no_bits_stored" else "PixelRepresentation")
+        delattr(ds, {"no_bits_stored": "BitsStored", "no_pixel_representation": "PixelRepresentation",
+                     "no_samples_per_pixel": "SamplesPerPixel",
+                     "no_photometric_interpretation": "PhotometricInterpretation"}[case])
         ds.save_as(p)
     assert read_lite(p) is None
     assert len(scan(p)[0]) + len(scan(p)[1]) == 1
@@ -186,6 +189,19 @@ def test_declines_headers_it_would_misread(tmp_path, case):
         fast, slow = both(pytest.MonkeyPatch(), lambda: read_series([p]))
         same_read(fast, slow)
         assert np.array_equal(fast[1][:3, 3], [0, 0, 0])
+
+
+def test_private_element_relayed_as_un_reads_as_pydicom(tmp_path, monkeypatch):
+    """An explicit-VR file whose private elements a relay re-encoded as UN (it did not know
+    them): both paths resolve them through the private dictionary, e.g. Philips' scale slope."""
+    p = _classic(tmp_path / "a.dcm", Manufacturer="Philips")
+    ds = pydicom.dcmread(p)
+    ds.private_block(0x2005, "Philips MR Imaging DD 001", create=True).add_new(0x0E, "UN", np.float32(10.0).tobytes())
+    ds.save_as(p)
+    assert read_lite(p) is not None
+    fast, slow = both(monkeypatch, lambda: read_series([p]))
+    same_read(fast, slow)
+    assert fast[2]["philips_scale_slope"] == 10.0
 
 
 def test_text_in_no_declared_charset_reads_as_pydicom(tmp_path):

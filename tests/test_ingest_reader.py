@@ -545,6 +545,25 @@ def test_multivolume_ordered_by_instance_number_when_acquisition_number_is_const
     np.testing.assert_array_equal(got, np.stack(vols).astype(np.float32))
 
 
+def test_multivolume_across_midnight_keeps_acquisition_order(tmp_path):
+    """Volumes told apart only by acquisition time (GE: AcquisitionNumber 1 throughout, and
+    instance numbers that do not follow time here): a series running past midnight orders by
+    date and time, not by a time of day that starts again at 0."""
+    aff = make_affine(AXIAL, (0, 0))
+    vols = [volume((3, 5, 5), seed=40 + t) for t in range(2)]
+    paths = []
+    for t, (date, time) in enumerate((("20240101", "235958.5"), ("20240102", "000002"))):
+        paths += write_classic(tmp_path / "s", vols[t], aff, acq=1, instance0=10 * (1 - t), names=f"v{t}_",
+                               AcquisitionDate=date, AcquisitionTime=time)
+    for fast in ("1", "0"):
+        os.environ["QSNET_DICOM_FASTPATH"] = fast
+        try:
+            got, _, _ = read_series(paths)
+        finally:
+            os.environ.pop("QSNET_DICOM_FASTPATH")
+        np.testing.assert_array_equal(got, np.stack(vols).astype(np.float32))
+
+
 def test_multivolume_with_incomplete_volume(tmp_path):
     aff = make_affine(AXIAL, (0, 0))
     paths = write_classic(tmp_path / "s", volume((4, 5, 5)), aff, acq=1)
