@@ -182,6 +182,7 @@ _WHOLE_FILE_MAX = 64 << 20  # larger files are left to pydicom, which reads the 
 
 # uncompressed, not deflated: the file size alone tells whether the pixel data is complete
 _NATIVE_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
+_DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
 def _native_pixel_bytes(ds) -> int | None:
@@ -239,6 +240,18 @@ def _read_header(path: Path, size: int, mtime_ns: int | None = None) -> tuple[Fi
     sop_class = _s(ds, "SOPClassUID") or (str(meta.get("MediaStorageSOPClassUID", "")) if meta else "")
     if not is_image_sop_class(sop_class):
         return None, f"not an image ({UID(sop_class).name}): no pixel data to ingest"
+    ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    if ts == _DEFLATED:
+        # pydicom inflates a deflated data set whole, so the file position tells nothing about
+        # where its pixel data is: look for the element in the inflated data set instead
+        try:
+            with open(path, "rb") as fh:
+                full = dcmread_any(fh)
+        except Exception as exc:  # noqa: BLE001 - any parse failure is a property of the file
+            return None, f"unreadable deflated DICOM ({exc.__class__.__name__}: {exc}): truncated or corrupt file?"
+        if not any(k in full for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+            return None, "no pixel data: the deflated data set holds no Pixel Data element"
+        end = -1
     at_eof = end >= size
     if at_eof:
         # pydicom stops quietly at the end of a file: an image whose header read ran
@@ -251,7 +264,6 @@ def _read_header(path: Path, size: int, mtime_ns: int | None = None) -> tuple[Fi
         return None, "DICOM file without SeriesInstanceUID: cannot tell which series it belongs to"
     if "Rows" not in ds or "Columns" not in ds:
         return None, "DICOM file without Rows/Columns: not an image"
-    ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     if ts in _NATIVE_SYNTAXES:
         need = _native_pixel_bytes(ds)
         # `end` is the start of the Pixel Data element (its 8-12 byte element header follows)
@@ -401,8 +413,8 @@ def group_series(files: list[FileInfo]) -> tuple[list[SeriesGroup], list[tuple[P
     2. within a group, a repeated SOPInstanceUID keeps the first file (sorted path
        order) and reports the others: ``(path, "duplicate SOP instance <uid> of <first>")``;
     3. split a group by EchoNumbers when it holds several echoes (key suffix
-       ``_e<n>``; files without EchoNumbers, e.g. enhanced exports, get no echo
-       suffix), then by what must agree inside one volume: orientation (1e-3),
+       ``_e<n>``; classic slices without EchoNumbers by echo time, ``n`` its rank;
+       enhanced exports get no echo suffix), then by what must agree inside one volume: orientation (1e-3),
        Rows/Columns, pixel spacing (1e-3 mm), image type, and single-frame vs
        multi-frame storage (suffix ``_part<k>``, k = 1, 2, ... in sorted-path order
        of each part's first file).  An unsplit group's key is
@@ -433,6 +445,15 @@ def group_series(files: list[FileInfo]) -> tuple[list[SeriesGroup], list[tuple[P
         by_echo: dict[int | None, list[FileInfo]] = {}
         for fi in unique:
             by_echo.setdefault(fi.echo_number, []).append(fi)
+        # EchoNumbers is optional (type 3): classic slices without it whose echo times differ
+        # are echoes too, numbered by echo time as dcm2niix does, not volumes of one series
+        plain = by_echo.get(None, [])
+        if list(by_echo) == [None] and all(fi.te is not None and fi.n_frames == 1 and not fi.enhanced for fi in plain):
+            tes = sorted({round(fi.te, 2) for fi in plain})
+            if len(tes) > 1:
+                by_echo = {}
+                for fi in plain:
+                    by_echo.setdefault(tes.index(round(fi.te, 2)) + 1, []).append(fi)
         n_echoes = len([e for e in by_echo if e is not None])
         named: dict[str, list[list[FileInfo]]] = {}
         for echo in sorted(by_echo, key=lambda e: (e is None, e or 0)):

@@ -22,6 +22,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -409,8 +410,8 @@ def test_enhanced_series_of_several_files(tmp_path):
 
 # --------------------------------------------------------------- 3. transfer syntaxes
 
-@pytest.mark.parametrize("ts", [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian, RLELossless],
-                         ids=lambda u: u.name)
+@pytest.mark.parametrize("ts", [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian, RLELossless,
+                                DeflatedExplicitVRLittleEndian], ids=lambda u: u.name)
 def test_transfer_syntaxes(tmp_path, ts):
     aff = make_affine(AXIAL, (3, 4))
     vol = volume((3, 8, 10), seed=9)
@@ -418,6 +419,10 @@ def test_transfer_syntaxes(tmp_path, ts):
     got, gaff, meta = read_series(paths)
     np.testing.assert_array_equal(got, vol.astype(np.float32))
     assert meta["transfer_syntax"] == str(ts)
+    # and the scan that ingest runs first takes every file as an image (a deflated file was
+    # once taken for one without pixel data: pydicom inflates it whole before reading)
+    infos, problems = scan(tmp_path / "s")
+    assert len(infos) == 3 and not problems
 
 
 @pytest.mark.parametrize("uid", ["1.2.840.10008.1.2.4.100", "1.2.3.4.5.6.7"], ids=["MPEG2", "private"])
@@ -562,6 +567,24 @@ def test_multivolume_across_midnight_keeps_acquisition_order(tmp_path):
         finally:
             os.environ.pop("QSNET_DICOM_FASTPATH")
         np.testing.assert_array_equal(got, np.stack(vols).astype(np.float32))
+
+
+def test_echoes_without_echo_numbers_are_split_by_echo_time(tmp_path):
+    """EchoNumbers is optional: two echoes at each position, told apart only by EchoTime, are two
+    series as dcm2niix makes them, not two volumes of one."""
+    aff = make_affine(AXIAL, (0, 0))
+    vols = [volume((3, 5, 5), seed=50 + e) for e in range(2)]
+    for e, te in enumerate((10.0, 5.0)):
+        write_classic(tmp_path / "s", vols[e], aff, instance0=3 * e, names=f"e{e}_", EchoTime=te)
+    infos, _ = scan(tmp_path / "s")
+    groups, _ = group_series(infos)
+    assert [(g.key.rsplit("_", 1)[-1], g.te, len(g.files)) for g in groups] == [("e1", 5.0, 3), ("e2", 10.0, 3)]
+    for g, vol in zip(groups, (vols[1], vols[0])):
+        got, _, meta = read_series(g.files)
+        np.testing.assert_array_equal(got, vol.astype(np.float32))
+    # one echo time throughout: one series, whatever else differs
+    same = group_series([FileInfo(**{**vars(i), "te": 5.0}) for i in infos])[0]
+    assert len(same) == 1
 
 
 def test_multivolume_with_incomplete_volume(tmp_path):
