@@ -98,9 +98,11 @@ def ingest(
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="Manifest CSV (default: DST/../manifest.csv)."),
     sites: Optional[Path] = typer.Option(None, "--sites", help="Extra site files (*.yaml) besides the built-in ones."),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Exams in parallel (default: CPU count)."),
-    strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any file is quarantined."),
+    strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any file is quarantined (an exam "
+                                "that gives no store quarantines its files)."),
     prune: bool = typer.Option(False, "--prune", help="Delete stores under DST whose exams are no longer in SRC "
-                               "(DST then mirrors SRC, as a DVC stage output should)."),
+                               "(DST then mirrors SRC, as a DVC stage output should); the store of an exam still "
+                               "in SRC is kept even when this run wrote none for it."),
 ):
     """DICOM tree -> de-identified, versioned Zarr stores and a manifest with one row per input file."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -122,7 +124,9 @@ def ingest(
     typer.echo(f"{summary['exams']} exams: {summary['written']} written, {summary['unchanged']} unchanged, "
                f"{summary['no_store']} without a store; {summary['files']} files: {summary['ingested']} ingested, "
                f"{summary['quarantined']} quarantined, {summary['ignored']} ignored; manifest {summary['manifest']}"
-               + (f"; {summary['pruned']} store(s) of removed exams deleted" if summary.get("pruned") else ""))
+               + (f"; {summary['pruned']} store(s) of removed exams deleted" if summary.get("pruned") else "")
+               + (f"; {summary['kept']} store(s) kept from an earlier run for exams still in SRC that wrote no "
+                  "store this run (see their rows)" if summary.get("kept") else ""))
     if summary.get("strict_failed"):
         fail("ingest", f"{summary['quarantined']} file(s) quarantined (--strict); see {summary['manifest']}")
 

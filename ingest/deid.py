@@ -27,6 +27,7 @@ __all__ = [
     "pseudonym",
     "safe_header_fields",
     "scan_for_phi",
+    "scrub_identities",
     "scrub_text",
 ]
 
@@ -326,11 +327,33 @@ _SCRUB_PATTERNS = [
 ]
 
 
-def scrub_text(text: str) -> str:
-    """``text`` without anything that looks like a date or a DICOM person name."""
+def scrub_text(text: str, identities: Iterable[str] = ()) -> str:
+    """``text`` without anything that looks like a date or a DICOM person name, nor (see
+    :func:`scrub_identities`) any of ``identities``: the exam's own patient ID, name, birth
+    date and accession number, which the patterns cannot know (an operator types "Jane Doe"
+    or the MRN into a series description)."""
+    text = scrub_identities(text, identities)
     for pat in _SCRUB_PATTERNS:
         text = pat.sub(" ", text)
     return " ".join(text.split())
+
+
+def scrub_identities(text: str, identities: Iterable[str]) -> str:
+    """``text`` without ``identities``, case-insensitively, also in the variants
+    :func:`scan_for_phi` looks for ("Jane Doe" for ``Doe^Jane``, formatted birth dates).
+    Anywhere in a word, not only whole words: an ID glued to a protocol name ("t1_MRN123")
+    is still an ID. Strings under 3 characters are left alone: removing every "1" of a
+    one-digit ID would only mangle the text, and identifies no one."""
+    variants: set[str] = set()
+    for ident in identities:
+        ident = str(ident or "").strip()
+        if len(ident) >= 3:
+            variants.update(v for v in _variants(ident) if len(v.strip()) >= 3)
+    if not variants or not text:
+        return text
+    # longest first, so "Jane Doe" goes as a whole before "Jane" and "Doe" are looked for
+    pat = re.compile("|".join(re.escape(v) for v in sorted(variants, key=lambda v: (-len(v), v))), re.IGNORECASE)
+    return " ".join(pat.sub(" ", text).split())
 
 
 def _values(value: Any) -> list[Any]:

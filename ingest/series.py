@@ -73,6 +73,9 @@ class FileInfo:
     # sha256 of the bytes that plan was taken from (valid together, see plan_is_current)
     plan: ReadPlan | None = field(default=None, compare=False, repr=False)
     sha256: str = field(default="", compare=False, repr=False)
+    # whose image this is, for grouping files into exams only (two patients under one study UID
+    # are two exams); never printed (out of repr) and never stored
+    patient_id: str = field(default="", compare=False, repr=False)
 
 
 @dataclass
@@ -146,6 +149,7 @@ def header_summary(ds, path: Path, size: int, plan: ReadPlan | None = None, sha2
     return FileInfo(
         path=path,
         size=size,
+        patient_id=_s(ds, "PatientID"),
         sop_instance_uid=_s(ds, "SOPInstanceUID"),
         sop_class_uid=sop_class,
         series_uid=_s(ds, "SeriesInstanceUID"),

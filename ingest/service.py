@@ -7,18 +7,22 @@ and configuration have not changed since its store was written is not rewritten.
 
 Layout expected under SRC: `<site>/<exam folder>/...` where `<site>` names a site file
 (`ingest/sites/<site>.yaml`, or one in `--sites DIR`). Files are grouped into exams by
-StudyInstanceUID within a site, into series as dcm2niix does, and given roles by the site's
-`match` rules. Phantom exams carry `truth/` (labels, brain mask, poses) beside the DICOM.
+StudyInstanceUID and PatientID within a site (by folder where a file has no StudyInstanceUID),
+into series as dcm2niix does, and given roles by the site's `match` rules. Phantom exams carry
+`truth/` (labels, brain mask, poses) beside the DICOM.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
-from concurrent.futures import ProcessPoolExecutor
+import warnings
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +47,143 @@ class ExamJob:
     files: list[str] = field(default_factory=list)   # relative DICOM paths
     truth: list[str] = field(default_factory=list)   # relative truth/ paths (phantom only)
     infos: list = field(default_factory=list)        # header summaries from the scan, one per file
+    # Who the exam belongs to, from the scan (None: read from the first file). Kept out of
+    # repr so that no traceback or log line can print them.
+    patient_id: str | None = field(default=None, repr=False)
+    identities: list[str] | None = field(default=None, repr=False)  # values to scrub from free text
+
+
+# ---------------------------------------------------------------- pydicom, quietly
+
+# pydicom's validation warnings quote the offending header value (a UID with an MRN in it, a
+# malformed name), and they would reach stderr and CI logs; ingest reports what it cannot use in
+# the manifest instead. Set for ingest's reads only, never for the importing process at import.
+@contextlib.contextmanager
+def _quiet_pydicom():
+    from pydicom import config
+
+    saved = config.settings._reading_validation_mode  # None (pydicom's default) restores as None
+    config.settings.reading_validation_mode = config.IGNORE
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+            yield
+    finally:
+        config.settings._reading_validation_mode = saved
+
+
+def _quiet_worker() -> None:
+    """Initializer of ingest's worker processes: they only ever run ingest's reads."""
+    from pydicom import config
+
+    config.settings.reading_validation_mode = config.IGNORE
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+
+
+def _new_pool(workers: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(max_workers=workers, initializer=_quiet_worker)
+
+
+# ---------------------------------------------------------------- who an exam belongs to
+
+# what an operator may type into free text (a series description) about this exam's patient
+IDENTITY_KEYWORDS = ("PatientID", "PatientName", "PatientBirthDate", "AccessionNumber", "OtherPatientIDs",
+                     "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName")
+
+
+def _past_patient_group(tag, vr, length) -> bool:
+    return tag.group > 0x0010  # the patient module and accession number come before it
+
+
+_LITE_IDENTITY_MAX = 1 << 20  # a classic slice: the fast parser reads it whole, quicker than pydicom's head
+
+
+def _identity_of(path) -> dict[str, str]:
+    """Patient identity of one file ({} if it cannot be read). A small classic file goes through
+    the fast parser (still in the page cache from the scan); anything else through pydicom, which
+    parses only the head of the file, up to group 0010."""
+    from pydicom.filereader import read_partial
+    from pydicom.multival import MultiValue
+
+    from ingest.dicomlite import read_lite
+
+    try:
+        ds = read_lite(path) if os.path.getsize(path) <= _LITE_IDENTITY_MAX else None
+        if ds is None:
+            with open(path, "rb") as fh:
+                ds = read_partial(fh, stop_when=_past_patient_group, force=True)
+        out = {}
+        for kw in IDENTITY_KEYWORDS:
+            v = ds.get(kw)
+            if v is None:
+                continue
+            vals = list(v) if isinstance(v, (MultiValue, list, tuple)) else [v]
+            text = "\\".join(str(x).strip() for x in vals if str(x).strip())
+            if text:
+                out[kw] = text
+        return out
+    except Exception:  # noqa: BLE001 - the scan parsed this file; an identity it cannot give is ""
+        return {}
+
+
+def _identity_values(idents) -> list[str]:
+    vals = set()
+    for d in idents:
+        for v in d.values():
+            vals.add(v)
+            vals.update(x for x in v.split("\\") if x)  # each value of a multi-valued element too
+    return sorted(vals)
+
+
+def _names(key: bytes, job: ExamJob, patient_id: str, study_uid: str) -> tuple[str, str]:
+    """(subject, patient) pseudonyms of an exam. One store per exam (a subject's visit): named by
+    a keyed hash of patient and study, so a second visit of the same patient gets its own store;
+    `patient` links the visits. Without a StudyInstanceUID the exam is its folder, so the folder
+    stands for the study: two such visits of one patient must not share a store."""
+    from ingest.deid import pseudonym
+
+    who = patient_id or job.exam_dir
+    subject = pseudonym(key, job.site, who, study_uid or f"folder:{job.exam_dir}")
+    return subject, pseudonym(key, job.site, who, prefix="pat-")
+
+
+def _exam_identity(src: Path, job: ExamJob) -> tuple[str, str, list[str]]:
+    """(PatientID, StudyInstanceUID, identity strings to scrub) of an exam."""
+    patient_id, identities = job.patient_id, job.identities
+    if patient_id is None or identities is None:
+        ident = _identity_of(src / job.files[0]) if job.files else {}
+        patient_id = ident.get("PatientID", "") if patient_id is None else patient_id
+        identities = _identity_values([ident]) if identities is None else identities
+    study_uid = job.infos[0].study_uid if job.infos else ""
+    return patient_id, study_uid, identities
+
+
+def _store_rel(key: bytes, job: ExamJob, src: Path) -> str:
+    patient_id, study_uid, _ = _exam_identity(src, job)
+    return f"{job.site}/{_names(key, job, patient_id, study_uid)[0]}.zarr"
+
+
+# ---------------------------------------------------------------- reasons
+
+# A dotted numeric OID (a DICOM UID, also a malformed one with letters in a component). UIDs of
+# the DICOM standard itself (1.2.840.10008...: transfer syntaxes, SOP classes) name no one and
+# tell a person what to install, so they stay.
+_UID_RE = re.compile(r"(?<![\w.])(?!1\.2\.840\.10008\.)[012]\.\d+(?:\.[0-9A-Za-z]+)+(?![\w.])")
+
+
+def _clean_reason(reason: str, src, identities=()) -> str:
+    """A manifest reason fit to share: paths relative to SRC (a reason quotes the reader's
+    absolute paths), no instance UIDs, and free text (a series description) scrubbed of dates,
+    names and this exam's own identifiers."""
+    from ingest.deid import scrub_text
+
+    text = str(reason)
+    root = str(src).rstrip(os.sep)
+    if root:
+        text = text.replace(root + os.sep, "")
+        text = re.sub(re.escape(root) + r"(?![^\s:;,)'\"])", ".", text)
+    text = _UID_RE.sub("<UID>", text)
+    return scrub_text(text, identities)
 
 
 # ---------------------------------------------------------------- roles
@@ -85,7 +226,7 @@ def plan_exams(src: Path, sites: dict[str, dict], jobs: int = 1, pool=None):
 
     infos, problems = scan(src, jobs=jobs, pool=pool)
     rows = []
-    exams: dict[tuple[str, str], ExamJob] = {}
+    exams: dict[tuple[str, str, str], ExamJob] = {}
 
     def where(path: Path) -> tuple[str | None, str | None, str]:
         rel = path.relative_to(src)
@@ -104,10 +245,12 @@ def plan_exams(src: Path, sites: dict[str, dict], jobs: int = 1, pool=None):
         # non-DICOM files are not ours to ingest; anything else wrong is quarantined.
         benign = reason.startswith(("not DICOM", "not an image"))
         status = "ignored" if benign else "quarantined"
-        rows.append(_row(src, rel, status, reason, site=site or ""))
+        rows.append(_row(src, rel, status, _clean_reason(reason, src), site=site or ""))
     # Exams are studies (StudyInstanceUID within a site), as a PACS sees them: copies of one
-    # study in two folders are one exam, one folder holding two studies is two exams.
-    folders_of: dict[tuple[str, str], dict[str, int]] = {}
+    # study in two folders are one exam, one folder holding two studies is two exams. The
+    # patient is part of the key: a site whose anonymiser or PACS reuses study UIDs must not
+    # file one patient's images under another's pseudonym.
+    folders_of: dict[tuple[str, str, str], dict[str, int]] = {}
     for info in infos:
         site, folder, rel = where(Path(info.path))
         if site is None:
@@ -118,8 +261,9 @@ def plan_exams(src: Path, sites: dict[str, dict], jobs: int = 1, pool=None):
                              f"unknown site folder '{site}': add a site file ingest/sites/{site}.yaml or --sites DIR",
                              site=site))
             continue
-        key = (site, info.study_uid or f"folder:{folder}")
-        job = exams.setdefault(key, ExamJob(site, f"{site}/{folder}"))
+        patient_id = info.patient_id
+        key = (site, info.study_uid or f"folder:{folder}", patient_id)
+        job = exams.setdefault(key, ExamJob(site, f"{site}/{folder}", patient_id=patient_id))
         job.files.append(rel)
         job.infos.append(info)
         counts = folders_of.setdefault(key, {})
@@ -146,13 +290,6 @@ def _row(src: Path, rel: str, status: str, reason: str, **kw):
 
 
 # ---------------------------------------------------------------- one exam (runs in a worker process)
-
-def _header_identity(path: Path) -> tuple[str, str]:
-    import pydicom
-
-    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID", "StudyInstanceUID"])
-    return str(getattr(ds, "PatientID", "") or ""), str(getattr(ds, "StudyInstanceUID", "") or "")
-
 
 MS_UNITS = ("ms", "msec", "millisecond", "milliseconds")  # spellings of ms in map headers and stores
 
@@ -185,10 +322,25 @@ def _exam_digest(job: ExamJob, shas: dict[str, str], site_cfg: dict) -> str:
 
 
 def _split(subject: str, site_cfg: dict, fractions: dict) -> str:
-    """Deterministic from the pseudonym: the same subject lands in the same split everywhere."""
+    """Deterministic from the pseudonym: the same subject lands in the same split everywhere.
+    Called with the patient pseudonym, so every visit of one patient lands in one split."""
     u = int(hashlib.sha256(subject.encode()).hexdigest()[:8], 16) / 2 ** 32
     first, second = ("finetune", "test") if site_cfg.get("cohort") == "gbm" else ("train", "test")
     return first if u < fractions.get(site_cfg["site"], 0.5) else second
+
+
+def _store_holds(store_path: Path, roles) -> bool:
+    """Whether every array in ``roles`` is in the store, with its metadata and its shard: a
+    store damaged after it was written (a delete killed midway) must not pass as unchanged.
+    A directory listing per array, no voxel is read."""
+    for role in roles:
+        try:
+            names = os.listdir(store_path / role)
+        except OSError:
+            return False
+        if "zarr.json" not in names or not any(n.startswith("c.") for n in names):
+            return False
+    return True
 
 
 def ingest_exam(src: str, dst: str, job: ExamJob, site_cfg: dict, key: bytes, split_fractions: dict,
@@ -196,9 +348,15 @@ def ingest_exam(src: str, dst: str, job: ExamJob, site_cfg: dict, key: bytes, sp
     """Read, recognise and store one exam; return its manifest rows (as dicts) and a status.
 
     `prev_rows` are this exam's rows of the previous manifest: when the store on disk was
-    written from exactly these inputs (same file hashes, same site file, same ingest version)
-    and the old rows cover every file, nothing is read again and those rows stand.
+    written from exactly these inputs (same file hashes, same site file, same ingest version),
+    the old rows cover every file and the store holds every array they say was ingested,
+    nothing is read again and those rows stand.
     """
+    with _quiet_pydicom():
+        return _ingest_exam(src, dst, job, site_cfg, key, split_fractions, prev_rows)
+
+
+def _ingest_exam(src, dst, job, site_cfg, key, split_fractions, prev_rows):
     from ingest.deid import pseudonym, scrub_text
     from ingest.manifest import file_sha256
     from ingest.phantom.anatomy import load_nifti_zyx
@@ -216,23 +374,23 @@ def ingest_exam(src: str, dst: str, job: ExamJob, site_cfg: dict, key: bytes, sp
     # relative paths from the scan (pathlib calls per file and row add up on big trees)
     rel_of = {info.path: rel for info, rel in zip(job.infos, job.files)}
 
+    patient_id, study_uid, identities = _exam_identity(src_p, job)
+
     def row(rel, status, reason="", **kw):
         rows[rel] = dict(path=rel, size=os.stat(os.path.join(src, rel)).st_size, sha256=shas[rel], status=status,
-                         reason=reason, site=job.site, subject=kw.get("subject", ""),
-                         series=kw.get("series", ""), role=kw.get("role", ""))
+                         reason=_clean_reason(reason, src_p, identities) if reason else "", site=job.site,
+                         subject=kw.get("subject", ""), series=kw.get("series", ""), role=kw.get("role", ""))
 
-    patient_id, study_uid = _header_identity(src_p / job.files[0]) if job.files else ("", "")
-    # One store per exam (a subject's visit): named by a keyed hash of patient and study, so
-    # a second visit of the same patient gets its own store; `patient` links the visits.
-    subject = pseudonym(key, job.site, patient_id or job.exam_dir, study_uid)
-    patient = pseudonym(key, job.site, patient_id or job.exam_dir, prefix="pat-")
+    subject, patient = _names(key, job, patient_id, study_uid)
     digest = _exam_digest(job, shas, site_cfg)
     store_path = dst_p / job.site / f"{subject}.zarr"
     if store_path.exists() and prev_rows is not None:
         old = {r["path"]: r for r in prev_rows}
         covered = all(rel in old and old[rel]["sha256"] == shas[rel] for rel in job.files + job.truth)
+        stored = {r["role"] for r in prev_rows if r["status"] == "ingested" and r["role"] and r["role"] != "truth"}
         try:
-            same = covered and open_store(store_path).attrs.get("input_digest") == digest
+            same = (covered and _store_holds(store_path, stored)
+                    and open_store(store_path).attrs.get("input_digest") == digest)
         except ValueError:
             same = False
         if same:
@@ -286,9 +444,10 @@ def ingest_exam(src: str, dst: str, job: ExamJob, site_cfg: dict, key: bytes, sp
                 "series": series_id, "vendor": meta.get("manufacturer", ""), "model": meta.get("model", ""),
                 "tr": meta.get("tr"), "te": meta.get("te"), "ti": meta.get("ti"),
                 "flip_angle": meta.get("flip_angle"),
-                # free text from the scanner: scrubbed of names and dates (PS3.15 clean descriptors)
-                "sequence_name": scrub_text(meta.get("sequence_name", "") or ""),
-                "series_description": scrub_text(meta.get("series_description", "") or ""),
+                # free text from the scanner: scrubbed of names, dates and this patient's own
+                # identifiers (PS3.15 clean descriptors)
+                "sequence_name": scrub_text(meta.get("sequence_name", "") or "", identities),
+                "series_description": scrub_text(meta.get("series_description", "") or "", identities),
             }
             arrays[role] = (vol.astype(np.float32), attrs)
             for r in rels:
@@ -321,13 +480,22 @@ def ingest_exam(src: str, dst: str, job: ExamJob, site_cfg: dict, key: bytes, sp
             row(rel, "quarantined", f"{rel}: unreadable ground truth ({exc})", subject=subject)
     status = "written"
     if not any(r in arrays for r in ROLES):
+        # An exam with images that gives no store is lost data, not "nothing to ingest": every
+        # row says so, so that --strict fails and a person looks at the site file or the series.
         status = "no-store"
+        if candidates:
+            why = f"exam {job.exam_dir}: no series of this exam could be read: no store written"
+        else:
+            why = (f"exam {job.exam_dir}: no series matched a role of the site config ({site_cfg['_source']}): "
+                   "no store written; fix the site's match rules or the series descriptions")
         for r in list(rows):
-            if rows[r]["status"] == "ingested":
-                rows[r].update(status="quarantined", reason=f"{job.exam_dir}: no series of this exam could be read")
+            if rows[r]["status"] != "quarantined":
+                extra = f" (this file: {rows[r]['reason']})" if rows[r]["reason"] else ""
+                rows[r].update(status="quarantined", reason=_clean_reason(why + extra, src_p, identities))
     else:
+        # the split follows the patient, not the visit: two visits in train and test would leak
         group_attrs = {"site": job.site, "subject": subject, "patient": patient, "cohort": site_cfg.get("cohort", ""),
-                       "split": _split(subject, site_cfg, split_fractions), "ingest_version": INGEST_VERSION,
+                       "split": _split(patient, site_cfg, split_fractions), "ingest_version": INGEST_VERSION,
                        "qsnet_version": __version__, "input_digest": digest,
                        "roles_missing": [r for r in ROLES if r not in arrays], **truth_attrs}
         write_exam_store(store_path, arrays, group_attrs)
@@ -356,31 +524,38 @@ def ingest(src: Path, dst: Path, manifest: Path | None = None, sites_dir: Path |
     import ingest.reader  # noqa: F401
     import ingest.store  # noqa: F401
 
-    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
-    try:
-        exam_jobs, rows = plan_exams(src, sites, jobs=workers, pool=pool)
-        # largest exams first, so no worker is left with a big one at the end (the manifest
-        # is sorted by path, so the order changes nothing in the output)
-        exam_jobs.sort(key=lambda j: -sum(i.size for i in j.infos))
-        previous = _previous_rows(manifest)
-        dst.mkdir(parents=True, exist_ok=True)
-        results = []
-        args = [(str(src), str(dst), j, sites[j.site], key, split_fractions,
-                 [previous[r] for r in j.files + j.truth if r in previous]) for j in exam_jobs]
-        if pool is None or len(exam_jobs) < 2:
-            for a in args:
-                results.append(_guarded(*a))
-                if progress:
-                    progress(results[-1])
-        else:
-            for res in pool.map(_guarded_star, args):
-                results.append(res)
+    with _quiet_pydicom():
+        pool = _new_pool(workers) if workers > 1 else None
+        try:
+            exam_jobs, rows = plan_exams(src, sites, jobs=workers, pool=pool)
+            if not exam_jobs:
+                # Nothing to ingest is a wrong SRC (a site folder, an unmounted share, data not
+                # pulled), never an empty dataset: a manifest and --prune would wipe DST.
+                raise IngestError(_no_exams_message(src, sites, rows))
+            # largest exams first, so no worker is left with a big one at the end (the manifest
+            # is sorted by path, so the order changes nothing in the output)
+            exam_jobs.sort(key=lambda j: -sum(i.size for i in j.infos))
+            previous = _previous_rows(manifest)
+            dst.mkdir(parents=True, exist_ok=True)
+            store_of = [_store_rel(key, j, src) for j in exam_jobs]
+            results: list[dict | None] = [None] * len(exam_jobs)
+            for i, res in _colliding(src, exam_jobs, store_of).items():
+                results[i] = res
                 if progress:
                     progress(res)
-    finally:
-        if pool is not None:
-            pool.shutdown()
-    pruned = _prune(dst, {r["store"] for r in results if r.get("store")}) if prune else []
+            todo = [i for i, r in enumerate(results) if r is None]
+            args = [(str(src), str(dst), j, sites[j.site], key, split_fractions,
+                     [previous[r] for r in j.files + j.truth if r in previous]) for j in exam_jobs]
+            for i, res in _run_exams(pool, workers, todo, args, progress).items():
+                results[i] = res
+        finally:
+            if pool is not None:
+                pool.shutdown()
+    # An exam still in SRC keeps its store even when this run wrote none for it (its rows say
+    # why): --prune removes the stores of exams that left SRC, not of exams that went wrong.
+    kept = sorted({rel for rel, res in zip(store_of, results)
+                   if res["status"] not in ("written", "unchanged") and (dst / rel).is_dir()})
+    pruned = _prune(dst, set(store_of)) if prune else []
     for res in results:
         rows.extend(Row(**r) for r in res["rows"])
     write_manifest(manifest, rows)
@@ -389,22 +564,138 @@ def ingest(src: Path, dst: Path, manifest: Path | None = None, sites_dir: Path |
                "unchanged": sum(r["status"] == "unchanged" for r in results),
                "no_store": sum(r["status"] == "no-store" for r in results),
                "files": len(rows), **counts, "manifest": str(manifest), "key_source": key_source,
-               "pruned": len(pruned)}
+               "pruned": len(pruned), "kept": len(kept)}
     if strict and counts["quarantined"]:
         summary["strict_failed"] = True
     return summary
 
 
+def _no_exams_message(src: Path, sites: dict, rows: list) -> str:
+    msg = (f"{src}: no <site>/<exam>/ DICOM folders under SRC: point it at the tree root (the folder that "
+           f"holds {', '.join(s + '/' for s in sorted(sites))})")
+    elsewhere = sum(1 for r in rows if r.status == "quarantined")
+    if elsewhere:
+        msg += (f"; {elsewhere} file(s) lie outside a known site folder (a new site needs its site file: "
+                "--sites DIR)")
+    return msg
+
+
+def _colliding(src: Path, exam_jobs: list[ExamJob], store_of: list[str]) -> dict[int, dict]:
+    """Exams that would write one store path: none of them is run (one would overwrite the
+    other's store); their rows are quarantined."""
+    by_store: dict[str, list[int]] = {}
+    for i, rel in enumerate(store_of):
+        by_store.setdefault(rel, []).append(i)
+    out = {}
+    for rel, idx in by_store.items():
+        if len(idx) < 2:
+            continue
+        names = ", ".join(sorted(exam_jobs[i].exam_dir for i in idx))
+        for i in idx:
+            job = exam_jobs[i]
+            out[i] = _quarantined(src, job, f"exam {job.exam_dir}: exams {names} would write the same store {rel} "
+                                            "(same patient and visit): none written; check their PatientID and "
+                                            "StudyInstanceUID")
+    return out
+
+
+def _quarantined(src: Path, job: ExamJob, reason: str) -> dict:
+    from dataclasses import asdict
+
+    reason = _clean_reason(reason, src, job.identities or ())
+    rows = [asdict(_row(Path(src), rel, "quarantined", reason, site=job.site)) for rel in job.files + job.truth]
+    return {"exam": job.exam_dir, "status": "no-store", "rows": rows, "store": ""}
+
+
+def _run_exams(pool, workers: int, todo: list[int], args: list[tuple], progress=None) -> dict[int, dict]:
+    """Results of the exams `todo` (indices into `args`). A worker that dies (the OOM killer,
+    a segfault in a decoder) breaks its whole pool: the exams that were in flight then are
+    tried again one at a time, each alone in a fresh pool, and one that kills its worker
+    even alone is quarantined; the exams not started yet go on in a fresh pool."""
+    results: dict[int, dict] = {}
+
+    def done(i, res):
+        results[i] = res
+        if progress:
+            progress(res)
+
+    if pool is None:
+        for i in todo:
+            done(i, _guarded(*args[i]))
+        return results
+    own = []  # pools made here: the caller shuts down the one it passed
+    try:
+        while todo:
+            suspects, todo = _run_pool(pool, workers, todo, args, done)
+            for i in suspects:
+                alone = _new_pool(1)
+                try:
+                    died = any(_run_pool(alone, 1, [i], args, done))
+                finally:
+                    alone.shutdown(wait=True)
+                if died:
+                    src, _, job = args[i][:3]
+                    done(i, _quarantined(Path(src), job, f"exam {job.exam_dir}: the worker ingesting this exam died "
+                                                         "(out of memory or a crash in a decoder): no store written; "
+                                                         "free memory or lower --jobs, then run again"))
+            if todo:
+                pool = _new_pool(workers)
+                own.append(pool)
+    finally:
+        for p in own:
+            p.shutdown(wait=True, cancel_futures=True)
+    return results
+
+
+def _run_pool(pool, width: int, todo: list[int], args: list[tuple], done) -> tuple[list[int], list[int]]:
+    """Run `todo` on `pool`, at most `width` in flight (so that a broken pool takes down the
+    exams that were running, not every exam queued behind them). Returns ([], []) when all
+    finished, else (exams in flight when the pool broke, exams not started)."""
+    queue = list(todo)
+    running: dict = {}
+    while queue or running:
+        try:
+            while queue and len(running) < width:
+                running[pool.submit(_guarded, *args[queue[0]])] = queue[0]
+                queue.pop(0)
+        except BrokenProcessPool:
+            pass  # the futures in flight fail with it: sorted out below
+        if not running:
+            return [], queue
+        finished, _ = wait(running, return_when=FIRST_COMPLETED)
+        if any(isinstance(f.exception(), BrokenProcessPool) for f in finished):
+            wait(running)  # a broken pool fails every future it held
+            suspects = []
+            for f, i in running.items():
+                if f.exception() is None:
+                    done(i, f.result())
+                else:
+                    suspects.append(i)
+            return suspects, queue
+        for f in finished:
+            done(running.pop(f), f.result())
+    return [], queue
+
+
 def _prune(dst: Path, keep: set[str]) -> list[Path]:
-    """Remove the stores under DST that this run did not write or keep (their exams left the
-    input). Only qsnet exam stores are touched; a crash midway leaves whole stores or none."""
-    from ingest.store import _looks_like_qsnet_store
+    """Remove the stores under DST whose exams are not in SRC (`keep`: the store path of every
+    exam of this run). Only qsnet exam stores are touched. A store is first renamed to a hidden
+    temporary name and then deleted: a crash midway leaves a hidden leftover (removed by a later
+    run), never half a store at the store's path for a later run to take as unchanged."""
+    from ingest.store import _fsync_path, _is_stale, _looks_like_qsnet_store, _temp_name
 
     gone = []
     for p in sorted(dst.glob("*/*.zarr")):
-        if str(p.relative_to(dst)) not in keep and p.is_dir() and _looks_like_qsnet_store(p):
-            shutil.rmtree(p)
-            gone.append(p)
+        if str(p.relative_to(dst)) in keep or p.is_symlink() or not p.is_dir() or not _looks_like_qsnet_store(p):
+            continue
+        doomed = _temp_name(p, "old")
+        os.rename(p, doomed)
+        _fsync_path(p.parent, directory=True)
+        shutil.rmtree(doomed, ignore_errors=True)
+        gone.append(p)
+    for p in dst.glob("*/.*.zarr.old-*"):
+        if _is_stale(p):
+            shutil.rmtree(p, ignore_errors=True)
     return gone
 
 
@@ -427,12 +718,4 @@ def _guarded(src, dst, job, site_cfg, key, fractions, prev_rows=None) -> dict:
     try:
         return ingest_exam(src, dst, job, site_cfg, key, fractions, prev_rows)
     except Exception as exc:  # noqa: BLE001
-        from dataclasses import asdict
-
-        reason = f"{job.exam_dir}: exam failed ({exc.__class__.__name__}: {exc})"
-        rows = [asdict(_row(Path(src), rel, "quarantined", reason, site=job.site)) for rel in job.files + job.truth]
-        return {"exam": job.exam_dir, "status": "no-store", "rows": rows, "store": ""}
-
-
-def _guarded_star(a):
-    return _guarded(*a)
+        return _quarantined(Path(src), job, f"{job.exam_dir}: exam failed ({exc.__class__.__name__}: {exc})")

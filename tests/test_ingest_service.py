@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -320,3 +321,277 @@ def test_mrf_maps_follow_their_real_world_value_mapping():
     same = {**meta, "units": "ms", "rescale_slope": 0.5}
     assert _maps_in_ms(stored * 0.5, same)[0] is not None and np.array_equal(_maps_in_ms(stored * 0.5, same)[0], stored * 0.5)
     assert np.array_equal(_maps_in_ms(stored, {**meta, "real_world_value_mapping": None})[0], stored)
+
+
+# ---------------------------------------------------------------- review fixes: small exams, in process
+
+def small_exam(demo_tree: Path, dst: Path, site: str = "site-A", exam: str = "sub-A01",
+               roles: tuple[str, ...] = ("mrf_t1", "mrf_t2")) -> Path:
+    """A phantom exam with only the series of `roles` and no ground truth (a real exam's shape, fast)."""
+    for role in roles:
+        d = series_dir(demo_tree / site / exam, role)
+        shutil.copytree(d, dst / d.name)
+    return dst
+
+
+def edit(folder: Path, fn) -> None:
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        ds = pydicom.dcmread(f)
+        fn(ds)
+        ds.save_as(f)
+
+
+def header(folder: Path):
+    return pydicom.dcmread(next(p for p in sorted(folder.rglob("*")) if p.is_file()), stop_before_pixels=True)
+
+
+def run_ingest(src: Path, out: Path, **kw) -> dict:
+    from ingest.service import ingest
+
+    return ingest(src, out / "raw", manifest=out / "manifest.csv", **{"jobs": 1, **kw})
+
+
+def rows_by_folder(out: Path) -> dict[str, list[dict]]:
+    by = {}
+    for r in manifest_rows(out / "manifest.csv"):
+        by.setdefault(r["path"].split("/")[1], []).append(r)
+    return by
+
+
+def expected_t1(exam: Path) -> np.ndarray:
+    from ingest.reader import read_series
+    from ingest.service import _maps_in_ms
+
+    vol, _, meta = read_series(sorted(p for p in series_dir_of(exam, "MRF_FISP_T1map").iterdir()))
+    return _maps_in_ms(vol, meta)[0].astype(np.float32)
+
+
+def series_dir_of(exam: Path, description: str) -> Path:
+    return next(d for d in exam.iterdir() if header(d).SeriesDescription == description)
+
+
+def test_two_patients_sharing_a_study_uid_get_their_own_stores(demo_tree, tmp_path):
+    src = tmp_path / "data"
+    p1 = small_exam(demo_tree, src / "site-A" / "p1", exam="sub-A01")
+    p2 = small_exam(demo_tree, src / "site-A" / "p2", exam="sub-A02")
+    assert header(p1).PatientID != header(p2).PatientID
+    study = header(p1).StudyInstanceUID  # a site whose PACS reuses study UIDs
+    edit(p2, lambda ds: setattr(ds, "StudyInstanceUID", study))
+    summary = run_ingest(src, tmp_path)
+    assert summary["exams"] == 2 and summary["written"] == 2, summary
+    by = rows_by_folder(tmp_path)
+    subjects = {}
+    for folder, exam in (("p1", p1), ("p2", p2)):
+        assert {r["status"] for r in by[folder]} == {"ingested"}, by[folder]
+        (subjects[folder],) = {r["subject"] for r in by[folder]}
+        st = open_store(tmp_path / "raw" / "site-A" / f"{subjects[folder]}.zarr")
+        assert np.array_equal(st.read("mrf_t1"), expected_t1(exam)), folder
+    assert subjects["p1"] != subjects["p2"]
+
+
+def test_visits_without_study_uid_do_not_share_a_store(demo_tree, tmp_path, monkeypatch):
+    src = tmp_path / "data"
+    v1 = small_exam(demo_tree, src / "site-A" / "visit1", exam="sub-A01")
+    v2 = small_exam(demo_tree, src / "site-A" / "visit2", exam="sub-A02")
+    who = header(v1)
+
+    def same_patient_no_study(ds):
+        ds.PatientID, ds.PatientName = who.PatientID, who.PatientName
+        del ds.StudyInstanceUID  # an export that drops it: the exam is its folder
+
+    edit(v1, same_patient_no_study)
+    edit(v2, same_patient_no_study)
+    summary = run_ingest(src, tmp_path / "a")
+    assert summary["written"] == 2 and len(list((tmp_path / "a" / "raw").rglob("*.zarr"))) == 2, summary
+    by = rows_by_folder(tmp_path / "a")
+    for folder, exam in (("visit1", v1), ("visit2", v2)):
+        (subject,) = {r["subject"] for r in by[folder]}
+        st = open_store(tmp_path / "a" / "raw" / "site-A" / f"{subject}.zarr")
+        assert np.array_equal(st.read("mrf_t1"), expected_t1(exam)), folder
+    # the guard: two exams that would still land on one store path are both quarantined
+    import ingest.service as service
+
+    monkeypatch.setattr(service, "_names", lambda *a: ("sub-000000000000", "pat-000000000000"))
+    summary = run_ingest(src, tmp_path / "b")
+    rows = manifest_rows(tmp_path / "b" / "manifest.csv")
+    assert summary["written"] == 0 and not list((tmp_path / "b" / "raw").rglob("*.zarr"))
+    assert rows and all(r["status"] == "quarantined" and "would write the same store" in r["reason"] for r in rows)
+
+
+def test_prune_renames_before_deleting_and_a_damaged_store_is_rewritten(demo_tree, tmp_path, monkeypatch):
+    import ingest.service as service
+
+    src = tmp_path / "data"
+    small_exam(demo_tree, src / "site-A" / "sub-A01", exam="sub-A01")
+    small_exam(demo_tree, src / "site-A" / "sub-A02", exam="sub-A02")
+    run_ingest(src, tmp_path)
+    subject = {f: rs[0]["subject"] for f, rs in rows_by_folder(tmp_path).items()}
+    store = tmp_path / "raw" / "site-A" / f"{subject['sub-A01']}.zarr"
+    # what a delete killed midway leaves: the store's metadata, one array gone
+    shutil.rmtree(store / "mrf_t2")
+    summary = run_ingest(src, tmp_path)
+    assert summary["written"] == 1 and summary["unchanged"] == 1, summary
+    assert "mrf_t2" in open_store(store).roles
+    # a pruned store leaves its path in one rename, before any file of it is deleted
+    gone = tmp_path / "raw" / "site-A" / f"{subject['sub-A02']}.zarr"
+    seen = []
+    real = shutil.rmtree
+
+    def rmtree(path, *a, **kw):
+        seen.append((Path(path), gone.exists()))
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(service.shutil, "rmtree", rmtree)
+    shutil.rmtree(src / "site-A" / "sub-A02")
+    summary = run_ingest(src, tmp_path, prune=True)
+    assert summary["pruned"] == 1 and not gone.exists()
+    (path, still_there), = [s for s in seen if s[0].name.startswith(f".{gone.name}.old-")]
+    assert not still_there and not path.exists()
+
+
+def test_exam_without_a_recognised_series_is_quarantined_and_its_store_kept(demo_tree, tmp_path):
+    import yaml
+
+    src = tmp_path / "data"
+    small_exam(demo_tree, src / "site-A" / "sub-A01")
+    small_exam(demo_tree, src / "site-B" / "sub-B01", site="site-B", exam="sub-B01")
+    assert run_ingest(src, tmp_path, prune=True)["written"] == 2
+    stores = sorted((tmp_path / "raw").rglob("*.zarr"))
+    # the site renames its protocols: no series of site A matches its rules any more
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "ingest" / "sites" / "site-A.yaml").read_text())
+    for s in cfg["series"].values():
+        s["match"] = {"description": "^renamed protocol$"}
+    (tmp_path / "sites").mkdir()
+    (tmp_path / "sites" / "site-A.yaml").write_text(yaml.safe_dump(cfg))
+    summary = run_ingest(src, tmp_path, sites_dir=tmp_path / "sites", strict=True, prune=True)
+    assert summary.get("strict_failed") and summary["no_store"] == 1 and summary["kept"] == 1, summary
+    assert summary["pruned"] == 0 and sorted((tmp_path / "raw").rglob("*.zarr")) == stores
+    rows = rows_by_folder(tmp_path)["sub-A01"]
+    assert all(r["status"] == "quarantined" for r in rows)
+    assert all("exam site-A/sub-A01: no series matched a role of the site config" in r["reason"]
+               and "site-A.yaml" in r["reason"] for r in rows), rows[0]
+
+
+def test_a_worker_that_dies_costs_only_its_exam(demo_tree, tmp_path, monkeypatch):
+    import multiprocessing
+
+    import ingest.service as service
+
+    if multiprocessing.get_start_method() != "fork":
+        pytest.skip("the monkeypatched exam reaches the workers through fork")
+    src = tmp_path / "data"
+    small_exam(demo_tree, src / "site-A" / "sub-A01")
+    small_exam(demo_tree, src / "site-B" / "sub-B01", site="site-B", exam="sub-B01")
+    real = service.ingest_exam
+
+    def dying(src_, dst, job, *a, **kw):
+        if job.site == "site-B":
+            os.kill(os.getpid(), signal.SIGKILL)  # what the OOM killer does
+        return real(src_, dst, job, *a, **kw)
+
+    monkeypatch.setattr(service, "ingest_exam", dying)
+    summary = run_ingest(src, tmp_path, jobs=2)
+    assert summary["written"] == 1 and summary["no_store"] == 1, summary
+    by = rows_by_folder(tmp_path)
+    assert {r["status"] for r in by["sub-A01"]} == {"ingested"}
+    assert all(r["status"] == "quarantined" and "worker ingesting this exam died" in r["reason"] for r in by["sub-B01"])
+    assert len(by["sub-A01"]) + len(by["sub-B01"]) == len(input_files(src))
+
+
+def test_no_exam_under_src_is_an_error_and_prunes_nothing(demo_tree, tmp_path):
+    src = tmp_path / "data"
+    small_exam(demo_tree, src / "site-A" / "sub-A01")
+    run_ingest(src, tmp_path, prune=True)
+    stores, manifest = sorted((tmp_path / "raw").rglob("*.zarr")), (tmp_path / "manifest.csv").read_bytes()
+    for wrong in (tmp_path / "empty", src / "site-A"):  # an unmounted share; a site folder, not the root
+        wrong.mkdir(exist_ok=True)
+        res = qsnet("ingest", str(wrong), str(tmp_path / "raw"), "--manifest", str(tmp_path / "manifest.csv"),
+                    "--prune", "--jobs", "1")
+        assert res.returncode != 0, res.stdout
+        errors = [line for line in res.stderr.splitlines() if "error" in line]
+        assert len(errors) == 1 and "no <site>/<exam>/ DICOM folders" in errors[0] and str(wrong) in errors[0]
+        assert sorted((tmp_path / "raw").rglob("*.zarr")) == stores
+        assert (tmp_path / "manifest.csv").read_bytes() == manifest
+
+
+def test_reasons_carry_no_uids_absolute_paths_or_names(demo_tree, tmp_path):
+    src = tmp_path / "data"
+    ex = small_exam(demo_tree, src / "site-A" / "sub-A01", roles=("mrf_t1", "mrf_t2", "t1w"))
+    t1 = sorted(series_dir_of(ex, header(series_dir_of(ex, "MRF_FISP_T1map")).SeriesDescription).iterdir())
+    # a screen save whose description names someone (synthetic) with a date
+    shot = ex / "S099_screensave"
+    shot.mkdir()
+    ds = pydicom.dcmread(t1[0])
+    ds.SeriesInstanceUID, ds.SeriesNumber = pydicom.uid.generate_uid(), 99
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.SeriesDescription = "Screen Save ROE^RICHARD 19991231"
+    ds.save_as(shot / "IM0001.dcm")
+    # a re-sent copy of one image, and a series with a slice missing
+    shutil.copy(t1[4], t1[4].parent / "IM_resend.dcm")
+    sop = str(pydicom.dcmread(t1[4], stop_before_pixels=True).SOPInstanceUID)
+    mrf_t2 = sorted(series_dir_of(ex, "MRF_FISP_T2map").iterdir())
+    mrf_t2[len(mrf_t2) // 2].unlink()
+    run_ingest(src, tmp_path)
+    rows = {r["path"]: r for r in manifest_rows(tmp_path / "manifest.csv")}
+    assert "duplicate" in rows[str((t1[4].parent / "IM_resend.dcm").relative_to(src))]["reason"]
+    assert "missing" in rows[str(mrf_t2[0].relative_to(src))]["reason"]
+    assert "matches no role" in rows["site-A/sub-A01/S099_screensave/IM0001.dcm"]["reason"]
+    reasons = " ".join(r["reason"] for r in rows.values())
+    for needle in (sop, str(tmp_path), "ROE", "RICHARD", "19991231"):
+        assert needle not in reasons, needle
+
+
+def test_the_patients_own_identifiers_are_scrubbed_from_descriptions(demo_tree, tmp_path):
+    src = tmp_path / "data"
+    ex = small_exam(demo_tree, src / "site-A" / "sub-A01")
+    who = header(ex)
+    family, given = str(who.PatientName).split("^")[:2]
+    typed = [str(who.PatientID), f"{given.title()} {family.title()}", str(who.AccessionNumber)]
+    edit(series_dir_of(ex, "MRF_FISP_T1map"),
+         lambda ds: setattr(ds, "SeriesDescription", f"MRF_FISP_T1map {' '.join(typed)}"))
+    run_ingest(src, tmp_path)
+    (store,) = (tmp_path / "raw").rglob("*.zarr")
+    assert open_store(store).attrs_of("mrf_t1")["series_description"] == "MRF_FISP_T1map"
+    text = " ".join(p.read_text() for p in store.rglob("zarr.json")).casefold()
+    for needle in (str(who.PatientID), family, given, str(who.AccessionNumber)):
+        assert needle.casefold() not in text, needle
+
+
+def test_pydicom_warnings_do_not_echo_header_values(demo_tree, tmp_path):
+    from pydicom import config
+
+    src = tmp_path / "data"
+    ex = small_exam(demo_tree, src / "site-A" / "sub-A01")
+    marker = "QSNETSYNTH7"  # a non-conformant UID that carries an ID, as some exports write them
+    with config.disable_value_validation():  # writing it would warn here, in the test, too
+        edit(ex, lambda ds: setattr(ds, "StudyInstanceUID", f"1.2.826.0.1.{marker}.20240517"))
+    res = qsnet("ingest", str(src), str(tmp_path / "raw"), "--manifest", str(tmp_path / "m.csv"), "--jobs", "2")
+    assert res.returncode == 0, res.stderr
+    assert marker not in res.stderr and marker not in res.stdout
+    # in process too; and quiet for ingest's own reads only: the process's settings stay as they were
+    before = config.settings._reading_validation_mode
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_ingest(src, tmp_path / "inproc")
+    assert not [w for w in caught if marker in str(w.message)]
+    assert config.settings._reading_validation_mode == before
+
+
+def test_visits_of_one_patient_share_a_split(demo_tree, tmp_path):
+    from ingest.deid import load_key, pseudonym
+    from ingest.service import _split
+    from ingest.siteconfig import load_site
+
+    src = tmp_path / "data"
+    v1 = small_exam(demo_tree, src / "site-A" / "visit1")
+    v2 = small_exam(demo_tree, src / "site-A" / "visit2")
+    who = header(v1)
+    key, cfg, frac = load_key()[0], load_site("site-A"), {"site-A": 20 / 32, "site-B": 9 / 18}
+    visit = lambda study: _split(pseudonym(key, "site-A", str(who.PatientID), study), cfg, frac)  # noqa: E731
+    # a second visit whose own pseudonym would fall in the other split
+    study2 = next(u for u in (f"2.25.{1000 + i}" for i in range(200)) if visit(u) != visit(str(who.StudyInstanceUID)))
+    edit(v2, lambda ds: setattr(ds, "StudyInstanceUID", study2))
+    run_ingest(src, tmp_path)
+    attrs = [open_store(s).attrs for s in sorted((tmp_path / "raw").rglob("*.zarr"))]
+    assert len(attrs) == 2 and attrs[0]["patient"] == attrs[1]["patient"]
+    assert attrs[0]["split"] == attrs[1]["split"]
