@@ -320,3 +320,30 @@ def test_failed_comparisons_say_how_much_they_mean():
     assert "carry this contrast at the bar" in _reference_note(0.9, 0.8, 0.85)
     assert "reaches only 0.700" in _reference_note(0.7, 0.6, 0.85)
     assert _reference_note(float("nan"), 0.6, 0.85) == ""
+
+
+def test_voxels_without_truth_are_not_scored(tmp_path):
+    """A target series that misses part of the brain (its valid_<role> mask): those voxels hold
+    no truth and are not scored. A synthesis equal to the truth where it exists is perfect,
+    whatever it shows where the series did not reach; without the mask it would be scored
+    against a black brain."""
+    from train.evaluate.service import _Exam, _score
+
+    _store(tmp_path, "site-A", "test", "sub-A0", np.random.default_rng(0))
+    path = tmp_path / "site-A" / "sub-A0.zarr"
+    from ingest.store import open_store
+
+    st = open_store(path)
+    arrays = {r: (st.read(r), {}) for r in st.roles}
+    brain = arrays["brain"][0] > 0
+    valid = brain.copy()
+    valid[0] = False                                   # the series does not reach the first slice
+    truth = np.where(valid, arrays["t2w"][0], 0.0).astype(np.float32)
+    arrays["t2w"] = (truth, {})
+    arrays["valid_t2w"] = (valid.astype(np.uint8), {})
+    write_exam_store(tmp_path / "cut.zarr", arrays, dict(st.attrs))
+    ex = _Exam(tmp_path / "cut.zarr")
+    pred = np.where(brain, np.where(valid, truth, 0.5), 0.0)   # a plausible brain where there is no truth
+    m, _ = _score(pred, ex, "t2w", {"data_range": 4095, "k1": 0.01, "k2": 0.03})
+    assert m["mae"] == 0 and m["ssim"] == pytest.approx(1.0) and m["voxels"] == int(valid.sum())
+    assert (ex.mask("t1w") == brain).all()             # a role without a mask: the brain

@@ -77,6 +77,8 @@ def test_stage_prepares_both_sites(prepared_pair):
             v = st.read(role)
             assert v.shape == st.array("brain").shape and 0 <= v.min() and v.max() <= 1
             assert (v[st.read("brain") == 0] == 0).all()
+            valid = st.read(f"valid_{role}") > 0
+            assert not (valid & (st.read("brain") == 0)).any() and (v[~valid] == 0).all()
         assert st.attrs["split"] == e["split"] and "inversion" in st.attrs and "scale" in st.attrs
     # the report is the DVC metrics file: plain JSON with the summary numbers
     assert json.loads((root / "prepare.json").read_text())["summary"]["brain_dice_mean"] >= 0.95
@@ -107,6 +109,35 @@ def test_same_inputs_give_byte_identical_stores(prepared_pair):
     assert [k for k in first if first[k] != again[k]] == []
     # the timings are in the report
     assert all("elastix_s" in e for e in json.loads((root / "again.json").read_text())["exams"].values())
+
+
+def test_a_series_that_misses_slices_leaves_them_without_truth(prepared_pair, raw_pair, tmp_path):
+    """A T2w slab shorter than the MRF one (its first 3 slices, 13 mm, cut off): the MRF slices
+    it misses have no truth (valid_t2w), instead of a black brain that training would learn
+    and the metrics score; the scale comes from the covered brain only; the slices it covers
+    are prepared as before."""
+    def edit(arrays, group):
+        vol, a = arrays["t2w"]
+        aff = np.asarray(a["affine_lps"], float)
+        a["affine_lps"] = (aff @ np.array([[1, 0, 0, 3], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])).tolist()
+        arrays["t2w"] = (vol[3:], a)
+
+    raw = copy_store(raw_pair["site-A"], tmp_path / "short.zarr", edit)
+    # the quality gate would exclude a series covering under 80 % of the brain; this one covers about 74 %
+    cfg = {**CFG, "registration": {**CFG["registration"], "min_coverage": 0.6}}
+    e = prepare_exam(ExamTask(str(raw), str(tmp_path / "prep" / "x.zarr"), "site-A", "x", "train", "d", ""), cfg)
+    assert e["status"] == "prepared", e.get("reason")
+    root, _ = prepared_pair
+    full = open_store(next((root / "prepared" / "site-A").glob("*.zarr")))
+    cut = open_store(tmp_path / "prep" / "x.zarr")
+    brain, valid = cut.read("brain") > 0, cut.read("valid_t2w") > 0
+    per_slice = [(brain[z].sum(), (brain[z] & valid[z]).sum()) for z in range(brain.shape[0])]
+    assert any(b > 50 and v == 0 for b, v in per_slice), per_slice      # whole brain slices without truth
+    assert (cut.read("t2w")[~valid] == 0).all()
+    lo_full, lo_cut = full.attrs["scale"]["t2w"]["lo"], cut.attrs["scale"]["t2w"]["lo"]
+    assert lo_cut > 0.8 * lo_full > 0, (lo_cut, lo_full)               # not the black slices' 0
+    both = valid & (full.read("valid_t2w") > 0)
+    assert np.abs(cut.read("t2w")[both] - full.read("t2w")[both]).mean() < 0.02
 
 
 @pytest.mark.parametrize("axis", ["x", "z"])
@@ -293,7 +324,7 @@ def test_prepared_pixels_keep_their_size_whatever_the_field_of_view(raw_pair, pa
         return
     b = prepare_inputs(t1b, t2b, big, big, CFG)
     np.testing.assert_allclose(b["affine"], a["affine"], atol=1e-6)
-    assert np.allclose(np.linalg.norm(b["affine"][:3, 1:3], axis=0), CFG["pixel_mm"])
+    assert np.allclose(np.linalg.norm(b["affine"][:3, 1:3], axis=0), 256 / 64)
     np.testing.assert_allclose(b["input"], a["input"], atol=1e-5)
     assert (a["brain"] == b["brain"]).all()
 
@@ -412,3 +443,14 @@ def test_canonical_grid_of_a_non_square_oblique_grid(how):
     got_shape, got = canonical_grid(other.shape, other_aff)
     assert got_shape == shape
     np.testing.assert_allclose(got, want, atol=1e-9)
+
+
+def test_a_source_without_exam_stores_is_refused_and_nothing_is_removed(prepared_pair, tmp_path):
+    """A wrong SRC (a site folder, an empty mount) is a failed request: going on would take every
+    prepared store for the store of a removed exam and delete it."""
+    root, _ = prepared_pair
+    before = sorted(p.name for p in (root / "prepared").glob("*/*.zarr"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PrepareError, match="no <site>/<subject>.zarr exam stores there"):
+        prepare(tmp_path / "empty", root / "prepared", tmp_path / "r.json", {"prepare": {"image_size": 64}, "seed": 0})
+    assert sorted(p.name for p in (root / "prepared").glob("*/*.zarr")) == before

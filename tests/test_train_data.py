@@ -38,6 +38,25 @@ def stores(tmp_path):
     return tmp_path
 
 
+def test_slices_a_target_series_does_not_cover_are_not_learnt(tmp_path):
+    """Slice 1's T2w series reaches half of its brain, slice 2's all but one voxel: slice 1 is
+    left out of a T2w dataset (its target would teach a black brain), slice 2 kept, and a T1w
+    dataset keeps both."""
+    from ingest.store import open_store
+
+    (p,) = fake_prepared(tmp_path, n=1)
+    st = open_store(p)
+    arrays = {r: (st.read(r), {"affine_lps": np.eye(4).tolist()}) for r in st.roles}
+    valid = arrays["brain"][0].copy()
+    valid[1, :, :16] = 0
+    valid[2, 5, 10] = 0
+    arrays["valid_t2w"] = (valid, {"affine_lps": np.eye(4).tolist()})
+    write_exam_store(tmp_path / "cut.zarr", arrays, dict(st.attrs))
+    slices = [z for _, z in SliceDataset([tmp_path / "cut.zarr"], contrasts=["t2w"]).index]
+    assert slices == [2, 3, 4]
+    assert [z for _, z in SliceDataset([tmp_path / "cut.zarr"], contrasts=["t1w"]).index] == [1, 2, 3, 4]
+
+
 def test_find_and_index_brain_slices(stores):
     paths = find_stores(stores, splits=["train"])
     assert len(paths) == 2

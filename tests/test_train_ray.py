@@ -111,7 +111,6 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, monkeypatc
     epoch's shuffle must follow (seed, epoch): a resumed process replaying epoch 0's order
     trained on another sequence of batches and ended with other weights."""
     import contextlib
-    import io
     import tempfile
 
     import ray.train

@@ -1,10 +1,11 @@
 """2D axial slices of prepared stores for training, validation and test.
 
 :class:`SliceDataset` indexes ``(store, slice)`` pairs at construction (reading only each
-store's small ``brain`` array) and reads every item lazily, one slice per array, through
+store's small ``brain`` and ``valid_<role>`` masks: a slice whose target series leaves part of
+the brain uncovered is left out) and reads every item lazily, one slice per array, through
 :meth:`ingest.store.ExamStore.slice`; stores are opened per process, so the dataset works in
 DataLoader worker processes and in Ray Train workers (each with its own shard: a
-``DistributedSampler``, which ``ray.train.torch.prepare_data_loader`` adds, or :meth:`shard`).
+``DistributedSampler``, or :meth:`shard`).
 
 Augmentation (paper 2.3, training split only): one random rotation (up to +-15 degrees) and
 one elastic deformation (dense displacement field of about 2 pixels standard deviation) as a
@@ -102,7 +103,9 @@ class SliceDataset(Dataset):
     plus ``subject``, ``site`` and ``slice`` (index in the store)."""
 
     def __init__(self, stores, contrasts=("t1w",), inputs: str = "mrf", brain_only: bool = True,
-                 min_brain_fraction: float = 0.02, augment: Augment | dict | bool | None = None, seed: int = 0):
+                 min_brain_fraction: float = 0.02, augment: Augment | dict | bool | None = None, seed: int = 0,
+                 min_covered: float = 0.95):
+        from ingest.prepare.service import scored_mask
         from ingest.storage import location, name_parts
         from ingest.store import open_store
 
@@ -127,6 +130,12 @@ class SliceDataset(Dataset):
             size = brain.shape[-1]
             frac = brain.reshape(brain.shape[0], -1).mean(1)
             zs = [z for z in range(brain.shape[0]) if not brain_only or frac[z] >= min_brain_fraction]
+            # A slice whose target (or mri input) series misses part of the brain would teach a
+            # black brain there: only slices the series cover (nearly) whole are learnt from.
+            per_slice = np.maximum(brain.reshape(brain.shape[0], -1).sum(1), 1)
+            for role in list(self.contrasts) + ([] if inputs == "mrf" else list(INPUT_KINDS[inputs])):
+                covered = scored_mask(st, role, brain).reshape(brain.shape[0], -1).sum(1) / per_slice
+                zs = [z for z in zs if covered[z] >= min_covered or not brain[z].any()]
             self.index.extend((si, z) for z in zs)
             site, subject = name_parts(p)
             self.subjects.append(str(st.attrs.get("subject", subject)))

@@ -22,15 +22,18 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["PREPARE_VERSION", "PrepareError", "prepare", "prepare_exam", "prepare_inputs", "input_contract",
+           "valid_name", "scored_mask",
            "input_scaling", "contract_mismatch", "orientation_mismatch", "assign_splits", "DEFAULTS"]
 
-PREPARE_VERSION = "2"   # 2: the prepared grid has one orientation (grid.canonical_grid)
+# 2: the prepared grid has one orientation (grid.canonical_grid); 3: each target has its
+# valid_<role> mask of the brain voxels its series covers
+PREPARE_VERSION = "3"
 INPUT_ROLES = ("mrf_t1", "mrf_t2")
 TARGETS = ("t1w", "t2w", "t1flair", "t2flair", "swi")
 
 DEFAULTS = {
     "image_size": 64,
-    "pixel_mm": 4.0,   # prepared pixels in mm: image_size x pixel_mm is the field of view a model sees
+    "fov_mm": 256.0,   # the prepared field of view: pixels of fov_mm / image_size mm, whatever the scan's
     "targets": list(TARGETS),
     "registration": {"resolutions": 3, "iterations": 300, "samples": 4096, "histogram_bins": 32, "threads": 1,
                      "max_rotation_deg": 20.0, "max_translation_mm": 30.0, "min_mi_gain": -0.02,
@@ -63,10 +66,38 @@ def config(params: dict) -> dict:
         raise PrepareError(f"params: unknown target contrast(s) {unknown} (known: {', '.join(TARGETS)})")
     if int(cfg["image_size"]) < 8:
         raise PrepareError(f"params: prepare.image_size {cfg['image_size']} is too small")
-    if not (isinstance(cfg["pixel_mm"], (int, float)) and 0 < float(cfg["pixel_mm"]) < 20):
-        raise PrepareError(f"params: prepare.pixel_mm {cfg['pixel_mm']!r}: expected a pixel size in mm (0-20)")
+    if not (isinstance(cfg["fov_mm"], (int, float)) and 50 <= float(cfg["fov_mm"]) <= 500):
+        raise PrepareError(f"params: prepare.fov_mm {cfg['fov_mm']!r}: expected a field of view in mm (50-500)")
     _check_normalise(cfg["normalise"], "params: prepare.normalise")
     return cfg
+
+
+def pixel_mm(cfg: dict) -> float | None:
+    """Prepared pixel size of a prepare config or an input contract (None: a contract from
+    before it was fixed, whose pixels spanned each exam's own field of view)."""
+    if cfg.get("pixel_mm") is not None:
+        return float(cfg["pixel_mm"])
+    if cfg.get("fov_mm") is not None:
+        return round(float(cfg["fov_mm"]) / int(cfg["image_size"]), 6)
+    return None
+
+
+def valid_name(role: str) -> str:
+    """The prepared array marking the brain voxels where ``role``'s series gives a truth (it
+    covers them). Stores prepared before version 3 lack it: there the brain is the mask."""
+    return f"valid_{role}"
+
+
+def scored_mask(store, role: str, brain: np.ndarray | None = None) -> np.ndarray:
+    """Where ``role`` can be learnt and scored in a prepared store: the brain, less the voxels
+    its series does not cover. ``store`` is an ExamStore or a zarr group; ``brain`` saves
+    reading it again."""
+    def read(name):
+        return np.asarray(store.read(name) if hasattr(store, "read") else store[name][...])
+
+    brain = (read("brain") if brain is None else np.asarray(brain)).astype(bool)
+    name = valid_name(role)
+    return brain & (read(name) > 0) if name in store else brain
 
 
 def _input_kind(norm: dict) -> str:
@@ -193,13 +224,13 @@ def input_contract(cfg: dict) -> dict:
     from ingest.prepare.grid import ORIENTATION
 
     return {"channels": list(INPUT_ROLES), "units": "ms", "image_size": int(cfg["image_size"]),
-            "pixel_mm": float(cfg["pixel_mm"]), "orientation": ORIENTATION,
+            "pixel_mm": pixel_mm(cfg), "orientation": ORIENTATION,
             **{k: cfg[k] for k in ("brain_mask", "normalise", "mrf_check")}}
 
 
 def _say_orientation(code: str | None) -> str:
     return (f"slices indexed towards {code}" if code else
-            f"the series' own voxel order (prepare before version {PREPARE_VERSION})")
+            "the series' own voxel order (prepare before version 2)")
 
 
 def orientation_mismatch(model_contract: dict | None, orientation: str | None) -> str | None:
@@ -245,7 +276,8 @@ def contract_mismatch(model_contract: dict | None, store_contract: dict | None) 
             def px(v):
                 return f"{float(v):g} mm pixels" if v is not None else "pixels spanning each exam's field of view"
             return (f"the model was trained on {px(mm[0])}, the stores hold {px(mm[1])}: the head would be "
-                    "another size to it; prepare the exams with the model card's pixel_mm")
+                    "another size to it; prepare the exams with the card's field of view (prepare.fov_mm = "
+                    "image_size x pixel_mm)")
     a, b = input_scaling(model_contract), input_scaling(store_contract)
     if a is None or b is None or a == b:
         return None
@@ -284,7 +316,7 @@ def prepare_inputs(t1, t2, t1_affine, t2_affine, cfg: dict) -> dict:
     if int(brain.sum()) < int(cfg["brain_mask"]["min_voxels"]):
         raise PrepareError(f"brain mask empty or too small ({int(brain.sum())} voxels): is mrf_t1 a T1 map in ms?")
     try:
-        pshape, paff = standard_grid(t1.shape, fixed_aff, int(cfg["image_size"]), cfg.get("pixel_mm"))
+        pshape, paff = standard_grid(t1.shape, fixed_aff, int(cfg["image_size"]), pixel_mm(cfg))
     except GridError as exc:
         raise PrepareError(f"mrf_t1: {exc}") from None
     psp = np.linalg.norm(paff[:3, :3], axis=0)
@@ -380,7 +412,12 @@ def _prepare(task: ExamTask, cfg: dict) -> dict:
             raise PrepareError(f"{role}: registration failed the quality gate: {'; '.join(why)}")
         figure_rows.append((role, before, after))
         # the MRF slice is a 5 mm slab: average the thin mpMRI slices across it (box profile)
-        targets[role], _ = resample(moving, maff, pshape, paff, transform=m)
+        v, cov = resample(moving, maff, pshape, paff, transform=m)
+        # A series rarely covers every MRF slice (another slab, the registration's shift): where
+        # it does not, there is no truth, not a black brain. A voxel covered in part holds the
+        # mean of its covered samples, not one diluted by the zeros outside the series.
+        covered = cov >= 0.5
+        targets[role] = (np.where(covered, v / np.maximum(cov, 1e-6), 0.0).astype(np.float32), covered)
     out["registration"] = reg_report
     errs = [r["error_mm"] for r in reg_report.values() if "error_mm" in r]
     if errs:
@@ -389,12 +426,17 @@ def _prepare(task: ExamTask, cfg: dict) -> dict:
 
     pct = cfg["normalise"]["percentiles"]
     arrays, scale = {}, dict(mrf["scale"])
-    for role, v in targets.items():
-        lo, hi = percentile_scale(v, pbrain, pct)
+    for role, (v, covered) in targets.items():
+        valid = pbrain & covered
+        if not valid.any():
+            raise PrepareError(f"{role}: the series covers none of the prepared brain")
+        lo, hi = percentile_scale(v, valid, pct)
         if not hi > lo:
             raise PrepareError(f"{role}: constant inside the brain after registration ({lo:g})")
         scale[role] = {"lo": lo, "hi": hi, "units": raw.attrs_of(role).get("units", "scanner")}
-        arrays[role] = (apply_scale(v, lo, hi, pbrain), {"role": role, "affine_lps": np.round(paff, 6).tolist()})
+        arrays[role] = (apply_scale(v, lo, hi, valid), {"role": role, "affine_lps": np.round(paff, 6).tolist()})
+        arrays[valid_name(role)] = (valid.astype(np.uint8), {"role": valid_name(role),
+                                                             "affine_lps": np.round(paff, 6).tolist()})
     arrays["input"] = (mrf["input"], {"role": "input", "channels": list(INPUT_ROLES),
                                       "affine_lps": np.round(paff, 6).tolist()})
     arrays["brain"] = (pbrain.astype(np.uint8), {"role": "brain", "affine_lps": np.round(paff, 6).tolist()})
@@ -489,6 +531,11 @@ def prepare(src: Path, dst: Path, report: Path, params: dict, jobs: int | None =
         raise PrepareError(f"{src}: input folder of raw stores does not exist")
     storage.check_access(str(src))
     raws = storage.list_stores(src)
+    if not raws:
+        # nothing to prepare is a wrong path, not an empty study: going on would delete every
+        # prepared store in dst as the store of a removed exam
+        raise PrepareError(f"{src}: no <site>/<subject>.zarr exam stores there; give the folder that "
+                           "`qsnet ingest` wrote (e.g. stores/raw)")
     exams, found = [], {}
     problems = {}
     for p in raws:

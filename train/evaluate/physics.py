@@ -23,6 +23,7 @@ import zarr
 
 from ingest.phantom.physics import sequence_model
 from ingest.prepare.grid import apply_scale, denormalise, percentile_scale
+from ingest.prepare.service import scored_mask
 from ingest.siteconfig import SiteConfigError, load_site
 
 __all__ = ["PhysicsUnavailable", "signal", "exam_signal", "PhysicsBaseline"]
@@ -114,7 +115,7 @@ class PhysicsBaseline:
         n = ss = st = s2 = t0 = 0.0
         for store in stores:
             g, _ = _open(store)
-            brain = np.asarray(g["brain"][...]) > 0
+            brain = scored_mask(g, self.role)   # where the series gives a truth
             s = exam_signal(g, self.role)[brain].astype(np.float64)
             t = np.asarray(g[self.role][...], np.float64)[brain]
             n += s.size

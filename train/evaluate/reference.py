@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from ingest.prepare.service import scored_mask
 from train.evaluate.physics import _open
 
 __all__ = ["VoxelRegression", "voxel_features"]
@@ -58,7 +59,7 @@ class VoxelRegression:
             g, name = _open(store)
             if self.role not in g:
                 raise KeyError(f"{name}: no {self.role!r} array to fit the reference on")
-            brain = np.asarray(g["brain"][...]) > 0
+            brain = scored_mask(g, self.role)   # where the series gives a truth
             feats.append(voxel_features(g["input"][...])[brain])
             targets.append(np.asarray(g[self.role][...], np.float32)[brain])
         x, y = np.concatenate(feats), np.concatenate(targets)

@@ -93,6 +93,7 @@ class _Exam:
         self.brain = np.asarray(self.store.read("brain")).astype(bool)
         self._inputs: dict = {}
         self._truth: dict = {}
+        self._mask: dict = {}
         self.regions: dict[str, np.ndarray] = {}
         if "truth_labels" in self.store:
             lab = np.asarray(self.store.read("truth_labels"))
@@ -117,6 +118,14 @@ class _Exam:
     def scale(self, contrast: str) -> dict:
         return (self.store.attrs.get("scale") or {}).get(contrast) or {}
 
+    def mask(self, contrast: str) -> np.ndarray:
+        """The brain voxels where ``contrast`` has a truth: its series covers them."""
+        from ingest.prepare.service import scored_mask
+
+        if contrast not in self._mask:
+            self._mask[contrast] = scored_mask(self.store, contrast, self.brain)
+        return self._mask[contrast]
+
 
 def predict(model, x: np.ndarray, batch: int = 32) -> np.ndarray:
     """A generator's [0, 1] output for model inputs ``x`` (N, C, H, W), in batches (evaluate's forward)."""
@@ -132,17 +141,19 @@ def predict(model, x: np.ndarray, batch: int = 32) -> np.ndarray:
 def _score(pred01: np.ndarray, ex: _Exam, contrast: str, cfg: dict) -> tuple[dict, list[dict]]:
     L, k1, k2 = float(cfg["data_range"]), float(cfg["k1"]), float(cfg["k2"])
     p, t = to_12bit(pred01, L), to_12bit(ex.truth(contrast), L)
-    m = masked_metrics(p, t, ex.brain, L, k1, k2)
+    mask = ex.mask(contrast)
+    m = masked_metrics(p, t, mask, L, k1, k2)
     sc = ex.scale(contrast)
     if "lo" in sc and "hi" in sc:  # the normalisation is linear: scanner-unit MAE is the prepared one rescaled
         m["mae_native"] = m["mae"] / L * (float(sc["hi"]) - float(sc["lo"]))
         m["native_units"] = sc.get("units", "")
     regions = []
     if ex.regions:
-        for name, r in region_metrics(p, t, ex.brain, ex.regions, L, k1, k2).items():
+        nawm = ex.nawm & mask if ex.nawm is not None else None
+        for name, r in region_metrics(p, t, mask, ex.regions, L, k1, k2).items():
             regions.append({"region": name, **{k: r[k] for k in ("mae", "ssim", "psnr", "voxels")},
-                            "contrast_truth": lesion_contrast(t, ex.regions[name], ex.nawm),
-                            "contrast_synth": lesion_contrast(p, ex.regions[name], ex.nawm)})
+                            "contrast_truth": lesion_contrast(t, ex.regions[name] & mask, nawm),
+                            "contrast_synth": lesion_contrast(p, ex.regions[name] & mask, nawm)})
     return m, regions
 
 
@@ -506,9 +517,10 @@ def _blur_yardstick(exams: list, cfg: dict, sigma_px: float = 1.0) -> dict:
     cells = defaultdict(list)
     for ex in exams:
         for c in sorted(set(CONTRASTS) & ex.targets):
-            t = to_12bit(ex.truth(c), L) * ex.brain
-            b = ndimage.gaussian_filter(t, sigma_px, axes=(-2, -1)) * ex.brain
-            cells[(ex.cohort, c)].append(masked_metrics(b, t, ex.brain, L, k1, k2)["ssim"])
+            mask = ex.mask(c)
+            t = to_12bit(ex.truth(c), L) * mask
+            b = ndimage.gaussian_filter(t, sigma_px, axes=(-2, -1)) * mask
+            cells[(ex.cohort, c)].append(masked_metrics(b, t, mask, L, k1, k2)["ssim"])
     ssim: dict = {}
     for (cohort, c), v in sorted(cells.items()):
         ssim.setdefault(cohort, {})[c] = _mean(v)
