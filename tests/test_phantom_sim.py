@@ -341,3 +341,27 @@ def test_anatomy_on_another_grid(tmp_path):
     for site, checks in rep["checks"].items():
         failed = [k for k, ok in checks.items() if not ok]
         assert not failed, f"{site}: {failed}"
+
+
+def test_fake_exams_of_different_trees_share_no_uid_and_ages_match_the_dates():
+    """Trees simulated with another seed, size or anatomy are different images: sent to one PACS
+    they must not overwrite each other, so their UIDs differ (and stay put for the same tree)."""
+    from datetime import date
+
+    import numpy as np
+
+    from ingest.phantom.simulate import fake_exam
+    from ingest.siteconfig import load_site
+
+    cfg = load_site("site-A")
+
+    def exam(run):
+        return fake_exam(cfg, 3, np.random.default_rng(7), run=run)
+
+    a, same, other = exam("seed 0|demo|x|v1"), exam("seed 0|demo|x|v1"), exam("seed 1|demo|x|v1")
+    for k in ("study_uid", "frame_of_reference_uid", "uid_seed"):
+        assert a[k] == same[k] and a[k] != other[k], k
+    for i in range(40):
+        e = fake_exam(cfg, i, np.random.default_rng(i))
+        born, seen = (date(int(d[:4]), int(d[4:6]), int(d[6:8])) for d in (e["birth_date"], e["study_date"]))
+        assert int(e["age"][:3]) == seen.year - born.year - ((seen.month, seen.day) < (born.month, born.day))

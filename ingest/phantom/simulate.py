@@ -30,7 +30,7 @@ from ingest.phantom import dicomio, mrf, physics
 from ingest.phantom.geometry import SIZES, plan_series, sample_points, series_pose, subject_pose
 from ingest.siteconfig import ROLES, load_site
 
-SIMULATOR_VERSION = "1"
+SIMULATOR_VERSION = "2"   # 2: UIDs depend on seed, size and anatomy; PatientAge matches the dates
 MARKER = "PHANTOM.json"
 SITES = ("site-A", "site-B")
 
@@ -197,16 +197,20 @@ _FAMILY = ["MUELLER", "SCHMIDT", "GARCIA", "NGUYEN", "KOWALSKI", "ROSSI", "JOHAN
            "OKAFOR", "TANAKA", "PETROV", "DUBOIS", "SILVA", "HANSEN", "MORENO", "KELLER"]
 
 
-def fake_exam(cfg: dict, index: int, rng: np.random.Generator) -> dict:
+def fake_exam(cfg: dict, index: int, rng: np.random.Generator, run: str = "") -> dict:
+    """Header values of one fake exam. ``run`` names what else makes this tree (seed, size,
+    anatomy): UIDs derive from it too, so two different trees sent to one PACS never share one."""
     ph = cfg["phantom"]
     sex = "F" if rng.random() < 0.5 else "M"
     age = int(rng.integers(22, 45)) if cfg["cohort"] == "healthy" else int(rng.integers(38, 79))
     year = 2022 + int(rng.integers(0, 3))
     month, day = int(rng.integers(1, 13)), int(rng.integers(1, 29))
     study_date = f"{year:04d}{month:02d}{day:02d}"
-    birth = f"{year - age:04d}{int(rng.integers(1, 13)):02d}{int(rng.integers(1, 29)):02d}"
+    b_month, b_day = int(rng.integers(1, 13)), int(rng.integers(1, 29))
+    birth = f"{year - age:04d}{b_month:02d}{b_day:02d}"
+    age -= (month, day) < (b_month, b_day)   # PatientAge as of the study date, as a scanner writes it
     hh, mm = int(rng.integers(7, 18)), int(rng.integers(0, 60))
-    key = f"{cfg['site']}|{index}"
+    key = f"{cfg['site']}|{index}" + (f"|{run}" if run else "")
     return {
         "manufacturer": cfg["manufacturer"], "model": cfg["model"],
         "software_versions": cfg["software_versions"], "station_name": cfg["station_name"],
@@ -245,7 +249,7 @@ def simulate_exam(exam_dir: Path, site: str, index: int, seed: int, size: str, a
     b1 = physics.transmit_field(subj.shape, subj.affine, rng, ph["transmit_bias"])
     timings["anatomy"] = time.perf_counter() - t0
 
-    exam = fake_exam(cfg, index, rng)
+    exam = fake_exam(cfg, index, rng, run=f"seed {seed}|{size}|{_anatomy_id(anatomy_dir)}|v{SIMULATOR_VERSION}")
     base_pose = subject_pose(rng)
     exam_tilt = rng.normal(0.0, ph["slab_tilt_deg"])
     truth = {"site": site, "subject_index": index, "cohort": cfg["cohort"], "size": size,
@@ -401,6 +405,7 @@ def _one_thread_per_worker() -> None:
     threadpool_limits(1)
 
 
+@functools.lru_cache(maxsize=8)
 def _anatomy_id(anatomy_dir: str | None) -> str:
     if anatomy_dir is None:
         return "mni152-2009-nilearn"
