@@ -454,3 +454,26 @@ def test_a_source_without_exam_stores_is_refused_and_nothing_is_removed(prepared
     with pytest.raises(PrepareError, match="no <site>/<subject>.zarr exam stores there"):
         prepare(tmp_path / "empty", root / "prepared", tmp_path / "r.json", {"prepare": {"image_size": 64}, "seed": 0})
     assert sorted(p.name for p in (root / "prepared").glob("*/*.zarr")) == before
+
+
+def test_a_failure_that_is_not_the_data_is_tried_again(raw_pair, tmp_path, monkeypatch):
+    """A full disk is not a property of the exam: the next run prepares it instead of reusing the
+    exclusion as it does for an exam the quality gate refused."""
+    import ingest.prepare.service as svc
+
+    src = tmp_path / "raw"
+    shutil.copytree(raw_pair["site-B"], src / "site-B" / raw_pair["site-B"].name)
+    real, calls = svc._prepare, []
+
+    def full_disk_once(task, cfg):
+        calls.append(task.subject)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return real(task, cfg)
+
+    monkeypatch.setattr(svc, "_prepare", full_disk_once)
+    params = {"prepare": {"image_size": 64}, "seed": 0, "profile": "demo"}
+    first = prepare(src, tmp_path / "out", tmp_path / "r.json", params, jobs=1)
+    assert first["summary"]["excluded"] == 1 and "No space left" in next(iter(first["excluded"].values()))
+    again = prepare(src, tmp_path / "out", tmp_path / "r.json", params, jobs=1)
+    assert again["summary"]["prepared"] == 1 and len(calls) == 2

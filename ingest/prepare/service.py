@@ -206,7 +206,9 @@ def prepare_exam(task: ExamTask, cfg: dict) -> dict:
     except PrepareError as exc:
         entry.update(status="excluded", reason=str(exc))
     except Exception as exc:  # noqa: BLE001 - one broken exam must not stop the stage
-        entry.update(status="excluded", reason=f"failed ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+        entry.update(status="excluded", reason=f"failed ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+                     # not a property of the data (a full disk, memory): the next run tries it again
+                     transient=True)
     if entry["status"] == "excluded":
         _remove_store(Path(task.dst))  # never leave an earlier version for training to read
     entry["seconds"] = round(time.perf_counter() - t0, 3)
@@ -564,7 +566,8 @@ def prepare(src: Path, dst: Path, report: Path, params: dict, jobs: int | None =
             old = None  # the QA figure is missing or elsewhere: make it again
         if old is None:
             prev = previous.get(f"{site}/{subject}")
-            old = prev if prev and prev.get("digest") == digest and prev.get("status") == "excluded" else None
+            old = (prev if prev and prev.get("digest") == digest and prev.get("status") == "excluded"
+                   and not prev.get("transient") else None)
         if old is not None:
             entries[f"{site}/{subject}"] = {**old, "reused": True}
             if progress:
