@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -374,6 +375,10 @@ BAD = {
     "DICOM that is not MRF": (lambda ctx: _zip_dirs(ctx["exam"], [ctx["exam"] / "S003_Ax_T1_BRAVO"]), "", 422,
                               "not_mrf"),
     "two MRF T1 map series": (lambda ctx: _repeated_t1(ctx["exam"]), "", 422, "several_mrf_series"),
+    "a T1 map series missing a slice": (lambda ctx: _zip({
+        f"{d.name}/{f.name}": f.read_bytes() for d in sorted(ctx["exam"].glob("S70*"))
+        for i, f in enumerate(sorted(d.iterdir())) if not (d.name.startswith("S700") and i == 5)}), "", 422,
+        "bad_mrf_series"),
     "maps in seconds": (lambda ctx: _nifti_pair(ctx["tmp"], ctx["raw"], lambda r, v, a: (v / 1000.0, a)), "", 422,
                         "bad_maps"),
     "store units not ms": (lambda ctx: _store_edited(ctx["tmp"], ctx["raw"], lambda a: {**a, "units": "s"}), "", 422,
@@ -406,6 +411,7 @@ def test_bad_requests_get_a_4xx_and_the_server_stays_healthy(server, case, mrf_z
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["code"] == code and err["status"] == status and err["message"]
+    assert not re.search(r"(?:^|[\s'(:])/[\w.-]+/", err["message"]), err["message"]  # no server path
     assert httpx.get(server["base"] + "/healthz", timeout=10).status_code == 200
 
 
