@@ -319,6 +319,8 @@ def test_failed_comparisons_say_how_much_they_mean():
     assert _significance({}) == ""
     assert "carry this contrast at the bar" in _reference_note(0.9, 0.8, 0.85)
     assert "reaches only 0.700" in _reference_note(0.7, 0.6, 0.85)
+    assert "reaches only 0.8496" in _reference_note(0.8496, 0.76, 0.85)   # not rounded up to the bar
+    assert "has not learned all that the maps carry" in _reference_note(0.8496, 0.76, 0.85)
     assert _reference_note(float("nan"), 0.6, 0.85) == ""
 
 

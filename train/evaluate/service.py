@@ -542,9 +542,11 @@ def _reference_note(ref: float, got: float, bar: float) -> str:
     if ref >= bar:
         return (f"the voxel-regression reference reaches {ref:.3f} from the same maps: they carry this contrast at "
                 f"the bar, and QS-Net ({got:.3f}) has not learned it")
-    return (f"the voxel-regression reference reaches only {ref:.3f} from the same maps: near each voxel they do "
+    shown = f"{ref:.4f}" if round(ref, 3) >= bar else f"{ref:.3f}"  # 0.8496 must not read as 0.850
+    return (f"the voxel-regression reference reaches only {shown} from the same maps: near each voxel they do "
             f"not carry this contrast at {bar} (a network's wider context may carry more)"
-            + ("; QS-Net is short of the reference too" if got < ref else ""))
+            + (f"; QS-Net ({got:.3f}) is short of the reference too" if got < ref else "")
+            + (": it has not learned all that the maps carry near a voxel" if ref - got >= 0.02 else ""))
 
 
 def _significance(p: dict, alpha: float = 0.05) -> str:
