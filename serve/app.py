@@ -170,6 +170,18 @@ def _openapi():
 api.openapi = _openapi
 
 
+def _sweep_uploads(older_than_s: float = 3600.0) -> None:
+    """Remove request folders a replica that died mid-request left behind: they hold uploaded
+    exams (patient data), and no request runs for an hour."""
+    now = time.time()
+    for p in Path(tempfile.gettempdir()).glob("qsnet-serve-*"):
+        try:
+            if p.is_dir() and now - p.stat().st_mtime > older_than_s:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
+
+
 @serve.deployment(name="Ingress", max_ongoing_requests=16)
 @serve.ingress(api)
 class Ingress:
@@ -185,6 +197,7 @@ class Ingress:
         self.viewer = (Path(__file__).parent / "viewer.html").read_text()
         for why in self.skipped:
             log.warning("not served: %s", why)
+        _sweep_uploads()
 
     # ------------------------------------------------------------------ helpers
     def _auth(self, request: Request) -> None:
@@ -192,35 +205,68 @@ class Ingress:
             return
         got = request.headers.get("authorization", "")
         token = got[7:].strip() if got.lower().startswith("bearer ") else ""
-        if not token or not any(hmac.compare_digest(token, k) for k in self.keys):
+        # bytes: compare_digest refuses a str with non-ASCII characters (a 500 instead of a 401)
+        given = token.encode("utf-8", "surrogateescape")
+        if not token or not any(hmac.compare_digest(given, k.encode("utf-8")) for k in self.keys):
             raise RequestError(401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>'")
 
     async def _body(self, request: Request) -> tuple[bytes, dict]:
-        """The zip and form fields: a raw zip body or a multipart form with a 'file' field."""
+        """The zip and form fields: a raw zip body or a multipart form with a 'file' field.
+
+        Both are read through one byte counter with an idle timeout: a multipart form parsed
+        straight from the socket would be spooled whole, past the limit, before any check, and
+        an upload that stalls would hold one of the ingress's slots for ever."""
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > self.limits.max_request_bytes:
             raise RequestError(413, "request_too_large", f"the body is {length} bytes; the limit is "
                                f"{self.limits.max_request_bytes}")
-        ctype = request.headers.get("content-type", "")
-        if ctype.startswith("multipart/form-data"):
-            form = await request.form()
-            upload = form.get("file")
-            if upload is None or isinstance(upload, str):
-                raise RequestError(400, "no_file", "multipart form without a 'file' field holding the zip")
-            data = await upload.read()
-            fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        chunks, n = [], 0
+        stream = request.stream().__aiter__()
+        while True:
+            try:
+                chunk = await asyncio.wait_for(stream.__anext__(), timeout=self.limits.idle_timeout_s)
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise RequestError(408, "request_timeout", f"no bytes of the body for "
+                                   f"{self.limits.idle_timeout_s:g} s; send it again") from None
+            n += len(chunk)
+            if n > self.limits.max_request_bytes:
+                raise RequestError(413, "request_too_large", f"the body is over the limit of "
+                                   f"{self.limits.max_request_bytes} bytes")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            data, fields = await self._form(request, raw)
         else:
-            chunks, n = [], 0
-            async for chunk in request.stream():
-                n += len(chunk)
-                if n > self.limits.max_request_bytes:
-                    raise RequestError(413, "request_too_large", f"the body is over the limit of "
-                                       f"{self.limits.max_request_bytes} bytes")
-                chunks.append(chunk)
-            data, fields = b"".join(chunks), {}
+            data, fields = raw, {}
         if not data:
             raise RequestError(400, "empty_body", "empty body: send the exam as a zip")
         return data, fields
+
+    @staticmethod
+    async def _form(request: Request, raw: bytes) -> tuple[bytes, dict]:
+        from starlette.exceptions import HTTPException
+        from starlette.formparsers import MultiPartException
+
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if sent:
+                return {"type": "http.request", "body": b"", "more_body": False}
+            sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form()
+        except (HTTPException, MultiPartException) as exc:
+            raise RequestError(400, "bad_multipart", f"the multipart form cannot be read "
+                               f"({getattr(exc, 'detail', None) or getattr(exc, 'message', None) or exc})") from None
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise RequestError(400, "no_file", "multipart form without a 'file' field holding the zip")
+        return await upload.read(), {k: v for k, v in form.items() if isinstance(v, str)}
 
     # ------------------------------------------------------------------ routes
     @api.get("/healthz", summary="Liveness: the ingress answers")
@@ -318,9 +364,18 @@ class Ingress:
                           fmt: str | None) -> tuple[bytes, str, dict]:
         timing = {}
         tmp = Path(tempfile.mkdtemp(prefix="qsnet-serve-"))
+        threads: list = []
+
+        async def in_thread(fn, *args):
+            # shielded: a client that goes away cancels this request, not the thread, which
+            # still writes the upload into tmp; the cleanup below waits for it
+            fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+            threads.append(fut)
+            return await asyncio.shield(fut)
+
         try:
             t = time.perf_counter()
-            exam = await asyncio.to_thread(self._read, body, tmp, site)
+            exam = await in_thread(self._read, body, tmp, site)
             timing["decode_s"] = time.perf_counter() - t
             if fmt is None:
                 fmt = "dicom" if exam.kind == "dicom" else "nifti"
@@ -336,7 +391,7 @@ class Ingress:
             for c, card in cards.items():
                 key = json.dumps(card["input"], sort_keys=True)
                 if key not in by_contract:
-                    by_contract[key] = await asyncio.to_thread(model_input, exam, card["input"])
+                    by_contract[key] = await in_thread(model_input, exam, card["input"])
                 prepared[c] = by_contract[key]
             timing["prepare_s"] = time.perf_counter() - t
             t = time.perf_counter()
@@ -348,14 +403,26 @@ class Ingress:
 
             preds = dict(await asyncio.gather(*[one(c) for c in wanted]))
             timing["model_s"] = time.perf_counter() - t
-            answer, media = await asyncio.to_thread(self._encode, exam, cards, prepared, preds, fmt, timing)
+            answer, media = await in_thread(self._encode, exam, cards, prepared, preds, fmt, timing)
             return answer, media, {"input": exam.kind, **timing}
+        except RequestError as exc:
+            # a reader's message can name the upload by its path on this server
+            for prefix in (str(tmp / "upload") + os.sep, str(tmp / "store") + os.sep, str(tmp) + os.sep):
+                exc.message = exc.message.replace(prefix, "")
+            raise
+        except MemoryError:
+            raise RequestError(413, "too_large_to_process", "the exam does not fit in this replica's memory") from None
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            running = [f for f in threads if not f.done()]
+            if running:  # cancelled mid-thread: the uploaded exam goes when the thread is done with it
+                asyncio.gather(*running, return_exceptions=True).add_done_callback(
+                    lambda _: shutil.rmtree(tmp, ignore_errors=True))
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def _read(self, body: bytes, tmp: Path, site: str | None):
         root = unpack(body, tmp / "upload", self.limits)
-        return read_exam(root, self.sites, site, work=tmp / "store")
+        return read_exam(root, self.sites, site, work=tmp / "store", limits=self.limits)
 
     def _encode(self, exam, cards, prepared, preds, fmt, timing) -> tuple[bytes, str]:
         from serve.dicomout import dicom_series, nifti_bytes, source_headers, to_stored

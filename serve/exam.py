@@ -14,6 +14,7 @@ client can act on; nothing here logs header values (names, IDs, dates stay in th
 from __future__ import annotations
 
 import io
+import os
 import stat
 import zipfile
 from dataclasses import dataclass, field
@@ -44,6 +45,10 @@ class Limits:
     max_entries: int = 10_000
     max_unpacked_bytes: int = 2 << 30
     max_ratio: float = 200.0           # inflated / compressed, per entry and overall
+    # voxels per map as its header declares them: a store's metadata or a .nii.gz (compressed a
+    # second time inside the zip) can declare GBs from a few hundred bytes. 2^26 is 512 x 512 x 256.
+    max_map_voxels: int = 1 << 26
+    idle_timeout_s: float = 60.0       # a body that sends nothing for this long is dropped (408)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> Limits:
@@ -122,6 +127,11 @@ def unpack(body: bytes, dest: Path, limits: Limits = Limits()) -> Path:
                     if written > 1 << 20 and written > limits.max_ratio * max(info.compress_size, 1):
                         raise RequestError(413, "zip_bomb", f"zip entry {info.filename!r} inflates more than "
                                            f"{limits.max_ratio:g} times its packed size; refused")
+                    # many small entries each under the per-entry check: stop at the overall ratio
+                    # while writing, not after every byte is on disk
+                    if total > 1 << 20 and total > limits.max_ratio * packed:
+                        raise RequestError(413, "zip_bomb", f"the zip inflates more than {limits.max_ratio:g} "
+                                           "times its size; refused")
                     fh.write(chunk)
         except (zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError) as exc:
             raise RequestError(400, "bad_zip", f"zip entry {info.filename!r}: cannot be read ({exc})") from None
@@ -144,17 +154,23 @@ def _kind(root: Path) -> str:
     return "dicom"
 
 
-def read_exam(root: Path, sites: dict[str, dict], site: str | None = None, work: Path | None = None) -> Exam:
+def read_exam(root: Path, sites: dict[str, dict], site: str | None = None, work: Path | None = None,
+              limits: Limits = Limits()) -> Exam:
     """The MRF maps of the one exam under ``root`` (an unpacked upload)."""
     if site is not None and site not in sites:
         raise RequestError(422, "unknown_site", f"site {site!r} is not configured; known: {', '.join(sorted(sites))}")
     kind = _kind(root)
-    if kind == "zarr":
-        exam = _read_store(root, site)
-    elif kind == "nifti":
-        exam = _read_nifti(root, site)
-    else:
-        exam = _read_dicom(root, sites, site, work or root.parent / "store")
+    try:
+        if kind == "zarr":
+            exam = _read_store(root, site, limits)
+        elif kind == "nifti":
+            exam = _read_nifti(root, site, limits)
+        else:
+            exam = _read_dicom(root, sites, site, work or root.parent / "store")
+    except RequestError as exc:
+        # readers name files by their path on this server: the client knows them by the upload's
+        exc.message = exc.message.replace(str(root) + os.sep, "").replace(str(root), ".")
+        raise
     for role, a in (("mrf_t1", exam.affine), ("mrf_t2", exam.t2_affine)):
         _check_affine(role, a)
     return exam
@@ -173,7 +189,14 @@ def _check_units(role: str, units: str | None) -> None:
         raise RequestError(422, "wrong_units", f"{role}: the map is in {units!r}; the models take T1/T2 maps in ms")
 
 
-def _read_store(root: Path, site: str | None) -> Exam:
+def _check_voxels(what: str, shape, limit: int) -> None:
+    n = int(np.prod([int(v) for v in shape], dtype=np.float64))
+    if n > limit:
+        raise RequestError(413, "map_too_large", f"{what}: {' x '.join(str(int(v)) for v in shape)} voxels "
+                           f"declared, over the limit of {limit}; an MRF map is far smaller")
+
+
+def _read_store(root: Path, site: str | None, limits: Limits = Limits()) -> Exam:
     from ingest.store import open_store
 
     folders = sorted({p.parent for p in root.rglob("zarr.json") if (p.parent / "mrf_t1").exists()})
@@ -181,11 +204,15 @@ def _read_store(root: Path, site: str | None) -> Exam:
         raise RequestError(422, "several_exams", f"the zip holds {len(folders)} exam stores; send one exam")
     try:
         st = open_store(folders[0])
+        for r in ("mrf_t1", "mrf_t2"):
+            _check_voxels(r, st.array(r).shape, limits.max_map_voxels)
         arr = {r: st.read(r) for r in ("mrf_t1", "mrf_t2")}
         attrs = {r: st.attrs_of(r) for r in ("mrf_t1", "mrf_t2")}
         affines = {r: np.asarray(attrs[r]["affine_lps"], float) for r in arr}
         if any(a.shape != (4, 4) for a in affines.values()):
             raise ValueError("affine_lps is not a 4 x 4 matrix")
+    except RequestError:
+        raise
     except (KeyError, ValueError, TypeError) as exc:
         raise RequestError(422, "bad_store", f"exam store: {str(exc).splitlines()[0] or type(exc).__name__}") from None
     for r in arr:
@@ -194,7 +221,7 @@ def _read_store(root: Path, site: str | None) -> Exam:
                 site=site or st.attrs.get("site"))
 
 
-def _read_nifti(root: Path, site: str | None) -> Exam:
+def _read_nifti(root: Path, site: str | None, limits: Limits = Limits()) -> Exam:
     from ingest.phantom.anatomy import load_nifti_zyx, nifti_forms
     from ingest.prepare.grid import GridError, canonical_grid
 
@@ -209,10 +236,17 @@ def _read_nifti(root: Path, site: str | None) -> Exam:
     out, forms = {}, {}
     for role, p in pick.items():
         try:
+            import nibabel as nib
+
+            _check_voxels(p.name, nib.load(str(p)).header.get_data_shape(), limits.max_map_voxels)
             forms[role] = nifti_forms(p)
             data, aff = load_nifti_zyx(p)
+        except RequestError:
+            raise
         except Exception as exc:  # noqa: BLE001 - nibabel raises many kinds for a broken file
-            raise RequestError(422, "bad_nifti", f"{p.name}: not a readable NIfTI image ({exc})") from None
+            # nibabel's message names the file by its path on this server: say only what is wrong
+            why = str(exc).split(str(p.parent))[0].rstrip(" :'(\"") or type(exc).__name__
+            raise RequestError(422, "bad_nifti", f"{p.name}: not a readable NIfTI image ({why})") from None
         if data.ndim != 3:
             raise RequestError(422, "wrong_shape", f"{p.name}: a {data.ndim}-D image; an MRF map is one volume")
         if forms[role]["sform_code"] == 0 and forms[role]["qform_code"] == 0:

@@ -347,6 +347,43 @@ def _store_edited(tmp: Path, raw: Path, edit) -> bytes:
     return _zip({str(p.relative_to(tmp)): p.read_bytes() for p in (tmp / "x.zarr").rglob("*") if p.is_file()})
 
 
+def _declared_huge(tmp: Path, kind: str) -> bytes:
+    """A few hundred bytes that declare maps of 2^31 voxels: a store's metadata without its chunks,
+    or a .nii.gz header (compressed a second time inside the zip) whose data never come."""
+    import gzip
+
+    import nibabel as nib
+
+    from ingest.store import write_exam_store
+
+    if kind == "nifti":
+        hdr = nib.Nifti1Header()
+        hdr.set_data_shape((2048, 2048, 512))
+        hdr.set_data_dtype(np.float32)
+        hdr.set_sform(np.eye(4), code=1)
+        hdr.set_data_offset(352)
+        buf = io.BytesIO()
+        hdr.write_to(buf)
+        return _zip({f"{role}.nii.gz": gzip.compress(buf.getvalue() + bytes(4)) for role in ("mrf_t1", "mrf_t2")})
+    aff = {"affine_lps": np.eye(4).tolist(), "units": "ms"}
+    write_exam_store(tmp / "x.zarr", {r: (np.ones((2, 4, 4), np.float32), aff) for r in ("mrf_t1", "mrf_t2")},
+                     {"site": "site-B"})
+    for role in ("mrf_t1", "mrf_t2"):
+        meta = json.loads((tmp / "x.zarr" / role / "zarr.json").read_text())
+        meta["shape"] = [512, 2048, 2048]
+        (tmp / "x.zarr" / role / "zarr.json").write_text(json.dumps(meta))
+    return _zip({str(p.relative_to(tmp)): p.read_bytes() for p in (tmp / "x.zarr").rglob("*") if p.is_file()})
+
+
+def _not_a_qsnet_store(tmp: Path, raw: Path) -> bytes:
+    """An exam store whose group lacks qsnet's schema_version: the refusal must not name the server's path."""
+    _store_edited(tmp, raw, lambda a: a)
+    meta = json.loads((tmp / "x.zarr" / "zarr.json").read_text())
+    meta["attributes"].pop("schema_version", None)
+    (tmp / "x.zarr" / "zarr.json").write_text(json.dumps(meta))
+    return _zip({str(p.relative_to(tmp)): p.read_bytes() for p in (tmp / "x.zarr").rglob("*") if p.is_file()})
+
+
 def _repeated_t1(exam: Path) -> bytes:
     """The exam's MRF maps plus a repeat of its T1 map series (new UIDs, next series number)."""
     from pydicom.uid import generate_uid
@@ -375,6 +412,9 @@ BAD = {
     "DICOM that is not MRF": (lambda ctx: _zip_dirs(ctx["exam"], [ctx["exam"] / "S003_Ax_T1_BRAVO"]), "", 422,
                               "not_mrf"),
     "two MRF T1 map series": (lambda ctx: _repeated_t1(ctx["exam"]), "", 422, "several_mrf_series"),
+    "a store declaring huge maps": (lambda ctx: _declared_huge(ctx["tmp"], "store"), "", 413, "map_too_large"),
+    "a NIfTI declaring huge maps": (lambda ctx: _declared_huge(ctx["tmp"], "nifti"), "", 413, "map_too_large"),
+    "a store without qsnet's attributes": (lambda ctx: _not_a_qsnet_store(ctx["tmp"], ctx["raw"]), "", 422, "bad_store"),
     "a T1 map series missing a slice": (lambda ctx: _zip({
         f"{d.name}/{f.name}": f.read_bytes() for d in sorted(ctx["exam"].glob("S70*"))
         for i, f in enumerate(sorted(d.iterdir())) if not (d.name.startswith("S700") and i == 5)}), "", 422,
@@ -417,12 +457,36 @@ def test_bad_requests_get_a_4xx_and_the_server_stays_healthy(server, case, mrf_z
 
 def test_api_keys(server, mrf_zip):
     url = server["base"] + "/v1/synthesize"
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
+                    {"Authorization": "Bearer cl\u00e9-\u00fc".encode("utf-8")}):   # non-ASCII: not a 500
         r = httpx.post(url, content=mrf_zip, headers=headers, timeout=60)
         assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
     assert httpx.get(server["base"] + "/v1/models", timeout=10).status_code == 401
     r = httpx.get(server["base"] + "/v1/models", headers={"Authorization": "Bearer other-key"}, timeout=10)
     assert r.status_code == 200
+
+
+def test_multipart_bodies_are_held_to_the_limits(server, mrf_zip):
+    """A multipart upload is counted as it arrives, as a raw one is: sent chunked (no
+    Content-Length) it would otherwise be spooled whole before any check; a form that cannot be
+    parsed is the client's error, not the server's."""
+    url = server["base"] + "/v1/synthesize"
+    auth = {"Authorization": f"Bearer {KEY}"}
+
+    def chunks():
+        yield b"--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.zip\"\r\n\r\n"
+        for _ in range(6):
+            yield bytes(1 << 20)
+
+    r = httpx.post(url, content=chunks(), headers={**auth, "Content-Type": "multipart/form-data; boundary=x"},
+                   timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = httpx.post(url, content=b"--x\r\nnot a form", headers={**auth, "Content-Type": "multipart/form-data"},
+                   timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_multipart", r.text
+    r = httpx.post(url, files={"file": ("exam.zip", mrf_zip, "application/zip")}, data={"contrasts": "t1w"},
+                   headers=auth, timeout=300)
+    assert r.status_code == 200, r.text
 
 
 def test_no_phi_in_the_server_log(server, answer, exam_b):
