@@ -237,3 +237,162 @@ def test_shared_search_tunes_every_contrast_at_once(tmp_path):
     assert tuned["by_contrast"] == {} and "lr" in tuned["train"]
     assert tuned_hp(tuned, "qsnet", "t2w") == tuned_hp(tuned, "qsnet", "t1w") == tuned["train"]
     assert tuned_hp(tuned, "swin", "t1w") == {}
+
+
+def _stub_plan(monkeypatch):
+    """plan() without prepared stores: site_run and the stores' digests stubbed."""
+    import train.stages as stages
+
+    monkeypatch.setattr(stages, "site_run", lambda run, stores: {
+        **run, "name": f"pretrain/{run['arch']}/{run['contrast']}", "site": "site-A",
+        "train_stores": ["/x/a.zarr"], "val_stores": ["/x/b.zarr"], "hp": {}})
+    monkeypatch.setattr(stages, "prepare_digest", lambda p: "d0")
+
+
+def _stub_params(**tune) -> dict:
+    return {"seed": 0, "train": {"width": 8, "epochs": 2, "use_gpu": False},
+            "tune": {"enabled": True, "contrasts": ["t1w", "t2w"], "per_contrast": True, "num_samples": 2,
+                     "epochs": 2, "grace_period": 1, "space": {"lr": {"loguniform": [1e-4, 1e-2]}}, **tune}}
+
+
+def test_a_trial_that_errored_then_finished_on_resume_counts_as_finished(tmp_path):
+    from types import SimpleNamespace
+
+    from tune.search import EVENTS, _best, _collect
+
+    search = {"name": "t1w", "dir": tmp_path}
+    # session 1: trial a errors, b is running at Ctrl-C; session 2 (resume_errored): a and b complete
+    events = [("start", "a"), ("error", "a"), ("start", "b"), ("start", "b"), ("complete", "b"),
+              ("start", "a"), ("complete", "a")]
+    (tmp_path / EVENTS).write_text("".join(json.dumps({"event": e, "trial": t}) + "\n" for e, t in events))
+    grid = [SimpleNamespace(metrics={"trial_id": t, "training_iteration": 2, "score": s}, path=None, error=None,
+                            config={"lr": 0.01}) for t, s in (("a", 0.01), ("b", 0.5))]
+    cfg = {"metric": "score", "num_samples": 2, "mode": "min"}
+    result = _collect(cfg, search, grid, max_t=2)
+    assert {r["trial_id"]: r["status"] for r in result["rows"]} == {"a": "finished", "b": "finished"}
+    assert result["complete"] and _best(cfg, result["rows"], 2)["trial_id"] == "a"
+
+
+def test_resume_of_a_search_interrupted_in_its_first_contrast_runs_the_rest(tmp_path, monkeypatch):
+    import tune.search as ts
+
+    _stub_plan(monkeypatch)
+    monkeypatch.setattr(ts, "_figures", lambda search, reports: [])
+    calls = []
+
+    def one(cfg, search, mode, progress=None):
+        calls.append((search["name"], mode))
+        (search["dir"] / "tuner.pkl").write_bytes(b"x")  # Tune has saved its experiment state
+        done = len(calls) > 1   # the first session is stopped (Ctrl-C) during t1w
+        return {"rows": [{"search": search["name"], "order": i, "trial_id": f"{search['name']}{i}",
+                          "status": "finished" if done or i == 0 else "unfinished", "epochs": 2, "score": 0.1 + i}
+                         for i in range(2)], "complete": done}
+
+    monkeypatch.setattr(ts, "_one", one)
+    args = (Path("/x"), tmp_path / "tuned", tmp_path / "reports", tmp_path / "runs")
+    with pytest.raises(ts.SearchError, match="no search to resume here"):
+        ts.run_search(_stub_params(), *args, resume=True)
+    with pytest.raises(ts.Interrupted):
+        ts.run_search(_stub_params(), *args)
+    assert not (tmp_path / "runs" / "t2w").exists()
+    summary = ts.run_search(_stub_params(), *args, resume=True)
+    assert calls == [("t1w", "fresh"), ("t1w", "resume"), ("t2w", "fresh")]
+    assert set(summary["searches"]) == {"t1w", "t2w"}
+    assert not list((tmp_path / "runs").glob("*.previous-*"))  # nothing of the first session set aside
+
+
+def test_shared_search_ranks_only_trials_that_trained_every_contrast():
+    from tune.search import _best
+
+    cfg = {"metric": "score", "mode": "min"}
+    # B was stopped by ASHA during its first model (t1w): its score covers t1w only, A's both contrasts
+    rows = [{"trial_id": "A", "status": "finished", "epochs": 4, "score": 0.07},
+            {"trial_id": "B", "status": "stopped_early", "epochs": 2, "score": 0.05}]
+    assert _best(cfg, rows, max_t=4, n_models=2)["trial_id"] == "A"
+    # one model per trial (a per-contrast search): every score covers the same contrast
+    assert _best(cfg, rows, max_t=4, n_models=1)["trial_id"] == "B"
+
+
+@pytest.mark.parametrize("train, tune, needle", [
+    ({"width": 64}, {}, "train.width"),
+    ({"batch_size": 4, "betas": [0.9, 0.99]}, {}, "train.batch_size, train.betas"),
+    ({"inputs": "mri"}, {}, "train.inputs"),
+    ({}, {"num_samples": 20}, "num_samples"),
+    ({}, {"grace_period": 2, "reduction_factor": 4}, "grace_period, reduction_factor"),
+])
+def test_resume_with_other_train_or_search_settings_is_refused(tmp_path, monkeypatch, train, tune, needle):
+    import tune.search as ts
+
+    _stub_plan(monkeypatch)
+    _, before = ts.plan(_stub_params(), Path("/x"), tmp_path)
+    ts._fresh(before[0])
+    changed = _stub_params(**tune)
+    changed["train"].update(train)
+    _, after = ts.plan(changed, Path("/x"), tmp_path)
+    with pytest.raises(ts.SearchError) as e:
+        ts._check_resume(after[0])
+    assert f"differs from params in: {needle})" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("opt", ["--out", "--reports", "--storage"])
+def test_tune_refuses_a_url_where_it_writes_folders(tmp_path, opt):
+    params = _write_params(tmp_path / "params.yaml", {**PARAMS["tune"], "enabled": False})
+    r = subprocess.run([QSNET, "tune", "--params", str(params), opt, "s3://bucket/x"], capture_output=True,
+                       text=True, cwd=tmp_path, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip() == (
+        f"qsnet tune: error: {opt} s3://bucket/x: a URL is not supported here; give a folder (for --storage, one "
+        "every node sees, e.g. a shared volume)")
+    assert not (tmp_path / "s3:").exists()
+
+
+def test_submit_refuses_a_url_for_tune_outputs(tmp_path):
+    from train.submit import SubmitError, preflight
+
+    (tmp_path / "params.yaml").write_text("profile: t\n")
+    with pytest.raises(SubmitError, match=r"^--storage s3://b/runs: qsnet tune writes to folders, not URLs"):
+        preflight("http://127.0.0.1:9", tmp_path, ["qsnet", "tune", "--storage", "s3://b/runs"])
+
+
+@pytest.mark.parametrize("runtime_env", [None, Path(__file__).resolve().parents[1] / "platform" / "runtime_env.yaml"])
+def test_submitted_working_dir_never_carries_secrets(tmp_path, runtime_env):
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    from train.submit import read_runtime_env
+
+    tree = tmp_path / "tree"
+    secrets = [".env", ".env.local", ".env.production", ".aws/credentials", "credentials", "kuberay/s3-secret.env",
+               "secrets/key.pem", "id_rsa", "id_rsa.pub", ".netrc", ".git/config", ".dvc/config.local"]
+    for rel in secrets + ["train/stages.py", "params.yaml", ".dvc/config"]:
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_text("x")
+    pkg = tmp_path / "pkg.zip"
+    create_package(str(tree), pkg, include_gitignore=True, excludes=read_runtime_env(runtime_env)["excludes"])
+    names = {n for n in zipfile.ZipFile(pkg).namelist() if not n.endswith("/")}
+    assert names == {"train/stages.py", "params.yaml", ".dvc/config"}
+
+
+@pytest.mark.parametrize("space, needle", [
+    ({"width": {"randint": [0, 4]}}, "width: values must be at least 1, got 0"),
+    ({"depth": {"randint": [-2, 3]}}, "depth: values must be at least 1"),
+    ({"batch_size": {"choice": [True, 2]}}, "batch_size: choices must be positive integers"),
+    ({"lr": {"choice": ["fast"]}}, "lr: choices must be numbers"),
+    ({"lr": {"uniform": [-0.01, 0.01]}}, "lr: values must be > 0"),
+    ({"beta1": {"uniform": [0.5, 1.5]}}, "beta1: values must be in (0, 1)"),
+    ({"noise": {"uniform": [-1, 0.5]}}, "noise: values must be >= 0"),
+])
+def test_spaces_a_trial_cannot_train_with_are_refused(space, needle):
+    with pytest.raises(ParamsError) as e:
+        parse_space(space)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"contrasts": ["t1w", "t1w"]}, "names a contrast twice"),
+    ({"mode": "max"}, "tune.mode max with tune.metric score (a loss"),
+])
+def test_search_settings_that_cannot_mean_anything_are_refused(change, needle):
+    with pytest.raises(ParamsError) as e:
+        tune_config(_params({**PARAMS["tune"], **change}))
+    assert needle in str(e.value) and "\n" not in str(e.value)

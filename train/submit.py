@@ -24,6 +24,10 @@ __all__ = ["SubmitError", "preflight", "submit", "STAGE_COMMANDS"]
 STAGE_COMMANDS = {"pretrain", "finetune", "tune", "evaluate", "prepare"}
 OUTPUT_OPTIONS = {"--models", "--reports", "--storage", "--out"}
 PROBE_TIMEOUT_S = 5.0
+# never uploaded with the working dir, whatever --runtime-env says (or when none is given): Ray
+# zips the folder into the cluster's GCS, readable by every job there. gitignore-style patterns.
+SECRET_EXCLUDES = (".git", ".env", ".env.*", "*.env", ".aws/", "credentials", ".netrc", "id_rsa*", "*.pem",
+                   "*.key", "/.dvc/config.local")
 AGENT_WAIT_S = 180.0
 
 
@@ -71,7 +75,7 @@ def read_runtime_env(path: Path | None) -> dict:
     from ingest.params import ParamsError, read_mapping
 
     if path is None:
-        return {}
+        return {"excludes": list(SECRET_EXCLUDES)}
     path = Path(path)
     try:
         doc = read_mapping(path, "runtime_env")
@@ -85,7 +89,8 @@ def read_runtime_env(path: Path | None) -> dict:
         raise SubmitError(f"{path}: not a valid runtime_env ({str(exc).splitlines()[0]})") from None
     if "working_dir" in doc:
         raise SubmitError(f"{path}: give the working directory with --working-dir, not in the runtime_env")
-    return doc
+    excludes = list(doc.get("excludes") or [])
+    return {**doc, "excludes": excludes + [p for p in SECRET_EXCLUDES if p not in excludes]}
 
 
 def _stage_locations(command: list[str]) -> list[tuple[str, str, bool]]:
@@ -133,14 +138,19 @@ def preflight(address: str | None, working_dir: Path, command: list[str], runtim
     if not params_file.is_file() and command[1] != "evaluate":
         raise SubmitError(f"{params_file}: no params file in the working directory (the job reads it there)")
     for opt, val, written in _stage_locations(command):
+        if storage.is_url(val) and written and command[1] == "tune":
+            # the search writes its outputs and Optuna's journal with plain file calls
+            raise SubmitError(f"{opt} {val}: qsnet tune writes to folders, not URLs; give a folder every node "
+                              "sees (a shared volume)")
         if storage.is_url(val):
             try:
                 storage.check_access(val, write=False)
             except storage.StorageError as exc:
                 raise SubmitError(f"{opt} {exc}") from None
         elif written and not Path(val).is_absolute():
+            where = "an absolute folder every node sees" if command[1] == "tune" else "an s3:// URL"
             warnings.append(f"{opt} {val}: a relative path lands in the job's temporary copy of the working "
-                            "directory on the head node; on a cluster give an s3:// URL")
+                            f"directory on the head node; on a cluster give {where}")
     address = dashboard_address(address)
     probe(address)
     if command[1] in ("pretrain", "finetune") and params_file.is_file():

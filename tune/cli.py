@@ -15,11 +15,11 @@ def register(app: typer.Typer) -> None:
         stores: str = typer.Option("stores/prepared", "--stores", help="Prepared stores (from `qsnet prepare`), a "
                                    "folder or an s3:// URL; trials train on site A's training split and are ranked on "
                                    "its validation split."),
-        out: Path = typer.Option(Path("tuned"), "--out", help="Folder for best.yaml, the best configuration as train "
+        out: str = typer.Option("tuned", "--out", help="Folder for best.yaml, the best configuration as train "
                                  "params (`qsnet pretrain --tuned tuned/best.yaml`)."),
-        reports: Path = typer.Option(Path("reports/tune"), "--reports", help="Trials table (CSV), summary and Optuna's "
+        reports: str = typer.Option("reports/tune", "--reports", help="Trials table (CSV), summary and Optuna's "
                                      "figures."),
-        storage: Path = typer.Option(Path("runs/tune"), "--storage", help="Experiment folders (Ray Tune's, the Optuna "
+        storage: str = typer.Option("runs/tune", "--storage", help="Experiment folders (Ray Tune's, the Optuna "
                                      "journal, the trials' checkpoints), one per search; kept for --resume. A folder "
                                      "every node sees (the Optuna journal is a file)."),
         params: Path = typer.Option(Path("params.yaml"), "--params", help="Params file; its `tune` section (search "
@@ -36,6 +36,13 @@ def register(app: typer.Typer) -> None:
         from tune.search import Interrupted, run_search
         from tune.space import tune_config
 
+        # a pathlib.Path would turn s3://b/x into the local folder s3:/b/x: the search writes its
+        # outputs with plain file calls, and its storage must be a file system every node sees
+        for opt, val in (("--out", out), ("--reports", reports), ("--storage", storage)):
+            if is_url(val):
+                fail("tune", f"{opt} {val}: a URL is not supported here; give a folder (for --storage, one "
+                             "every node sees, e.g. a shared volume)")
+        out, reports, storage = Path(out), Path(reports), Path(storage)
         p = _run("tune", load_params, params, profile)
         if (p.get("tune") or {}).get("enabled") or enable or resume:
             _run("tune", tune_config, p)  # a bad space fails before Ray starts

@@ -80,7 +80,7 @@ def _trial(config: dict, base: dict) -> None:
 
 def plan(params: dict, stores: Path, storage: Path) -> tuple[dict, list[dict]]:
     """The checked settings and one entry per search (name, runs, identity)."""
-    from train.stages import params_hash, prepare_digest, site_run, train_config
+    from train.stages import HP_KEYS, params_hash, prepare_digest, site_run, train_config
 
     cfg = tune_config(params)
     tcfg = train_config(params)
@@ -95,13 +95,22 @@ def plan(params: dict, stores: Path, storage: Path) -> tuple[dict, list[dict]]:
     code = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(
         list((Path(__file__).parent).glob("*.py")) + list((Path(__file__).parent.parent / "train").glob("*.py"))
     ))).hexdigest()[:16]
+    # what the trials train with besides the suggestion: a resume with other train settings would
+    # rank trials trained differently against each other (epochs and checkpoints are the search's)
+    train = {k: tcfg[k] for k in HP_KEYS if k not in ("epochs", "checkpoint_every")}
+    train["inputs"] = tcfg["inputs"]
+    train = json.loads(json.dumps(train, default=str))   # as read back from qsnet-search.json
     searches = []
     for contrasts in groups:
         name = contrasts[0] if cfg["per_contrast"] else "shared"
         runs = [runs_of[c] for c in contrasts]
         identity = {"search": name, "arch": cfg["arch"], "contrasts": contrasts, "metric": cfg["metric"],
                     "mode": cfg["mode"], "epochs": cfg["epochs"], "seed": cfg["seed"],
-                    "space": {k: list(v) for k, v in cfg["space"].items()}, "data": params_hash(data)}
+                    # Tuner.restore keeps the first session's trial count and ASHA its rungs
+                    "num_samples": cfg["num_samples"], "grace_period": cfg["grace_period"],
+                    "reduction_factor": cfg["reduction_factor"],
+                    "space": {k: list(v) for k, v in cfg["space"].items()}, "train": train,
+                    "data": params_hash(data)}
         identity["digest"] = params_hash(identity)
         # recorded, not compared: a fix to the code does not make an interrupted search foreign
         identity["code"] = code
@@ -110,20 +119,19 @@ def plan(params: dict, stores: Path, storage: Path) -> tuple[dict, list[dict]]:
 
 
 def _check_resume(search: dict) -> str:
-    """'fresh', 'resume' or 'done' for ``resume=True``; a missing or foreign experiment is an error."""
+    """'missing', 'resume' or 'done' for ``resume=True``; a foreign experiment is an error."""
     from ray.tune import Tuner
 
     d = search["dir"]
     ident = d / IDENTITY
     if not ident.exists():
-        raise SearchError(f"{d}: no search to resume here (no {IDENTITY}); run `qsnet tune` without --resume")
+        return "missing"
     try:
         theirs = json.loads(ident.read_text())
     except ValueError as exc:
         raise SearchError(f"{ident}: unreadable ({exc})") from None
     if theirs.get("digest") != search["identity"]["digest"]:
-        diff = sorted(k for k in search["identity"] if theirs.get(k) != search["identity"][k]
-                      and k not in ("digest", "code"))
+        diff = _differences(theirs, search["identity"])
         raise SearchError(f"{d}: a different search (differs from params in: {', '.join(diff) or 'identity'}); "
                           "will not resume it; run without --resume to start afresh")
     if (d / "done.json").exists():
@@ -131,6 +139,20 @@ def _check_resume(search: dict) -> str:
     if not Tuner.can_restore(str(d)):
         raise SearchError(f"{d}: no Ray Tune experiment state to resume (was it started?)")
     return "resume"
+
+
+def _differences(theirs: dict, ours: dict) -> list[str]:
+    """The identity's keys that differ, a dict's own keys named (``train.width``)."""
+    diff = []
+    for k in sorted(ours):
+        if k in ("digest", "code") or theirs.get(k) == ours[k]:
+            continue
+        a, b = theirs.get(k), ours[k]
+        if isinstance(a, dict) and isinstance(b, dict) and k != "space":
+            diff += [f"{k}.{s}" for s in sorted(set(a) | set(b)) if a.get(s) != b.get(s)]
+        else:
+            diff.append(k)
+    return diff
 
 
 def _fresh(search: dict) -> None:
@@ -199,12 +221,18 @@ def _one(cfg: dict, search: dict, mode: str, progress=None) -> dict:
 
 
 def _ended(search: dict) -> dict[str, set]:
-    ended: dict[str, set] = {}
+    """The trials by their latest event ("start", "complete", "error")."""
+    latest: dict[str, str] = {}
     path = search["dir"] / EVENTS
     if path.exists():
+        # a trial that errored and was re-run by --resume has an older "error" than its later
+        # "complete": only its last event (the file is appended in order) says how it ended
         for line in path.read_text().splitlines():
             e = json.loads(line)
-            ended.setdefault(e["event"], set()).add(e["trial"])
+            latest[e["trial"]] = e["event"]
+    ended: dict[str, set] = {}
+    for trial, event in latest.items():
+        ended.setdefault(event, set()).add(trial)
     return ended
 
 
@@ -235,9 +263,14 @@ def _collect(cfg: dict, search: dict, grid, max_t: int) -> dict:
             and len(rows) >= cfg["num_samples"]}
 
 
-def _best(cfg: dict, rows: list[dict]) -> dict | None:
+def _best(cfg: dict, rows: list[dict], max_t: int, n_models: int = 1) -> dict | None:
     scored = [r for r in rows if r[cfg["metric"]] is not None and math.isfinite(r[cfg["metric"]])
               and r["status"] != "error"]
+    if n_models > 1:
+        # a shared search's score is the mean over the models a trial has trained so far: a trial
+        # ASHA stopped before its last model scored fewer (easier or harder) contrasts than a
+        # finished one, so only trials that trained every contrast are compared
+        scored = [r for r in scored if int(r["epochs"] or 0) >= max_t]
     if not scored:
         return None
     sign = 1 if cfg["mode"] == "min" else -1
@@ -290,6 +323,13 @@ def run_search(params: dict, stores: Path, out: Path, reports: Path, storage: Pa
         return {"searched": False}
     cfg, searches = plan(params, stores, storage)
     modes = {s["name"]: (_check_resume(s) if resume else "fresh") for s in searches}
+    if resume:
+        if all(m == "missing" for m in modes.values()):
+            raise SearchError(f"{Path(storage).resolve()}: no search to resume here (no {IDENTITY} of these params); "
+                              "run `qsnet tune` without --resume")
+        # the searches of a plan run one after another: one interrupted during an earlier search
+        # has no folder yet for the later ones, which start now (the earlier ones' trials are kept)
+        modes = {name: "fresh" if m == "missing" else m for name, m in modes.items()}
     all_rows, best_doc, notes = [], {}, []
     for s in searches:
         if modes[s["name"]] == "done":
@@ -304,7 +344,7 @@ def run_search(params: dict, stores: Path, out: Path, reports: Path, storage: Pa
                                   "continue it with `qsnet tune --resume`")
             (s["dir"] / "done.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
         all_rows.extend(result["rows"])
-        best = _best(cfg, result["rows"])
+        best = _best(cfg, result["rows"], cfg["epochs"] * len(s["runs"]), len(s["runs"]))
         if best is None:
             raise SearchError(f"search {s['name']}: no trial finished with a {cfg['metric']} "
                               f"(see {reports / 'trials.csv'} and {s['dir']})")

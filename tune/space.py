@@ -32,6 +32,14 @@ NAMES = {
     "batch_size": "batch size",
 }
 INTEGER = {"width", "depth", "plateau_after_epoch", "batch_size"}
+# what a value must be for the trial to train at all: (test, what it must be)
+VALID = {
+    **{k: (lambda v: v >= 1, "at least 1") for k in INTEGER},
+    "lr": (lambda v: v > 0, "> 0"), "lr_d": (lambda v: v > 0, "> 0"),
+    "beta1": (lambda v: 0 < v < 1, "in (0, 1)"), "beta2": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "plateau_factor": (lambda v: 0 < v < 1, "in (0, 1)"),
+    **{k: (lambda v: v >= 0, ">= 0") for k in ("adv_weight", "ds_weight", "rotate_deg", "elastic_px", "noise")},
+}
 # what the trainable reports each epoch (train.distributed's metrics), so a search can rank by it
 REPORTED = ("score", "val_l1", "train_l1", "train_loss_g")
 KINDS = ("uniform", "loguniform", "randint", "choice")
@@ -64,6 +72,12 @@ def tune_config(params: dict) -> dict:
                           f"(it reports: {', '.join(REPORTED)})")
     if cfg["mode"] not in ("min", "max"):
         raise ParamsError(f"params: tune.mode must be min or max, got {cfg['mode']!r}")
+    if cfg["mode"] == "max":
+        # every reported metric is a loss: max would pick the worst trial
+        raise ParamsError(f"params: tune.mode max with tune.metric {cfg['metric']} (a loss, lower is better): "
+                          "use mode min")
+    if len(set(cfg["contrasts"])) != len(cfg["contrasts"]):
+        raise ParamsError(f"params: tune.contrasts {cfg['contrasts']!r} names a contrast twice")
     for key in ("num_samples", "max_concurrent", "epochs", "grace_period", "reduction_factor"):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             raise ParamsError(f"params: tune.{key} must be a positive integer, got {cfg[key]!r}")
@@ -96,8 +110,11 @@ def parse_space(space) -> dict:
         if kind == "choice":
             if not isinstance(args, list) or not args:
                 raise ParamsError(f"params: tune.space.{name}: choice needs a non-empty list of values")
-            if name in INTEGER and not all(isinstance(v, int) and v > 0 for v in args):
+            if name in INTEGER and not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in args):
                 raise ParamsError(f"params: tune.space.{name}: choices must be positive integers, got {args!r}")
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in args):
+                raise ParamsError(f"params: tune.space.{name}: choices must be numbers, got {args!r}")
+            _check_values(name, args)
             out[name] = (kind, list(args))
             continue
         if (not isinstance(args, list) or len(args) != 2
@@ -112,8 +129,16 @@ def parse_space(space) -> dict:
             raise ParamsError(f"params: tune.space.{name}: randint needs integer bounds, got [{low}, {high}]")
         if name in INTEGER and kind != "randint":
             raise ParamsError(f"params: tune.space.{name} is an integer: use randint or choice")
+        _check_values(name, [low, high])
         out[name] = (kind, [low, high])
     return out
+
+
+def _check_values(name: str, values: list) -> None:
+    ok, want = VALID[name]
+    bad = [v for v in values if not ok(v)]
+    if bad:
+        raise ParamsError(f"params: tune.space.{name}: values must be {want}, got {bad[0]}")
 
 
 def distributions(space: dict) -> dict:
