@@ -153,10 +153,17 @@ def phantom_qa(
         report["all_passed"] = not failed
         for f in failed:
             typer.echo(f"qsnet phantom-qa: warning: check failed: {f}", err=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_dir():
+        fail("phantom-qa", f"{out}: is a folder; --out names the report file (e.g. reports/phantom_qa.json)")
     tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
-    tmp.replace(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+        tmp.replace(out)
+    except OSError as exc:
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
+        fail("phantom-qa", f"{out}: cannot write the report ({exc.strerror or exc})")
     typer.echo(f"{out}: {'all checks passed' if report.get('all_passed', True) else 'some checks failed'}")
     if strict and not report.get("all_passed", True):
         raise typer.Exit(1)

@@ -20,6 +20,8 @@ def load_params(path: Path | str = "params.yaml", profile: str | None = None) ->
         doc = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ParamsError(f"{path}: params file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ParamsError(f"{path}: cannot read the params file ({exc.strerror if isinstance(exc, OSError) else exc})") from None
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(doc, dict):
@@ -28,7 +30,10 @@ def load_params(path: Path | str = "params.yaml", profile: str | None = None) ->
     if not name or not isinstance(doc.get(name), dict):
         known = sorted(k for k, v in doc.items() if isinstance(v, dict))
         raise ParamsError(f"{path}: profile {name!r} not found (profiles: {', '.join(known) or 'none'})")
-    return {"profile": name, "seed": int(doc.get("seed", 0)), **doc[name]}
+    seed = doc.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ParamsError(f"{path}: seed {seed!r}: expected a whole number >= 0")
+    return {"profile": name, "seed": seed, **doc[name]}
 
 
 def read_mapping(path: Path | str, what: str) -> dict:

@@ -17,12 +17,24 @@ def load_config(path: Path) -> dict:
         doc = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise ValueError(f"{path}: cannot read the Serve config ({str(exc).splitlines()[0]})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: not a Serve config (expected a mapping with 'applications')")
     apps = doc.get("applications") or []
-    if not apps or apps[0].get("import_path") != "serve.app:build_app":
+    if not isinstance(apps, list) or not apps or not isinstance(apps[0], dict) \
+            or apps[0].get("import_path") != "serve.app:build_app":
         raise ValueError(f"{path}: needs an application with import_path serve.app:build_app")
+    if not isinstance(apps[0].get("args") or {}, dict):
+        raise ValueError(f"{path}: the application's args must be a mapping")
     args = dict(apps[0].get("args") or {})
+    keys = args.get("api_keys")
+    if keys is not None and not (isinstance(keys, str) or (isinstance(keys, list) and all(isinstance(k, str) for k in keys))):
+        raise ValueError(f"{path}: api_keys must be a list of strings")
+    if not isinstance(doc.get("http_options") or {}, dict):
+        raise ValueError(f"{path}: http_options must be a mapping")
     deps = {}
     for d in apps[0].get("deployments") or []:
+        if not isinstance(d, dict) or not isinstance(d.get("name"), str):
+            raise ValueError(f"{path}: each deployment must be a mapping with a name")
         deps[d["name"]] = {k: v for k, v in d.items() if k != "name"}
     if deps:
         args["deployments"] = deps

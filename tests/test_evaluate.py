@@ -349,3 +349,18 @@ def test_voxels_without_truth_are_not_scored(tmp_path):
     m, _ = _score(pred, ex, "t2w", {"data_range": 4095, "k1": 0.01, "k2": 0.03})
     assert m["mae"] == 0 and m["ssim"] == pytest.approx(1.0) and m["voxels"] == int(valid.sum())
     assert (ex.mask("t1w") == brain).all()             # a role without a mask: the brain
+
+
+def test_a_registry_with_no_loadable_model_is_an_error_not_a_baselines_only_report(stores, tmp_path):
+    """The physics baseline and the reference always score: a run where no model card loads
+    must fail, and leave an earlier report as it was, not replace it with the baselines alone."""
+    from train.evaluate.service import EvaluateError, evaluate
+
+    models = _registry(tmp_path / "models", [("pretrain", "qsnet", "mrf", "t1w")])
+    (models / "pretrain" / "qsnet" / "t1w" / "model.pt").write_bytes(b"damaged")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text("keep")
+    with pytest.raises(EvaluateError, match="no model card could be evaluated: .*sha256 differs"):
+        evaluate(models, stores, out, {})
+    assert (out / "metrics.json").read_text() == "keep"

@@ -365,3 +365,14 @@ def test_fake_exams_of_different_trees_share_no_uid_and_ages_match_the_dates():
         e = fake_exam(cfg, i, np.random.default_rng(i))
         born, seen = (date(int(d[:4]), int(d[4:6]), int(d[6:8])) for d in (e["birth_date"], e["study_date"]))
         assert int(e["age"][:3]) == seen.year - born.year - ((seen.month, seen.day) < (born.month, born.day))
+
+
+def test_phantom_qa_refuses_an_out_it_cannot_write_in_one_line(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "data", tmp_path / "afile" / "qa.json"):
+        res = subprocess.run([sys.executable, "-m", "ingest", "phantom-qa", str(tmp_path / "data"), "--out", str(out)],
+                             capture_output=True, text=True)
+        assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert res.stderr.startswith(f"qsnet phantom-qa: error: {out}")
+    assert not list(tmp_path.rglob("*.tmp"))

@@ -617,3 +617,20 @@ def test_a_site_is_a_scanner_not_a_vendor(exam_b, tmp_path, model_name):
             files[f"{d.name}/{f.name}"] = b.getvalue()
     exam = read_exam(unpack(_zip(files), tmp_path / "u"), load_sites(None), None, tmp_path / "s")
     assert exam.site == ("site-B" if model_name == "SIGNA Premier" else None)
+
+
+@pytest.mark.parametrize("text, why", [("- a\n", "not a Serve config"),
+                                       ("applications: [foo]\n", "needs an application"),
+                                       ("applications:\n- import_path: serve.app:build_app\n  args: [1]\n",
+                                        "the application.s args must be a mapping"),
+                                       ("applications:\n- import_path: serve.app:build_app\n  args: {api_keys: 5}\n",
+                                        "api_keys must be a list of strings"),
+                                       ("applications:\n- import_path: serve.app:build_app\n  deployments: [{x: 1}]\n",
+                                        "each deployment must be a mapping with a name")])
+def test_a_malformed_serve_config_is_one_line_naming_the_file(tmp_path, text, why):
+    from serve.cli import load_config
+
+    path = tmp_path / "serve.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"serve.yaml: {why}"):
+        load_config(path)

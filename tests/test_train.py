@@ -202,3 +202,14 @@ def test_worker_loaders_validate_each_slice_once_and_shuffle_by_seed_and_epoch(t
 
     # a fresh process (a resumed run) at epoch 2 sees epoch 2's order, not epoch 0's
     assert order(2) == order(2) and order(2) != order(0) and order(2, seed=4) != order(2)
+
+
+@pytest.mark.parametrize("text, why", [("profile: demo\nseed: abc\ndemo: {}\n", "seed 'abc': expected a whole number"),
+                                       (b"profile: demo\n\xff\xfe\n", "cannot read the params file")])
+def test_a_bad_params_file_is_one_line_naming_it(tmp_path, text, why):
+    from ingest.params import load_params
+
+    path = tmp_path / "params.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ParamsError, match=f"params.yaml: {why}"):
+        load_params(path)
