@@ -148,14 +148,17 @@ def _names(key: bytes, job: ExamJob, patient_id: str, study_uid: str) -> tuple[s
 
 
 def _exam_identity(src: Path, job: ExamJob) -> tuple[str, str, list[str]]:
-    """(PatientID, StudyInstanceUID, identity strings to scrub) of an exam."""
-    patient_id, identities = job.patient_id, job.identities
-    if patient_id is None or identities is None:
+    """(PatientID, StudyInstanceUID, identity strings to scrub) of an exam. What is read from
+    its first file is kept on the job: the store path is worked out in the main process, the
+    exam in a worker, and the job travels to the worker with it."""
+    if job.patient_id is None or job.identities is None:
         ident = _identity_of(src / job.files[0]) if job.files else {}
-        patient_id = ident.get("PatientID", "") if patient_id is None else patient_id
-        identities = _identity_values([ident]) if identities is None else identities
+        if job.patient_id is None:
+            job.patient_id = ident.get("PatientID", "")
+        if job.identities is None:
+            job.identities = _identity_values([ident])
     study_uid = job.infos[0].study_uid if job.infos else ""
-    return patient_id, study_uid, identities
+    return job.patient_id, study_uid, job.identities
 
 
 def _store_rel(key: bytes, job: ExamJob, src: Path) -> str:

@@ -405,11 +405,6 @@ class Ingress:
             timing["model_s"] = time.perf_counter() - t
             answer, media = await in_thread(self._encode, exam, cards, prepared, preds, fmt, timing)
             return answer, media, {"input": exam.kind, **timing}
-        except RequestError as exc:
-            # a reader's message can name the upload by its path on this server
-            for prefix in (str(tmp / "upload") + os.sep, str(tmp / "store") + os.sep, str(tmp) + os.sep):
-                exc.message = exc.message.replace(prefix, "")
-            raise
         except MemoryError:
             raise RequestError(413, "too_large_to_process", "the exam does not fit in this replica's memory") from None
         finally:

@@ -244,9 +244,8 @@ def _read_nifti(root: Path, site: str | None, limits: Limits = Limits()) -> Exam
         except RequestError:
             raise
         except Exception as exc:  # noqa: BLE001 - nibabel raises many kinds for a broken file
-            # nibabel's message names the file by its path on this server: say only what is wrong
-            why = str(exc).split(str(p.parent))[0].rstrip(" :'(\"") or type(exc).__name__
-            raise RequestError(422, "bad_nifti", f"{p.name}: not a readable NIfTI image ({why})") from None
+            raise RequestError(422, "bad_nifti", f"{p.name}: not a readable NIfTI image "
+                               f"({str(exc) or type(exc).__name__})") from None
         if data.ndim != 3:
             raise RequestError(422, "wrong_shape", f"{p.name}: a {data.ndim}-D image; an MRF map is one volume")
         if forms[role]["sform_code"] == 0 and forms[role]["qform_code"] == 0:
@@ -282,11 +281,8 @@ def _read_dicom(root: Path, sites: dict[str, dict], site: str | None, work: Path
     groups, _ = group_series(infos)
     # the site whose rules find both maps; the scanner's manufacturer breaks a tie
     candidates = [site] if site else list(sites)
-    found = []
-    for name in candidates:
-        roles = {recognise(sites[name], g)[0] for g in groups}
-        if {"mrf_t1", "mrf_t2"} <= roles:
-            found.append(name)
+    role_of = {name: [recognise(sites[name], g)[0] for g in groups] for name in candidates}
+    found = [name for name in candidates if {"mrf_t1", "mrf_t2"} <= set(role_of[name])]
     if not found:
         descr = sorted({g.description or "(no description)" for g in groups})[:6]
         raise RequestError(422, "not_mrf", "no MRF T1 map and T2 map series in the upload (series seen: "
@@ -303,8 +299,7 @@ def _read_dicom(root: Path, sites: dict[str, dict], site: str | None, work: Path
     # Two series for one map (a repeated MRF scan, or the maps of two acquisitions) must not be
     # paired by a rule: T1 of one and T2 of the other would be maps of a head that moved.
     per_role: dict[str, list] = {}
-    for g in groups:
-        role = recognise(sites[chosen], g)[0]
+    for g, role in zip(groups, role_of[chosen]):
         if role in ("mrf_t1", "mrf_t2"):
             per_role.setdefault(role, []).append(g)
     for role, gs in sorted(per_role.items()):
