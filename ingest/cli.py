@@ -29,7 +29,9 @@ def fail(command: str, message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def _run(command: str, fn, *args, **kwargs):
+def _run(command: str, fn, *args, _params_file: Path | None = None, **kwargs):
+    """``fn(*args, **kwargs)``, any failure one line; a check of params ("params: ...") names
+    ``_params_file``, the file a user has to edit."""
     try:
         return fn(*args, **kwargs)
     except typer.Exit:
@@ -40,6 +42,8 @@ def _run(command: str, fn, *args, **kwargs):
         if os.environ.get("QSNET_DEBUG"):
             raise
         msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        if _params_file is not None and msg.startswith("params: "):
+            msg = f"{_params_file}: {msg[len('params: '):]}"
         fail(command, msg)
 
 
@@ -190,7 +194,10 @@ def prepare(
     from ingest.params import load_params
     from ingest.prepare import prepare as run
 
+    from ingest.prepare.service import config as prepare_config
+
     p = _run("prepare", load_params, params, profile)
+    _run("prepare", prepare_config, p, _params_file=params)   # bad params fail before any exam is read
     from ingest import storage
 
     n = len(_run("prepare", storage.list_stores, src)) if storage.is_url(src) or Path(src).is_dir() else None

@@ -711,6 +711,15 @@ class ExamStore:
             return np.asarray(arr[z])
         return np.asarray(arr[:, z] if t is None else arr[t, z])
 
+    def has_data(self, role: str) -> bool:
+        """Whether any of ``role``'s chunks is stored. False means every read gives the fill
+        value: zarr's reading of a missing shard, which :func:`write_exam_store` never leaves,
+        so on a store of ours a damaged one."""
+        reader = self._reader(role)
+        if reader is not None:
+            return reader.file.exists()
+        return self.array(role).nchunks_initialized > 0
+
     def read(self, role: str) -> np.ndarray:
         """The whole array."""
         reader = self._reader(role)

@@ -43,9 +43,11 @@ def _store_series(path: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
         mid = arr.shape[-3] // 2
         sl = st.slice(role, mid) if len(arr.shape) == 3 else np.asarray(arr[0, mid])
         aff = np.array(st.attrs_of(role).get("affine_lps", np.eye(4)))
+        title = role if role not in ("labels", "brain") else f"truth {role}"
+        if not st.has_data(role):
+            title += " (NO DATA: shard missing)"   # not a blank image that looks like a black scan
         # a 1-slice stand-in volume keeps render() uniform: it shows the middle slice
-        out.append((role if role not in ("labels", "brain") else f"truth {role}", sl[None], aff,
-                    tuple(arr.shape[-3:])))
+        out.append((title, sl[None], aff, tuple(arr.shape[-3:])))
     return out
 
 
@@ -66,6 +68,11 @@ def render(path: Path, out_png: Path) -> Path:
         series = [(t, v, a, v.shape) for t, v, a in _exam_series(path)]
     if not series:
         raise ViewError(f"{path}: no DICOM series found")
+    out_png = Path(out_png)
+    if out_png.is_dir():   # `--out folder` means a file in it, not folder.png beside it
+        out_png = out_png / f"{path.name.removesuffix('.zarr')}.png"
+    elif out_png.suffix.lower() != ".png":
+        raise ViewError(f"{out_png}: the view is a PNG; name the file .png (or give an existing folder)")
     n = len(series)
     cols = min(4, n)
     rows = int(np.ceil(n / cols))
@@ -74,7 +81,7 @@ def render(path: Path, out_png: Path) -> Path:
         ax.axis("off")
     for ax, (title, vol, aff, shape) in zip(axes.ravel(), series):
         sl = vol[vol.shape[0] // 2]
-        if title in ("truth labels", "truth brain"):
+        if title.startswith(("truth labels", "truth brain")):
             ax.imshow(sl, cmap="tab20", vmin=0, vmax=19, interpolation="nearest")
         else:
             lo, hi = np.percentile(sl, [1, 99.5])
@@ -83,7 +90,6 @@ def render(path: Path, out_png: Path) -> Path:
         ax.set_title(f"{title}\n{shape[2]}x{shape[1]}x{shape[0]}, "
                      f"{sp[2]:.2f}x{sp[1]:.2f}x{sp[0]:.2f} mm", fontsize=8)
     fig.tight_layout()
-    out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=90)
     plt.close(fig)

@@ -582,3 +582,24 @@ def test_direct_writer_matches_zarr(tmp_path, dtype, shape):
     back = zarr.open_group(ours, mode="r")["a"]
     assert back.dtype == data.dtype.newbyteorder("=") and np.array_equal(back[...], data)
     assert np.array_equal(open_store(ours).read("a"), data)
+
+
+def test_view_of_a_store_into_a_folder_and_a_missing_shard_named(tmp_path):
+    from ingest.view import ViewError, _store_series, render
+
+    rng = np.random.default_rng(0)
+    arrays = {"t1w": (rng.random((5, 32, 32)).astype(np.float32), {"affine_lps": np.eye(4).tolist()}),
+              "t2w": (rng.random((5, 32, 32)).astype(np.float32), {"affine_lps": np.eye(4).tolist()})}
+    path = tmp_path / "sub-x.zarr"
+    write_exam_store(path, arrays, GROUP)
+    folder = tmp_path / "views"
+    folder.mkdir()
+    assert render(path, folder) == folder / "sub-x.png" and (folder / "sub-x.png").stat().st_size > 1000
+    with pytest.raises(ViewError, match=r"views2: the view is a PNG"):
+        render(path, tmp_path / "views2")
+    assert not (tmp_path / "views2.png").exists()
+    shard = [f for f in (path / "t2w").iterdir() if f.name.startswith("c")][0]
+    shard.unlink()
+    titles = [s[0] for s in _store_series(path)]
+    assert titles == ["t1w", "t2w (NO DATA: shard missing)"]
+    assert open_store(path).has_data("t1w") and not open_store(path).has_data("t2w")

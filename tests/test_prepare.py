@@ -477,3 +477,39 @@ def test_a_failure_that_is_not_the_data_is_tried_again(raw_pair, tmp_path, monke
     assert first["summary"]["excluded"] == 1 and "No space left" in next(iter(first["excluded"].values()))
     again = prepare(src, tmp_path / "out", tmp_path / "r.json", params, jobs=1)
     assert again["summary"]["prepared"] == 1 and len(calls) == 2
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"image_size": "abc"}, "prepare.image_size 'abc': expected a whole number of pixels"),
+    ({"image_size": 4}, "prepare.image_size 4: expected a whole number of pixels"),
+    ({"image_size": True}, "prepare.image_size True"),
+    ({"fov_mm": -3}, "prepare.fov_mm -3: expected a field of view in mm"),
+    ({"targets": ["pd"]}, "unknown target contrast"),
+])
+def test_bad_prepare_params_are_one_line_errors(change, why):
+    with pytest.raises(PrepareError, match=f"params: .*{why}"):
+        config({"prepare": change})
+
+
+@pytest.mark.parametrize("site, role", [("site-A", "t1w"), ("site-B", "swi")])
+def test_a_left_right_mirrored_series_is_refused(raw_pair, tmp_path, site, role):
+    """Voxels flipped left-right under an unchanged geometry (a wrong-handed export): rigid
+    registration cannot undo it and the brain is near-symmetric, so only the comparison with
+    the series' own mirror image tells. SWI fits its mirror most closely of the five."""
+    def edit(arrays, group):
+        vol, a = arrays[role]
+        lr = int(np.argmax(np.abs(np.asarray(a["affine_lps"], float)[0, :3])))
+        arrays[role] = (np.ascontiguousarray(np.flip(vol, lr)), a)
+
+    e = run_exam(copy_store(raw_pair[site], tmp_path / "m.zarr", edit), tmp_path)
+    assert e["status"] == "excluded" and f"{role}: the series looks left-right mirrored" in e["reason"], e
+    reg = e["registration"][role]
+    assert reg["mi_mirrored"] > reg["mi_after"] + CFG["registration"]["mirror_margin"]
+    assert not (tmp_path / "prep" / "x.zarr").exists()
+
+
+def test_series_as_stored_fit_better_than_their_mirrors(prepared_pair):
+    _, rep = prepared_pair
+    for key, exam in rep["exams"].items():
+        for role, reg in exam["registration"].items():
+            assert reg["mi_after"] - reg["mi_mirrored"] > 0.01, (key, role, reg)

@@ -163,10 +163,46 @@ def test_registry_round_trip_and_bad_files(tmp_path):
                                      ({"contrasts": ["pd"]}, "unknown contrast"),
                                      ({"epochs": 0}, "train.epochs must be a positive integer"),
                                      ({"ema_decay": 1.0}, r"train.ema_decay must be in \[0, 1\)"),
-                                     ({"num_workers": 64, "use_gpu": False}, "CPUs and no GPU")])
+                                     ({"num_workers": 64, "use_gpu": False}, "CPUs and no GPU"),
+                                     ({"epochs": True}, "train.epochs must be a positive integer"),
+                                     ({"learning_rate": 1e-3}, r"unknown train key\(s\) \['learning_rate'\]"),
+                                     ({"lr": "1e-3"}, "train.lr must be a positive number, got '1e-3'"),
+                                     ({"lr": float("nan")}, "train.lr must be a positive number"),
+                                     ({"betas": [0.5]}, "train.betas must be two numbers"),
+                                     ({"betas": [0.5, 1.0]}, "train.betas must be two numbers"),
+                                     ({"adv_weight": "0.01"}, "train.adv_weight must be a number, 0 or more"),
+                                     ({"ds_weights": [0.5, -1]}, "train.ds_weights must be a list of numbers"),
+                                     ({"plateau_factor": 0}, r"train.plateau_factor must be a number in \(0, 1\]"),
+                                     ({"depth": 12}, "train.depth must be a whole number of U-Net levels"),
+                                     ({"augment": "yes"}, "train.augment must be true or false"),
+                                     ({"use_gpu": "false"}, "train.use_gpu must be true, false or auto, got 'false'"),
+                                     ({"max_failures": -2}, "train.max_failures must be a whole number, 0 or more"),
+                                     ({"archs": "qsnet"}, "train.archs must be a non-empty list"),
+                                     ({"extra_runs": [{"arch": "qsnet", "inputs": "ct"}]}, "bad train.extra_runs"),
+                                     ({"extra_runs": [{"arch": "qsnet", "contrasts": ["pd"]}]}, "bad train.extra_runs"),
+                                     ({"extra_runs": [{"arch": "qsnet", "stages": "scratch"}]}, "bad train.extra_runs")])
 def test_bad_params_fail_in_one_line(bad, msg):
     with pytest.raises(ParamsError, match=msg):
         train_config({"train": bad})
+
+
+def test_both_profiles_params_pass_the_checks():
+    from ingest.params import load_params
+
+    for profile in ("demo", "paper"):
+        cfg = train_config(load_params(Path(__file__).resolve().parents[1] / "params.yaml", profile=profile))
+        assert cfg["use_gpu"] in (True, False, "auto")
+
+
+def test_a_tuned_configuration_is_checked_like_params(tmp_path):
+    from train.stages import read_tuned
+
+    path = tmp_path / "best.yaml"
+    path.write_text("searched: true\narch: qsnet\ntrain: {lr: 0.01}\nby_contrast: {t1w: {betas: [0.5, 'x']}}\n")
+    with pytest.raises(ParamsError, match=r"best.yaml: by_contrast.t1w.betas must be two numbers"):
+        read_tuned(path)
+    path.write_text("searched: true\narch: qsnet\ntrain: {lr: 0.01, augment: false}\n")
+    assert read_tuned(path)["train"] == {"lr": 0.01, "augment": False}
 
 
 def test_split_runs_balances_cost_and_keeps_order():
@@ -213,3 +249,25 @@ def test_a_bad_params_file_is_one_line_naming_it(tmp_path, text, why):
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(ParamsError, match=f"params.yaml: {why}"):
         load_params(path)
+
+
+@pytest.mark.parametrize("stage, section, change, why", [
+    ("pretrain", "train", ("    lr: 1.0e-2 ", "    lr: fast "), "train.lr must be a positive number, got 'fast'"),
+    ("prepare", "prepare", ("    image_size: 64", "    image_size: abc"), "prepare.image_size 'abc'"),
+])
+def test_cli_names_the_params_file_it_refuses(tmp_path, stage, section, change, why):
+    """The one line names the file to edit, and nothing is read or started before it."""
+    import subprocess
+
+    text = (Path(__file__).resolve().parents[1] / "params.yaml").read_text()
+    assert change[0] in text
+    params = tmp_path / "site-params.yaml"
+    params.write_text(text.replace(change[0], change[1], 1))
+    exe = Path(sys.executable).parent / "qsnet"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "ingest"]
+    args = {"pretrain": ["pretrain", "--params", str(params), "--stores", str(tmp_path / "none")],
+            "prepare": ["prepare", str(tmp_path / "none"), str(tmp_path / "out"), "--params", str(params)]}[stage]
+    r = subprocess.run(cmd + args, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().startswith(f"qsnet {stage}: error: {params}: {why}"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -73,6 +73,7 @@ def test_bad_spaces_are_one_line_errors(space, needle):
     ({"num_samples": 0}, "tune.num_samples must be a positive integer"),
     ({"grace_period": 5}, "grace_period 5 > tune.epochs 3"),
     ({"bogus": 1}, "unknown tune key"),
+    ({"resources": {"use_gpu": "false"}}, "tune.resources.use_gpu must be true, false or auto"),
 ])
 def test_bad_search_settings_are_one_line_errors(change, needle):
     with pytest.raises(ParamsError) as e:
@@ -129,7 +130,7 @@ def test_cli_errors_before_ray_starts(tmp_path):
                                str(tmp_path / "runs"), *args], capture_output=True, text=True, env=env, timeout=120)
 
     r = run({**PARAMS["tune"], "space": {}})
-    assert r.returncode == 1 and r.stderr.strip().startswith("qsnet tune: error: params: tune.space is empty")
+    assert r.returncode == 1 and r.stderr.strip().startswith(f"qsnet tune: error: {tmp_path / 'params.yaml'}: tune.space is empty")
     r = run({**PARAMS["tune"], "metric": "ssim"})
     assert r.returncode == 1 and "never reported by the trainable" in r.stderr
     r = run(PARAMS["tune"], "--resume")

@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
             from train.stages import read_tuned, run_stage, train_config
 
             p = _run(stage, load_params, params, profile)
-            _run(stage, train_config, p)  # bad params fail before Ray starts
+            _run(stage, train_config, p, _params_file=params)  # bad params fail before Ray starts
             _run(stage, read_tuned, tuned)
             if not st.is_url(stores) and not Path(stores).is_dir():
                 fail(stage, f"{stores}: no prepared stores (run `qsnet prepare` first)")

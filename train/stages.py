@@ -52,7 +52,17 @@ def train_config(params: dict) -> dict:
     """The profile's train section over the defaults, checked: a bad value fails here, in one line."""
     from train.models import ARCHITECTURES
 
-    cfg = {**DEFAULTS, **(params.get("train") or {})}
+    raw = params.get("train") or {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params: train must be a mapping, got {type(raw).__name__}")
+    # a misspelt key would otherwise train silently with the default it meant to change
+    unknown = sorted(set(raw) - set(DEFAULTS))
+    if unknown:
+        raise ParamsError(f"params: unknown train key(s) {unknown} (known: {', '.join(sorted(DEFAULTS))})")
+    cfg = {**DEFAULTS, **raw}
+    for key in ("archs", "contrasts"):
+        if not isinstance(cfg[key], list) or not cfg[key]:
+            raise ParamsError(f"params: train.{key} must be a non-empty list, got {cfg[key]!r}")
     bad = [a for a in cfg["archs"] if a not in ARCHITECTURES]
     if bad:
         raise ParamsError(f"params: unknown architecture(s) {bad} (known: {', '.join(ARCHITECTURES)})")
@@ -63,20 +73,29 @@ def train_config(params: dict) -> dict:
         raise ParamsError(f"params: train.inputs must be mrf or mri, got {cfg['inputs']!r}")
     if cfg["finetune_epochs"] is None:
         cfg["finetune_epochs"] = cfg["epochs"]
-    for key in ("epochs", "finetune_epochs", "batch_size", "num_workers", "checkpoint_every", "width", "parallel_runs"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
+    for key in ("epochs", "finetune_epochs", "num_workers", "checkpoint_every", "parallel_runs"):
+        if not _is_int(cfg[key]) or cfg[key] < 1:
             raise ParamsError(f"params: train.{key} must be a positive integer, got {cfg[key]!r}")
-    if not isinstance(cfg["ema_decay"], (int, float)) or not 0 <= cfg["ema_decay"] < 1:
-        raise ParamsError(f"params: train.ema_decay must be in [0, 1) (0: no average), got {cfg['ema_decay']!r}")
-    use_gpu = _use_gpu(cfg["use_gpu"])
+    for key in ("max_failures", "loader_workers"):
+        if not _is_int(cfg[key]) or cfg[key] < 0:
+            raise ParamsError(f"params: train.{key} must be a whole number, 0 or more, got {cfg[key]!r}")
+    check_hp({k: cfg[k] for k in HP_KEYS if k in cfg}, "params: train")
+    use_gpu = _use_gpu(check_use_gpu(cfg["use_gpu"], "params: train.use_gpu"))
     cpus = os.cpu_count() or 1
     # on a cluster the check is against the cluster's CPUs, once it is joined (train.distributed)
     if use_gpu is False and not os.environ.get("RAY_ADDRESS") and cfg["num_workers"] * cfg["parallel_runs"] > cpus:
         raise ParamsError(f"params: train.num_workers {cfg['num_workers']} x parallel_runs {cfg['parallel_runs']} "
                           f"> {cpus} CPUs and no GPU: each Ray worker needs a CPU")
+    if not isinstance(cfg["extra_runs"], list):
+        raise ParamsError(f"params: train.extra_runs must be a list, got {cfg['extra_runs']!r}")
     for run in cfg["extra_runs"]:
-        if run.get("stage", "pretrain") not in STAGES or run.get("arch", "qsnet") not in ARCHITECTURES:
-            raise ParamsError(f"params: bad train.extra_runs entry {run!r}")
+        if (not isinstance(run, dict) or set(run) - {"arch", "inputs", "stage", "contrasts"}
+                or run.get("stage", "pretrain") not in STAGES or run.get("arch", "qsnet") not in ARCHITECTURES
+                or run.get("inputs", "mrf") not in ("mrf", "mri")
+                or not isinstance(run.get("contrasts", []), list)
+                or any(c not in CONTRASTS for c in run.get("contrasts", []))):
+            raise ParamsError(f"params: bad train.extra_runs entry {run!r} (keys: arch, inputs mrf/mri, "
+                              f"stage {'/'.join(STAGES)}, contrasts)")
     cfg["use_gpu"] = use_gpu
     cfg["seed"] = int(params.get("seed", 0))
     return cfg
@@ -101,6 +120,9 @@ def read_tuned(path: Path | None) -> dict:
 
     if doc.get("arch") not in ARCHITECTURES:
         raise ParamsError(f"{path}: unknown architecture {doc.get('arch')!r}")
+    check_hp(doc.get("train") or {}, f"{path}: train")
+    for c, part in (doc.get("by_contrast") or {}).items():
+        check_hp(part or {}, f"{path}: by_contrast.{c}")
     return {"arch": doc["arch"], "train": doc.get("train") or {}, "by_contrast": doc.get("by_contrast") or {},
             "file": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
@@ -109,6 +131,56 @@ def tuned_hp(tuned: dict, arch: str, contrast: str) -> dict:
     if not tuned or tuned["arch"] != arch:
         return {}
     return {**tuned["train"], **tuned["by_contrast"].get(contrast, {})}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)   # YAML's true is not 1 epoch
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_hp(hp: dict, where: str) -> None:
+    """Training hyperparameters of the right type and range, else one line naming ``where``.
+    Checked for params and for a tuned configuration alike: a string lr would otherwise reach
+    the optimiser, and a string ``false`` would read as true."""
+    def bad(key, want):
+        raise ParamsError(f"{where}.{key} must be {want}, got {hp[key]!r}")
+
+    for key in ("width", "batch_size"):
+        if key in hp and (not _is_int(hp[key]) or hp[key] < 1):
+            bad(key, "a positive integer")
+    if "depth" in hp and (not _is_int(hp["depth"]) or not 3 <= hp["depth"] <= 8):
+        bad("depth", "a whole number of U-Net levels, 3 to 8")
+    if "plateau_after_epoch" in hp and (not _is_int(hp["plateau_after_epoch"]) or hp["plateau_after_epoch"] < 0):
+        bad("plateau_after_epoch", "a whole number, 0 or more")
+    if "lr" in hp and (not _is_num(hp["lr"]) or hp["lr"] <= 0):
+        bad("lr", "a positive number")
+    if hp.get("lr_d") is not None and (not _is_num(hp["lr_d"]) or hp["lr_d"] <= 0):
+        bad("lr_d", "a positive number, or null for lr")
+    if "betas" in hp and (not isinstance(hp["betas"], (list, tuple)) or len(hp["betas"]) != 2
+                          or not all(_is_num(b) and 0 <= b < 1 for b in hp["betas"])):
+        bad("betas", "two numbers in [0, 1), e.g. [0.5, 0.999]")
+    if "plateau_factor" in hp and (not _is_num(hp["plateau_factor"]) or not 0 < hp["plateau_factor"] <= 1):
+        bad("plateau_factor", "a number in (0, 1]")
+    if "adv_weight" in hp and (not _is_num(hp["adv_weight"]) or hp["adv_weight"] < 0):
+        bad("adv_weight", "a number, 0 or more")
+    if "ds_weights" in hp and (not isinstance(hp["ds_weights"], (list, tuple))
+                               or not all(_is_num(w) and w >= 0 for w in hp["ds_weights"])):
+        bad("ds_weights", "a list of numbers, 0 or more (one per deep-supervision head)")
+    if "ema_decay" in hp and (not _is_num(hp["ema_decay"]) or not 0 <= hp["ema_decay"] < 1):
+        bad("ema_decay", "in [0, 1) (0: no average)")
+    for key in ("augment", "amp"):
+        if key in hp and not isinstance(hp[key], bool):
+            bad(key, "true or false")
+
+
+def check_use_gpu(v, where: str) -> bool | str:
+    """``true``, ``false`` or ``auto``: a quoted "false" is truthy, and would ask for a GPU."""
+    if v == "auto" or isinstance(v, bool):
+        return v
+    raise ParamsError(f"{where} must be true, false or auto, got {v!r}")
 
 
 def _use_gpu(v) -> bool | str:

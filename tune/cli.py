@@ -45,7 +45,7 @@ def register(app: typer.Typer) -> None:
         out, reports, storage = Path(out), Path(reports), Path(storage)
         p = _run("tune", load_params, params, profile)
         if (p.get("tune") or {}).get("enabled") or enable or resume:
-            _run("tune", tune_config, p)  # a bad space fails before Ray starts
+            _run("tune", tune_config, p, _params_file=params)  # a bad space fails before Ray starts
             if not is_url(stores) and not Path(stores).is_dir():
                 fail("tune", f"{stores}: no prepared stores (run `qsnet prepare` first)")
             _run("tune", check_access, stores)

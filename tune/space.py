@@ -89,6 +89,9 @@ def tune_config(params: dict) -> dict:
     for key in ("num_workers", "cpus_per_worker"):
         if not isinstance(res.get(key), int) or res[key] < 1:
             raise ParamsError(f"params: tune.resources.{key} must be a positive integer, got {res.get(key)!r}")
+    from train.stages import check_use_gpu
+
+    check_use_gpu(res.get("use_gpu"), "params: tune.resources.use_gpu")
     cfg["space"] = parse_space(cfg["space"])
     if cfg["seed"] is None:
         cfg["seed"] = int(params.get("seed", 0))

@@ -37,7 +37,7 @@ DEFAULTS = {
     "targets": list(TARGETS),
     "registration": {"resolutions": 3, "iterations": 300, "samples": 4096, "histogram_bins": 32, "threads": 1,
                      "max_rotation_deg": 20.0, "max_translation_mm": 30.0, "min_mi_gain": -0.02,
-                     "min_coverage": 0.8},
+                     "min_coverage": 0.8, "mirror_margin": 0.01},
     "brain_mask": {"t1_range_ms": [750.0, 6000.0], "opening": 1, "closing": 1, "min_voxels": 500},
     # inputs: "rate" (ref / T on a fixed scale, see grid.rate_scale) or "percentiles" (per exam,
     # as the targets). A model card without "inputs" predates the choice: "percentiles".
@@ -48,7 +48,12 @@ DEFAULTS = {
 
 
 class PrepareError(ValueError):
-    """An exam that cannot be prepared; the message is the reason in the report."""
+    """An exam that cannot be prepared; the message is the reason in the report, ``details``
+    (e.g. the registration measures that failed the gate) go into its report entry."""
+
+    def __init__(self, message: str, details: dict | None = None):
+        super().__init__(message)
+        self.details = details or {}
 
 
 def config(params: dict) -> dict:
@@ -64,8 +69,9 @@ def config(params: dict) -> dict:
     unknown = [t for t in cfg["targets"] if t not in TARGETS]
     if unknown:
         raise PrepareError(f"params: unknown target contrast(s) {unknown} (known: {', '.join(TARGETS)})")
-    if int(cfg["image_size"]) < 8:
-        raise PrepareError(f"params: prepare.image_size {cfg['image_size']} is too small")
+    size = cfg["image_size"]
+    if not isinstance(size, int) or isinstance(size, bool) or not 8 <= size <= 2048:
+        raise PrepareError(f"params: prepare.image_size {size!r}: expected a whole number of pixels (8-2048)")
     if not (isinstance(cfg["fov_mm"], (int, float)) and 50 <= float(cfg["fov_mm"]) <= 500):
         raise PrepareError(f"params: prepare.fov_mm {cfg['fov_mm']!r}: expected a field of view in mm (50-500)")
     _check_normalise(cfg["normalise"], "params: prepare.normalise")
@@ -204,6 +210,7 @@ def prepare_exam(task: ExamTask, cfg: dict) -> dict:
             entry.update(_prepare(task, cfg))
         entry["status"] = "prepared"
     except PrepareError as exc:
+        entry.update(exc.details)
         entry.update(status="excluded", reason=str(exc))
     except Exception as exc:  # noqa: BLE001 - one broken exam must not stop the stage
         entry.update(status="excluded", reason=f"failed ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
@@ -348,6 +355,26 @@ def prepare_inputs(t1, t2, t1_affine, t2_affine, cfg: dict) -> dict:
             "inversion": inversion, "t1": t1, "brain_native": brain, "native_affine": fixed_aff}
 
 
+def _mirrored_fit(t1, fixed_aff, moving, maff, brain, rc: dict, native_sp) -> float:
+    """Mutual information with the MRF T1 map of ``moving`` mirrored left-right, once registered.
+
+    A rigid registration cannot undo a mirror, and a brain is near-symmetric, so a series with a
+    wrong-handed geometry registers well enough to pass the other checks. Its mirror image,
+    though, fits better than the series itself: on the demo's 70 series the series as stored
+    fits by 0.02-0.15 higher (T1w most, SWI least)."""
+    from ingest.prepare.grid import resample
+    from ingest.prepare.register import mutual_information, rigid_register
+
+    lr = int(np.argmax(np.abs(np.asarray(maff, float)[0, :3])))   # the index axis nearest patient left-right
+    flipped = np.ascontiguousarray(np.flip(moving, axis=lr))
+    try:
+        m = rigid_register(t1, fixed_aff, flipped, maff, rc)
+    except Exception:  # noqa: BLE001 - a mirror that does not even register is no evidence
+        return float("-inf")
+    after, _ = resample(flipped, maff, t1.shape, fixed_aff, transform=m, footprint_mm=native_sp)
+    return mutual_information(t1, after, brain)
+
+
 def _prepare(task: ExamTask, cfg: dict) -> dict:
     from ingest.prepare.brainmask import dice
     from ingest.prepare.grid import apply_scale, percentile_scale, resample
@@ -410,8 +437,18 @@ def _prepare(task: ExamTask, cfg: dict) -> dict:
         if coverage < rc["min_coverage"]:
             why.append(f"the series covers {100 * coverage:.0f}% of the brain (< {100 * rc['min_coverage']:.0f}%)")
         if why:
-            out["registration"] = reg_report
-            raise PrepareError(f"{role}: registration failed the quality gate: {'; '.join(why)}")
+            raise PrepareError(f"{role}: registration failed the quality gate: {'; '.join(why)}",
+                               {"registration": reg_report})
+        if rc.get("mirror_margin") is not None:
+            te = time.perf_counter()
+            mi_m = _mirrored_fit(t1, fixed_aff, moving, maff, brain, rc, native_sp)
+            elastix_s += time.perf_counter() - te
+            r["mi_mirrored"] = round(mi_m, 4) if np.isfinite(mi_m) else None
+            if mi_m - mi1 > rc["mirror_margin"]:
+                raise PrepareError(
+                    f"{role}: the series looks left-right mirrored against the MRF T1 map (normalised mutual "
+                    f"information {mi1:.3f} as stored, {mi_m:.3f} mirrored): check its orientation "
+                    "(ImageOrientationPatient) and the MRF maps' before training on it", {"registration": reg_report})
         figure_rows.append((role, before, after))
         # the MRF slice is a 5 mm slab: average the thin mpMRI slices across it (box profile)
         v, cov = resample(moving, maff, pshape, paff, transform=m)
