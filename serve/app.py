@@ -182,7 +182,8 @@ def _sweep_uploads(older_than_s: float = 3600.0) -> None:
             pass
 
 
-@serve.deployment(name="Ingress", max_ongoing_requests=16)
+# More slots than uploads (Limits.max_concurrent_uploads): the rest answer probes and listings.
+@serve.deployment(name="Ingress", max_ongoing_requests=64)
 @serve.ingress(api)
 class Ingress:
     def __init__(self, synthesizer, models: str, cards: list[str] | None = None,
@@ -193,6 +194,7 @@ class Ingress:
         self.catalog, self.skipped = load_catalog(models, cards)
         self.keys = api_keys(api_keys_)
         self.limits = Limits.from_dict(limits)
+        self.uploads = asyncio.Semaphore(self.limits.max_concurrent_uploads)
         self.sites = load_sites(Path(sites) if sites else None)
         self.viewer = (Path(__file__).parent / "viewer.html").read_text()
         for why in self.skipped:
@@ -301,7 +303,7 @@ class Ingress:
                          "and synthesis.json; format=viewer: JSON with PNG slices and the DICOM zip (base64)",
                          "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}},
                                      "application/json": {"schema": {"type": "object"}}}},
-                   400: _ERR, 401: _ERR, 404: _ERR, 413: _ERR, 422: _ERR},
+                   400: _ERR, 401: _ERR, 404: _ERR, 408: _ERR, 413: _ERR, 422: _ERR, 503: _ERR},
         openapi_extra={"security": [{"bearer": []}], "requestBody": {"required": True, "content": {
             "application/zip": {"schema": {"type": "string", "format": "binary"}},
             "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
@@ -319,8 +321,14 @@ class Ingress:
         rid = uuid.uuid4().hex[:12]
         t0 = time.perf_counter()
         status = 500
+        turn = False
         try:
             self._auth(request)
+            try:
+                turn = await asyncio.wait_for(self.uploads.acquire(), timeout=self.limits.queue_timeout_s)
+            except asyncio.TimeoutError:
+                raise RequestError(503, "busy", f"{self.limits.max_concurrent_uploads} exams are being taken in; "
+                                   "send it again in a few seconds") from None
             body, fields = await self._body(request)
             contrasts = fields.get("contrasts", contrasts)
             site = fields.get("site", site) or None
@@ -346,7 +354,10 @@ class Ingress:
         except RequestError as exc:
             status = exc.status
             log.info("synthesize %s: refused %d %s", rid, exc.status, exc.code)
-            return JSONResponse(exc.body(), status_code=exc.status, headers={"X-Request-Id": rid})
+            headers = {"X-Request-Id": rid}
+            if exc.status == 503:
+                headers["Retry-After"] = "5"
+            return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
         except Exception as exc:  # noqa: BLE001 - never a traceback (it could quote headers) to the client
             # where, not what: an exception's message can quote header values
             import traceback
@@ -357,7 +368,9 @@ class Ingress:
             return JSONResponse(RequestError(500, "internal_error", f"request {rid} failed; see the server log "
                                              "for this id").body(), status_code=500, headers={"X-Request-Id": rid})
         finally:
-            if status >= 500:
+            if turn:
+                self.uploads.release()
+            if status >= 500 and status != 503:
                 log.warning("synthesize %s: status %d after %.2f s", rid, status, time.perf_counter() - t0)
 
     async def _synthesize(self, body: bytes, wanted: list[str], site: str | None, model: str | None,

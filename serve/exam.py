@@ -49,6 +49,12 @@ class Limits:
     # second time inside the zip) can declare GBs from a few hundred bytes. 2^26 is 512 x 512 x 256.
     max_map_voxels: int = 1 << 26
     idle_timeout_s: float = 60.0       # a body that sends nothing for this long is dropped (408)
+    # Exams an ingress replica takes in at once (bodies held in memory while they are read and
+    # worked on). Beyond them a request waits up to queue_timeout_s for a turn, then gets 503
+    # with Retry-After. The replica's other slots stay free for /healthz and /readyz: slow
+    # uploads must not make a liveness probe fail and the replica be restarted under them.
+    max_concurrent_uploads: int = 16
+    queue_timeout_s: float = 30.0
 
     @classmethod
     def from_dict(cls, d: dict | None) -> Limits:
@@ -56,7 +62,15 @@ class Limits:
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown request limit(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
-        return cls(**d)
+        out = cls(**d)
+        for name in cls.__dataclass_fields__:
+            v = getattr(out, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"request limit {name} must be a positive number, got {v!r}")
+        if not isinstance(out.max_concurrent_uploads, int):
+            raise ValueError(f"request limit max_concurrent_uploads must be a whole number, "
+                             f"got {out.max_concurrent_uploads!r}")
+        return out
 
 
 @dataclass

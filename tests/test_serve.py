@@ -29,7 +29,8 @@ from niftiref import reindexed  # noqa: E402
 
 CONTRASTS = ("t1w", "t2w", "t1flair", "t2flair", "swi")
 KEY = "test-key-0123456789"
-LIMITS = {"max_request_bytes": 4 << 20, "max_unpacked_bytes": 64 << 20, "max_ratio": 200, "max_entries": 500}
+LIMITS = {"max_request_bytes": 4 << 20, "max_unpacked_bytes": 64 << 20, "max_ratio": 200, "max_entries": 500,
+          "max_concurrent_uploads": 2, "queue_timeout_s": 1.0, "idle_timeout_s": 6.0}
 
 
 def _free_port() -> int:
@@ -466,6 +467,34 @@ def test_api_keys(server, mrf_zip):
     assert r.status_code == 200
 
 
+def test_stalled_uploads_time_out_and_never_hold_the_health_probe(server, mrf_zip):
+    """Uploads that stop sending take the ingress's upload turns (2 here), not its other slots:
+    /healthz answers at once, a third exam is told to come back (503, Retry-After), and after
+    the idle timeout the stalled ones get 408 and their turns are free again."""
+    stalled = []
+    for _ in range(LIMITS["max_concurrent_uploads"]):
+        s = socket.create_connection(("127.0.0.1", int(server["base"].rsplit(":", 1)[1])), timeout=30)
+        s.sendall(f"POST /v1/synthesize HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                  "Content-Type: application/zip\r\nContent-Length: 100000\r\n\r\n".encode() + mrf_zip[:1000])
+        stalled.append(s)
+    try:
+        time.sleep(2)   # both reach the replica and wait for the rest of their bodies
+        t = time.perf_counter()
+        assert httpx.get(server["base"] + "/healthz", timeout=5).status_code == 200
+        assert time.perf_counter() - t < 2
+        r = server["client"].post("/v1/synthesize", content=mrf_zip, headers={"Content-Type": "application/zip"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "busy", r.text
+        assert r.headers["Retry-After"] == "5"
+        for s in stalled:
+            answer = s.recv(4096).decode(errors="replace")   # the idle timeout (6 s) ends them
+            assert answer.startswith("HTTP/1.1 408") and "request_timeout" in answer, answer[:300]
+    finally:
+        for s in stalled:
+            s.close()
+    r = server["client"].post("/v1/synthesize", content=b"", headers={"Content-Type": "application/zip"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "empty_body"   # the turns came back
+
+
 def test_multipart_bodies_are_held_to_the_limits(server, mrf_zip):
     """A multipart upload is counted as it arrives, as a raw one is: sent chunked (no
     Content-Length) it would otherwise be spooled whole before any check; a form that cannot be
@@ -634,3 +663,15 @@ def test_a_malformed_serve_config_is_one_line_naming_the_file(tmp_path, text, wh
     path.write_text(text)
     with pytest.raises(ValueError, match=f"serve.yaml: {why}"):
         load_config(path)
+
+
+@pytest.mark.parametrize("limits, why", [({"max_concurrent_uploads": 0}, "max_concurrent_uploads must be a positive"),
+                                         ({"max_concurrent_uploads": 2.5}, "must be a whole number"),
+                                         ({"queue_timeout_s": "30"}, "queue_timeout_s must be a positive number"),
+                                         ({"idle_timeout_s": True}, "idle_timeout_s must be a positive number"),
+                                         ({"max_uploads": 3}, "unknown request limit")])
+def test_bad_request_limits_fail_at_deploy_time(limits, why):
+    from serve.exam import Limits
+
+    with pytest.raises(ValueError, match=why):
+        Limits.from_dict(limits)
