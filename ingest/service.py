@@ -362,7 +362,7 @@ def ingest_exam(src: str, dst: str, job: ExamJob, site_cfg: dict, key: bytes, sp
 def _ingest_exam(src, dst, job, site_cfg, key, split_fractions, prev_rows):
     from ingest.deid import pseudonym, scrub_text
     from ingest.manifest import file_sha256
-    from ingest.phantom.anatomy import load_nifti_zyx
+    from ingest.nifti import load_nifti_zyx
     from ingest.reader import SeriesError, plan_is_current, read_series
     from ingest.series import group_series
     from ingest.store import open_store, write_exam_store

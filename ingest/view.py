@@ -26,7 +26,7 @@ def _exam_series(exam: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
         out.append((meta["series_description"] or folder.name, vol, aff))
     truth = exam / "truth" / "labels.nii.gz"
     if truth.exists():
-        from ingest.phantom.anatomy import load_nifti_zyx
+        from ingest.nifti import load_nifti_zyx
 
         lab, aff = load_nifti_zyx(truth)
         out.append(("truth labels", lab.astype(np.float32), aff))

@@ -175,7 +175,7 @@ def nifti_bytes(stored: np.ndarray, affine: np.ndarray, forms: dict | None = Non
     """``stored`` (Z, Y, X) as a .nii.gz; ``forms``: the upload's own sform/qform (a NIfTI upload)."""
     import tempfile
 
-    from ingest.phantom.anatomy import save_nifti
+    from ingest.nifti import save_nifti
 
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "x.nii.gz"

@@ -236,7 +236,7 @@ def _read_store(root: Path, site: str | None, limits: Limits = Limits()) -> Exam
 
 
 def _read_nifti(root: Path, site: str | None, limits: Limits = Limits()) -> Exam:
-    from ingest.phantom.anatomy import load_nifti_zyx, nifti_forms
+    from ingest.nifti import load_nifti_zyx, nifti_forms
     from ingest.prepare.grid import GridError, canonical_grid
 
     files = sorted(p for p in root.rglob("*") if p.name.endswith((".nii", ".nii.gz")))

@@ -14,13 +14,13 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from niftiref import compare_to_nifti
 
+from ingest.nifti import RAS_TO_LPS
 from ingest.phantom import simulate as sim
-from ingest.phantom.anatomy import RAS_TO_LPS, load_template
+from ingest.phantom.anatomy import load_template
 from ingest.phantom.qa import run_qa
 from ingest.reader import read_series
-
-from niftiref import compare_to_nifti
 
 
 def qsnet(*args, cwd=None):

@@ -229,7 +229,7 @@ def test_pixels_match_the_offline_synthesis(answer, offline, registry):
 def test_nifti_out_and_nifti_and_store_uploads_agree(server, mrf_zip, raw_pair, tmp_path):
     import nibabel as nib
 
-    from ingest.phantom.anatomy import RAS_TO_LPS, load_nifti_zyx, save_nifti
+    from ingest.nifti import RAS_TO_LPS, load_nifti_zyx, save_nifti
     from ingest.store import open_store
 
     cl = server["client"]
@@ -325,7 +325,7 @@ def _traversal() -> bytes:
 def _nifti_pair(tmp: Path, raw: Path, edit, forms=None) -> bytes:
     """The MRF maps of ``raw`` as a zipped NIfTI pair, each ``(vol, affine) = edit(role, vol, affine)``,
     written with ``forms(affine)`` as their sform/qform when given (see ``save_nifti``)."""
-    from ingest.phantom.anatomy import save_nifti
+    from ingest.nifti import save_nifti
     from ingest.store import open_store
 
     st = open_store(raw)

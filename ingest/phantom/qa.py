@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from ingest.nifti import load_nifti_zyx
 from ingest.phantom import physics
-from ingest.phantom.anatomy import LABELS, load_nifti_zyx
+from ingest.phantom.anatomy import LABELS
 from ingest.reader import read_series
 from ingest.siteconfig import load_site
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ingest import __version__
+from ingest.nifti import save_nifti
 from ingest.phantom import anatomy as anat_mod
 from ingest.phantom import dicomio, mrf, physics
 from ingest.phantom.geometry import SIZES, plan_series, sample_points, series_pose, subject_pose
@@ -376,8 +377,8 @@ def write_truth_maps(exam_dir: Path, subj: anat_mod.Anatomy, geo) -> None:
     brain = sum(fr[names.index(n)] for n in anat_mod.BRAIN_TISSUES) >= 0.5
     out = exam_dir / "truth"
     out.mkdir()
-    anat_mod.save_nifti(out / "labels.nii.gz", lab, geo.affine)
-    anat_mod.save_nifti(out / "brain.nii.gz", brain.astype(np.uint8), geo.affine)
+    save_nifti(out / "labels.nii.gz", lab, geo.affine)
+    save_nifti(out / "brain.nii.gz", brain.astype(np.uint8), geo.affine)
 
 
 # ---------------------------------------------------------------- the whole tree
