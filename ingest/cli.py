@@ -191,15 +191,14 @@ def prepare(
     excluded exam."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from ingest import storage
     from ingest.params import load_params
     from ingest.prepare import prepare as run
-
     from ingest.prepare.service import config as prepare_config
 
     p = _run("prepare", load_params, params, profile)
     _run("prepare", prepare_config, p, _params_file=params)   # bad params fail before any exam is read
-    from ingest import storage
-
+    _run("prepare", storage.check_access, src)   # a missing credential: one line naming the URL
     n = len(_run("prepare", storage.list_stores, src)) if storage.is_url(src) or Path(src).is_dir() else None
     with Progress(TextColumn("prepare"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   disable=not sys.stderr.isatty()) as prog:

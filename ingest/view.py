@@ -37,17 +37,29 @@ def _store_series(path: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
     from ingest.store import open_store
 
     st = open_store(path)
+    prepared = "input" in st   # a prepared store: its `brain` is computed, truth_* are the phantom's
     out = []
     for role in st.roles:
         arr = st.array(role)
         mid = arr.shape[-3] // 2
-        sl = st.slice(role, mid) if len(arr.shape) == 3 else np.asarray(arr[0, mid])
-        aff = np.array(st.attrs_of(role).get("affine_lps", np.eye(4)))
-        title = role if role not in ("labels", "brain") else f"truth {role}"
-        if not st.has_data(role):
-            title += " (NO DATA: shard missing)"   # not a blank image that looks like a black scan
+        attrs = st.attrs_of(role)
+        aff = np.array(attrs.get("affine_lps", np.eye(4)))
+        missing = "" if st.has_data(role) else " (NO DATA: shard missing)"  # not a blank that looks like a scan
+        if len(arr.shape) == 4:   # one panel per volume: the prepared input's MRF T1 and T2 channels
+            names = attrs.get("channels") or [f"{role}[{t}]" for t in range(arr.shape[0])]
+            vols = st.slice(role, mid)
+            for t in range(arr.shape[0]):
+                title = f"{role}: {names[t]}" if attrs.get("channels") else names[t]
+                out.append((title + missing, vols[t][None], aff, tuple(arr.shape[-3:])))
+            continue
+        if role in ("labels", "brain") and not prepared:
+            title = f"truth {role}"
+        elif role in ("truth_labels", "truth_brain"):
+            title = role.replace("_", " ")
+        else:
+            title = role
         # a 1-slice stand-in volume keeps render() uniform: it shows the middle slice
-        out.append((title, sl[None], aff, tuple(arr.shape[-3:])))
+        out.append((title + missing, st.slice(role, mid)[None], aff, tuple(arr.shape[-3:])))
     return out
 
 

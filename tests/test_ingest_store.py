@@ -603,3 +603,19 @@ def test_view_of_a_store_into_a_folder_and_a_missing_shard_named(tmp_path):
     titles = [s[0] for s in _store_series(path)]
     assert titles == ["t1w", "t2w (NO DATA: shard missing)"]
     assert open_store(path).has_data("t1w") and not open_store(path).has_data("t2w")
+
+
+def test_view_of_a_prepared_store_names_its_panels(tmp_path):
+    """A prepared store's `brain` is the computed mask, not the phantom's truth, and its input
+    shows both MRF channels."""
+    from ingest.view import _store_series, render
+
+    rng = np.random.default_rng(0)
+    eye = {"affine_lps": np.eye(4).tolist()}
+    arrays = {"input": (rng.random((2, 4, 16, 16)).astype(np.float32), {**eye, "channels": ["mrf_t1", "mrf_t2"]}),
+              "brain": (np.ones((4, 16, 16), np.uint8), eye), "truth_brain": (np.ones((4, 16, 16), np.uint8), eye),
+              "t1w": (rng.random((4, 16, 16)).astype(np.float32), eye)}
+    path = tmp_path / "sub-x.zarr"
+    write_exam_store(path, arrays, GROUP)
+    assert [s[0] for s in _store_series(path)] == ["brain", "input: mrf_t1", "input: mrf_t2", "t1w", "truth brain"]
+    assert render(path, tmp_path / "v.png").stat().st_size > 1000

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 import shutil
 import subprocess
@@ -513,3 +514,15 @@ def test_series_as_stored_fit_better_than_their_mirrors(prepared_pair):
     for key, exam in rep["exams"].items():
         for role, reg in exam["registration"].items():
             assert reg["mi_after"] - reg["mi_mirrored"] > 0.01, (key, role, reg)
+
+
+def test_cli_names_a_store_url_it_has_no_credentials_for(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(HOME=str(tmp_path), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+               AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_EC2_METADATA_DISABLED="true")
+    r = subprocess.run([sys.executable, "-m", "ingest", "prepare", "s3://qsnet-nowhere/stores/raw", str(tmp_path / "out"),
+                        "--report", str(tmp_path / "r.json")], capture_output=True, text=True, env=env, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 1
+    assert r.stderr.strip().startswith("qsnet prepare: error: s3://qsnet-nowhere/stores/raw: no storage credentials")
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

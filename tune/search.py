@@ -133,7 +133,7 @@ def _check_resume(search: dict) -> str:
     if theirs.get("digest") != search["identity"]["digest"]:
         diff = _differences(theirs, search["identity"])
         raise SearchError(f"{d}: a different search (differs from params in: {', '.join(diff) or 'identity'}); "
-                          "will not resume it; run without --resume to start afresh")
+                          "will not resume it; run `qsnet tune --enable` (without --resume) to start afresh")
     if (d / "done.json").exists():
         return "done"
     if not Tuner.can_restore(str(d)):
@@ -326,7 +326,7 @@ def run_search(params: dict, stores: Path, out: Path, reports: Path, storage: Pa
     if resume:
         if all(m == "missing" for m in modes.values()):
             raise SearchError(f"{Path(storage).resolve()}: no search to resume here (no {IDENTITY} of these params); "
-                              "run `qsnet tune` without --resume")
+                              "run `qsnet tune --enable` (without --resume) to start one")
         # the searches of a plan run one after another: one interrupted during an earlier search
         # has no folder yet for the later ones, which start now (the earlier ones' trials are kept)
         modes = {name: "fresh" if m == "missing" else m for name, m in modes.items()}
