@@ -67,7 +67,9 @@ def test_pretrain_survives_a_failure_and_finetune_freezes_the_encoder(ray_cluste
     assert card["trained_on"] == {"site": "site-A", "split": "train", "exams": 2, "val_exams": 1}
     for key in ("params_hash", "git_commit", "weights_sha256", "parameter_count", "created", "validation"):
         assert key in card
-    assert (reports / "pretrain" / "qsnet" / "t1w" / "metrics.json").exists()
+    curves = reports / "pretrain" / "qsnet" / "t1w"
+    assert len((curves / "plots" / "metrics" / "val_l1.tsv").read_text().splitlines()) == 1 + 3   # header + epochs
+    assert not (curves / "metrics.json").exists()   # a plots folder holds curves only (dvc plots show)
     assert json.loads((reports / "pretrain.json").read_text())["pretrain/qsnet/t1w"]["epochs"] == 3
 
     fcards = run_stage("finetune", PARAMS, stores, models, reports, runs)

@@ -9,9 +9,9 @@
 - ``extra_runs`` in params add the evaluation issue's models, e.g. site-A-only models with
   ``mri`` inputs, or QS-Net trained on site B from scratch (``stage: scratch``).
 
-Each model lands in ``models/<stage>/<arch>/<contrast>/`` (weights + card) and its per-epoch
-metrics in ``reports/train/<stage>/<arch>/<contrast>/`` (dvclive: ``dvc metrics show``,
-``dvc plots show``).
+Each model lands in ``models/<stage>/<arch>/<contrast>/`` (weights + card), its per-epoch
+curves in ``reports/train/<stage>/<arch>/<contrast>/plots/`` (dvclive: ``dvc plots show``) and
+its summary in ``reports/train/<stage>.json`` (``dvc metrics show``).
 """
 
 from __future__ import annotations
@@ -391,3 +391,7 @@ def _log(Live, out: Path, history: list[dict]) -> None:  # noqa: N803 - the clas
                 if row.get(key) is not None:
                     live.log_metric(key, row[key])
             live.next_step()
+    # dvc.yaml's plots name each stage's folder, and DVC reads every file in it as a curve:
+    # dvclive's last-epoch metrics.json there drew a warning per model. The stage's summary
+    # (reports/train/<stage>.json) holds what a model ended with.
+    (out / "metrics.json").unlink(missing_ok=True)
