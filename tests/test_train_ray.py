@@ -4,6 +4,8 @@ fault injection and resume, the frozen encoder, model cards, dvclive metrics."""
 from __future__ import annotations
 
 import json
+import os
+import time
 import sys
 from pathlib import Path
 
@@ -177,3 +179,40 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, monkeypatc
     assert [m["resumed_from_epoch"] for m, _ in reported[-2:]] == [2, 2]
     assert vals_b == vals_a
     assert best_a.keys() == best_b.keys() and all(torch.equal(best_a[k], best_b[k]) for k in best_a)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_stage_of_parallel_runs(tmp_path):
+    """Two runs side by side train in their own threads: Ctrl-C must end the command (exit 130),
+    not leave it training until both runs are done."""
+    import signal
+    import subprocess
+
+    import yaml
+
+    stores = site_stores(tmp_path)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"profile": "t", "seed": 0, "t": {"train": {
+        "archs": ["qsnet", "resunet"], "contrasts": ["t1w", "t2w"], "width": 4, "epochs": 200, "batch_size": 2,
+        "checkpoint_every": 1, "num_workers": 1, "parallel_runs": 2, "use_gpu": False, "augment": False}}}))
+    exe = Path(sys.executable).parent / "qsnet"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "ingest"]
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen(cmd + ["pretrain", "--params", str(params), "--stores", str(stores), "--models",
+                                   str(tmp_path / "models"), "--reports", str(tmp_path / "rep"), "--storage", str(runs)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        # both runs have written a checkpoint: they are training
+        while len(list(runs.glob("pretrain-*/checkpoint_*"))) < 2:
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+            time.sleep(1)
+        os.killpg(proc.pid, signal.SIGINT)   # as a terminal's Ctrl-C: the whole foreground group
+        t = time.time()
+        log = proc.communicate(timeout=90)[0]
+        assert proc.returncode == 130 and "interrupted" in log, log[-3000:]
+        assert time.time() - t < 60
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

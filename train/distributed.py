@@ -330,11 +330,20 @@ def run_parallel(config: dict, num_workers: int, use_gpu: bool, max_failures: in
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             errors[i] = exc
 
-    threads = [threading.Thread(target=one, args=(i, g), name=f"train-{i}") for i, g in enumerate(groups)]
+    # Daemon threads, and Ray shut down on Ctrl-C: the runs' own threads would otherwise keep
+    # the process alive, training, until every run ended. Their checkpoints stay for a rerun.
+    threads = [threading.Thread(target=one, args=(i, g), name=f"train-{i}", daemon=True)
+               for i, g in enumerate(groups)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            t.join()
+    except KeyboardInterrupt:
+        import ray
+
+        ray.shutdown()
+        raise
     if errors:
         raise errors[min(errors)]
     done: dict = {}

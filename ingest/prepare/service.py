@@ -447,8 +447,9 @@ def _prepare(task: ExamTask, cfg: dict) -> dict:
             if mi_m - mi1 > rc["mirror_margin"]:
                 raise PrepareError(
                     f"{role}: the series looks left-right mirrored against the MRF T1 map (normalised mutual "
-                    f"information {mi1:.3f} as stored, {mi_m:.3f} mirrored): check its orientation "
-                    "(ImageOrientationPatient) and the MRF maps' before training on it", {"registration": reg_report})
+                    f"information {mi1:.3f} as stored, {mi_m:.3f} mirrored): check the orientation "
+                    "(ImageOrientationPatient) of this series and of the MRF maps before training on it",
+                    {"registration": reg_report})
         figure_rows.append((role, before, after))
         # the MRF slice is a 5 mm slab: average the thin mpMRI slices across it (box profile)
         v, cov = resample(moving, maff, pshape, paff, transform=m)
