@@ -74,6 +74,7 @@ def test_bad_spaces_are_one_line_errors(space, needle):
     ({"grace_period": 5}, "grace_period 5 > tune.epochs 3"),
     ({"bogus": 1}, "unknown tune key"),
     ({"resources": {"use_gpu": "false"}}, "tune.resources.use_gpu must be true, false or auto"),
+    ({"resources": {"num_workers": True, "cpus_per_worker": 1}}, "tune.resources.num_workers must be a positive integer"),
 ])
 def test_bad_search_settings_are_one_line_errors(change, needle):
     with pytest.raises(ParamsError) as e:

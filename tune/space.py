@@ -87,7 +87,7 @@ def tune_config(params: dict) -> dict:
         raise ParamsError(f"params: tune.grace_period {cfg['grace_period']} > tune.epochs {cfg['epochs']}")
     res = cfg["resources"]
     for key in ("num_workers", "cpus_per_worker"):
-        if not isinstance(res.get(key), int) or res[key] < 1:
+        if not isinstance(res.get(key), int) or isinstance(res[key], bool) or res[key] < 1:
             raise ParamsError(f"params: tune.resources.{key} must be a positive integer, got {res.get(key)!r}")
     from train.stages import check_use_gpu
 
