@@ -130,7 +130,9 @@ def ingest(
                f"{summary['quarantined']} quarantined, {summary['ignored']} ignored; manifest {summary['manifest']}"
                + (f"; {summary['pruned']} store(s) of removed exams deleted" if summary.get("pruned") else "")
                + (f"; {summary['kept']} store(s) kept from an earlier run for exams still in SRC that wrote no "
-                  "store this run (see their rows)" if summary.get("kept") else ""))
+                  "store this run (see their rows)" if summary.get("kept") else "")
+               + (f"; {summary['orphans']} store(s) under {dst} belong to no exam in SRC (an exam removed, or its "
+                  "PatientID or StudyInstanceUID changed): --prune removes them" if summary.get("orphans") else ""))
     if summary.get("strict_failed"):
         fail("ingest", f"{summary['quarantined']} file(s) quarantined (--strict); see {summary['manifest']}")
 

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import os
 import re
+import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -340,20 +341,26 @@ def scrub_text(text: str, identities: Iterable[str] = ()) -> str:
 
 def scrub_identities(text: str, identities: Iterable[str]) -> str:
     """``text`` without ``identities``, case-insensitively, also in the variants
-    :func:`scan_for_phi` looks for ("Jane Doe" for ``Doe^Jane``, formatted birth dates).
-    Anywhere in a word, not only whole words: an ID glued to a protocol name ("t1_MRN123")
-    is still an ID. Strings under 3 characters are left alone: removing every "1" of a
-    one-digit ID would only mangle the text, and identifies no one."""
+    :func:`scan_for_phi` looks for ("Jane Doe" and "JaneDoe" for ``Doe^Jane``, each ``=`` group of
+    an ideographic or phonetic name, formatted birth dates), in Unicode NFC whatever form either
+    came in. Anywhere in a word, not only whole words: an ID glued to a protocol name
+    ("t1_MRN123") is still an ID. ASCII strings under 3 characters are left alone: removing every
+    "1" of a one-digit ID would only mangle the text, and identifies no one; a 2-character
+    name written in ideographs (a family name) is a name, and goes."""
     variants: set[str] = set()
     for ident in identities:
-        ident = str(ident or "").strip()
-        if len(ident) >= 3:
-            variants.update(v for v in _variants(ident) if len(v.strip()) >= 3)
+        variants.update(v for v in _variants(str(ident or "").strip()) if _long_enough(v))
     if not variants or not text:
         return text
+    text = unicodedata.normalize("NFC", text)
     # longest first, so "Jane Doe" goes as a whole before "Jane" and "Doe" are looked for
     pat = re.compile("|".join(re.escape(v) for v in sorted(variants, key=lambda v: (-len(v), v))), re.IGNORECASE)
     return " ".join(pat.sub(" ", text).split())
+
+
+def _long_enough(v: str) -> bool:
+    v = v.strip()
+    return len(v) >= 3 or (len(v) == 2 and not v.isascii() and v.isalpha())
 
 
 def _values(value: Any) -> list[Any]:
@@ -406,14 +413,24 @@ def safe_header_fields(ds: Any) -> dict[str, Any]:
 
 
 def _variants(identity: str) -> set[str]:
+    identity = unicodedata.normalize("NFC", identity)
+    if not identity:
+        return set()
     v = {identity}
-    if "^" in identity:
-        comps = [c for c in identity.split("^") if c.strip()]
-        v.update(c for c in comps if len(c) >= 3)
+    # a PN value's alphabetic, ideographic and phonetic groups (PS3.5 6.2.1): each is a name
+    for group in identity.split("="):
+        group = group.strip()
+        if not group:
+            continue
+        v.add(group)
+        if "^" not in group:
+            continue
+        comps = [c.strip() for c in group.split("^") if c.strip()]
+        v.update(c for c in comps if _long_enough(c))
         if len(comps) >= 2:
-            v.add(f"{comps[1]} {comps[0]}")
-            v.add(f"{comps[0]} {comps[1]}")
-            v.add(f"{comps[0]}, {comps[1]}")
+            v.update({f"{comps[1]} {comps[0]}", f"{comps[0]} {comps[1]}", f"{comps[0]}, {comps[1]}",
+                      # ideographic names are written without a space, family name first
+                      f"{comps[0]}{comps[1]}", f"{comps[1]}{comps[0]}"})
     m = re.fullmatch(r"((?:19|20)\d{2})(\d{2})(\d{2})", identity)
     if m:
         y, mo, d = m.groups()
@@ -424,8 +441,8 @@ def _variants(identity: str) -> set[str]:
 def scan_for_phi(text: str, identities: list[str]) -> list[str]:
     """The identity strings (e.g. a patient name ``Doe^Jane``, ID, birth date ``19700101``,
     institution) that occur in ``text``, case-insensitively, also as the obvious variants (name
-    components of 3+ characters, "Jane Doe", formatted dates). For tests and audits."""
-    hay = text.casefold()
+    components of 3+ characters, "Jane Doe", each `=` group, formatted dates). For tests and audits."""
+    hay = unicodedata.normalize("NFC", text).casefold()
     found = []
     for ident in identities:
         ident = str(ident).strip()

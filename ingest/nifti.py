@@ -20,7 +20,8 @@ def save_nifti(path: Path, data_zyx: np.ndarray, affine_lps: np.ndarray, forms: 
     """A (z, y, x) array with its (z, y, x) -> LPS affine as a deterministic .nii.gz
     (NIfTI is (x, y, z) and RAS; the gzip header carries no timestamp or file name).
 
-    The affine goes into both sform and qform as scanner space (code 1). ``forms`` (see
+    The affine goes into both sform and qform as scanner space (code 1); a sheared affine
+    (a tilted stack) into the sform only, the qform marked unknown (code 0). ``forms`` (see
     :func:`nifti_forms`, of a file on the same voxel grid in the same order) writes that
     file's own sform and qform with their codes instead: a result computed from an uploaded
     NIfTI keeps the upload's spaces (an aligned sform beside a scanner qform stays so)."""
@@ -31,7 +32,11 @@ def save_nifti(path: Path, data_zyx: np.ndarray, affine_lps: np.ndarray, forms: 
     img = nib.Nifti1Image(data, RAS_TO_LPS @ affine_lps[:, [2, 1, 0, 3]])
     img.header.set_xyzt_units("mm")
     if forms is None:
-        img.set_qform(img.affine, code=1)
+        # A qform is a rotation, voxel sizes and a shift: it cannot hold the shear of a tilted
+        # stack (slice positions not along the slice normal, which read_series keeps exact).
+        # Written anyway it would disagree with the sform by millimetres; unset (code 0), every
+        # NIfTI reader takes the sform, which holds the affine exactly.
+        img.set_qform(img.affine, code=0 if _sheared(img.affine) else 1)
         img.set_sform(img.affine, code=1)
     else:
         img.set_qform(forms["qform"], code=int(forms["qform_code"]))
@@ -42,6 +47,12 @@ def save_nifti(path: Path, data_zyx: np.ndarray, affine_lps: np.ndarray, forms: 
     raw = buf.getvalue()
     with open(path, "wb") as fh, gzip.GzipFile(filename="", mode="wb", fileobj=fh, mtime=0, compresslevel=6) as gz:
         gz.write(raw)
+
+
+def _sheared(affine: np.ndarray, tol: float = 1e-6) -> bool:
+    m = np.asarray(affine, float)[:3, :3]
+    n = m / np.linalg.norm(m, axis=0)
+    return bool(np.abs(n.T @ n - np.eye(3)).max() > tol)
 
 
 def nifti_forms(path: Path) -> dict:

@@ -190,10 +190,12 @@ def _i(v) -> int | None:
 def _vec(v, n: int, what: str, path: Path) -> np.ndarray:
     if v is None or v == "":
         raise SeriesError(f"{path}: no {what}: cannot place the image in space")
+    if isinstance(v, (str, bytes, int, float)):  # one value where the attribute needs n
+        v = [v]
     try:
         a = np.array([float(x) for x in v], dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise SeriesError(f"{path}: unreadable {what} {v!r} ({exc})") from None
+    except (TypeError, ValueError):
+        raise SeriesError(f"{path}: unreadable {what} {v!r}: not {n} numbers") from None
     if a.shape != (n,) or not np.all(np.isfinite(a)):
         raise SeriesError(f"{path}: {what} must hold {n} numbers, got {list(v)!r}")
     return a
@@ -632,8 +634,8 @@ def _check_spacing(reps: list[_Frame], d: np.ndarray, paths, kind, where) -> np.
         k = int(np.argmax(np.abs(ratios - 1)))
         raise SeriesError(
             f"{where}: unevenly spaced slices: step {steps[k]:.4g} mm between "
-            f"{_frame_name(reps[k], paths, kind)} and {_frame_name(reps[k + 1], paths, kind)}, "
-            f"{nominal:.4g} mm elsewhere (steps range {steps.min():.4g}..{steps.max():.4g} mm)")
+            f"{_frame_name(reps[k], paths, kind)} and {_frame_name(reps[k + 1], paths, kind)} against a "
+            f"median step of {nominal:.4g} mm (steps range {steps.min():.4g}..{steps.max():.4g} mm)")
     ipps = np.array([r.ipp for r in reps])
     step = (ipps[-1] - ipps[0]) / (z - 1)
     grid = ipps[0][None, :] + np.arange(z)[:, None] * step[None, :]
@@ -953,9 +955,13 @@ def read_series(paths, infos=None) -> tuple[np.ndarray, np.ndarray, dict]:
     for t in range(n_vol):
         tpis = {frames[c[t]].tpi for c in clusters}
         if n_vol > 1 and None not in tpis and len(tpis) > 1:
+            # name an image of the odd one out: the value fewest slices of this volume carry
+            odd = min(sorted(tpis), key=lambda v: sum(frames[c[t]].tpi == v for c in clusters))
+            first = next(c[t] for c in clusters if frames[c[t]].tpi == odd)
             raise SeriesError(
                 f"{where}: volume {t + 1} would mix temporal positions {sorted(tpis)}: the volumes do not "
-                "cover the same slice positions (missing or extra files)")
+                f"cover the same slice positions (missing or extra files; {_frame_name(frames[first], plist, kind)} "
+                f"is at temporal position {odd})")
     reps = [frames[c[0]] for c in clusters]
     z = len(clusters)
     if z > 1:

@@ -410,6 +410,34 @@ def _same_part(a: tuple, b: tuple) -> bool:
             and a[3] == b[3] and a[4] == b[4])
 
 
+def part_difference(a: FileInfo, b: FileInfo) -> str:
+    """What sets two parts of one series apart (the fields :func:`group_series` splits on, and
+    SeriesNumber), in words for a manifest reason; "" if nothing does."""
+    sa, sb = _split_signature(a), _split_signature(b)
+    out = []
+    if not _close(sa[0], sb[0], 1e-3):
+        out.append("ImageOrientationPatient")
+    if sa[1] != sb[1]:
+        out.append(f"Rows x Columns ({a.rows} x {a.columns} vs {b.rows} x {b.columns})")
+    if not _close(sa[2], sb[2], 1e-3):
+        out.append(f"PixelSpacing ({_fmt(a.pixel_spacing)} vs {_fmt(b.pixel_spacing)})")
+    if sa[3] != sb[3]:
+        out.append("single-frame vs multi-frame storage")
+    if sa[4] != sb[4]:
+        out.append(f"ImageType ({_fmt(a.image_type)} vs {_fmt(b.image_type)})")
+    if a.series_number != b.series_number:
+        out.append(f"SeriesNumber ({_fmt(a.series_number)} vs {_fmt(b.series_number)})")
+    return ", ".join(out)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "absent"
+    if isinstance(v, (tuple, list)):
+        return "\\".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v)
+    return str(v)
+
+
 def group_series(files: list[FileInfo]) -> tuple[list[SeriesGroup], list[tuple[Path, str]]]:
     """Group FileInfos into series; (path, reason) for duplicates.
 

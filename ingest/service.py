@@ -88,7 +88,12 @@ def _new_pool(workers: int) -> ProcessPoolExecutor:
 
 # what an operator may type into free text (a series description) about this exam's patient
 IDENTITY_KEYWORDS = ("PatientID", "PatientName", "PatientBirthDate", "AccessionNumber", "OtherPatientIDs",
-                     "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName")
+                     "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName",
+                     # the people and the place of the exam, which an operator types into a
+                     # description as readily as the patient's name (all in group 0008)
+                     "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
+                     "ReferringPhysicianName", "PhysiciansOfRecord", "PerformingPhysicianName",
+                     "NameOfPhysiciansReadingStudy", "OperatorsName")
 
 
 def _past_patient_group(tag, vr, length) -> bool:
@@ -171,6 +176,9 @@ def _store_rel(key: bytes, job: ExamJob, src: Path) -> str:
 # A dotted numeric OID (a DICOM UID, also a malformed one with letters in a component). UIDs of
 # the DICOM standard itself (1.2.840.10008...: transfer syntaxes, SOP classes) name no one and
 # tell a person what to install, so they stay.
+# a relative path as reasons quote it: at least one folder, up to a space, quote or separator
+_PATH_RE = re.compile(r"[^\s'\"`,;:()\[\]<>]+/[^\s'\"`,;:()\[\]<>]+")
+_ASIDE = 0xF0000  # Supplementary Private Use Area-A
 _UID_RE = re.compile(r"(?<![\w.])(?!1\.2\.840\.10008\.)[012]\.\d+(?:\.[0-9A-Za-z]+)+(?![\w.])")
 
 
@@ -186,7 +194,19 @@ def _clean_reason(reason: str, src, identities=()) -> str:
         text = text.replace(root + os.sep, "")
         text = re.sub(re.escape(root) + r"(?![^\s:;,)'\"])", ".", text)
     text = _UID_RE.sub("<UID>", text)
-    return scrub_text(text, identities)
+    # The paths a reason quotes are the paths of the manifest's own rows: scrubbed, an exam
+    # folder named by the PatientID, or "IM0011.dcm" with ID "001" in it, would point a person
+    # at a file that does not exist. They are set aside while the rest is scrubbed.
+    kept: list[str] = []
+
+    def aside(m):
+        if not root or not os.path.lexists(os.path.join(root, m.group(0))):
+            return m.group(0)
+        kept.append(m.group(0))
+        return chr(_ASIDE + len(kept) - 1)  # one private-use character: no identity can match it
+
+    text = scrub_text(_PATH_RE.sub(aside, text), identities)
+    return "".join(kept[ord(c) - _ASIDE] if _ASIDE <= ord(c) < _ASIDE + len(kept) else c for c in text) if kept else text
 
 
 # ---------------------------------------------------------------- roles
@@ -359,12 +379,33 @@ def ingest_exam(src: str, dst: str, job: ExamJob, site_cfg: dict, key: bytes, sp
         return _ingest_exam(src, dst, job, site_cfg, key, split_fractions, prev_rows)
 
 
+def _largest_parts(cands: list[tuple]) -> tuple[list[tuple], list[tuple]]:
+    """(candidates, fragments) for one role: of the parts of one series and echo (same
+    SeriesInstanceUID and EchoNumbers, split by group_series) only the one with the most files
+    stays a candidate, in the place of the series' first part; the others are returned as
+    (group, series id, the part kept)."""
+    by_series: dict[tuple, list[tuple]] = {}
+    for c in cands:
+        by_series.setdefault((c[0].series_uid, c[0].echo_number), []).append(c)
+    kept, fragments, seen = [], [], set()
+    for c in cands:
+        k = (c[0].series_uid, c[0].echo_number)
+        if k in seen:
+            continue
+        seen.add(k)
+        parts = by_series[k]
+        best = max(parts, key=lambda p: len(p[0].files))  # the first of equals
+        kept.append(best)
+        fragments.extend((g, sid, best[0]) for g, sid in parts if g is not best[0])
+    return kept, fragments
+
+
 def _ingest_exam(src, dst, job, site_cfg, key, split_fractions, prev_rows):
     from ingest.deid import pseudonym, scrub_text
     from ingest.manifest import file_sha256
     from ingest.nifti import load_nifti_zyx
     from ingest.reader import SeriesError, plan_is_current, read_series
-    from ingest.series import group_series
+    from ingest.series import group_series, part_difference
     from ingest.store import open_store, write_exam_store
 
     src_p, dst_p = Path(src), Path(dst)
@@ -378,6 +419,7 @@ def _ingest_exam(src, dst, job, site_cfg, key, split_fractions, prev_rows):
     rel_of = {info.path: rel for info, rel in zip(job.infos, job.files)}
 
     patient_id, study_uid, identities = _exam_identity(src_p, job)
+    identities = list(identities)  # extended below with every series' names, not on the job
 
     def row(rel, status, reason="", **kw):
         rows[rel] = dict(path=rel, size=os.stat(os.path.join(src, rel)).st_size, sha256=shas[rel], status=status,
@@ -402,6 +444,10 @@ def _ingest_exam(src, dst, job, site_cfg, key, split_fractions, prev_rows):
 
     groups, dup_problems = group_series(job.infos)
     info_of = {info.path: info for info in job.infos}
+    # The store path needs the first file's identity only; the scrub needs every name the exam's
+    # headers give (a series sent again under a corrected PatientName): one file per series.
+    identities[:] = sorted(set(identities) | set(_identity_values(
+        [_identity_of(g.files[0]) for g in groups if g.files[0] != job.infos[0].path])))
     for path, reason in dup_problems:
         row(rel_of[path], "quarantined", reason, subject=subject)
     arrays: dict[str, tuple[np.ndarray, dict]] = {}
@@ -416,7 +462,18 @@ def _ingest_exam(src, dst, job, site_cfg, key, split_fractions, prev_rows):
         candidates.setdefault(role, []).append((g, series_id))
     for role, cands in candidates.items():
         # The first series of a role that reads is kept; a broken one (a repeat is often the
-        # scan that replaced it) must not cost the role its good repeat.
+        # scan that replaced it) must not cost the role its good repeat. A series split into
+        # parts by disagreeing headers (one slice without SeriesNumber, another PixelSpacing)
+        # offers only its largest part: a one-slice fragment must never stand in for the
+        # volume, nor the volume be dropped as "a second series" beside it.
+        cands, fragments = _largest_parts(cands)
+        for g, series_id, whole in fragments:
+            why = part_difference(info_of[g.files[0]], info_of[whole.files[0]])
+            for f in g.files:
+                row(rel_of[f], "quarantined",
+                    f"{len(g.files)} file(s) of series {series_id} for role {role} differ from its other "
+                    f"{len(whole.files)} ({why}): left out of the volume; check these files",
+                    subject=subject, series=series_id, role=role)
         kept = None
         for g, series_id in cands:
             rels = [rel_of[f] for f in g.files]
@@ -471,7 +528,11 @@ def _ingest_exam(src, dst, job, site_cfg, key, split_fractions, prev_rows):
                 arr, aff = load_nifti_zyx(src_p / rel)
                 arr = arr.astype(np.uint8)
                 ref = arrays.get("mrf_t1")
-                if ref is None or ref[0].shape != arr.shape or not np.allclose(aff, ref[1]["affine_lps"], atol=0.01):
+                if ref is None:
+                    row(rel, "quarantined", f"{rel}: ground truth on the MRF grid, and this exam has no MRF T1 map "
+                                            "(see its MRF series' rows)", subject=subject)
+                    continue
+                if ref[0].shape != arr.shape or not np.allclose(aff, ref[1]["affine_lps"], atol=0.01):
                     row(rel, "quarantined", f"{rel}: not on the grid of the exam's MRF T1 map", subject=subject)
                     continue
                 role = name.split(".")[0]
@@ -518,6 +579,7 @@ def ingest(src: Path, dst: Path, manifest: Path | None = None, sites_dir: Path |
     if not src.is_dir():
         raise IngestError(f"{src}: input folder does not exist")
     manifest = Path(manifest) if manifest else dst.parent / "manifest.csv"
+    _check_writable(manifest)
     sites = load_sites(sites_dir)
     key, key_source = load_key()
     split_fractions = split_fractions or {"site-A": 20 / 32, "site-B": 9 / 18}
@@ -559,18 +621,38 @@ def ingest(src: Path, dst: Path, manifest: Path | None = None, sites_dir: Path |
     kept = sorted({rel for rel, res in zip(store_of, results)
                    if res["status"] not in ("written", "unchanged") and (dst / rel).is_dir()})
     pruned = _prune(dst, set(store_of)) if prune else []
+    # a store left by an exam that left SRC, or whose PatientID or StudyInstanceUID was corrected
+    # (its images now write another store): said, so two stores of one exam are not a surprise
+    orphans = [] if prune else _stores_not_in(dst, set(store_of))
     for res in results:
         rows.extend(Row(**r) for r in res["rows"])
-    write_manifest(manifest, rows)
+    try:
+        write_manifest(manifest, rows)
+    except OSError as exc:
+        raise IngestError(f"{manifest}: cannot write the manifest ({exc.strerror or exc}); the stores under {dst} "
+                          "are written: run again once it can be written") from None
     counts = {s: sum(1 for r in rows if r.status == s) for s in ("ingested", "quarantined", "ignored")}
     summary = {"exams": len(exam_jobs), "written": sum(r["status"] == "written" for r in results),
                "unchanged": sum(r["status"] == "unchanged" for r in results),
                "no_store": sum(r["status"] == "no-store" for r in results),
                "files": len(rows), **counts, "manifest": str(manifest), "key_source": key_source,
-               "pruned": len(pruned), "kept": len(kept)}
+               "pruned": len(pruned), "kept": len(kept), "orphans": len(orphans)}
     if strict and counts["quarantined"]:
         summary["strict_failed"] = True
     return summary
+
+
+def _check_writable(manifest: Path) -> None:
+    """Before any store is written: a manifest that cannot be written would fail the run at its end."""
+    import tempfile
+
+    try:
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=manifest.parent, prefix=f".{manifest.name}.probe-"):
+            pass
+    except OSError as exc:
+        raise IngestError(f"{manifest}: cannot write the manifest there ({exc.strerror or exc}): "
+                          "nothing ingested") from None
 
 
 def _no_exams_message(src: Path, sites: dict, rows: list) -> str:
@@ -680,17 +762,24 @@ def _run_pool(pool, width: int, todo: list[int], args: list[tuple], done) -> tup
     return [], queue
 
 
+def _stores_not_in(dst: Path, keep: set[str]) -> list[Path]:
+    """The qsnet exam stores under DST whose path is not in ``keep``."""
+    from ingest.store import _looks_like_qsnet_store
+
+    return [p for p in sorted(dst.glob("*/*.zarr"))
+            if str(p.relative_to(dst)) not in keep and not p.is_symlink() and p.is_dir()
+            and _looks_like_qsnet_store(p)]
+
+
 def _prune(dst: Path, keep: set[str]) -> list[Path]:
     """Remove the stores under DST whose exams are not in SRC (`keep`: the store path of every
     exam of this run). Only qsnet exam stores are touched. A store is first renamed to a hidden
     temporary name and then deleted: a crash midway leaves a hidden leftover (removed by a later
     run), never half a store at the store's path for a later run to take as unchanged."""
-    from ingest.store import _fsync_path, _is_stale, _looks_like_qsnet_store, _temp_name
+    from ingest.store import _fsync_path, _is_stale, _temp_name
 
     gone = []
-    for p in sorted(dst.glob("*/*.zarr")):
-        if str(p.relative_to(dst)) in keep or p.is_symlink() or not p.is_dir() or not _looks_like_qsnet_store(p):
-            continue
+    for p in _stores_not_in(dst, keep):
         doomed = _temp_name(p, "old")
         os.rename(p, doomed)
         _fsync_path(p.parent, directory=True)

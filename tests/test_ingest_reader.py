@@ -622,7 +622,31 @@ def test_uneven_spacing(tmp_path):
     ipp = [float(v) for v in ds.ImagePositionPatient]
     ds.ImagePositionPatient = [ipp[0], ipp[1], ipp[2] + 1.5]
     save(ds, paths[2])
-    with pytest.raises(SeriesError, match="unevenly spaced slices"):
+    # the steps are 5, 6.5, 3.5, 5 mm: the message gives the median, not an "elsewhere" no step has
+    with pytest.raises(SeriesError, match="unevenly spaced slices: step 6.5 mm .* median step of 5 mm"):
+        read_series(paths)
+
+
+def test_a_one_value_pixel_spacing_is_named_plainly(tmp_path):
+    paths = write_classic(tmp_path / "s", volume((3, 5, 5)), make_affine())
+    ds = pydicom.dcmread(paths[1])
+    ds.PixelSpacing = "0.5"
+    save(ds, paths[1])
+    with pytest.raises(SeriesError) as exc:
+        read_series(paths)
+    assert str(exc.value).startswith(f"{paths[1]}: PixelSpacing must hold 2 numbers, got [")
+
+
+def test_a_volume_mixing_temporal_positions_names_the_odd_file(tmp_path):
+    aff = make_affine(AXIAL, (0, 0))
+    paths = []
+    for acq in (1, 2):
+        paths += write_classic(tmp_path / "s", volume((4, 5, 5), seed=acq), aff, acq=acq)
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        ds.TemporalPositionIdentifier = 3 if p == paths[6] else int(ds.AcquisitionNumber)
+        save(ds, p)
+    with pytest.raises(SeriesError, match=rf"would mix temporal positions \[2, 3\].*{paths[6].name} is at temporal position 3"):
         read_series(paths)
 
 
@@ -760,3 +784,25 @@ def test_group_series_by_uid_and_number_echo_and_matrix():
     assert keys == {"5_1.2.3_e1": ["e1", "e1b"], "5_1.2.3_e2_part1": ["e2"], "5_1.2.3_e2_part2": ["m16"],
                     "6_1.2.3": ["n6"], "5_9.9": ["other"]}
     assert not problems
+
+
+def test_a_tilted_stack_goes_to_nifti_without_a_disagreeing_qform(tmp_path):
+    """A qform cannot hold a shear: written with one, the file's qform and sform disagreed by
+    millimetres, and a reader that prefers the qform put the voxels there."""
+    import nibabel as nib
+
+    from ingest.nifti import load_nifti_zyx, save_nifti
+
+    vol = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    tilted = np.array([[3.0, 0, 0, 30], [0.8, 0.8, 0, 10], [0, 0, 0.5, -20], [0, 0, 0, 1]])
+    square = tilted.copy()
+    square[1, 0] = 0.0
+    for aff, qcode in ((tilted, 0), (square, 1)):
+        save_nifti(tmp_path / "v.nii.gz", vol, aff)
+        hdr = nib.load(str(tmp_path / "v.nii.gz")).header
+        assert int(hdr["qform_code"]) == qcode and int(hdr["sform_code"]) == 1
+        back, back_aff = load_nifti_zyx(tmp_path / "v.nii.gz")
+        np.testing.assert_allclose(back_aff, aff, atol=1e-4)
+        assert np.array_equal(back, vol)
+        if qcode:
+            np.testing.assert_allclose(hdr.get_qform(), hdr.get_sform(), atol=1e-4)

@@ -249,6 +249,7 @@ def test_adding_an_exam_writes_only_its_store(demo_tree, tmp_path):
     shutil.rmtree(src / "site-B" / "sub-B02")
     res = qsnet("ingest", str(src), str(dst), "--manifest", str(tmp_path / "m.csv"))
     assert res.returncode == 0 and len(list(dst.rglob("*.zarr"))) == 3
+    assert "1 store(s) under" in res.stdout and "--prune removes them" in res.stdout, res.stdout
     res = qsnet("ingest", str(src), str(dst), "--manifest", str(tmp_path / "m.csv"), "--prune")
     assert res.returncode == 0 and "1 store(s) of removed exams deleted" in res.stdout, res.stdout
     assert set(dst.rglob("*.zarr")) == set(before)
@@ -512,6 +513,11 @@ def test_no_exam_under_src_is_an_error_and_prunes_nothing(demo_tree, tmp_path):
         assert len(errors) == 1 and "no <site>/<exam>/ DICOM folders" in errors[0] and str(wrong) in errors[0]
         assert sorted((tmp_path / "raw").rglob("*.zarr")) == stores
         assert (tmp_path / "manifest.csv").read_bytes() == manifest
+    # a manifest that cannot be written is found before any store is, not after all of them
+    (tmp_path / "a-file").write_text("")
+    res = qsnet("ingest", str(src), str(tmp_path / "raw2"), "--manifest", str(tmp_path / "a-file" / "m.csv"))
+    assert res.returncode != 0 and not (tmp_path / "raw2").exists()
+    assert f"{tmp_path / 'a-file' / 'm.csv'}: cannot write the manifest there" in res.stderr, res.stderr
 
 
 def test_reasons_carry_no_uids_absolute_paths_or_names(demo_tree, tmp_path):
@@ -595,3 +601,65 @@ def test_visits_of_one_patient_share_a_split(demo_tree, tmp_path):
     attrs = [open_store(s).attrs for s in sorted((tmp_path / "raw").rglob("*.zarr"))]
     assert len(attrs) == 2 and attrs[0]["patient"] == attrs[1]["patient"]
     assert attrs[0]["split"] == attrs[1]["split"]
+
+
+@pytest.mark.parametrize("change", ["no SeriesNumber", "another PixelSpacing"])
+def test_one_slice_with_other_headers_never_replaces_its_series(demo_tree, tmp_path, change):
+    """One slice split off its series (a header that disagrees) sorted first and was kept as the
+    role's one-slice volume, the rest of the series ignored as "a second series"; silently."""
+    src = tmp_path / "data"
+    ex = small_exam(demo_tree, src / "site-A" / "sub-A01", roles=("mrf_t1", "mrf_t2", "t2w"))
+    t2 = sorted((ex / series_dir(demo_tree / "site-A" / "sub-A01", "t2w").name).iterdir())
+    ds = pydicom.dcmread(t2[0])
+    if change == "no SeriesNumber":
+        del ds.SeriesNumber
+    else:
+        ds.PixelSpacing = [3.3, 3.3]
+    ds.save_as(t2[0])
+    summary = run_ingest(src, tmp_path)
+    (store,) = (tmp_path / "raw").rglob("*.zarr")
+    assert open_store(store).read("t2w").shape[0] == len(t2) - 1
+    rows = {r["path"]: r for r in manifest_rows(tmp_path / "manifest.csv")}
+    odd = rows[str(t2[0].relative_to(src))]
+    assert odd["status"] == "quarantined" and "left out of the volume" in odd["reason"]
+    assert ("SeriesNumber" if change == "no SeriesNumber" else "PixelSpacing") in odd["reason"]
+    assert all(rows[str(p.relative_to(src))]["status"] == "ingested" for p in t2[1:])
+    assert summary["quarantined"] == 1
+
+
+def test_every_series_names_are_scrubbed_and_quoted_paths_stay_whole(demo_tree, tmp_path):
+    """The scrub knew only the exam's first file: a series sent again under a corrected
+    PatientName, or the referring physician typed into a description, reached the store. And it
+    ran over the paths a reason quotes: an exam folder named by the PatientID lost its name."""
+    src = tmp_path / "data"
+    ex = small_exam(demo_tree, src / "site-A" / "PID0042", roles=("mrf_t1", "mrf_t2", "t2w"))
+    edit(ex, lambda ds: (setattr(ds, "PatientID", "PID0042"), setattr(ds, "ReferringPhysicianName", "Zzref^Anna")))
+    edit(ex / series_dir(demo_tree / "site-A" / "sub-A01", "mrf_t2").name,
+         lambda ds: (setattr(ds, "PatientName", "Zznewname^Alice"),
+                     setattr(ds, "SeriesDescription", f"{ds.SeriesDescription} Alice Zznewname Anna Zzref")))
+    t2 = ex / series_dir(demo_tree / "site-A" / "sub-A01", "t2w").name
+    gap = sorted(t2.iterdir())
+    gap[len(gap) // 2].unlink()  # a missing slice: its reason quotes the neighbours' paths
+    run_ingest(src, tmp_path)
+    rows = manifest_rows(tmp_path / "manifest.csv")
+    reason = next(r["reason"] for r in rows if r["path"].startswith(f"site-A/PID0042/{t2.name}/"))
+    assert "missing slice" in reason and f"site-A/PID0042/{t2.name}/{gap[len(gap) // 2 - 1].name}" in reason
+    text = " ".join(r["reason"] for r in rows).replace("site-A/PID0042/", "")
+    (store,) = (tmp_path / "raw").rglob("*.zarr")
+    assert open_store(store).attrs_of("mrf_t2")["series_description"] == "MRF_FISP_T2map"
+    text += " ".join(p.read_text() for p in store.rglob("zarr.json"))
+    for needle in ("Zznewname", "Zzref", "PID0042"):
+        assert needle.casefold() not in text.casefold(), needle
+
+
+def test_ground_truth_of_an_exam_without_mrf_t1_says_so(demo_tree, tmp_path):
+    src = tmp_path / "data"
+    ex = src / "site-A" / "sub-A01"
+    shutil.copytree(demo_tree / "site-A" / "sub-A01", ex)
+    shutil.rmtree(ex / series_dir(demo_tree / "site-A" / "sub-A01", "mrf_t1").name)
+    run_ingest(src, tmp_path)
+    rows = {r["path"]: r for r in manifest_rows(tmp_path / "manifest.csv")}
+    labels = rows["site-A/sub-A01/truth/labels.nii.gz"]
+    assert labels["status"] == "quarantined" and "this exam has no MRF T1 map" in labels["reason"], labels
+    (store,) = (tmp_path / "raw").rglob("*.zarr")
+    assert "labels" not in open_store(store).roles and "t1w" in open_store(store).roles

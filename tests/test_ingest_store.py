@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import pickle
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -533,6 +534,23 @@ def test_scrub_text():
     assert deid.scrub_text("DT 20230512101500.000000") == "DT"
     assert deid.scrub_text("SWI 12 Mar 2023") == "SWI"
     assert deid.scrub_text("MRF_FISP_1000") == "MRF_FISP_1000"
+
+
+@pytest.mark.parametrize("name, typed", [
+    ("佐藤^一郎", "t2_tse_tra 佐藤一郎"),                    # ideographic names carry no space
+    ("佐藤^一郎", "t2_tse_tra 佐藤"),                       # a two-character family name is a name
+    ("YAMADA^TAROU=山田^太郎=やまだ^たろう", "t2_tse_tra 山田太郎"),  # each = group of a PN value
+    ("YAMADA^TAROU=山田^太郎", "t2_tse_tra Tarou Yamada"),
+    ("MÜLLER^JÖRG", unicodedata.normalize("NFD", "t2_tse_tra Jörg Müller")),  # decomposed accents
+    ("DOE^JANE", "t2_tse_tra JaneDoe"),
+])
+def test_names_are_scrubbed_in_every_way_they_are_written(name, typed):
+    assert deid.scrub_text(typed, [name]) == "t2_tse_tra"
+    assert deid.scan_for_phi(typed, [name]) == [name]
+
+
+def test_short_ascii_identities_do_not_mangle_descriptions():
+    assert deid.scrub_text("t1_mprage_sag 2", ["2", "Li^Wu"]) == "t1_mprage_sag 2"
 
 
 def _zarr_reference_store(root, data, attrs, gattrs, level=store.ZSTD_LEVEL):
