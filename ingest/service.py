@@ -419,7 +419,6 @@ def _ingest_exam(src, dst, job, site_cfg, key, split_fractions, prev_rows):
     rel_of = {info.path: rel for info, rel in zip(job.infos, job.files)}
 
     patient_id, study_uid, identities = _exam_identity(src_p, job)
-    identities = list(identities)  # extended below with every series' names, not on the job
 
     def row(rel, status, reason="", **kw):
         rows[rel] = dict(path=rel, size=os.stat(os.path.join(src, rel)).st_size, sha256=shas[rel], status=status,
@@ -446,7 +445,7 @@ def _ingest_exam(src, dst, job, site_cfg, key, split_fractions, prev_rows):
     info_of = {info.path: info for info in job.infos}
     # The store path needs the first file's identity only; the scrub needs every name the exam's
     # headers give (a series sent again under a corrected PatientName): one file per series.
-    identities[:] = sorted(set(identities) | set(_identity_values(
+    identities = sorted(set(identities) | set(_identity_values(
         [_identity_of(g.files[0]) for g in groups if g.files[0] != job.infos[0].path])))
     for path, reason in dup_problems:
         row(rel_of[path], "quarantined", reason, subject=subject)
