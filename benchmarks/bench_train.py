@@ -1,7 +1,7 @@
 """Ray Train's overhead against a plain PyTorch loop, and QS-Net training throughput on a GPU.
 
     python benchmarks/bench_train.py                 # CPU: plain loop vs Ray Train, 1 and 2 workers
-    python benchmarks/bench_train.py --gpu           # GPU: the core step alone, 256 x 256, bf16
+    python benchmarks/bench_train.py --gpu --profile # GPU: the core step alone, 256 x 256, bf16
 
 CPU part, in one script, over the same prepared-like data (synthetic stores, 64 x 64) and the
 same model (QS-Net, width --width):
@@ -19,9 +19,15 @@ checkpoint and report included).
 Target: Ray's per-epoch overhead at most 10 %.
 
 GPU part: the step of `train.loop.Trainer` (generator + discriminator, deep supervision,
-bf16 autocast, channels_last) at 256 x 256 for several batch sizes, eager and with
-torch.compile. Model FLOPs are counted with torch's FlopCounterMode; the fraction is of
---peak-tflops (790: the bf16 matrix rate measured on the H200 here). Target: 35 % or more.
+bf16 autocast) at 256 x 256, width 32, per variant: eager or `Trainer(compile=True)`, NCHW or
+NHWC. Model FLOPs are counted with torch's FlopCounterMode on the eager step; the fraction is of
+the bf16 matrix rate measured at the start of the run (or --peak-tflops). Target: 35 % or more.
+It also prints the floor (`conv_floor`): the fewest bytes the step's convolutions must move,
+and so the highest fraction any implementation of this network could reach. --profile adds
+the step's top kernels; --trace a Chrome trace to open in Perfetto.
+
+    python benchmarks/bench_train.py --gpu --device cpu --size 64 --batches 2 --steps 1
+        # a dry run of the GPU part on the CPU, before spending GPU time on it
 """
 
 from __future__ import annotations
@@ -118,42 +124,171 @@ def cpu_part(args) -> dict:
     return out
 
 
+def conv_floor(width: int, batch: int, size: int, peak_tflops: float, bw_tbs: float) -> dict:
+    """The two numbers of the training step before any timing: model FLOPs, and the fewest
+    bytes any implementation must move, from each convolution's input and output.
+
+    Bytes: per convolution, forward reads its input and writes its output once; backward reads
+    the output gradient twice (input gradient, weight gradient), the input once and writes the
+    input gradient once, so 3 x (input + output) in bf16. Norms, activations and residual adds
+    are counted as free (fused into those passes), so this floor is generous: a real step
+    moves more. Per layer the larger of FLOPs / peak and bytes / bandwidth is its floor time;
+    FLOPs / peak over the sum of the floors is the highest fraction of peak the step could reach.
+    """
+    from torch import nn
+
+    from train.models import build
+
+    m = build("qsnet", width=width)
+    layers: list[tuple[float, float]] = []
+
+    def hook(mod, inp, out):
+        x = inp[0]
+        k = mod.kernel_size[0] * mod.kernel_size[1]
+        if isinstance(mod, nn.ConvTranspose2d):
+            flops = 2 * x.numel() * mod.out_channels * k / mod.groups
+        else:
+            flops = 2 * out.numel() * mod.in_channels * k / mod.groups
+        layers.append((3 * flops * batch, 3 * (x.numel() + out.numel()) * 2 * batch))
+
+    hooks = [mod.register_forward_hook(hook) for mod in [*m.generator.modules(), *m.discriminator.modules()]
+             if isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d))]
+    x = torch.zeros(1, 2, size, size)
+    with torch.no_grad():
+        out = m.generator(x)
+        # the discriminator sees (input, output) three times a step: for the generator's
+        # adversarial term, then real and fake for its own loss
+        for _ in range(3):
+            m.discriminator(torch.cat([x, out], 1))
+    for h in hooks:
+        h.remove()
+    flops = sum(f for f, _ in layers)
+    nbytes = sum(b for _, b in layers)
+    floor_s = sum(max(f / (peak_tflops * 1e12), b / (bw_tbs * 1e12)) for f, b in layers)
+    return {"conv_layers": len(layers), "step_gflop": round(flops / 1e9, 1), "floor_gbytes": round(nbytes / 1e9, 2),
+            "floor_step_ms": round(floor_s * 1e3, 2),
+            "best_possible_fraction": round(flops / (peak_tflops * 1e12) / floor_s, 3)}
+
+
+def ceilings(dev) -> dict:
+    """This GPU's bf16 matrix rate and copy bandwidth, measured now (the fraction's denominator)."""
+    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    src = torch.empty(2 * 1024 ** 3, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    out = {}
+    for name, fn, work in (("bf16_matmul_tflops", lambda: a @ b, 2 * 8192 ** 3 / 1e12),
+                           ("copy_tb_per_s", lambda: dst.copy_(src), 2 * src.numel() / 1e12)):
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize()
+        out[name] = round(work * 10 / (time.perf_counter() - t0), 1 if "tflops" in name else 2)
+    return out
+
+
 def gpu_part(args) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from train.loop import Trainer
     from train.models import build
 
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
     torch.backends.cudnn.benchmark = True
+    # --device cpu only checks that the script runs, before spending GPU time on it
+    res = ({"device": torch.cuda.get_device_name(), **ceilings(dev)} if cuda
+           else {"device": "cpu (dry run)", "bf16_matmul_tflops": 1.0, "copy_tb_per_s": 1.0})
+    res["torch"] = torch.__version__
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    size = args.size
+    peak = args.peak_tflops or res["bf16_matmul_tflops"]
+    res["peak_tflops_used"] = peak
+    print(res, flush=True)
     rows = []
-    for compile_ in (False, True):
+    flops = {}
+    for variant in args.variants:
+        compile_, layout = variant.split("-")
         for bs in args.batches:
             torch.manual_seed(0)
-            tr = Trainer(build("qsnet", width=32), device=dev, amp=True)
-            if compile_:
-                tr.g = torch.compile(tr.g)
-                tr.d = torch.compile(tr.d)
-            x = torch.rand(bs, 2, 256, 256, device=dev)
+            tr = Trainer(build("qsnet", width=32), device=dev, amp=True, compile=compile_ == "compile",
+                         channels_last=layout == "nhwc")
+            x = torch.rand(bs, 2, size, size, device=dev)
             b = {"input": x, "target": x[:, :1].clone()}
-            for _ in range(3):
+            t0 = time.perf_counter()
+            first = tr.train_step(b)
+            warm_s = time.perf_counter() - t0
+            for _ in range(2):
                 tr.train_step(b)
-            with FlopCounterMode(display=False) as fc:
-                tr.train_step(b)
-            torch.cuda.synchronize()
+            if bs not in flops:
+                # counted once per batch size, on the eager step: every variant does the same math
+                ref = Trainer(build("qsnet", width=32), device=dev, amp=True)
+                with FlopCounterMode(display=False) as fc:
+                    ref.train_step(b)
+                flops[bs] = fc.get_total_flops()
+                del ref
+            sync()
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 tr.train_step(b)
-            torch.cuda.synchronize()
+            sync()
             dt = (time.perf_counter() - t0) / args.steps
-            tf = fc.get_total_flops() / dt / 1e12
-            rows.append({"compile": compile_, "batch": bs, "step_ms": round(dt * 1e3, 2),
-                         "slices_per_s": round(bs / dt, 1), "achieved_tflops": round(tf, 1),
-                         "fraction_of_peak": round(tf / args.peak_tflops, 3)})
+            tf = flops[bs] / dt / 1e12
+            rows.append({"variant": variant, "batch": bs, "first_step_s": round(warm_s, 1),
+                         "first_step_l1": round(first["l1"], 5), "step_ms": round(dt * 1e3, 2),
+                         "slices_per_s": round(bs / dt, 1), "model_tflop_per_step": round(flops[bs] / 1e12, 3),
+                         "achieved_tflops": round(tf, 1), "fraction_of_peak": round(tf / peak, 3)})
             print(rows[-1], flush=True)
-    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows,
-            "best_fraction": max(r["fraction_of_peak"] for r in rows),
-            "target_met": max(r["fraction_of_peak"] for r in rows) >= 0.35}
+            if args.profile and cuda and variant == args.variants[-1] and bs == args.batches[-1]:
+                try:
+                    res["profile_top_kernels"] = profile_step(tr, b, steps=1 if args.trace else 3,
+                                                              trace=args.trace)
+                except Exception as e:  # the timings above stand without it
+                    res["profile_error"] = f"{type(e).__name__}: {e}"
+            del tr
+            if cuda:
+                torch.cuda.empty_cache()
+            _save(args, {**res, "rows": rows})
+    best = max(r["fraction_of_peak"] for r in rows)
+    res.update({"rows": rows, "best_fraction": best, "target_met": best >= 0.35,
+                "floor": conv_floor(32, max(args.batches), size, peak, res["copy_tb_per_s"])})
+    return res
+
+
+def profile_step(tr, b, steps: int = 3, trace: Path | None = None) -> list[dict]:
+    """The kernels that take the step's GPU time, largest first (share of the total); with
+    ``trace``, also a gzipped Chrome trace (CPU ops and kernels) of the steps."""
+    import gzip
+    import shutil
+
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if trace else [])
+    with profile(activities=acts, record_shapes=bool(trace)) as prof:
+        for _ in range(steps):
+            tr.train_step(b)
+        torch.cuda.synchronize()
+    if trace:
+        raw = trace.with_suffix("")
+        prof.export_chrome_trace(str(raw))
+        with open(raw, "rb") as src, gzip.open(trace, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        raw.unlink()
+    ev = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    total = sum(e.self_device_time_total for e in ev) or 1
+    ev.sort(key=lambda e: -e.self_device_time_total)
+    return [{"kernel": e.key[:90], "share": round(e.self_device_time_total / total, 3), "calls": e.count // steps}
+            for e in ev[:20]]
+
+
+def _save(args, res: dict) -> None:
+    """Partial results written as they come: a run cut short still leaves its rows."""
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=1) + "\n")
 
 
 def main() -> None:
@@ -166,8 +301,15 @@ def main() -> None:
                     help="torch threads of the plain loop and of a lone Ray worker (default: every core); "
                          "with 1, Ray's own processes have a core to themselves")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64])
-    ap.add_argument("--peak-tflops", type=float, default=790.0)
+    ap.add_argument("--batches", type=int, nargs="+", default=[64])
+    ap.add_argument("--variants", nargs="+", default=["eager-nchw", "compile-nchw", "compile-nhwc"],
+                    help="GPU: {eager,compile}-{nchw,nhwc}; compile = Trainer(compile=True)")
+    ap.add_argument("--device", default="cuda", help="GPU part on this device (cpu: a dry run of the script)")
+    ap.add_argument("--size", type=int, default=256, help="GPU part: slice size")
+    ap.add_argument("--profile", action="store_true", help="GPU: the kernels of the last variant's step")
+    ap.add_argument("--trace", type=Path, default=None, help="GPU, with --profile: a Chrome trace (.json.gz) too")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="GPU: the fraction's denominator (default: the bf16 matrix rate measured at start)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     res = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count()}

@@ -126,6 +126,89 @@ def test_checkpoint_of_another_architecture_is_refused():
     c.load_state_dict(a.state_dict())
 
 
+def test_instance_norm_in_plain_ops_is_nn_instance_norm():
+    from train.models import InstanceNormOps
+
+    torch.manual_seed(0)
+    x = (3 * torch.randn(2, 5, 7, 9) + 1).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    for ref in (torch.nn.InstanceNorm2d(5), torch.nn.InstanceNorm2d(5, affine=True)):
+        if ref.affine:
+            torch.nn.init.uniform_(ref.weight)
+            torch.nn.init.uniform_(ref.bias)
+        ops = InstanceNormOps(ref.eps, ref.weight, ref.bias)
+        g = torch.randn(2, 5, 7, 9)
+        a, b = ref(x), ops(x2)
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+        (a * g).sum().backward()
+        (b * g).sum().backward()
+        torch.testing.assert_close(x2.grad, x.grad, atol=1e-5, rtol=1e-5)
+        x.grad = x2.grad = None
+
+
+def test_swapping_the_norms_keeps_the_state_dict_and_the_function():
+    from train.models import plain_instance_norms
+
+    torch.manual_seed(0)
+    m = build("qsnet", width=8)
+    x = torch.rand(2, 2, 64, 64)
+    keys = list(m.generator.state_dict())
+    before = m.generator.forward_heads(x)
+    d_before = m.discriminator(torch.cat([x, before[0]], 1))[-1]
+    assert (plain_instance_norms(m.generator), plain_instance_norms(m.discriminator)) == (28, 3)
+    assert not any(isinstance(mod, torch.nn.InstanceNorm2d) for mod in m.generator.modules())
+    assert list(m.generator.state_dict()) == keys
+    after = m.generator.forward_heads(x)
+    for a, b in zip([before[0], *before[1]], [after[0], *after[1]]):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m.discriminator(torch.cat([x, after[0]], 1))[-1], d_before, atol=1e-5, rtol=1e-5)
+
+
+def test_gpu_options_are_ignored_on_a_cpu():
+    """torch 2.13.0's oneDNN crashes the process in channels-last backward passes of this model,
+    and Inductor picks channels-last: on a CPU the step stays eager and NCHW."""
+    tr = Trainer(build("qsnet", width=8), compile=True, channels_last=True, amp=True)
+    assert (tr.compile, tr.channels_last, tr.amp) == (False, False, False)
+    assert any(isinstance(mod, torch.nn.InstanceNorm2d) for mod in tr.g.modules())
+    assert tr._g_call == tr.g.forward_heads and tr._d_call is tr.d
+
+
+def test_compiled_step_traces_whole_and_matches_the_eager_step(monkeypatch):
+    """The calls a GPU run compiles, traced by Dynamo and AOTAutograd on the CPU (backend
+    aot_eager: no code generation): one graph each, no break, the heads come out, and the
+    losses and weights follow the eager step's."""
+    import functools
+
+    from torch._dynamo.utils import counters
+
+    from train.models import plain_instance_norms
+
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch.manual_seed(0)
+    ref = Trainer(build("qsnet", width=8, depth=4))
+    torch.manual_seed(0)
+    tr = Trainer(build("qsnet", width=8, depth=4))
+    tr.compile = True   # as a GPU Trainer sets it
+    plain_instance_norms(tr.g)
+    plain_instance_norms(tr.d)
+    tr._bind_calls()
+    b = batch(size=32)
+    for _ in range(2):
+        want, got = ref.train_step(b), tr.train_step(b)
+        assert got.keys() == want.keys() and {"ds1", "ds2", "adv", "loss_d"} <= got.keys()
+        for k in want:
+            assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-5), k
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    # the generator's call, the discriminator's with and without a gradient to its input
+    assert counters["stats"]["unique_graphs"] == 3
+    assert list(tr.state_dict()["generator"]) == list(ref.state_dict()["generator"])
+    for k, v in ref.state_dict()["generator"].items():
+        torch.testing.assert_close(tr.state_dict()["generator"][k], v, atol=1e-4, rtol=1e-3)
+    torch._dynamo.reset()
+
+
 def test_plateau_schedule_only_after_its_epoch():
     tr = Trainer(build("resunet", width=8), plateau_after_epoch=3, patience=0, plateau_factor=0.9)
     for _ in range(3):
@@ -175,6 +258,7 @@ def test_registry_round_trip_and_bad_files(tmp_path):
                                      ({"plateau_factor": 0}, r"train.plateau_factor must be a number in \(0, 1\]"),
                                      ({"depth": 12}, "train.depth must be a whole number of U-Net levels"),
                                      ({"augment": "yes"}, "train.augment must be true or false"),
+                                     ({"compile": 1}, "train.compile must be true or false"),
                                      ({"use_gpu": "false"}, "train.use_gpu must be true, false or auto, got 'false'"),
                                      ({"max_failures": -2}, "train.max_failures must be a whole number, 0 or more"),
                                      ({"archs": "qsnet"}, "train.archs must be a non-empty list"),

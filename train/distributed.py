@@ -96,7 +96,7 @@ def train_loop_per_worker(config: dict) -> None:
                      losses=Losses(tuple(c["ds_weights"]), c["adv_weight"]),
                      plateau_factor=c["plateau_factor"], plateau_after_epoch=c["plateau_after_epoch"],
                      device=device, freeze_encoder=run.get("freeze_encoder", False), amp=c.get("amp", True),
-                     ema_decay=c.get("ema_decay", 0.0))
+                     ema_decay=c.get("ema_decay", 0.0), compile=c.get("compile", False))
         best = {"val": math.inf, "epoch": 0, "state": None}
         history: list[dict] = []
         resumed = None

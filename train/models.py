@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["ARCHITECTURES", "Model", "build", "QSNetGenerator"]
+__all__ = ["ARCHITECTURES", "Model", "build", "QSNetGenerator", "InstanceNormOps", "plain_instance_norms"]
 
 ARCHITECTURES = ("qsnet", "resunet", "cgan", "swin")
 LEAKY = ("leakyrelu", {"negative_slope": 0.01})
@@ -137,6 +137,43 @@ def build(arch: str, in_channels: int = 2, out_channels: int = 1, width: int = 3
     g = SwinUNETR(in_channels=in_channels, out_channels=out_channels, feature_size=max(12, (w // 12) * 12 or 12),
                   spatial_dims=2, use_v2=True)
     return Model(arch, _Plain(g), None, None, cfg)
+
+
+class InstanceNormOps(nn.Module):
+    """Instance normalisation (no running statistics) written in plain tensor ops.
+
+    Same function as ``nn.InstanceNorm2d`` (biased variance, statistics in float32). It exists
+    for ``torch.compile``: PyTorch runs ``nn.InstanceNorm2d`` through batch-norm kernels, which
+    Inductor cannot fuse with the leaky ReLU and residual add around them and which have no
+    channels-last path, so every norm cost layout copies and extra passes over the activations.
+    """
+
+    def __init__(self, eps: float = 1e-5, weight: nn.Parameter | None = None, bias: nn.Parameter | None = None):
+        super().__init__()
+        self.eps = float(eps)
+        # the same parameter names as nn.InstanceNorm2d, so state dicts load either way
+        self.weight, self.bias = weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        var, mean = torch.var_mean(xf, dim=tuple(range(2, x.dim())), keepdim=True, correction=0)
+        y = (xf - mean) * torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def plain_instance_norms(module: nn.Module) -> int:
+    """Swap every ``nn.InstanceNorm{1,2,3}d`` without running statistics in ``module`` for
+    :class:`InstanceNormOps`, in place (parameters shared, state dict unchanged); the count."""
+    swapped = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.modules.instancenorm._InstanceNorm) and not child.track_running_stats:
+                setattr(parent, name, InstanceNormOps(child.eps, child.weight, child.bias))
+                swapped += 1
+    return swapped
 
 
 def resize_like(target: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -36,10 +36,12 @@ DEFAULTS = {
     "ds_weights": [0.5, 0.25, 0.125, 0.0625], "adv_weight": 0.01, "num_workers": 1, "use_gpu": "auto",
     "checkpoint_every": 1, "max_failures": 1, "augment": True, "loader_workers": 0, "amp": True,
     "extra_runs": [], "finetune_epochs": None, "parallel_runs": 1, "lr_d": None, "depth": 6, "ema_decay": 0.0,
+    "compile": False,
 }
 # the training hyperparameters a Ray Train run carries (train.distributed reads them)
 HP_KEYS = ("width", "depth", "epochs", "batch_size", "lr", "lr_d", "betas", "plateau_factor", "plateau_after_epoch",
-           "ds_weights", "adv_weight", "augment", "checkpoint_every", "loader_workers", "amp", "seed", "ema_decay")
+           "ds_weights", "adv_weight", "augment", "checkpoint_every", "loader_workers", "amp", "seed", "ema_decay",
+           "compile")
 # what a tuned configuration (``qsnet tune``'s best.yaml) may set, per architecture and contrast
 TUNABLE = ("lr", "lr_d", "betas", "adv_weight", "ds_weights", "width", "depth", "augment", "plateau_factor",
            "plateau_after_epoch", "batch_size")
@@ -171,7 +173,7 @@ def check_hp(hp: dict, where: str) -> None:
         bad("ds_weights", "a list of numbers, 0 or more (one per deep-supervision head)")
     if "ema_decay" in hp and (not _is_num(hp["ema_decay"]) or not 0 <= hp["ema_decay"] < 1):
         bad("ema_decay", "in [0, 1) (0: no average)")
-    for key in ("augment", "amp"):
+    for key in ("augment", "amp", "compile"):
         if key in hp and not isinstance(hp[key], bool):
             bad(key, "true or false")
 
