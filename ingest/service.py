@@ -166,6 +166,16 @@ def _exam_identity(src: Path, job: ExamJob) -> tuple[str, str, list[str]]:
     return job.patient_id, study_uid, job.identities
 
 
+def _all_identities(src: Path, job: ExamJob) -> list[str]:
+    """The scrub's names from every series of the exam, not only its first file (a series sent
+    again under a corrected PatientName): one file per series is read."""
+    first_of: dict[tuple[str, object], str] = {}
+    for info in job.infos:
+        first_of.setdefault((info.series_uid, info.series_number), info.path)
+    others = [p for p in first_of.values() if not job.infos or p != job.infos[0].path]
+    return sorted(set(_exam_identity(src, job)[2]) | set(_identity_values([_identity_of(p) for p in others])))
+
+
 def _store_rel(key: bytes, job: ExamJob, src: Path) -> str:
     patient_id, study_uid, _ = _exam_identity(src, job)
     return f"{job.site}/{_names(key, job, patient_id, study_uid)[0]}.zarr"
@@ -443,10 +453,8 @@ def _ingest_exam(src, dst, job, site_cfg, key, split_fractions, prev_rows):
 
     groups, dup_problems = group_series(job.infos)
     info_of = {info.path: info for info in job.infos}
-    # The store path needs the first file's identity only; the scrub needs every name the exam's
-    # headers give (a series sent again under a corrected PatientName): one file per series.
-    identities = sorted(set(identities) | set(_identity_values(
-        [_identity_of(g.files[0]) for g in groups if g.files[0] != job.infos[0].path])))
+    # the store path needs the first file's identity only; the scrub, every series' names
+    identities = _all_identities(src_p, job)
     for path, reason in dup_problems:
         row(rel_of[path], "quarantined", reason, subject=subject)
     arrays: dict[str, tuple[np.ndarray, dict]] = {}
@@ -686,7 +694,11 @@ def _colliding(src: Path, exam_jobs: list[ExamJob], store_of: list[str]) -> dict
 def _quarantined(src: Path, job: ExamJob, reason: str) -> dict:
     from dataclasses import asdict
 
-    reason = _clean_reason(reason, src, job.identities or ())
+    try:
+        identities = _all_identities(Path(src), job)
+    except Exception:  # noqa: BLE001 - an exam this broken still gets its rows; the first file's names
+        identities = job.identities or []
+    reason = _clean_reason(reason, src, identities)
     rows = [asdict(_row(Path(src), rel, "quarantined", reason, site=job.site)) for rel in job.files + job.truth]
     return {"exam": job.exam_dir, "status": "no-store", "rows": rows, "store": ""}
 

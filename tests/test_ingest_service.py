@@ -652,6 +652,27 @@ def test_every_series_names_are_scrubbed_and_quoted_paths_stay_whole(demo_tree, 
         assert needle.casefold() not in text.casefold(), needle
 
 
+def test_a_whole_exam_failure_is_scrubbed_with_every_series_names(demo_tree, tmp_path, monkeypatch):
+    """An exam that fails as a whole quotes its exception; that reason used to be scrubbed with
+    the first file's names only, so a name from another series' header could pass."""
+    import ingest.service as service
+
+    src = tmp_path / "data"
+    ex = small_exam(demo_tree, src / "site-A" / "sub-A01", roles=("mrf_t1", "mrf_t2"))
+    edit(ex / series_dir(demo_tree / "site-A" / "sub-A01", "mrf_t2").name,
+         lambda ds: setattr(ds, "PatientName", "Zznewname^Alice"))
+
+    def fails(*a, **kw):
+        raise ValueError("series 'T2 map Alice Zznewname' has no readable slice")
+
+    monkeypatch.setattr(service, "ingest_exam", fails)
+    run_ingest(src, tmp_path)
+    rows = manifest_rows(tmp_path / "manifest.csv")
+    assert rows and all(r["status"] == "quarantined" for r in rows)
+    assert "exam failed (ValueError: series 'T2 map" in rows[0]["reason"], rows[0]["reason"]
+    assert not any("zznewname" in r["reason"].casefold() or "alice" in r["reason"].casefold() for r in rows)
+
+
 def test_ground_truth_of_an_exam_without_mrf_t1_says_so(demo_tree, tmp_path):
     src = tmp_path / "data"
     ex = src / "site-A" / "sub-A01"
