@@ -261,8 +261,10 @@ def _read_header(path: Path, size: int, mtime_ns: int | None = None) -> tuple[Fi
         # pydicom stops quietly at the end of a file: an image whose header read ran
         # into the end of the file never reached its Pixel Data element.
         if "Rows" not in ds or not _s(ds, "SeriesInstanceUID"):
-            return None, (f"truncated DICOM header: the file ends after {size} bytes, before the "
-                          "image attributes and the pixel data (incomplete copy?)")
+            # a full-size file whose header has one damaged element length reads the same way
+            return None, (f"truncated or damaged DICOM header: reading it runs past the end of the file "
+                          f"({size} bytes) before the image attributes and the pixel data: an incomplete "
+                          "copy, or an element length damaged in the header")
         return None, f"no pixel data: the file ends after {size} bytes, before any Pixel Data element"
     if not _s(ds, "SeriesInstanceUID"):
         return None, "DICOM file without SeriesInstanceUID: cannot tell which series it belongs to"

@@ -667,6 +667,23 @@ def test_truncated_pixel_data(tmp_path):
         read_series(paths)
 
 
+def test_a_full_size_file_with_a_damaged_length_is_not_called_only_a_short_copy(tmp_path):
+    """One element length damaged in the header makes the header read run to the end of a
+    complete file: the reason must not send a person only after an incomplete copy."""
+    from ingest.series import scan
+
+    paths = write_classic(tmp_path / "s", volume((3, 16, 16)), make_affine())
+    data = bytearray(paths[1].read_bytes())
+    i = data.index(b"\x08\x00\x3e\x10LO")  # SeriesDescription: a 2-byte length in explicit VR
+    data[i + 6:i + 8] = struct.pack("<H", 0xFFFF)
+    paths[1].write_bytes(bytes(data))
+    assert len(data) == paths[0].stat().st_size
+    infos, problems = scan(tmp_path / "s")
+    assert len(infos) == 2
+    ((path, why),) = problems
+    assert path == paths[1] and "damaged in the header" in why and "incomplete copy" in why, why
+
+
 def test_pixel_data_shorter_than_header_says(tmp_path):
     paths = write_classic(tmp_path / "s", volume((3, 16, 16)), make_affine())
     ds = pydicom.dcmread(paths[1])
