@@ -198,6 +198,11 @@ def gpu_part(args) -> dict:
 
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
+    if args.compile_mode:
+        import functools
+
+        # the Trainer calls torch.compile without a mode: the benchmark tries others this way
+        torch.compile = functools.partial(torch.compile, mode=args.compile_mode)
     torch.backends.cudnn.benchmark = True
     # --device cpu only checks that the script runs, before spending GPU time on it
     res = ({"device": torch.cuda.get_device_name(), **ceilings(dev)} if cuda
@@ -207,6 +212,7 @@ def gpu_part(args) -> dict:
     size = args.size
     peak = args.peak_tflops or res["bf16_matmul_tflops"]
     res["peak_tflops_used"] = peak
+    res["compile_mode"] = args.compile_mode or "default"
     print(res, flush=True)
     rows = []
     flops = {}
@@ -306,6 +312,8 @@ def main() -> None:
                     help="GPU: {eager,compile}-{nchw,nhwc}; compile = Trainer(compile=True)")
     ap.add_argument("--device", default="cuda", help="GPU part on this device (cpu: a dry run of the script)")
     ap.add_argument("--size", type=int, default=256, help="GPU part: slice size")
+    ap.add_argument("--compile-mode", default=None,
+                    help="GPU: torch.compile mode for the compiled variants (e.g. max-autotune-no-cudagraphs)")
     ap.add_argument("--profile", action="store_true", help="GPU: the kernels of the last variant's step")
     ap.add_argument("--trace", type=Path, default=None, help="GPU, with --profile: a Chrome trace (.json.gz) too")
     ap.add_argument("--peak-tflops", type=float, default=None,
