@@ -209,6 +209,40 @@ def test_compiled_step_traces_whole_and_matches_the_eager_step(monkeypatch):
     torch._dynamo.reset()
 
 
+def test_compiled_step_through_ddp_keeps_the_heads(monkeypatch, tmp_path):
+    """With several workers the generator is called through DDP's wrapper, compiled as a whole:
+    the deep-supervision heads must still reach the loss."""
+    import functools
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from train.models import plain_instance_norms
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        ref = Trainer(build("qsnet", width=8, depth=4))
+        ref.wrap(DDP)
+        torch.manual_seed(0)
+        tr = Trainer(build("qsnet", width=8, depth=4))
+        tr.compile = True   # as a GPU Trainer sets it
+        plain_instance_norms(tr.g)
+        plain_instance_norms(tr.d)
+        tr.wrap(DDP)
+        b = batch(size=32)
+        for _ in range(2):
+            want, got = ref.train_step(b), tr.train_step(b)
+            assert got.keys() == want.keys() and {"ds1", "ds2"} <= got.keys()
+            for k in want:
+                assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-5), k
+    finally:
+        dist.destroy_process_group()
+        torch._dynamo.reset()
+
+
 def test_plateau_schedule_only_after_its_epoch():
     tr = Trainer(build("resunet", width=8), plateau_after_epoch=3, patience=0, plateau_factor=0.9)
     for _ in range(3):
