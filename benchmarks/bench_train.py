@@ -278,7 +278,7 @@ def profile_step(tr, b, steps: int = 3, trace: Path | None = None) -> list[dict]
             tr.train_step(b)
         torch.cuda.synchronize()
     if trace:
-        raw = trace.with_suffix("")
+        raw = trace.with_name(trace.name + ".tmp")
         prof.export_chrome_trace(str(raw))
         with open(raw, "rb") as src, gzip.open(trace, "wb") as dst:
             shutil.copyfileobj(src, dst)

@@ -130,20 +130,20 @@ def test_instance_norm_in_plain_ops_is_nn_instance_norm():
     from train.models import InstanceNormOps
 
     torch.manual_seed(0)
-    x = (3 * torch.randn(2, 5, 7, 9) + 1).requires_grad_()
-    x2 = x.detach().clone().requires_grad_()
-    for ref in (torch.nn.InstanceNorm2d(5), torch.nn.InstanceNorm2d(5, affine=True)):
+    for shape, ref in (((2, 5, 7, 9), torch.nn.InstanceNorm2d(5)), ((2, 5, 7, 9), torch.nn.InstanceNorm2d(5, affine=True)),
+                       ((5, 7, 9), torch.nn.InstanceNorm2d(5, affine=True))):   # unbatched too
+        x = (3 * torch.randn(shape) + 1).requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
         if ref.affine:
             torch.nn.init.uniform_(ref.weight)
             torch.nn.init.uniform_(ref.bias)
         ops = InstanceNormOps(ref.eps, ref.weight, ref.bias)
-        g = torch.randn(2, 5, 7, 9)
+        g = torch.randn(shape)
         a, b = ref(x), ops(x2)
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
         (a * g).sum().backward()
         (b * g).sum().backward()
         torch.testing.assert_close(x2.grad, x.grad, atol=1e-5, rtol=1e-5)
-        x.grad = x2.grad = None
 
 
 def test_swapping_the_norms_keeps_the_state_dict_and_the_function():

@@ -75,6 +75,12 @@ class Trainer:
         # channels_last=None: NHWC when compiled (44 ms against 59 NCHW), else NCHW
         self.channels_last = (self.compile if channels_last is None else bool(channels_last)) and cuda
         if self.compile:
+            # Dynamo keeps at most 8 compiled versions of a function, then runs it eagerly without
+            # a word: a stage's runs of other widths or architectures would pass that. One
+            # compiled Trainer per process at a time (a stage trains its models in turn), so the
+            # last one's graphs can go; a model of the same shape retraces and then finds its
+            # kernels in Inductor's on-disk cache.
+            torch._dynamo.reset()
             plain_instance_norms(self.g)
             if self.d is not None:
                 plain_instance_norms(self.d)

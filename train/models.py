@@ -155,22 +155,22 @@ class InstanceNormOps(nn.Module):
         self.weight, self.bias = weight, bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (N, C, H, W) or unbatched (C, H, W), as nn.InstanceNorm2d takes
         xf = x.float()
-        var, mean = torch.var_mean(xf, dim=tuple(range(2, x.dim())), keepdim=True, correction=0)
+        var, mean = torch.var_mean(xf, dim=(-2, -1), keepdim=True, correction=0)
         y = (xf - mean) * torch.rsqrt(var + self.eps)
         if self.weight is not None:
-            shape = (1, -1) + (1,) * (x.dim() - 2)
-            y = y * self.weight.view(shape) + self.bias.view(shape)
+            y = y * self.weight.view(-1, 1, 1) + self.bias.view(-1, 1, 1)
         return y.to(x.dtype)
 
 
 def plain_instance_norms(module: nn.Module) -> int:
-    """Swap every ``nn.InstanceNorm{1,2,3}d`` without running statistics in ``module`` for
+    """Swap every ``nn.InstanceNorm2d`` without running statistics in ``module`` for
     :class:`InstanceNormOps`, in place (parameters shared, state dict unchanged); the count."""
     swapped = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.modules.instancenorm._InstanceNorm) and not child.track_running_stats:
+            if isinstance(child, nn.InstanceNorm2d) and not child.track_running_stats:
                 setattr(parent, name, InstanceNormOps(child.eps, child.weight, child.bias))
                 swapped += 1
     return swapped

@@ -97,7 +97,8 @@ def plan(params: dict, stores: Path, storage: Path) -> tuple[dict, list[dict]]:
     ))).hexdigest()[:16]
     # what the trials train with besides the suggestion: a resume with other train settings would
     # rank trials trained differently against each other (epochs and checkpoints are the search's)
-    train = {k: tcfg[k] for k in HP_KEYS if k not in ("epochs", "checkpoint_every")}
+    # compile changes how fast a trial trains, not what it learns
+    train = {k: tcfg[k] for k in HP_KEYS if k not in ("epochs", "checkpoint_every", "compile")}
     train["inputs"] = tcfg["inputs"]
     train = json.loads(json.dumps(train, default=str))   # as read back from qsnet-search.json
     searches = []
