@@ -172,7 +172,7 @@ def _all_identities(src: Path, job: ExamJob) -> list[str]:
     first_of: dict[tuple[str, object], str] = {}
     for info in job.infos:
         first_of.setdefault((info.series_uid, info.series_number), info.path)
-    others = [p for p in first_of.values() if not job.infos or p != job.infos[0].path]
+    others = [p for p in first_of.values() if p != job.infos[0].path]   # none when no infos
     return sorted(set(_exam_identity(src, job)[2]) | set(_identity_values([_identity_of(p) for p in others])))
 
 
