@@ -257,7 +257,8 @@ def gpu_part(args) -> dict:
             del tr
             if cuda:
                 torch.cuda.empty_cache()
-            _save(args, {**res, "rows": rows})
+            if args.out is not None:   # a run cut short still leaves its rows
+                _write(args.out, {**res, "rows": rows})
     best = max(r["fraction_of_peak"] for r in rows)
     res.update({"rows": rows, "best_fraction": best, "target_met": best >= 0.35,
                 "floor": conv_floor(32, max(args.batches), size, peak, res["copy_tb_per_s"])})
@@ -290,11 +291,9 @@ def profile_step(tr, b, steps: int = 3, trace: Path | None = None) -> list[dict]
             for e in ev[:20]]
 
 
-def _save(args, res: dict) -> None:
-    """Partial results written as they come: a run cut short still leaves its rows."""
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(res, indent=1) + "\n")
+def _write(path: Path, res: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=1) + "\n")
 
 
 def main() -> None:
@@ -309,7 +308,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batches", type=int, nargs="+", default=[64])
     ap.add_argument("--variants", nargs="+", default=["eager-nchw", "compile-nchw", "compile-nhwc"],
-                    help="GPU: {eager,compile}-{nchw,nhwc}; compile = Trainer(compile=True)")
+                    choices=["eager-nchw", "eager-nhwc", "compile-nchw", "compile-nhwc"],
+                    help="GPU: compile = Trainer(compile=True); nhwc = channels_last")
     ap.add_argument("--device", default="cuda", help="GPU part on this device (cpu: a dry run of the script)")
     ap.add_argument("--size", type=int, default=256, help="GPU part: slice size")
     ap.add_argument("--compile-mode", default=None,
@@ -323,9 +323,7 @@ def main() -> None:
     res = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count()}
     res.update(gpu_part(args) if args.gpu else cpu_part(args))
     print(json.dumps(res, indent=1))
-    out = args.out or Path(f"benchmarks/results/train_{'gpu' if args.gpu else 'cpu'}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1) + "\n")
+    _write(args.out or Path(f"benchmarks/results/train_{'gpu' if args.gpu else 'cpu'}.json"), res)
 
 
 if __name__ == "__main__":
