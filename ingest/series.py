@@ -308,14 +308,25 @@ def scan(root, jobs: int = 1, pool=None) -> tuple[list[FileInfo], list[tuple[Pat
         return infos, [(root, "does not exist or is not a folder")]
 
     visited: dict[str, Path] = {}
+    real_root = os.path.realpath(root)
+
+    def shown(path) -> str:
+        # Reasons name paths inside the tree relative to it, as the manifest's rows do: the
+        # absolute path above it (a mount named after a patient, a user's home) is not ours to log.
+        for base in (str(root), real_root):
+            rel = os.path.relpath(path, base)
+            if not rel.startswith(os.pardir):
+                return "SRC" if rel == os.curdir else f"SRC/{rel}"
+        return "a path outside the input tree"
 
     def walk(folder: Path, ancestors: tuple[str, ...]) -> None:
         real = os.path.realpath(folder)
         if real in ancestors:
-            problems.append((folder, f"symlink loop: {folder} points back to its ancestor {real}; not followed"))
+            problems.append((folder, f"symlink loop: points back to its ancestor {shown(real)}; not followed"))
             return
         if real in visited:
-            problems.append((folder, f"link to a folder already scanned as {visited[real]}; not followed twice"))
+            problems.append((folder, f"link to a folder already scanned as {shown(visited[real])}; "
+                                     "not followed twice"))
             return
         visited[real] = folder
         try:
@@ -330,7 +341,9 @@ def scan(root, jobs: int = 1, pool=None) -> tuple[list[FileInfo], list[tuple[Pat
                 st = os.stat(p)  # follows links
             except OSError:
                 if e.is_symlink():
-                    problems.append((p, f"broken symlink (points to {os.readlink(p)})"))
+                    target = os.path.join(folder, os.readlink(p))
+                    problems.append((p, f"broken symlink: its target {shown(os.path.normpath(target))} "
+                                        "does not exist"))
                 else:
                     problems.append((p, "cannot stat file"))
                 continue

@@ -579,14 +579,24 @@ def _ingest_exam(src, dst, job, site_cfg, key, split_fractions, prev_rows):
 def ingest(src: Path, dst: Path, manifest: Path | None = None, sites_dir: Path | None = None,
            jobs: int | None = None, strict: bool = False, split_fractions: dict | None = None,
            progress=None, prune: bool = False) -> dict:
-    from ingest.deid import load_key
-    from ingest.manifest import Row, write_manifest
-
     src, dst = Path(src).resolve(), Path(dst)
     if not src.is_dir():
         raise IngestError(f"{src}: input folder does not exist")
     manifest = Path(manifest) if manifest else dst.parent / "manifest.csv"
-    _check_writable(manifest)
+    new_dirs = _missing_dirs(dst)
+    new_dirs += [d for d in _check_writable(manifest) if d not in new_dirs]
+    try:
+        return _ingest_tree(src, dst, manifest, sites_dir, jobs, strict, split_fractions, progress, prune)
+    except BaseException:
+        _remove_empty(new_dirs)
+        raise
+
+
+def _ingest_tree(src: Path, dst: Path, manifest: Path, sites_dir, jobs, strict, split_fractions,
+                 progress, prune) -> dict:
+    from ingest.deid import load_key
+    from ingest.manifest import Row, write_manifest
+
     sites = load_sites(sites_dir)
     key, key_source = load_key()
     split_fractions = split_fractions or {"site-A": 20 / 32, "site-B": 9 / 18}
@@ -649,17 +659,34 @@ def ingest(src: Path, dst: Path, manifest: Path | None = None, sites_dir: Path |
     return summary
 
 
-def _check_writable(manifest: Path) -> None:
-    """Before any store is written: a manifest that cannot be written would fail the run at its end."""
+def _check_writable(manifest: Path) -> list[Path]:
+    """Before any store is written: a manifest that cannot be written would fail the run at its end.
+    Returns the folders it had to make."""
     import tempfile
 
+    made = _missing_dirs(manifest.parent)
     try:
         manifest.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=manifest.parent, prefix=f".{manifest.name}.probe-"):
             pass
     except OSError as exc:
+        _remove_empty(made)
         raise IngestError(f"{manifest}: cannot write the manifest there ({exc.strerror or exc}): "
                           "nothing ingested") from None
+    return made
+
+
+def _missing_dirs(folder: Path) -> list[Path]:
+    return [d for d in (folder, *folder.parents) if not d.exists()]
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """A run that fails leaves no folder it made for nothing; rmdir refuses one that holds stores."""
+    for d in sorted(folders, key=lambda p: -len(p.absolute().parts)):
+        try:
+            d.rmdir()
+        except OSError:
+            pass
 
 
 def _no_exams_message(src: Path, sites: dict, rows: list) -> str:

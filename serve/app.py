@@ -21,9 +21,11 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +94,12 @@ class Synthesizer:
 
         self.catalog, _ = load_catalog(models, cards)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        # Every torch call of the replica (loads and forwards) runs on this one thread. GNU
+        # OpenMP keeps a team of worker threads per calling thread, and once a second thread has
+        # run parallel torch work, every CPU forward in the process runs about 1.5x slower
+        # (benchmarks/README.md). The event loop's thread and asyncio's default pool are two.
+        self._torch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qsnet-torch")
+        self._torch_callers: set[int] = set()
         self.max_batch_size = int(max_batch_size)
         self._forward_batch.set_max_batch_size(self.max_batch_size)
         self._forward_batch.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
@@ -103,6 +111,13 @@ class Synthesizer:
 
         if model_id not in self.catalog:
             raise KeyError(model_id)
+        return await self._in_torch_thread(self._load, registry, model_id)
+
+    async def _in_torch_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._torch, fn, *args)
+
+    def _load(self, registry, model_id: str):
+        self._torch_callers.add(threading.get_ident())
         return registry.load(self.catalog[model_id], device=self.device)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
@@ -114,7 +129,7 @@ class Synthesizer:
         for mid, idx in by_model.items():
             model = await self.get_model(mid)
             x = np.stack([items[i][1] for i in idx])
-            y = await asyncio.to_thread(self._run, model, x)
+            y = await self._in_torch_thread(self._run, model, x)
             for j, i in enumerate(idx):
                 out[i] = y[j]
         return out
@@ -123,6 +138,7 @@ class Synthesizer:
         import torch
 
         self.forwards += 1
+        self._torch_callers.add(threading.get_ident())
         with torch.inference_mode():
             return model(torch.from_numpy(x).to(self.device)).float()[:, 0].cpu().numpy()
 
@@ -132,7 +148,8 @@ class Synthesizer:
         return np.stack(ys)
 
     async def stats(self) -> dict:
-        return {"forwards": self.forwards, "device": self.device, "max_batch_size": self.max_batch_size}
+        return {"forwards": self.forwards, "device": self.device, "max_batch_size": self.max_batch_size,
+                "torch_calling_threads": len(self._torch_callers)}
 
 
 api = FastAPI(title="qsnet", version="0.1.0",

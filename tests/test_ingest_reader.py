@@ -679,7 +679,7 @@ def test_a_full_size_file_with_a_damaged_length_is_not_called_only_a_short_copy(
     paths[1].write_bytes(bytes(data))
     assert len(data) == paths[0].stat().st_size
     infos, problems = scan(tmp_path / "s")
-    assert len(infos) == 2
+    assert len(infos) == 2  # the series, found once (through "again", first in name order)
     ((path, why),) = problems
     assert path == paths[1] and "damaged in the header" in why and "incomplete copy" in why, why
 
@@ -729,6 +729,26 @@ def test_not_dicom_and_no_files(tmp_path):
 
 # -------------------------------------------------------------------------- scan
 
+def test_scan_link_reasons_name_no_path_above_the_tree(tmp_path):
+    # The folders above SRC (a mount named after a patient, a user's home) never reach a reason.
+    above = tmp_path / "DOE_JOHN_1961"
+    root = above / "tree"
+    write_classic(root / "exam" / "s1", volume((2, 8, 8)), make_affine())
+    os.symlink(above / "gone.dcm", root / "exam" / "outside.dcm")
+    os.symlink(root / "exam" / "missing.dcm", root / "exam" / "inside.dcm")
+    os.symlink("s1", root / "exam" / "again")
+    os.symlink(root / "exam", root / "exam" / "s1" / "loop")
+    infos, problems = scan(root)
+    reasons = {p.name: r for p, r in problems}
+    assert reasons == {
+        "outside.dcm": "broken symlink: its target a path outside the input tree does not exist",
+        "inside.dcm": "broken symlink: its target SRC/exam/missing.dcm does not exist",
+        "s1": "link to a folder already scanned as SRC/exam/again; not followed twice",
+        "loop": "symlink loop: points back to its ancestor SRC/exam; not followed",
+    }
+    assert len(infos) == 2  # the series, found once (through "again", first in name order)
+
+
 def test_scan_tree_with_bad_files_and_symlink_loop(tmp_path):
     root = tmp_path / "tree"
     good = write_classic(root / "exam" / "s1", volume((2, 8, 8)), make_affine())
@@ -751,7 +771,7 @@ def test_scan_tree_with_bad_files_and_symlink_loop(tmp_path):
     assert reasons["notes.txt"].startswith("not DICOM")
     assert "truncated" in reasons["trunc.dcm"]
     assert reasons["cutpix.dcm"].startswith("pixel data truncated")
-    assert reasons["loop"].startswith("symlink loop")
+    assert reasons["loop"] == "symlink loop: points back to its ancestor SRC/exam; not followed"
     i0 = next(i for i in infos if i.path == good[0])
     assert i0.rows == 8 and i0.columns == 8 and i0.series_number == 7 and i0.n_frames == 1
     assert i0.orientation == pytest.approx((1, 0, 0, 0, 1, 0)) and i0.transfer_syntax == ExplicitVRLittleEndian

@@ -513,6 +513,9 @@ def test_no_exam_under_src_is_an_error_and_prunes_nothing(demo_tree, tmp_path):
         assert len(errors) == 1 and "no <site>/<exam>/ DICOM folders" in errors[0] and str(wrong) in errors[0]
         assert sorted((tmp_path / "raw").rglob("*.zarr")) == stores
         assert (tmp_path / "manifest.csv").read_bytes() == manifest
+    # a run that fails leaves no output folders behind it made for nothing
+    res = qsnet("ingest", str(tmp_path / "empty"), str(tmp_path / "new" / "raw"), "--jobs", "1")
+    assert res.returncode != 0 and not (tmp_path / "new").exists()
     # a manifest that cannot be written is found before any store is, not after all of them
     (tmp_path / "a-file").write_text("")
     res = qsnet("ingest", str(src), str(tmp_path / "raw2"), "--manifest", str(tmp_path / "a-file" / "m.csv"))

@@ -615,6 +615,38 @@ def test_viewer_in_a_real_browser(server, exam_b, tmp_path):
     print(f"viewer screenshot: {shot}")
 
 
+def test_every_torch_call_of_the_synthesizer_runs_on_one_thread(registry, tmp_path):
+    """Loads and forwards of concurrent requests share one thread: a forward on another thread
+    gives GNU OpenMP another worker team, and with more teams than cores every forward slows.
+    (Serve's local testing mode has no replica context for model multiplexing: a real Ray.)"""
+    script = tmp_path / "one_thread.py"
+    script.write_text(f"""
+import concurrent.futures as cf, json, sys
+import numpy as np, ray
+from ray import serve
+from serve.app import Synthesizer
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+h = serve.run(Synthesizer.options(ray_actor_options={{"num_cpus": 2}}).bind({str(registry)!r}),
+              name="one-thread", route_prefix=None)
+x = np.random.default_rng(0).random((3, 2, 64, 64), dtype=np.float32)
+ids = [f"{{s}}/qsnet/{{c}}" for s in ("pretrain", "finetune") for c in ("t1w", "t2w", "swi")]
+with cf.ThreadPoolExecutor(6) as pool:
+    ys = list(pool.map(lambda mid: h.synthesize.remote(mid, x).result(), ids * 2))
+assert all(y.shape == (3, 64, 64) and np.isfinite(y).all() for y in ys)
+print("STATS", json.dumps(h.stats.remote().result()))
+serve.shutdown()
+ray.shutdown()
+""")
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env,
+                         cwd=Path(__file__).resolve().parents[1])
+    line = next((ln for ln in res.stdout.splitlines() if ln.startswith("STATS ")), None)
+    assert res.returncode == 0 and line, res.stderr[-3000:]
+    stats = json.loads(line[6:])
+    assert stats["forwards"] >= 6 and stats["torch_calling_threads"] == 1, stats
+
+
 def test_serve_config_validates_with_rays_schema(registry):
     """platform/serve.yaml is a valid Serve config, and `qsnet serve --config` reads the same args."""
     import yaml
