@@ -257,8 +257,7 @@ def gpu_part(args) -> dict:
             del tr
             if cuda:
                 torch.cuda.empty_cache()
-            if args.out is not None:   # a run cut short still leaves its rows
-                _write(args.out, {**res, "rows": rows})
+            _write(args.out, {**args.base, **res, "rows": rows})   # a run cut short still leaves its rows
     best = max(r["fraction_of_peak"] for r in rows)
     res.update({"rows": rows, "best_fraction": best, "target_met": best >= 0.35,
                 "floor": conv_floor(32, max(args.batches), size, peak, res["copy_tb_per_s"])})
@@ -320,10 +319,11 @@ def main() -> None:
                     help="GPU: the fraction's denominator (default: the bf16 matrix rate measured at start)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    res = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count()}
-    res.update(gpu_part(args) if args.gpu else cpu_part(args))
+    args.out = args.out or Path(f"benchmarks/results/train_{'gpu' if args.gpu else 'cpu'}.json")
+    args.base = res = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count()}
+    res = {**res, **(gpu_part(args) if args.gpu else cpu_part(args))}
     print(json.dumps(res, indent=1))
-    _write(args.out or Path(f"benchmarks/results/train_{'gpu' if args.gpu else 'cpu'}.json"), res)
+    _write(args.out, res)
 
 
 if __name__ == "__main__":

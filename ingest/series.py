@@ -20,6 +20,7 @@ group), geometry and acquisition parameters only.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -293,7 +294,8 @@ def scan(root, jobs: int = 1, pool=None) -> tuple[list[FileInfo], list[tuple[Pat
     Symlinked folders are followed once: a link to a folder that is one of its own
     ancestors (a loop) or that was already scanned through another path is reported
     as a problem and not entered.  Broken links and unreadable folders are problems
-    too.  Paths are returned as found under ``root`` (not resolved), in sorted order.
+    too.  Paths are returned as found under ``root`` (not resolved): real folders first, in
+    name order, then what linked folders add.
     Header reads dominate on trees of many small files: ``jobs`` > 1 spreads them over
     processes (the walk itself stays in this process, so loop detection is unchanged).
     """
@@ -311,13 +313,24 @@ def scan(root, jobs: int = 1, pool=None) -> tuple[list[FileInfo], list[tuple[Pat
     real_root = os.path.realpath(root)
 
     def shown(path) -> str:
-        # Reasons name paths inside the tree relative to it, as the manifest's rows do: the
-        # absolute path above it (a mount named after a patient, a user's home) is not ours to log.
+        # Paths inside the tree relative to it, as the manifest's rows name them: the absolute
+        # path above it (a mount named after a patient, a user's home) is not ours to log.
         for base in (str(root), real_root):
             rel = os.path.relpath(path, base)
-            if not rel.startswith(os.pardir):
-                return "SRC" if rel == os.curdir else f"SRC/{rel}"
+            if rel != os.pardir and not rel.startswith(os.pardir + os.sep):
+                return rel
         return "a path outside the input tree"
+
+    def broken(p: Path, exc: OSError) -> str:
+        if exc.errno != errno.ENOENT:
+            return f"broken symlink: {exc.strerror or exc}"
+        # the kernel resolves a relative target from the link's real folder, not the walked path
+        target = os.path.normpath(os.path.join(os.path.realpath(p.parent), os.readlink(p)))
+        return f"broken symlink: its target {shown(target)} does not exist"
+
+    # Linked folders wait until every real folder is walked, so files are found under their
+    # own paths and a link to a folder already seen is the one reported.
+    linked: list[tuple[Path, tuple[str, ...]]] = []
 
     def walk(folder: Path, ancestors: tuple[str, ...]) -> None:
         real = os.path.realpath(folder)
@@ -339,16 +352,14 @@ def scan(root, jobs: int = 1, pool=None) -> tuple[list[FileInfo], list[tuple[Pat
             p = folder / e.name
             try:
                 st = os.stat(p)  # follows links
-            except OSError:
-                if e.is_symlink():
-                    target = os.path.join(folder, os.readlink(p))
-                    problems.append((p, f"broken symlink: its target {shown(os.path.normpath(target))} "
-                                        "does not exist"))
-                else:
-                    problems.append((p, "cannot stat file"))
+            except OSError as exc:
+                problems.append((p, broken(p, exc) if e.is_symlink() else "cannot stat file"))
                 continue
             if stat.S_ISDIR(st.st_mode):
-                subdirs.append(p)
+                if e.is_symlink():
+                    linked.append((p, ancestors + (real,)))
+                else:
+                    subdirs.append(p)
             elif stat.S_ISREG(st.st_mode):
                 files.append(p)
             else:
@@ -359,6 +370,8 @@ def scan(root, jobs: int = 1, pool=None) -> tuple[list[FileInfo], list[tuple[Pat
 
     found: list[Path] = []
     walk(root, ())
+    while linked:
+        walk(*linked.pop(0))
     if (jobs > 1 or pool is not None) and len(found) > 256:
         from concurrent.futures import ProcessPoolExecutor
 

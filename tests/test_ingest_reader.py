@@ -730,23 +730,34 @@ def test_not_dicom_and_no_files(tmp_path):
 # -------------------------------------------------------------------------- scan
 
 def test_scan_link_reasons_name_no_path_above_the_tree(tmp_path):
-    # The folders above SRC (a mount named after a patient, a user's home) never reach a reason.
+    # The folders above SRC (a mount named after a patient, a user's home) never reach a reason;
+    # paths inside it are named as the manifest's rows name them.
     above = tmp_path / "DOE_JOHN_1961"
     root = above / "tree"
-    write_classic(root / "exam" / "s1", volume((2, 8, 8)), make_affine())
-    os.symlink(above / "gone.dcm", root / "exam" / "outside.dcm")
-    os.symlink(root / "exam" / "missing.dcm", root / "exam" / "inside.dcm")
-    os.symlink("s1", root / "exam" / "again")
-    os.symlink(root / "exam", root / "exam" / "s1" / "loop")
+    exam = root / "exam"
+    write_classic(exam / "s1", volume((2, 8, 8)), make_affine())
+    (exam / "deep" / "s2").mkdir(parents=True)
+    os.symlink(above / "gone.dcm", exam / "outside.dcm")
+    os.symlink(exam / "missing.dcm", exam / "inside.dcm")
+    os.symlink(root / "..hidden" / "x.dcm", exam / "dotted.dcm")     # "..hidden" is inside SRC
+    os.symlink("self.dcm", exam / "self.dcm")                         # ELOOP, not a missing target
+    os.symlink("deep/s2", exam / "again")                            # linked after s1, s2 are walked
+    os.symlink("../m.dcm", exam / "deep" / "s2" / "up.dcm")           # resolves from deep/, not exam/
+    os.symlink(exam / "s1", exam / "a_link")                         # named before s1, walked after it
+    os.symlink(exam, exam / "s1" / "loop")
     infos, problems = scan(root)
-    reasons = {p.name: r for p, r in problems}
+    reasons = {str(p.relative_to(root)): r for p, r in problems}
     assert reasons == {
-        "outside.dcm": "broken symlink: its target a path outside the input tree does not exist",
-        "inside.dcm": "broken symlink: its target SRC/exam/missing.dcm does not exist",
-        "s1": "link to a folder already scanned as SRC/exam/again; not followed twice",
-        "loop": "symlink loop: points back to its ancestor SRC/exam; not followed",
+        "exam/outside.dcm": "broken symlink: its target a path outside the input tree does not exist",
+        "exam/inside.dcm": "broken symlink: its target exam/missing.dcm does not exist",
+        "exam/dotted.dcm": "broken symlink: its target ..hidden/x.dcm does not exist",
+        "exam/self.dcm": "broken symlink: Too many levels of symbolic links",
+        "exam/deep/s2/up.dcm": "broken symlink: its target exam/deep/m.dcm does not exist",
+        "exam/a_link": "link to a folder already scanned as exam/s1; not followed twice",
+        "exam/again": "link to a folder already scanned as exam/deep/s2; not followed twice",
+        "exam/s1/loop": "symlink loop: points back to its ancestor exam; not followed",
     }
-    assert len(infos) == 2  # the series, found once (through "again", first in name order)
+    assert sorted(str(i.path.relative_to(root)) for i in infos) == ["exam/s1/IM01_0001.dcm", "exam/s1/IM01_0002.dcm"]
 
 
 def test_scan_tree_with_bad_files_and_symlink_loop(tmp_path):
@@ -771,7 +782,7 @@ def test_scan_tree_with_bad_files_and_symlink_loop(tmp_path):
     assert reasons["notes.txt"].startswith("not DICOM")
     assert "truncated" in reasons["trunc.dcm"]
     assert reasons["cutpix.dcm"].startswith("pixel data truncated")
-    assert reasons["loop"] == "symlink loop: points back to its ancestor SRC/exam; not followed"
+    assert reasons["loop"] == "symlink loop: points back to its ancestor exam; not followed"
     i0 = next(i for i in infos if i.path == good[0])
     assert i0.rows == 8 and i0.columns == 8 and i0.series_number == 7 and i0.n_frames == 1
     assert i0.orientation == pytest.approx((1, 0, 0, 0, 1, 0)) and i0.transfer_syntax == ExplicitVRLittleEndian

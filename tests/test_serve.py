@@ -616,8 +616,9 @@ def test_viewer_in_a_real_browser(server, exam_b, tmp_path):
 
 
 def test_every_torch_call_of_the_synthesizer_runs_on_one_thread(registry, tmp_path):
-    """Loads and forwards of concurrent requests share one thread: a forward on another thread
-    gives GNU OpenMP another worker team, and with more teams than cores every forward slows.
+    """The replica's loads and forwards (its two torch calls) of concurrent requests share one
+    thread: a forward on another thread gives GNU OpenMP another worker team, and with more teams
+    than cores every forward slows. A torch call added elsewhere needs its own count here.
     (Serve's local testing mode has no replica context for model multiplexing: a real Ray.)"""
     script = tmp_path / "one_thread.py"
     script.write_text(f"""

@@ -181,8 +181,6 @@ def test_compiled_step_traces_whole_and_matches_the_eager_step(monkeypatch):
 
     from torch._dynamo.utils import counters
 
-    from train.models import plain_instance_norms
-
     torch._dynamo.reset()
     counters.clear()
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
@@ -190,9 +188,7 @@ def test_compiled_step_traces_whole_and_matches_the_eager_step(monkeypatch):
     ref = Trainer(build("qsnet", width=8, depth=4))
     torch.manual_seed(0)
     tr = Trainer(build("qsnet", width=8, depth=4))
-    tr.compile = True   # as a GPU Trainer sets it
-    plain_instance_norms(tr.g)
-    plain_instance_norms(tr.d)
+    tr._prepare_compiled()   # what a GPU Trainer does when compiling; then its calls
     tr._bind_calls()
     b = batch(size=32)
     for _ in range(2):
@@ -217,8 +213,6 @@ def test_compiled_step_through_ddp_keeps_the_heads(monkeypatch, tmp_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from train.models import plain_instance_norms
-
     torch._dynamo.reset()
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
@@ -228,9 +222,7 @@ def test_compiled_step_through_ddp_keeps_the_heads(monkeypatch, tmp_path):
         ref.wrap(DDP)
         torch.manual_seed(0)
         tr = Trainer(build("qsnet", width=8, depth=4))
-        tr.compile = True   # as a GPU Trainer sets it
-        plain_instance_norms(tr.g)
-        plain_instance_norms(tr.d)
+        tr._prepare_compiled()   # what a GPU Trainer does when compiling
         tr.wrap(DDP)
         b = batch(size=32)
         for _ in range(2):

@@ -75,15 +75,7 @@ class Trainer:
         # channels_last=None: NHWC when compiled (44 ms against 59 NCHW), else NCHW
         self.channels_last = (self.compile if channels_last is None else bool(channels_last)) and cuda
         if self.compile:
-            # Dynamo keeps at most 8 compiled versions of a function, then runs it eagerly without
-            # a word: a stage's runs of other widths or architectures would pass that. One
-            # compiled Trainer per process at a time (a stage trains its models in turn), so the
-            # last one's graphs can go; a model of the same shape retraces and then finds its
-            # kernels in Inductor's on-disk cache.
-            torch._dynamo.reset()
-            plain_instance_norms(self.g)
-            if self.d is not None:
-                plain_instance_norms(self.d)
+            self._prepare_compiled()
         if self.channels_last:
             self.g.to(memory_format=torch.channels_last)
             if self.d is not None:
@@ -104,6 +96,19 @@ class Trainer:
             self.ema = AveragedModel(self.g, multi_avg_fn=get_ema_multi_avg_fn(self.ema_decay), use_buffers=True)
         self.epoch = 0
         self._bind_calls()
+
+    def _prepare_compiled(self) -> None:
+        """Before the calls are compiled (a method of its own so that a CPU test runs it too)."""
+        self.compile = True
+        # Dynamo keeps at most 8 compiled versions of a function, then runs it eagerly without a
+        # word: a stage's runs of other widths or architectures would pass that. One compiled
+        # Trainer per process at a time (a stage trains its models in turn), so the last one's
+        # graphs can go; a model of the same shape retraces and then finds its kernels in
+        # Inductor's on-disk cache.
+        torch._dynamo.reset()
+        plain_instance_norms(self.g)
+        if self.d is not None:
+            plain_instance_norms(self.d)
 
     # the modules DDP wraps are swapped in through these
     def wrap(self, fn) -> None:
