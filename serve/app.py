@@ -412,6 +412,9 @@ class Ingress:
             if fmt in ("dicom", "viewer") and exam.kind != "dicom":
                 raise RequestError(422, "dicom_needs_dicom", f"format={fmt} writes into the uploaded study: send "
                                    "DICOM, or ask for format=nifti")
+            # before any model runs: an exam that ingest reads but whose T1 map series cannot carry
+            # a write-back (enhanced multi-frame, a mosaic) is refused now, not after the forwards
+            heads = await in_thread(self._heads, exam) if fmt != "nifti" else None
             try:
                 cards = {c: select(self.catalog, c, exam.site, model) for c in wanted}
             except LookupError as exc:
@@ -433,7 +436,7 @@ class Ingress:
 
             preds = dict(await asyncio.gather(*[one(c) for c in wanted]))
             timing["model_s"] = time.perf_counter() - t
-            answer, media = await in_thread(self._encode, exam, cards, prepared, preds, fmt, timing)
+            answer, media = await in_thread(self._encode, exam, cards, prepared, preds, fmt, heads, timing)
             return answer, media, {"input": exam.kind, **timing}
         except MemoryError:
             raise RequestError(413, "too_large_to_process", "the exam does not fit in this replica's memory") from None
@@ -449,26 +452,34 @@ class Ingress:
         root = unpack(body, tmp / "upload", self.limits)
         return read_exam(root, self.sites, site, work=tmp / "store", limits=self.limits)
 
-    def _encode(self, exam, cards, prepared, preds, fmt, timing) -> tuple[bytes, str]:
-        from serve.dicomout import dicom_series, nifti_bytes, source_headers, to_stored
+    @staticmethod
+    def _heads(exam) -> tuple[dict, dict]:
+        from serve.dicomout import source_headers
+
+        try:
+            return source_headers(exam.affine, exam.t1.shape[0], exam.sources["mrf_t1"], exam.sources["mrf_t2"])
+        except ValueError as exc:
+            raise RequestError(422, "cannot_write_back", f"{exc}; ask for format=nifti") from None
+
+    def _encode(self, exam, cards, prepared, preds, fmt, heads, timing) -> tuple[bytes, str]:
+        from serve.dicomout import dicom_series, nifti_bytes, to_stored
 
         t0 = time.perf_counter()
         record = {"qsnet": "0.1.0", "input": exam.kind, "site": exam.site, "contrasts": {}, "notes": exam.notes[:50]}
         stored = {}
         for c, p in prepared.items():
             stored[c] = to_stored(preds[c], p["brain"], p["inversion"])
-        heads = None
-        if fmt != "nifti":
-            heads = source_headers(exam.affine, exam.sources["mrf_t1"], exam.sources["mrf_t2"])
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-            for i, (c, card) in enumerate(cards.items()):
+            for c, card in cards.items():
                 record["contrasts"][c] = {"model": card["id"], "weights_sha256": card["weights_sha256"]}
                 if fmt == "nifti":
                     zf.writestr(f"{c}.nii.gz", nifti_bytes(stored[c], exam.affine, exam.nifti_forms))
                     continue
                 try:
-                    files = dicom_series(stored[c], *heads, c, card, series_number=9900 + i)
+                    # one number per contrast whatever else the request asks for: a later request
+                    # on the same study gives the same contrast the same number
+                    files = dicom_series(stored[c], *heads, c, card, series_number=9900 + CONTRASTS.index(c))
                 except ValueError as exc:
                     raise RequestError(422, "cannot_write_back", str(exc)) from None
                 for name, data in files:

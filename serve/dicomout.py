@@ -46,21 +46,35 @@ def _slice_index(ds, inv_affine: np.ndarray) -> int:
     return int(round(float((inv_affine @ ipp)[0])))
 
 
-def source_headers(affine: np.ndarray, t1_files: list[Path], t2_files: list[Path]) -> tuple[dict, dict]:
+def source_headers(affine: np.ndarray, n_slices: int, t1_files: list[Path],
+                   t2_files: list[Path]) -> tuple[dict, dict]:
     """The MRF T1 and T2 map headers by slice index of ``affine``: read once per request, shared
-    by every contrast's series. ValueError when the T1 map series cannot carry a write-back."""
-    import pydicom
+    by every contrast's series. ValueError when the T1 map series cannot carry a write-back of
+    ``n_slices`` slices."""
+    from ingest.reader import dcmread_any
 
     inv = np.linalg.inv(np.asarray(affine, float))
     out = []
     for files in (t1_files, t2_files):
         at = {}
         for p in files:
-            h = pydicom.dcmread(p, stop_before_pixels=True)
+            try:
+                # the reader took these files, bare data sets (no preamble) among them
+                h = dcmread_any(p, stop_before_pixels=True)
+            except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for a header it cannot read
+                raise ValueError(f"{Path(p).name}: its header cannot be read again for the write-back "
+                                 f"({type(exc).__name__})") from None
             if "ImagePositionPatient" in h and getattr(h, "NumberOfFrames", 1) in (1, "1", None):
                 at[_slice_index(h, inv)] = h
         out.append(at)
+    _check_slices(out[0], n_slices)
     return out[0], out[1]
+
+
+def _check_slices(t1_at: dict, z: int) -> None:
+    if sorted(t1_at) != list(range(z)):
+        raise ValueError(f"the MRF T1 map series has {len(t1_at)} single-frame slices on its grid, expected {z}: "
+                         "write-back needs one classic header per slice")
 
 
 def _encode(ds, encodings) -> dict[int, bytes]:
@@ -96,9 +110,7 @@ def dicom_series(stored: np.ndarray, t1_at: dict, t2_at: dict, contrast: str, ca
     from ingest import __version__
 
     z, rows, cols = stored.shape
-    if sorted(t1_at) != list(range(z)):
-        raise ValueError(f"the MRF T1 map series has {len(t1_at)} single-frame slices on its grid, expected {z}: "
-                         "write-back needs one classic header per slice")
+    _check_slices(t1_at, z)
     first = t1_at[0]
     now = _dt.datetime.now()
     label = LABELS.get(contrast, contrast)

@@ -1,7 +1,7 @@
 """One uploaded exam, from request body to model input, without Ray (the app runs it in a thread).
 
 The body is a zip holding a site's MRF T1 and T2 maps as DICOM (one exam), a NIfTI pair
-(``*t1*.nii[.gz]`` and ``*t2*.nii[.gz]``, maps in ms) or a raw exam store as ``qsnet ingest``
+(``t1`` and ``t2`` each a word of one file's name, e.g. ``mrf_t1.nii.gz``; maps in ms) or a raw exam store as ``qsnet ingest``
 writes it. DICOM goes through ingest itself (:func:`ingest.service.ingest_exam`: the same
 series grouping, role rules, reader, checks and de-identified store), and the maps through
 prepare's registration-free path (:func:`ingest.prepare.service.prepare_inputs`), so a served
@@ -14,9 +14,12 @@ client can act on; nothing here logs header values (names, IDs, dates stay in th
 from __future__ import annotations
 
 import io
+import lzma
 import os
+import re
 import stat
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -147,7 +150,7 @@ def unpack(body: bytes, dest: Path, limits: Limits = Limits()) -> Path:
                         raise RequestError(413, "zip_bomb", f"the zip inflates more than {limits.max_ratio:g} "
                                            "times its size; refused")
                     fh.write(chunk)
-        except (zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError) as exc:
+        except (zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError, zlib.error, lzma.LZMAError) as exc:
             raise RequestError(400, "bad_zip", f"zip entry {info.filename!r}: cannot be read ({exc})") from None
         except OSError as exc:  # a name too long for the file system, a file and a folder of one name
             raise RequestError(400, "bad_zip", f"zip entry {info.filename!r}: cannot be unpacked "
@@ -242,17 +245,30 @@ def _read_nifti(root: Path, site: str | None, limits: Limits = Limits()) -> Exam
     files = sorted(p for p in root.rglob("*") if p.name.endswith((".nii", ".nii.gz")))
     pick = {}
     for role, tag in (("mrf_t1", "t1"), ("mrf_t2", "t2")):
-        hits = [p for p in files if tag in p.name.lower().replace("-", "").replace("_", "")]
+        hits = [p for p in files if _names_map(p.name, tag)]
         if len(hits) != 1:
-            raise RequestError(422, "not_mrf", f"NIfTI upload: need exactly one file named like *{tag}*.nii[.gz] "
-                               f"(found {len(hits)} among {len(files)})")
+            raise RequestError(422, "not_mrf", f"NIfTI upload: need exactly one file with {tag} as a word of its "
+                               f"name (e.g. mrf_{tag}.nii.gz, {tag.upper()}map.nii) (found {len(hits)} among "
+                               f"{len(files)})")
         pick[role] = hits[0]
     out, forms = {}, {}
     for role, p in pick.items():
         try:
             import nibabel as nib
 
-            _check_voxels(p.name, nib.load(str(p)).header.get_data_shape(), limits.max_map_voxels)
+            header = nib.load(str(p)).header
+            shape, dtype = header.get_data_shape(), np.dtype(header.get_data_dtype())
+        except Exception as exc:  # noqa: BLE001 - nibabel raises many kinds for a broken file
+            raise RequestError(422, "bad_nifti", f"{p.name}: not a readable NIfTI image "
+                               f"({str(exc) or type(exc).__name__})") from None
+        if len(shape) != 3:
+            raise RequestError(422, "wrong_shape", f"{p.name}: a {len(shape)}-D image {tuple(shape)}; an MRF map is "
+                               "one 3-D volume")
+        if dtype.names or dtype.kind not in "biuf":
+            raise RequestError(422, "bad_nifti", f"{p.name}: voxels of type {dtype}; an MRF map is one real "
+                               "number per voxel")
+        try:
+            _check_voxels(p.name, shape, limits.max_map_voxels)
             forms[role] = nifti_forms(p)
             data, aff = load_nifti_zyx(p)
         except RequestError:
@@ -260,8 +276,6 @@ def _read_nifti(root: Path, site: str | None, limits: Limits = Limits()) -> Exam
         except Exception as exc:  # noqa: BLE001 - nibabel raises many kinds for a broken file
             raise RequestError(422, "bad_nifti", f"{p.name}: not a readable NIfTI image "
                                f"({str(exc) or type(exc).__name__})") from None
-        if data.ndim != 3:
-            raise RequestError(422, "wrong_shape", f"{p.name}: a {data.ndim}-D image; an MRF map is one volume")
         if forms[role]["sform_code"] == 0 and forms[role]["qform_code"] == 0:
             # nibabel would make an orientation up from the voxel sizes: anterior could be posterior
             raise RequestError(422, "no_geometry", f"{p.name}: the header gives no patient orientation (sform_code "
@@ -277,6 +291,13 @@ def _read_nifti(root: Path, site: str | None, limits: Limits = Limits()) -> Exam
         out[role] = (np.asarray(data, np.float32), aff)
     return Exam("nifti", out["mrf_t1"][0], out["mrf_t2"][0], out["mrf_t1"][1], out["mrf_t2"][1], site=site,
                 nifti_forms=forms["mrf_t1"])
+
+
+def _names_map(name: str, tag: str) -> bool:
+    """``tag`` (t1, t2) as a word of a file name: "mrf_t1", "T1map", "MRF-T1_maps", not the t1 of
+    "pat12_t2" nor of "T2_fit1"."""
+    stem = re.sub(r"\.nii(\.gz)?$", "", name.lower())
+    return any(re.fullmatch(rf"(?:mrf)?{tag}(?:maps?)?", w) for w in re.split(r"[^a-z0-9]+", stem))
 
 
 def _read_dicom(root: Path, sites: dict[str, dict], site: str | None, work: Path) -> Exam:

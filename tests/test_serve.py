@@ -183,6 +183,8 @@ def test_five_dicom_series_on_the_mrf_geometry_in_the_original_study(answer, exa
         out = _series(answer / c)
         assert len(out) == len(src)
         assert len({d.SeriesInstanceUID for d in out}) == 1
+        # one number per contrast, whichever contrasts a request asks for
+        assert {d.SeriesNumber for d in out} == {9900 + CONTRASTS.index(c)}
         series_uids.add(out[0].SeriesInstanceUID)
         for d in out:
             s = src_at[tuple(np.round(np.asarray(d.ImagePositionPatient, float), 3))]
@@ -404,6 +406,25 @@ def _repeated_t1(exam: Path) -> bytes:
     return _zip(files)
 
 
+def _damaged_deflate() -> bytes:
+    """A zip whose one deflated entry has bytes flipped inside its compressed stream: zlib, not
+    zipfile, raises on it."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("S1/a.dcm", bytes(range(256)) * 64)
+    raw = bytearray(buf.getvalue())
+    start = 30 + len("S1/a.dcm")  # past the local header
+    for i in range(start + 2, start + 12):
+        raw[i] ^= 0xFF
+    return bytes(raw)
+
+
+def _rgb(v: np.ndarray) -> np.ndarray:
+    out = np.zeros(v.shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    out["R"] = np.clip(v / 20.0, 0, 255).astype(np.uint8)
+    return out
+
+
 BAD = {
     "not a zip": (lambda ctx: b"this is not a zip archive", "", 400, "not_a_zip"),
     "path traversal": (lambda ctx: _traversal(), "", 400, "unsafe_zip_path"),
@@ -437,6 +458,9 @@ BAD = {
     "store without affine": (lambda ctx: _store_edited(ctx["tmp"], ctx["raw"], lambda a: (
         {k: v for k, v in a.items() if k != "affine_lps"})), "", 422, "bad_store"),
     "a file and a folder of one name": (lambda ctx: _zip({"S1": b"x", "S1/a.dcm": b"y"}), "", 400, "bad_zip"),
+    "a deflated entry with damaged bytes": (lambda ctx: _damaged_deflate(), "", 400, "bad_zip"),
+    "RGB NIfTI maps": (lambda ctx: _nifti_pair(ctx["tmp"], ctx["raw"], lambda r, v, a: (_rgb(v), a)), "", 422,
+                       "bad_nifti"),
     "unknown contrast": (lambda ctx: ctx["zip"], "?contrasts=t1w,dwi", 422, "unknown_contrast"),
     "unknown model": (lambda ctx: ctx["zip"], "?model=unet3d", 404, "no_model"),
     "unknown site": (lambda ctx: ctx["zip"], "?site=site-Z", 422, "unknown_site"),
@@ -685,6 +709,67 @@ def test_a_site_is_a_scanner_not_a_vendor(exam_b, tmp_path, model_name):
             files[f"{d.name}/{f.name}"] = b.getvalue()
     exam = read_exam(unpack(_zip(files), tmp_path / "u"), load_sites(None), None, tmp_path / "s")
     assert exam.site == ("site-B" if model_name == "SIGNA Premier" else None)
+
+
+@pytest.mark.parametrize("names, picked", [
+    (("mrf_t1", "mrf_t2"), ("mrf_t1", "mrf_t2")),
+    (("T1map", "T2map"), ("T1map", "T2map")),
+    (("pat12_t1", "pat12_t2"), ("pat12_t1", "pat12_t2")),   # the t1 of "pat12t2" is no word
+    (("MRF_T1_fit1", "MRF_T2_fit1"), ("MRF_T1_fit1", "MRF_T2_fit1")),
+])
+def test_nifti_maps_are_picked_by_a_word_of_their_name(raw_pair, tmp_path, names, picked):
+    from ingest.nifti import save_nifti
+    from ingest.service import load_sites
+    from ingest.store import open_store
+    from serve.exam import read_exam
+
+    st = open_store(raw_pair["site-B"])
+    (tmp_path / "u").mkdir()
+    for role, name in zip(("mrf_t1", "mrf_t2"), names):
+        save_nifti(tmp_path / "u" / f"{name}.nii.gz", st.read(role), np.asarray(st.attrs_of(role)["affine_lps"]))
+    exam = read_exam(tmp_path / "u", load_sites(None), None, tmp_path / "s")
+    assert np.array_equal(exam.t1, st.read("mrf_t1").astype(np.float32))
+    assert np.array_equal(exam.t2, st.read("mrf_t2").astype(np.float32))
+
+
+def test_a_4d_nifti_map_is_named_as_such(raw_pair, tmp_path):
+    import nibabel as nib
+
+    from ingest.service import load_sites
+    from serve.exam import RequestError, read_exam
+
+    for role in ("mrf_t1", "mrf_t2"):
+        nib.save(nib.Nifti1Image(np.ones((4, 4, 3, 1), np.float32), np.eye(4)), str(tmp_path / f"{role}.nii.gz"))
+    with pytest.raises(RequestError) as err:
+        read_exam(tmp_path, load_sites(None), None, tmp_path / "s")
+    assert err.value.code == "wrong_shape" and "4-D image (4, 4, 3, 1)" in err.value.message
+
+
+def test_write_back_reads_bare_dicom_and_refuses_a_short_series_before_the_models(exam_b, tmp_path):
+    """Files without preamble, which ingest reads, carry a write-back too; a T1 map series that
+    cannot is refused when the headers are read, which the app does before any forward."""
+    from pydicom.filebase import DicomFileLike
+    from pydicom.filewriter import write_dataset
+
+    from ingest.service import load_sites
+    from serve.dicomout import source_headers
+    from serve.exam import read_exam
+
+    for d in sorted(exam_b.glob("S70*")):
+        for f in sorted(d.iterdir()):
+            ds = pydicom.dcmread(f)
+            del ds.file_meta
+            (tmp_path / "u" / d.name).mkdir(parents=True, exist_ok=True)
+            with open(tmp_path / "u" / d.name / f.name, "wb") as fh:
+                out = DicomFileLike(fh)
+                out.is_little_endian, out.is_implicit_VR = True, True
+                write_dataset(out, ds)
+    exam = read_exam(tmp_path / "u", load_sites(None), None, tmp_path / "s")
+    z = exam.t1.shape[0]
+    t1_at, t2_at = source_headers(exam.affine, z, exam.sources["mrf_t1"], exam.sources["mrf_t2"])
+    assert sorted(t1_at) == list(range(z)) and sorted(t2_at) == list(range(z))
+    with pytest.raises(ValueError, match=f"has {z - 1} single-frame slices on its grid, expected {z}"):
+        source_headers(exam.affine, z, exam.sources["mrf_t1"][1:], exam.sources["mrf_t2"])
 
 
 @pytest.mark.parametrize("text, why", [("- a\n", "not a Serve config"),
