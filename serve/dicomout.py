@@ -25,6 +25,10 @@ _COPY_STUDY = ("SpecificCharacterSet", "PatientName", "PatientID", "IssuerOfPati
                "PatientSex", "PatientAge", "PatientWeight", "PatientSize", "StudyInstanceUID", "StudyDate", "StudyTime",
                "StudyID", "AccessionNumber", "ReferringPhysicianName", "StudyDescription", "InstitutionName",
                "FrameOfReferenceUID", "PositionReferenceIndicator", "PatientPosition", "BodyPartExamined")
+# Type 2 in the MR Image IOD: present, empty when the source has no value (an anonymiser that
+# dropped them leaves the source non-conformant, not our series)
+_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
+          "AccessionNumber", "ReferringPhysicianName", "PositionReferenceIndicator")
 # ... and where each slice is, from the MRF slice at the same position
 _COPY_SLICE = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
                "SpacingBetweenSlices", "SliceLocation", "InstanceNumber", "AcquisitionNumber")
@@ -68,6 +72,16 @@ def source_headers(affine: np.ndarray, n_slices: int, t1_files: list[Path],
                 at[_slice_index(h, inv)] = h
         out.append(at)
     _check_slices(out[0], n_slices)
+    if any("FrameOfReferenceUID" not in h for h in out[0].values()):
+        # Type 1 for an image with a position: an anonymiser may have dropped it. One new frame
+        # for the request, so every synthetic series of it shares the MRF slices' frame.
+        from pydicom.uid import generate_uid
+
+        frame = next((h.FrameOfReferenceUID for h in out[0].values() if h.get("FrameOfReferenceUID")), None)
+        frame = frame or generate_uid()
+        for h in out[0].values():
+            if not h.get("FrameOfReferenceUID"):
+                h.FrameOfReferenceUID = frame
     return out[0], out[1]
 
 
@@ -122,6 +136,9 @@ def dicom_series(stored: np.ndarray, t1_at: dict, t2_at: dict, contrast: str, ca
     for kw in _COPY_STUDY:
         if kw in first:
             shared.add(copy.deepcopy(first.data_element(kw)))
+    for kw in _TYPE2:
+        if kw not in shared:
+            setattr(shared, kw, "")
     shared.SOPClassUID = MR_IMAGE_STORAGE
     shared.SeriesInstanceUID = generate_uid()
     shared.Modality = "MR"

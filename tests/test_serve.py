@@ -5,6 +5,7 @@ the server's log, and the viewer page in a real (headless Debian chromium) brows
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -353,7 +354,6 @@ def _store_edited(tmp: Path, raw: Path, edit) -> bytes:
 def _declared_huge(tmp: Path, kind: str) -> bytes:
     """A few hundred bytes that declare maps of 2^31 voxels: a store's metadata without its chunks,
     or a .nii.gz header (compressed a second time inside the zip) whose data never come."""
-    import gzip
 
     import nibabel as nib
 
@@ -459,6 +459,9 @@ BAD = {
         {k: v for k, v in a.items() if k != "affine_lps"})), "", 422, "bad_store"),
     "a file and a folder of one name": (lambda ctx: _zip({"S1": b"x", "S1/a.dcm": b"y"}), "", 400, "bad_zip"),
     "a deflated entry with damaged bytes": (lambda ctx: _damaged_deflate(), "", 400, "bad_zip"),
+    "a NIfTI beside the DICOM maps": (lambda ctx: _zip({
+        **{f"{d.name}/{f.name}": f.read_bytes() for d in sorted(ctx["exam"].glob("S70*")) for f in sorted(d.iterdir())},
+        "mask.nii.gz": gzip.compress(bytes(352))}), "", 422, "mixed_upload"),
     "RGB NIfTI maps": (lambda ctx: _nifti_pair(ctx["tmp"], ctx["raw"], lambda r, v, a: (_rgb(v), a)), "", 422,
                        "bad_nifti"),
     "unknown contrast": (lambda ctx: ctx["zip"], "?contrasts=t1w,dwi", 422, "unknown_contrast"),
@@ -770,6 +773,35 @@ def test_write_back_reads_bare_dicom_and_refuses_a_short_series_before_the_model
     assert sorted(t1_at) == list(range(z)) and sorted(t2_at) == list(range(z))
     with pytest.raises(ValueError, match=f"has {z - 1} single-frame slices on its grid, expected {z}"):
         source_headers(exam.affine, z, exam.sources["mrf_t1"][1:], exam.sources["mrf_t2"])
+
+
+def test_write_back_of_maps_an_anonymiser_stripped(exam_b, tmp_path):
+    """Type 2 elements the source lacks are written empty, and a missing FrameOfReferenceUID
+    (Type 1) is made once per request, shared by every series of it."""
+    from ingest.service import load_sites
+    from serve.dicomout import dicom_series, source_headers
+    from serve.exam import read_exam
+
+    for d in sorted(exam_b.glob("S70*")):
+        (tmp_path / "u" / d.name).mkdir(parents=True)
+        for f in sorted(d.iterdir()):
+            ds = pydicom.dcmread(f)
+            for kw in ("FrameOfReferenceUID", "PatientBirthDate", "AccessionNumber", "StudyID"):
+                if kw in ds:
+                    delattr(ds, kw)
+            ds.save_as(tmp_path / "u" / d.name / f.name)
+    exam = read_exam(tmp_path / "u", load_sites(None), None, tmp_path / "s")
+    z, y, x = exam.t1.shape
+    heads = source_headers(exam.affine, z, exam.sources["mrf_t1"], exam.sources["mrf_t2"])
+    frames = set()
+    for i, c in enumerate(("t1w", "swi")):
+        files = dicom_series(np.zeros((z, y, x), np.uint16), *heads, c, {"id": "x"}, series_number=9900 + i)
+        out = [pydicom.dcmread(io.BytesIO(b)) for _, b in files]
+        frames |= {d.FrameOfReferenceUID for d in out}
+        for d in out:
+            assert d.PatientBirthDate == "" and d.AccessionNumber == "" and d.StudyID == ""
+            assert d.PatientID == pydicom.dcmread(exam.sources["mrf_t1"][0]).PatientID
+    assert len(frames) == 1 and pydicom.uid.UID(frames.pop()).is_valid
 
 
 @pytest.mark.parametrize("text, why", [("- a\n", "not a Serve config"),
