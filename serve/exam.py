@@ -1,8 +1,8 @@
 """One uploaded exam, from request body to model input, without Ray (the app runs it in a thread).
 
 The body is a zip holding a site's MRF T1 and T2 maps as DICOM (one exam), a NIfTI pair
-(``t1`` and ``t2`` each a word of one file's name, e.g. ``mrf_t1.nii.gz``; maps in ms) or a raw exam store as ``qsnet ingest``
-writes it. DICOM goes through ingest itself (:func:`ingest.service.ingest_exam`: the same
+(``t1`` and ``t2`` each a word of one file's name, e.g. ``mrf_t1.nii.gz``; maps in ms) or a raw
+exam store as ``qsnet ingest`` writes it. DICOM goes through ingest itself (:func:`ingest.service.ingest_exam`: the same
 series grouping, role rules, reader, checks and de-identified store), and the maps through
 prepare's registration-free path (:func:`ingest.prepare.service.prepare_inputs`), so a served
 exam gives the model exactly the input the offline pipeline would.
