@@ -72,16 +72,16 @@ def source_headers(affine: np.ndarray, n_slices: int, t1_files: list[Path],
                 at[_slice_index(h, inv)] = h
         out.append(at)
     _check_slices(out[0], n_slices)
-    if any("FrameOfReferenceUID" not in h for h in out[0].values()):
-        # Type 1 for an image with a position: an anonymiser may have dropped it. One new frame
-        # for the request, so every synthetic series of it shares the MRF slices' frame.
+    lacking = [h for h in out[0].values() if not h.get("FrameOfReferenceUID")]
+    if lacking:
+        # Type 1 for an image with a position: an anonymiser may have dropped it. One frame for
+        # the request (another slice's, else a new one), so every synthetic series shares it.
         from pydicom.uid import generate_uid
 
         frame = next((h.FrameOfReferenceUID for h in out[0].values() if h.get("FrameOfReferenceUID")), None)
         frame = frame or generate_uid()
-        for h in out[0].values():
-            if not h.get("FrameOfReferenceUID"):
-                h.FrameOfReferenceUID = frame
+        for h in lacking:
+            h.FrameOfReferenceUID = frame
     return out[0], out[1]
 
 
