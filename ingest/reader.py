@@ -45,7 +45,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
-__all__ = ["SeriesError", "ReadPlan", "plan_is_current", "read_plan", "read_series", "parse_csa_header", "siemens_csa_image_header"]
+__all__ = ["SeriesError", "ReadPlan", "looks_like_dicom", "plan_is_current", "read_plan", "read_series",
+           "parse_csa_header", "siemens_csa_image_header"]
 
 
 class SeriesError(ValueError):
@@ -848,6 +849,14 @@ def _bare_dataset(fp) -> bool:
         with open(fp, "rb") as fh:
             head = fh.read(4)
     return len(head) == 4 and struct.unpack("<HH", head)[0] in (0x0002, 0x0008)
+
+
+def looks_like_dicom(path) -> bool:
+    """Whether a file starts as DICOM: the "DICM" prefix after the preamble, or a bare data set
+    (see :func:`_bare_dataset`). A sniff of a few bytes, not a parse."""
+    with open(path, "rb") as fh:
+        head = fh.read(132)
+    return head[128:132] == b"DICM" or (len(head) >= 4 and struct.unpack("<HH", head[:4])[0] in (0x0002, 0x0008))
 
 
 def dcmread_any(fp, **kw):

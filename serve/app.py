@@ -35,6 +35,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 
 from serve.catalog import CONTRASTS, load_catalog, public_card, select
+from serve.dicomout import check_uid_root
 from serve.exam import Limits, RequestError, model_input, read_exam, unpack
 
 log = logging.getLogger("ray.serve")
@@ -204,7 +205,8 @@ def _sweep_uploads(older_than_s: float = 3600.0) -> None:
 @serve.ingress(api)
 class Ingress:
     def __init__(self, synthesizer, models: str, cards: list[str] | None = None,
-                 api_keys_: list[str] | str | None = None, limits: dict | None = None, sites: str | None = None):
+                 api_keys_: list[str] | str | None = None, limits: dict | None = None, sites: str | None = None,
+                 uid_root: str | None = None):
         from ingest.service import load_sites
 
         self.synth = synthesizer
@@ -213,6 +215,7 @@ class Ingress:
         self.limits = Limits.from_dict(limits)
         self.uploads = asyncio.Semaphore(self.limits.max_concurrent_uploads)
         self.sites = load_sites(Path(sites) if sites else None)
+        self.uid_root = check_uid_root(uid_root)
         self.viewer = (Path(__file__).parent / "viewer.html").read_text()
         for why in self.skipped:
             log.warning("not served: %s", why)
@@ -452,12 +455,12 @@ class Ingress:
         root = unpack(body, tmp / "upload", self.limits)
         return read_exam(root, self.sites, site, work=tmp / "store", limits=self.limits)
 
-    @staticmethod
-    def _heads(exam) -> tuple[dict, dict]:
+    def _heads(self, exam) -> tuple[dict, dict]:
         from serve.dicomout import source_headers
 
         try:
-            return source_headers(exam.affine, exam.t1.shape[0], exam.sources["mrf_t1"], exam.sources["mrf_t2"])
+            return source_headers(exam.affine, exam.t1.shape[0], exam.sources["mrf_t1"], exam.sources["mrf_t2"],
+                                  self.uid_root)
         except ValueError as exc:
             raise RequestError(422, "cannot_write_back", f"{exc}; ask for format=nifti") from None
 
@@ -479,7 +482,8 @@ class Ingress:
                 try:
                     # one number per contrast whatever else the request asks for: a later request
                     # on the same study gives the same contrast the same number
-                    files = dicom_series(stored[c], *heads, c, card, series_number=9900 + CONTRASTS.index(c))
+                    files = dicom_series(stored[c], *heads, c, card, series_number=9900 + CONTRASTS.index(c),
+                                         uid_root=self.uid_root)
                 except ValueError as exc:
                     raise RequestError(422, "cannot_write_back", str(exc)) from None
                 for name, data in files:
@@ -496,7 +500,8 @@ class Ingress:
 def build_app(args: dict):
     """The application from builder arguments (``serve run serve.app:build_app models=models``,
     or a Serve config's ``args``): models (registry folder), cards (ids, optional), api_keys,
-    limits, sites, max_batch_size, batch_wait_timeout_s, host (checked: no keys, no public bind)."""
+    limits, sites, uid_root (the organisation's root for new DICOM UIDs), max_batch_size,
+    batch_wait_timeout_s, host (checked: no keys, no public bind)."""
     args = dict(args or {})
     models = str(args.get("models", "models"))
     cards = args.get("cards")
@@ -509,6 +514,7 @@ def build_app(args: dict):
         raise ValueError(f"{models}: no servable model card" + (f" ({'; '.join(skipped[:3])})" if skipped else ""))
     limits = args.get("limits")
     Limits.from_dict(limits)  # a bad limit fails at deploy time, not on the first request
+    check_uid_root(args.get("uid_root"))
     # per-deployment options (replicas, autoscaling, actor resources) when not given by a Serve
     # config's `deployments` (which `serve run config.yaml` applies itself)
     opts = args.get("deployments") or {}
@@ -518,4 +524,4 @@ def build_app(args: dict):
     synth = Synthesizer.options(**opts.get("Synthesizer", {})).bind(
         models, cards, int(args.get("max_batch_size", 32)), float(args.get("batch_wait_timeout_s", 0.005)))
     return Ingress.options(**opts.get("Ingress", {})).bind(synth, models, cards, args.get("api_keys"), limits,
-                                                           args.get("sites"))
+                                                           args.get("sites"), args.get("uid_root"))

@@ -13,6 +13,8 @@ def load_config(path: Path) -> dict:
     folded in (as ``serve run`` would apply them), plus the file's ``http_options``."""
     import yaml
 
+    from serve.dicomout import check_uid_root
+
     try:
         doc = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
@@ -29,6 +31,10 @@ def load_config(path: Path) -> dict:
     keys = args.get("api_keys")
     if keys is not None and not (isinstance(keys, str) or (isinstance(keys, list) and all(isinstance(k, str) for k in keys))):
         raise ValueError(f"{path}: api_keys must be a list of strings")
+    try:
+        check_uid_root(args.get("uid_root"))
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
     if not isinstance(doc.get("http_options") or {}, dict):
         raise ValueError(f"{path}: http_options must be a mapping")
     deps = {}

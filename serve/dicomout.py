@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import re
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DATA_RANGE", "LABELS", "dicom_series", "nifti_bytes", "source_headers", "to_stored"]
+__all__ = ["DATA_RANGE", "LABELS", "check_uid_root", "dicom_series", "nifti_bytes", "source_headers", "to_stored"]
 
 DATA_RANGE = 4095
 LABELS = {"t1w": "T1w", "t2w": "T2w", "t1flair": "T1-FLAIR", "t2flair": "T2-FLAIR", "swi": "SWI"}
@@ -50,8 +51,24 @@ def _slice_index(ds, inv_affine: np.ndarray) -> int:
     return int(round(float((inv_affine @ ipp)[0])))
 
 
+_UID_ROOT = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*\.")
+
+
+def check_uid_root(root: str | None) -> str | None:
+    """The organisation's UID root that new UIDs start with (``None``: pydicom's). PS3.5 9.1:
+    digits in dot-separated components without leading zeros; it must end in "." and leave room
+    for the unique part of a 64-character UID."""
+    if root is None or root == "":
+        return None
+    root = str(root)
+    if not _UID_ROOT.fullmatch(root) or len(root) > 54:
+        raise ValueError(f"uid_root {root!r}: not a UID root (digits and dots, no leading zeros, ending in '.', "
+                         "at most 54 characters), e.g. '1.2.826.0.1.3680043.10.123.'")
+    return root
+
+
 def source_headers(affine: np.ndarray, n_slices: int, t1_files: list[Path],
-                   t2_files: list[Path]) -> tuple[dict, dict]:
+                   t2_files: list[Path], uid_root: str | None = None) -> tuple[dict, dict]:
     """The MRF T1 and T2 map headers by slice index of ``affine``: read once per request, shared
     by every contrast's series. ValueError when the T1 map series cannot carry a write-back of
     ``n_slices`` slices."""
@@ -79,7 +96,7 @@ def source_headers(affine: np.ndarray, n_slices: int, t1_files: list[Path],
         from pydicom.uid import generate_uid
 
         frame = next((h.FrameOfReferenceUID for h in out[0].values() if h.get("FrameOfReferenceUID")), None)
-        frame = frame or generate_uid()
+        frame = frame or generate_uid(check_uid_root(uid_root))
         for h in lacking:
             h.FrameOfReferenceUID = frame
     return out[0], out[1]
@@ -106,7 +123,7 @@ def _encode(ds, encodings) -> dict[int, bytes]:
 
 
 def dicom_series(stored: np.ndarray, t1_at: dict, t2_at: dict, contrast: str, card: dict,
-                 series_number: int) -> list[tuple[str, bytes]]:
+                 series_number: int, uid_root: str | None = None) -> list[tuple[str, bytes]]:
     """One MR Image Storage file per slice of ``stored`` (Z, Y, X): [(file name, bytes)].
     ``t1_at`` / ``t2_at``: :func:`source_headers`. The elements every slice shares are encoded
     once per series; a file is its meta group, then its own and the shared elements in tag order."""
@@ -123,6 +140,7 @@ def dicom_series(stored: np.ndarray, t1_at: dict, t2_at: dict, contrast: str, ca
 
     from ingest import __version__
 
+    uid_root = check_uid_root(uid_root)
     z, rows, cols = stored.shape
     _check_slices(t1_at, z)
     first = t1_at[0]
@@ -140,7 +158,7 @@ def dicom_series(stored: np.ndarray, t1_at: dict, t2_at: dict, contrast: str, ca
         if kw not in shared:
             setattr(shared, kw, "")
     shared.SOPClassUID = MR_IMAGE_STORAGE
-    shared.SeriesInstanceUID = generate_uid()
+    shared.SeriesInstanceUID = generate_uid(uid_root)
     shared.Modality = "MR"
     shared.SeriesNumber = int(series_number)
     shared.SeriesDescription = f"SYNTHETIC {label} (qsnet {model_id})"[:64]
@@ -174,7 +192,7 @@ def dicom_series(stored: np.ndarray, t1_at: dict, t2_at: dict, contrast: str, ca
         for kw in _COPY_SLICE:
             if kw in src:
                 ds.add(copy.deepcopy(src.data_element(kw)))
-        ds.SOPInstanceUID = generate_uid()
+        ds.SOPInstanceUID = generate_uid(uid_root)
         refs = []
         for h in (src, t2_at.get(k)):
             if h is not None and "SOPInstanceUID" in h:

@@ -163,6 +163,8 @@ def unpack(body: bytes, dest: Path, limits: Limits = Limits()) -> Path:
 # ----------------------------------------------------------------------------- reading
 
 def _kind(root: Path) -> str:
+    from ingest.reader import looks_like_dicom
+
     if any(p.name == "zarr.json" and p.parent != root and (p.parent / "mrf_t1").exists()
            for p in root.rglob("zarr.json")):
         return "zarr"
@@ -170,17 +172,11 @@ def _kind(root: Path) -> str:
     if any(p.name.endswith((".nii", ".nii.gz")) for p in files):
         # a stray NIfTI (a mask, a dcm2niix output) beside DICOM maps would otherwise send the
         # whole upload down the NIfTI path, and the DICOM would be ignored without a word
-        if any(_dicm(p) for p in files if not p.name.endswith((".nii", ".nii.gz"))):
+        if any(looks_like_dicom(p) for p in files if not p.name.endswith((".nii", ".nii.gz"))):
             raise RequestError(422, "mixed_upload", "the zip holds both NIfTI and DICOM files: send the MRF "
                                "maps in one form")
         return "nifti"
     return "dicom"
-
-
-def _dicm(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        fh.seek(128)
-        return fh.read(4) == b"DICM"
 
 
 def read_exam(root: Path, sites: dict[str, dict], site: str | None = None, work: Path | None = None,

@@ -98,6 +98,38 @@ def test_crash_leaves_nothing_half_written(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_changed_site_protocol_makes_the_tree_out_of_date(tmp_path, monkeypatch):
+    """A site file edited (a flip angle corrected) changes the data: the next simulate rewrites
+    the tree instead of calling it up to date. Comments in the file do not count."""
+    def fake_exam(exam_dir, site, i, *a, **k):
+        exam_dir.mkdir(parents=True)
+        (exam_dir / "x.dcm").write_bytes(b"x")
+        return {"exam": exam_dir.name, "site": site, "timings": {}}
+
+    monkeypatch.setattr(sim, "simulate_exam", fake_exam)
+    out = tmp_path / "data"
+    assert not sim.simulate(out, size="demo", sites=("site-B",), subjects=1, jobs=1)["up_to_date"]
+    assert sim.simulate(out, size="demo", sites=("site-B",), subjects=1, jobs=1)["up_to_date"]
+    real = sim.load_site
+
+    def edited(site):
+        cfg = real(site)
+        cfg["_source"] = "elsewhere"  # where it was read from is not the protocol
+        return cfg
+
+    monkeypatch.setattr(sim, "load_site", edited)
+    assert sim.simulate(out, size="demo", sites=("site-B",), subjects=1, jobs=1)["up_to_date"]
+
+    def corrected(site):
+        cfg = real(site)
+        cfg["series"]["t2w"]["flip_angle"] = 150.0
+        return cfg
+
+    monkeypatch.setattr(sim, "load_site", corrected)
+    assert not sim.simulate(out, size="demo", sites=("site-B",), subjects=1, jobs=1)["up_to_date"]
+    assert "site-B" in json.loads((out / sim.MARKER).read_text())["protocols"]
+
+
 # ---------------------------------------------------------------- the demo tree
 
 @pytest.mark.slow

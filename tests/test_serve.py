@@ -30,6 +30,7 @@ from niftiref import reindexed  # noqa: E402
 
 CONTRASTS = ("t1w", "t2w", "t1flair", "t2flair", "swi")
 KEY = "test-key-0123456789"
+UID_ROOT = "1.2.3.4.5."  # a site's own root (serve.yaml uid_root): new UIDs start with it
 LIMITS = {"max_request_bytes": 4 << 20, "max_unpacked_bytes": 64 << 20, "max_ratio": 200, "max_entries": 500,
           "max_concurrent_uploads": 2, "queue_timeout_s": 1.0, "idle_timeout_s": 6.0}
 
@@ -94,6 +95,7 @@ def server(registry, tmp_path_factory):
     doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "platform" / "serve.yaml").read_text())
     app = doc["applications"][0]
     app["args"]["limits"] = LIMITS
+    app["args"]["uid_root"] = UID_ROOT
     for d in app["deployments"]:  # a 2-core machine: one replica each
         d.pop("autoscaling_config", None)
         d["num_replicas"] = 1
@@ -201,7 +203,7 @@ def test_five_dicom_series_on_the_mrf_geometry_in_the_original_study(answer, exa
             assert "Not an acquired image" in d.DerivationDescription
             assert d.SourceImageSequence[0].ReferencedSOPInstanceUID == s.SOPInstanceUID
             for uid in (d.SOPInstanceUID, d.SeriesInstanceUID):
-                assert pydicom.uid.UID(uid).is_valid and uid not in src_uids
+                assert pydicom.uid.UID(uid).is_valid and uid not in src_uids and uid.startswith(UID_ROOT)
             sop_uids.add(d.SOPInstanceUID)
             assert d.file_meta.MediaStorageSOPInstanceUID == d.SOPInstanceUID
     assert len(series_uids) == 5 and len(sop_uids) == 5 * len(src)
@@ -461,6 +463,11 @@ BAD = {
     "a deflated entry with damaged bytes": (lambda ctx: _damaged_deflate(), "", 400, "bad_zip"),
     "a NIfTI beside the DICOM maps": (lambda ctx: _zip({
         **{f"{d.name}/{f.name}": f.read_bytes() for d in sorted(ctx["exam"].glob("S70*")) for f in sorted(d.iterdir())},
+        "mask.nii.gz": gzip.compress(bytes(352))}), "", 422, "mixed_upload"),
+    # older PACS exports write data sets without the preamble and "DICM": still DICOM
+    "a NIfTI beside bare DICOM maps": (lambda ctx: _zip({
+        **{f"{d.name}/{f.name}": f.read_bytes()[132:] for d in sorted(ctx["exam"].glob("S70*"))
+           for f in sorted(d.iterdir())},
         "mask.nii.gz": gzip.compress(bytes(352))}), "", 422, "mixed_upload"),
     "RGB NIfTI maps": (lambda ctx: _nifti_pair(ctx["tmp"], ctx["raw"], lambda r, v, a: (_rgb(v), a)), "", 422,
                        "bad_nifti"),
@@ -792,7 +799,7 @@ def test_write_back_of_maps_an_anonymiser_stripped(exam_b, tmp_path):
             ds.save_as(tmp_path / "u" / d.name / f.name)
     exam = read_exam(tmp_path / "u", load_sites(None), None, tmp_path / "s")
     z, y, x = exam.t1.shape
-    heads = source_headers(exam.affine, z, exam.sources["mrf_t1"], exam.sources["mrf_t2"])
+    heads = source_headers(exam.affine, z, exam.sources["mrf_t1"], exam.sources["mrf_t2"], UID_ROOT)
     frames = set()
     for i, c in enumerate(("t1w", "swi")):
         files = dicom_series(np.zeros((z, y, x), np.uint16), *heads, c, {"id": "x"}, series_number=9900 + i)
@@ -801,7 +808,8 @@ def test_write_back_of_maps_an_anonymiser_stripped(exam_b, tmp_path):
         for d in out:
             assert d.PatientBirthDate == "" and d.AccessionNumber == "" and d.StudyID == ""
             assert d.PatientID == pydicom.dcmread(exam.sources["mrf_t1"][0]).PatientID
-    assert len(frames) == 1 and pydicom.uid.UID(frames.pop()).is_valid
+    frame = frames.pop()
+    assert not frames and pydicom.uid.UID(frame).is_valid and frame.startswith(UID_ROOT)
 
 
 @pytest.mark.parametrize("text, why", [("- a\n", "not a Serve config"),
@@ -811,7 +819,12 @@ def test_write_back_of_maps_an_anonymiser_stripped(exam_b, tmp_path):
                                        ("applications:\n- import_path: serve.app:build_app\n  args: {api_keys: 5}\n",
                                         "api_keys must be a list of strings"),
                                        ("applications:\n- import_path: serve.app:build_app\n  deployments: [{x: 1}]\n",
-                                        "each deployment must be a mapping with a name")])
+                                        "each deployment must be a mapping with a name"),
+                                       # unquoted, YAML reads 1. as the number 1.0
+                                       ("applications:\n- import_path: serve.app:build_app\n  args: {uid_root: 1.}\n",
+                                        "uid_root '1.0': not a UID root"),
+                                       ("applications:\n- import_path: serve.app:build_app\n  args: {uid_root: '1.02.3.'}\n",
+                                        "uid_root '1.02.3.': not a UID root")])
 def test_a_malformed_serve_config_is_one_line_naming_the_file(tmp_path, text, why):
     from serve.cli import load_config
 

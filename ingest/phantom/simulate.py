@@ -418,6 +418,15 @@ def _anatomy_id(anatomy_dir: str | None) -> str:
     return "sha256:" + h.hexdigest()[:16]
 
 
+def _protocol_id(site: str) -> str:
+    """The site's protocol as the simulator reads it (its parsed config, so comments do not count):
+    a tree simulated from another protocol is out of date."""
+    import hashlib
+
+    cfg = {k: v for k, v in load_site(site).items() if not k.startswith("_")}
+    return "sha256:" + hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def simulate(out: Path, size: str = "demo", anatomy_dir: Path | None = None, seed: int = 0,
              sites=SITES, subjects: int | None = None, jobs: int | None = None, force: bool = False,
              progress=None) -> dict:
@@ -427,7 +436,8 @@ def simulate(out: Path, size: str = "demo", anatomy_dir: Path | None = None, see
     _template(anat_key)  # bad anatomy fails here, before anything is written
     marker = {"generator": "qsnet simulate", "simulator_version": SIMULATOR_VERSION,
               "qsnet_version": __version__, "size": size, "seed": seed, "sites": list(sites),
-              "anatomy": _anatomy_id(anat_key), "exams": [f"{s}/{_exam_name(s, i)}" for s, i in tasks]}
+              "anatomy": _anatomy_id(anat_key), "protocols": {s: _protocol_id(s) for s in sites},
+              "exams": [f"{s}/{_exam_name(s, i)}" for s, i in tasks]}
     out = Path(out)
     if out.exists():
         if not out.is_dir():
