@@ -67,6 +67,13 @@ def check_uid_root(root: str | None) -> str | None:
     return root
 
 
+def _new_uid(root: str | None) -> str:
+    from pydicom.uid import generate_uid
+
+    # generate_uid(None) would make a 2.25 (UUID) UID; without a root of the site's, pydicom's
+    return generate_uid(root) if root else generate_uid()
+
+
 def source_headers(affine: np.ndarray, n_slices: int, t1_files: list[Path],
                    t2_files: list[Path], uid_root: str | None = None) -> tuple[dict, dict]:
     """The MRF T1 and T2 map headers by slice index of ``affine``: read once per request, shared
@@ -93,10 +100,8 @@ def source_headers(affine: np.ndarray, n_slices: int, t1_files: list[Path],
     if lacking:
         # Type 1 for an image with a position: an anonymiser may have dropped it. One frame for
         # the request (another slice's, else a new one), so every synthetic series shares it.
-        from pydicom.uid import generate_uid
-
         frame = next((h.FrameOfReferenceUID for h in out[0].values() if h.get("FrameOfReferenceUID")), None)
-        frame = frame or generate_uid(check_uid_root(uid_root))
+        frame = frame or _new_uid(check_uid_root(uid_root))
         for h in lacking:
             h.FrameOfReferenceUID = frame
     return out[0], out[1]
@@ -135,7 +140,6 @@ def dicom_series(stored: np.ndarray, t1_at: dict, t2_at: dict, contrast: str, ca
     from pydicom.uid import (
         PYDICOM_IMPLEMENTATION_UID,
         ExplicitVRLittleEndian,
-        generate_uid,
     )
 
     from ingest import __version__
@@ -158,7 +162,7 @@ def dicom_series(stored: np.ndarray, t1_at: dict, t2_at: dict, contrast: str, ca
         if kw not in shared:
             setattr(shared, kw, "")
     shared.SOPClassUID = MR_IMAGE_STORAGE
-    shared.SeriesInstanceUID = generate_uid(uid_root)
+    shared.SeriesInstanceUID = _new_uid(uid_root)
     shared.Modality = "MR"
     shared.SeriesNumber = int(series_number)
     shared.SeriesDescription = f"SYNTHETIC {label} (qsnet {model_id})"[:64]
@@ -192,7 +196,7 @@ def dicom_series(stored: np.ndarray, t1_at: dict, t2_at: dict, contrast: str, ca
         for kw in _COPY_SLICE:
             if kw in src:
                 ds.add(copy.deepcopy(src.data_element(kw)))
-        ds.SOPInstanceUID = generate_uid(uid_root)
+        ds.SOPInstanceUID = _new_uid(uid_root)
         refs = []
         for h in (src, t2_at.get(k)):
             if h is not None and "SOPInstanceUID" in h:

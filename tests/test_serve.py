@@ -810,6 +810,9 @@ def test_write_back_of_maps_an_anonymiser_stripped(exam_b, tmp_path):
             assert d.PatientID == pydicom.dcmread(exam.sources["mrf_t1"][0]).PatientID
     frame = frames.pop()
     assert not frames and pydicom.uid.UID(frame).is_valid and frame.startswith(UID_ROOT)
+    # without a root of the site's, pydicom's (not generate_uid(None)'s 2.25 UUID form)
+    files = dicom_series(np.zeros((z, y, x), np.uint16), *heads, "t2w", {"id": "x"}, series_number=9901)
+    assert pydicom.dcmread(io.BytesIO(files[0][1])).SOPInstanceUID.startswith(pydicom.uid.PYDICOM_ROOT_UID)
 
 
 @pytest.mark.parametrize("text, why", [("- a\n", "not a Serve config"),
