@@ -63,7 +63,7 @@ def check_uid_root(root: str | None) -> str | None:
     root = str(root)
     if not _UID_ROOT.fullmatch(root) or len(root) > 54:
         raise ValueError(f"uid_root {root!r}: not a UID root (digits and dots, no leading zeros, ending in '.', "
-                         "at most 54 characters), e.g. '1.2.826.0.1.3680043.10.123.'")
+                         "at most 54 characters): your organisation's registered root, such as '1.2.3.4.'")
     return root
 
 
