@@ -848,7 +848,11 @@ def _bare_dataset(fp) -> bool:
     else:
         with open(fp, "rb") as fh:
             head = fh.read(4)
-    return len(head) == 4 and struct.unpack("<HH", head)[0] in (0x0002, 0x0008)
+    return _starts_a_dataset(head)
+
+
+def _starts_a_dataset(head: bytes) -> bool:
+    return len(head) >= 4 and struct.unpack("<HH", head[:4])[0] in (0x0002, 0x0008)
 
 
 def looks_like_dicom(path) -> bool:
@@ -856,7 +860,7 @@ def looks_like_dicom(path) -> bool:
     (see :func:`_bare_dataset`). A sniff of a few bytes, not a parse."""
     with open(path, "rb") as fh:
         head = fh.read(132)
-    return head[128:132] == b"DICM" or (len(head) >= 4 and struct.unpack("<HH", head[:4])[0] in (0x0002, 0x0008))
+    return head[128:132] == b"DICM" or _starts_a_dataset(head)
 
 
 def dcmread_any(fp, **kw):
