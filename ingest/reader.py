@@ -465,6 +465,11 @@ def _check_pixel_data(ds, path: Path, ts: UID) -> None:
     kw = next((k for k in _PIXEL_KEYWORDS if k in ds), None)
     if kw is None:
         raise SeriesError(f"{path}: no pixel data (header-only or non-image object)")
+    needed = ("Rows", "Columns", "BitsAllocated") if kw == "PixelData" else ("Rows", "Columns")
+    missing = [k for k in needed if not _i(ds.get(k))]
+    if missing:
+        raise SeriesError(f"{path}: pixel data without {', '.join(missing)}: incomplete Image Pixel "
+                          "module, the pixels cannot be laid out")
     spp = _i(ds.get("SamplesPerPixel")) or 1
     if spp != 1:
         raise SeriesError(f"{path}: {spp} samples per pixel ({ds.get('PhotometricInterpretation', '')}): "

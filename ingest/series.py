@@ -199,13 +199,15 @@ def _native_pixel_bytes(ds) -> int | None:
     spp = _i(ds.get("SamplesPerPixel")) or 1
     frames = _i(ds.get("NumberOfFrames")) or 1
     n = rows * cols * frames * spp
+    if spp == 3 and _s(ds, "PhotometricInterpretation") == "YBR_FULL_422":
+        n = rows * cols * frames * 2  # Cb and Cr sampled at every other column (PS3.3 C.7.6.3.1.2)
     return (n + 7) // 8 if bits == 1 else n * (bits // 8)
 
 
 def _lite_summary(ds, path: Path, size: int, mtime_ns: int | None, buf: bytes) -> tuple[FileInfo | None, str]:
     sop_class = _s(ds, "SOPClassUID") or str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
     if not is_image_sop_class(sop_class):
-        return None, f"not an image ({UID(sop_class).name}): no pixel data to ingest"
+        return None, f"not an image ({UID(sop_class).name}): ingest reads image storage classes only"
     if not _s(ds, "SeriesInstanceUID"):
         return None, "DICOM file without SeriesInstanceUID: cannot tell which series it belongs to"
     plan = read_plan(ds, path, size, mtime_ns) if mtime_ns is not None else None
@@ -244,7 +246,7 @@ def _read_header(path: Path, size: int, mtime_ns: int | None = None) -> tuple[Fi
     meta = getattr(ds, "file_meta", None)
     sop_class = _s(ds, "SOPClassUID") or (str(meta.get("MediaStorageSOPClassUID", "")) if meta else "")
     if not is_image_sop_class(sop_class):
-        return None, f"not an image ({UID(sop_class).name}): no pixel data to ingest"
+        return None, f"not an image ({UID(sop_class).name}): ingest reads image storage classes only"
     ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     if ts == _DEFLATED:
         # pydicom inflates a deflated data set whole, so the file position tells nothing about

@@ -854,3 +854,46 @@ def test_a_tilted_stack_goes_to_nifti_without_a_disagreeing_qform(tmp_path):
         assert np.array_equal(back, vol)
         if qcode:
             np.testing.assert_allclose(hdr.get_qform(), hdr.get_sform(), atol=1e-4)
+
+
+# ------------------------------------------------- pydicom's own test files: a wider sample of writers
+
+PYDICOM_FILES = sorted((Path(pydicom.__file__).parent / "data" / "test_files").glob("*.dcm"))
+
+
+def _pydicom_reference(path: Path):
+    """pydicom's decoded, rescaled pixels, or None where pydicom cannot decode the file."""
+    from pydicom.pixels import apply_rescale
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ds = pydicom.dcmread(path, force=True)
+            return ds, apply_rescale(ds.pixel_array.astype(np.float64), ds)
+        except Exception:  # noqa: BLE001 - whatever pydicom cannot decode is not a reference
+            return ds if "ds" in locals() else None, None
+
+
+@pytest.mark.parametrize("path", PYDICOM_FILES, ids=lambda p: p.name)
+def test_pydicom_sample_reads_equal_or_fails_clearly(path):
+    """Every file pydicom ships: read_series gives pydicom's values or a SeriesError naming the
+    file. An AttributeError or KeyError here is a header the reader trusted without checking."""
+    ds, ref = _pydicom_reference(path)
+    try:
+        arr, _aff, _meta = read_series([path])
+    except SeriesError as exc:
+        assert str(path) in str(exc) and "\n" not in str(exc)
+        return
+    assert ref is not None, f"{path.name}: read although pydicom cannot decode it"
+    assert arr.size == ref.size
+    np.testing.assert_allclose(np.asarray(arr, np.float64).ravel(), ref.ravel(), atol=1e-3)
+
+
+@pytest.mark.parametrize("path", PYDICOM_FILES, ids=lambda p: p.name)
+def test_pydicom_sample_scan_reason_is_true(path):
+    """The scan's reason for a file must not blame truncation when pydicom decodes all its pixels."""
+    _ds, ref = _pydicom_reference(path)
+    infos, problems = scan(path)
+    if ref is not None:
+        for _p, reason in problems:
+            assert "truncated" not in reason and "disagree" not in reason, f"{path.name}: {reason}"
