@@ -256,6 +256,23 @@ def _fg_item(ds, frame: int, macro: str):
     return None
 
 
+def _frame_type(ds, frame: int) -> str:
+    """FrameType of one frame of an enhanced object, from whichever ``*FrameTypeSequence``
+    its modality uses (MR, CT, ...), per-frame before shared; "" when absent."""
+    for fg_kw, idx in (("PerFrameFunctionalGroupsSequence", frame),
+                       ("SharedFunctionalGroupsSequence", 0)):
+        fg = ds.get(fg_kw)
+        if fg is None or len(fg) <= idx:
+            continue
+        for elem in fg[idx]:
+            if elem.VR == "SQ" and elem.value and elem.keyword.endswith("FrameTypeSequence"):
+                v = elem.value[0].get("FrameType")
+                if v:
+                    vals = [v] if isinstance(v, str) else list(v)
+                    return "\\".join(str(x).strip().upper() for x in vals)
+    return ""
+
+
 def _fg_attr(ds, frame: int, macro: str, keyword: str):
     item = _fg_item(ds, frame, macro)
     if item is not None:
@@ -316,6 +333,7 @@ class _Frame:
     tkey: tuple                  # acquisition-order key among frames at one position
     tpi: int | None              # temporal position (identifier / index), when given
     echo: int | None
+    ftype: str = ""              # enhanced: the frame's FrameType, values joined by "\\"
 
 
 def _rescale(slope, intercept, path: Path) -> tuple[float, float]:
@@ -398,7 +416,7 @@ def _frames_of(ds, path: Path, fidx: int) -> tuple[list[_Frame], str]:
             ftime = _dt_seconds(str(fc.get("FrameAcquisitionDateTime", "")) if fc is not None else None)
             frames.append(_Frame(fidx, i, None, rows, cols, ipp, iop, ps, slope, icpt,
                                  _time_key(tpi, facq if facq is not None else acq, ftime, inst, i),
-                                 tpi, echo))
+                                 tpi, echo, _frame_type(ds, i)))
         return frames, "enhanced"
 
     if n_frames > 1:
@@ -460,6 +478,28 @@ def _frames_of(ds, path: Path, fidx: int) -> tuple[list[_Frame], str]:
 
 
 # ------------------------------------------------------------------------ pixel data
+
+def _select_frame_type(frames: list[_Frame], frame_type, plist: list[Path]) -> list[_Frame]:
+    files = {fr.file for fr in frames}
+    where = plist[files.pop()] if len(files) == 1 else _where(plist)
+    counts: dict[str, int] = {}
+    for fr in frames:
+        counts[fr.ftype] = counts.get(fr.ftype, 0) + 1
+    if frame_type is not None:
+        vals = frame_type.split("\\") if isinstance(frame_type, str) else frame_type
+        want = "\\".join(str(v).strip().upper() for v in vals)
+        kept = [fr for fr in frames if fr.ftype == want]
+        if not kept:
+            raise SeriesError(f"{where}: no frame has FrameType {want} (the series has "
+                              f"{'; '.join(k or '(none)' for k in sorted(counts))})")
+        return kept
+    if len(counts) > 1:
+        kinds = "; ".join(f"{k or '(none)'}: {n} frame(s)" for k, n in sorted(counts.items()))
+        raise SeriesError(
+            f"{where}: frames of {len(counts)} kinds in one series (FrameType {kinds}): not one "
+            "volume; export each kind as its own series, or read one with frame_type=")
+    return frames
+
 
 def _check_pixel_data(ds, path: Path, ts: UID) -> None:
     kw = next((k for k in _PIXEL_KEYWORDS if k in ds), None)
@@ -912,7 +952,7 @@ def _dataset(dsets: list, plist: list[Path], i: int):
     return dsets[i]
 
 
-def read_series(paths, infos=None) -> tuple[np.ndarray, np.ndarray, dict]:
+def read_series(paths, infos=None, frame_type: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """The files of ONE series -> (array float32, affine_lps, meta).
 
     ``array`` is ``(Z, Y, X)``, or ``(T, Z, Y, X)`` when every slice position holds
@@ -926,6 +966,12 @@ def read_series(paths, infos=None) -> tuple[np.ndarray, np.ndarray, dict]:
     ``infos``, optional: the :class:`ingest.series.FileInfo` of these files from
     :func:`ingest.series.scan`. A file whose info carries a :class:`ReadPlan` and that has
     not changed since is not parsed again (the result is the same either way).
+
+    ``frame_type``, optional: for enhanced objects whose frames are of several kinds (a
+    Philips B0 map holds magnitude and field-map frames, FrameType ``...\\M`` and
+    ``...\\FIELD_MAP``), the FrameType (values joined by ``\\``) of the frames to read.
+    Such a series read without it is a :class:`SeriesError` that lists the kinds: stacking
+    them as volumes of one 4-D array would pass a field map off as a second time point.
     """
     if isinstance(paths, (str, Path)):  # one file, or a folder holding one series
         paths = sorted(p for p in Path(paths).iterdir() if p.is_file()) if Path(paths).is_dir() else [paths]
@@ -957,6 +1003,7 @@ def read_series(paths, infos=None) -> tuple[np.ndarray, np.ndarray, dict]:
         raise SeriesError(f"{where}: mixes {' and '.join(sorted(kinds))} images: not one series "
                           "(a classic and an enhanced export of one acquisition?)")
     kind = kinds.pop()
+    frames = _select_frame_type(frames, frame_type, plist)
 
     _check_consistency(frames, plist, kind)
     f0 = frames[0]
@@ -998,6 +1045,8 @@ def read_series(paths, infos=None) -> tuple[np.ndarray, np.ndarray, dict]:
     first = frames[clusters[0][0]]
     shape = (n_vol, z, f0.rows, f0.cols) if n_vol > 1 else (z, f0.rows, f0.cols)
     meta = _meta(_dataset(dsets, plist, first.file), frames, kind, ts_list, len(plist), shape, step, z)
+    if frame_type is not None:  # the file's ImageType speaks for all its frames ("MIXED")
+        meta["image_type"] = f0.ftype.split("\\")
 
     # decode file by file, placing each frame at (t, z)
     out = np.empty((n_vol, z, f0.rows, f0.cols), dtype=np.float32)

@@ -327,8 +327,9 @@ def test_meta_has_no_identifying_fields(tmp_path):
 # ------------------------------------------------------------ 2. enhanced multi-frame
 
 def write_enhanced(path: Path, vols: np.ndarray, affine: np.ndarray, frame_order, slopes, *, tpi0=0,
-                   series_uid="1.2.826.0.1.3680043.8.498.9") -> Path:
-    """Enhanced MR with frames (t, z) in `frame_order`; per-frame rescale slope slopes[t, z]."""
+                   series_uid="1.2.826.0.1.3680043.8.498.9", frame_types=None) -> Path:
+    """Enhanced MR with frames (t, z) in `frame_order`; per-frame rescale slope slopes[t, z];
+    with `frame_types`, volume t's frames carry FrameType frame_types[t]."""
     ds = base_dataset(sop_class=ENHANCED_MR, series_uid=series_uid)
     t_n, z_n, rows, cols = vols.shape
     row = affine[:3, 2] / np.linalg.norm(affine[:3, 2])
@@ -368,6 +369,10 @@ def write_enhanced(path: Path, vols: np.ndarray, affine: np.ndarray, frame_order
         echo = Dataset()
         echo.EffectiveEchoTime = 4.5
         item.MREchoSequence = Sequence([echo])
+        if frame_types is not None:
+            ft = Dataset()
+            ft.FrameType = frame_types[t].split("\\")
+            item.MRImageFrameTypeSequence = Sequence([ft])
         per.append(item)
         pix.append(vols[t, z])
     ds.PerFrameFunctionalGroupsSequence = Sequence(per)
@@ -394,6 +399,26 @@ def test_enhanced_multiframe_per_frame_geometry_and_rescale(tmp_path):
         np.testing.assert_allclose(got[t], exp, rtol=1e-6)
     assert meta["enhanced"] and meta["n_volumes"] == 2 and meta["rescale_per_frame"]
     assert meta["tr"] == 2000.0 and meta["te"] == 4.5 and meta["flip_angle"] == 12.0
+
+
+def test_enhanced_frames_of_two_kinds_are_not_stacked_as_volumes(tmp_path):
+    """A Philips B0 map: magnitude and field-map frames in one file, same positions."""
+    aff = make_affine(AXIAL, (5, 5))
+    vols = np.stack([volume((4, 6, 7), seed=s) for s in (8, 9)])
+    order = [(t, z) for t in range(2) for z in range(4)]
+    slopes = np.ones((2, 4))
+    kinds = ["ORIGINAL\\PRIMARY\\T1\\M", "ORIGINAL\\PRIMARY\\T1\\FIELD_MAP"]
+    p = write_enhanced(tmp_path / "b0.dcm", vols, aff, order, slopes, frame_types=kinds)
+    with pytest.raises(SeriesError) as err:
+        read_series([p])
+    msg = str(err.value)
+    assert msg.startswith(str(p)) and "FIELD_MAP: 4 frame(s)" in msg and "\\M: 4 frame(s)" in msg
+    for t, kind in enumerate(kinds):
+        got, _gaff, meta = read_series([p], frame_type=kind)
+        assert got.shape == (4, 6, 7) and meta["image_type"] == kind.split("\\")
+        np.testing.assert_array_equal(got, vols[t])
+    with pytest.raises(SeriesError, match="no frame has FrameType"):
+        read_series([p], frame_type="ORIGINAL\\PRIMARY\\T1\\P")
 
 
 def test_enhanced_series_of_several_files(tmp_path):
