@@ -256,7 +256,7 @@ def _fg_item(ds, frame: int, macro: str):
     return None
 
 
-def _frame_type(ds, frame: int) -> str:
+def enhanced_frame_type(ds, frame: int) -> str:
     """FrameType of one frame of an enhanced object, from whichever ``*FrameTypeSequence``
     its modality uses (MR, CT, ...), per-frame before shared; "" when absent."""
     for fg_kw, idx in (("PerFrameFunctionalGroupsSequence", frame),
@@ -416,7 +416,7 @@ def _frames_of(ds, path: Path, fidx: int) -> tuple[list[_Frame], str]:
             ftime = _dt_seconds(str(fc.get("FrameAcquisitionDateTime", "")) if fc is not None else None)
             frames.append(_Frame(fidx, i, None, rows, cols, ipp, iop, ps, slope, icpt,
                                  _time_key(tpi, facq if facq is not None else acq, ftime, inst, i),
-                                 tpi, echo, _frame_type(ds, i)))
+                                 tpi, echo, enhanced_frame_type(ds, i)))
         return frames, "enhanced"
 
     if n_frames > 1:

@@ -11,8 +11,10 @@ an image, a symlink loop...).
 SeriesInstanceUID for series with different numbers (see the dcm_qa_ts test data) -
 and then splits a group whose files cannot form one image volume (different
 orientation, matrix, pixel spacing, echo, image type, or single-frame mixed with
-multi-frame exports of the same acquisition).  Every part of a split group gets a
-suffix in its key (``_e2`` for echo 2, ``_part2`` for the second geometry...).
+multi-frame exports of the same acquisition), and an enhanced object whose frames are of
+several kinds (FrameType) into one series per kind.  Every part of a split group gets a
+suffix in its key (``_e2`` for echo 2, ``_part2`` for the second geometry, ``_FIELD_MAP``
+for the field-map frames of a B0 map...).
 
 Nothing here stores identifying header fields: a FileInfo holds UIDs (needed to
 group), geometry and acquisition parameters only.
@@ -32,7 +34,16 @@ from pydicom.uid import UID
 
 from ingest.dicomlite import enabled as dicomlite_enabled
 from ingest.dicomlite import read_lite
-from ingest.reader import ReadPlan, _f, _find, _i, acquisition_fields, dcmread_any, read_plan  # one parser for DICOM numbers
+from ingest.reader import (  # one parser for DICOM numbers
+    ReadPlan,
+    _f,
+    _find,
+    _i,
+    acquisition_fields,
+    dcmread_any,
+    enhanced_frame_type,
+    read_plan,
+)
 
 __all__ = ["FileInfo", "SeriesGroup", "scan", "group_series", "is_image_sop_class"]
 
@@ -68,6 +79,7 @@ class FileInfo:
     flip_angle: float | None = None
     n_frames: int = 1
     enhanced: bool = False                            # geometry in functional groups
+    frame_types: tuple[str, ...] = ()                 # enhanced: the FrameTypes of its frames, sorted
     acquisition_number: int | None = None
     instance_number: int | None = None
     # what the reader needs to read a plain classic file without parsing it again, and the
@@ -92,6 +104,7 @@ class SeriesGroup:
     protocol: str = ""
     sequence_name: str = ""
     image_type: list[str] = field(default_factory=list)
+    frame_type: str = ""                                # one kind of an enhanced object's frames
     tr: float | None = None
     te: float | None = None
     ti: float | None = None
@@ -139,6 +152,10 @@ def find_attr(ds, keyword: str, frame: int = 0):
     return _find(ds, keyword, frame)
 
 
+def _frame_types(ds) -> tuple[str, ...]:
+    return tuple(sorted({enhanced_frame_type(ds, i) for i in range(_i(ds.get("NumberOfFrames")) or 1)}))
+
+
 def header_summary(ds, path: Path, size: int, plan: ReadPlan | None = None, sha256: str = "") -> FileInfo:
     """FileInfo from a (header-only) dataset."""
     meta = getattr(ds, "file_meta", None)
@@ -176,6 +193,7 @@ def header_summary(ds, path: Path, size: int, plan: ReadPlan | None = None, sha2
         flip_angle=_f(find_attr(ds, "FlipAngle")),
         n_frames=_i(ds.get("NumberOfFrames")) or 1,
         enhanced=enhanced,
+        frame_types=_frame_types(ds) if enhanced else (),
         acquisition_number=_i(ds.get("AcquisitionNumber")),
         instance_number=_i(ds.get("InstanceNumber")),
         plan=plan,
@@ -535,12 +553,30 @@ def group_series(files: list[FileInfo]) -> tuple[list[SeriesGroup], list[tuple[P
         for ekey, plist in named.items():
             for k, pfiles in enumerate(plist, start=1):
                 key = ekey + (f"_part{k}" if len(plist) > 1 else "")
-                groups.append(_make_group(key, pfiles))
+                kinds = sorted({t for fi in pfiles for t in fi.frame_types})
+                if len(kinds) < 2:
+                    groups.append(_make_group(key, pfiles))
+                    continue
+                # a Philips B0 map keeps magnitude and field-map frames in one object: one
+                # series per kind, as dcm2niix writes them, never one 4-D stack of both
+                for kind in kinds:
+                    groups.append(_make_group(f"{key}_{_kind_label(kind, kinds)}",
+                                              [fi for fi in pfiles if kind in fi.frame_types], kind))
     groups.sort(key=lambda g: (g.series_number if g.series_number is not None else -1, g.key))
     return groups, problems
 
 
-def _make_group(key: str, files: list[FileInfo]) -> SeriesGroup:
+def _kind_label(kind: str, kinds: list[str]) -> str:
+    """The FrameType values that tell ``kind`` from the others (``FIELD_MAP``, ``M``)."""
+    split = [k.split("\\") for k in kinds]
+    width = max(len(v) for v in split)
+    mine = kind.split("\\")
+    own = [mine[i] for i in range(len(mine))
+           if len({v[i] if i < len(v) else "" for v in split}) > 1 or width == 1] or mine
+    return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in "-".join(own)) or "none"
+
+
+def _make_group(key: str, files: list[FileInfo], frame_type: str = "") -> SeriesGroup:
     f0 = files[0]
     return SeriesGroup(
         key=key,
@@ -551,7 +587,8 @@ def _make_group(key: str, files: list[FileInfo]) -> SeriesGroup:
         description=f0.description,
         protocol=f0.protocol,
         sequence_name=f0.sequence_name,
-        image_type=list(f0.image_type),
+        image_type=frame_type.split("\\") if frame_type else list(f0.image_type),
+        frame_type=frame_type,
         tr=f0.tr,
         te=f0.te,
         ti=f0.ti,

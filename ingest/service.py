@@ -389,6 +389,19 @@ def ingest_exam(src: str, dst: str, job: ExamJob, site_cfg: dict, key: bytes, sp
         return _ingest_exam(src, dst, job, site_cfg, key, split_fractions, prev_rows)
 
 
+def _ambiguous_kinds(cands: list[tuple]) -> tuple[list[tuple], dict[frozenset, list[tuple]]]:
+    """(candidates, ambiguous) for one role: kinds of one enhanced object (group_series splits
+    a B0 map into its magnitude and field-map frames) that the role's rule accepts more than
+    one of are taken out, by the files they share. Keeping the first would give the role
+    whichever kind sorts first, and a kind is not a part to outvote the others."""
+    by_files: dict[frozenset, list[tuple]] = {}
+    for c in cands:
+        if c[0].frame_type:
+            by_files.setdefault(frozenset(c[0].files), []).append(c)
+    ambiguous = {k: v for k, v in by_files.items() if len(v) > 1}
+    return [c for c in cands if frozenset(c[0].files) not in ambiguous or not c[0].frame_type], ambiguous
+
+
 def _largest_parts(cands: list[tuple]) -> tuple[list[tuple], list[tuple]]:
     """(candidates, fragments) for one role: of the parts of one series and echo (same
     SeriesInstanceUID and EchoNumbers, split by group_series) only the one with the most files
@@ -473,6 +486,14 @@ def _ingest_exam(src, dst, job, site_cfg, key, split_fractions, prev_rows):
         # parts by disagreeing headers (one slice without SeriesNumber, another PixelSpacing)
         # offers only its largest part: a one-slice fragment must never stand in for the
         # volume, nor the volume be dropped as "a second series" beside it.
+        cands, ambiguous = _ambiguous_kinds(cands)
+        for kinds in ambiguous.values():
+            names = ", ".join(g.frame_type for g, _ in kinds)
+            for f in kinds[0][0].files:
+                row(rel_of[f], "quarantined",
+                    f"series {kinds[0][1]} holds frames of {len(kinds)} kinds (FrameType {names}) and the "
+                    f"site's match rule for role {role} accepts more than one: name the kind in its "
+                    "image_type_all", subject=subject, series=kinds[0][1], role=role)
         cands, fragments = _largest_parts(cands)
         for g, series_id, whole in fragments:
             why = part_difference(info_of[g.files[0]], info_of[whole.files[0]])
@@ -490,7 +511,8 @@ def _ingest_exam(src, dst, job, site_cfg, key, split_fractions, prev_rows):
                         subject=subject, series=series_id, role=role)
                 continue
             try:
-                vol, affine, meta = read_series(g.files, infos=[info_of[f] for f in g.files])
+                vol, affine, meta = read_series(g.files, infos=[info_of[f] for f in g.files],
+                                                frame_type=g.frame_type or None)
             except SeriesError as exc:
                 for r in rels:
                     row(r, "quarantined", str(exc), subject=subject, series=series_id, role=role)

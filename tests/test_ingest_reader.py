@@ -419,6 +419,12 @@ def test_enhanced_frames_of_two_kinds_are_not_stacked_as_volumes(tmp_path):
         np.testing.assert_array_equal(got, vols[t])
     with pytest.raises(SeriesError, match="no frame has FrameType"):
         read_series([p], frame_type="ORIGINAL\\PRIMARY\\T1\\P")
+    # grouped as dcm2niix writes them: one series per kind
+    infos, _ = scan(tmp_path)
+    groups, _ = group_series(infos)
+    by_kind = {g.frame_type: g.key for g in groups}
+    assert sorted(by_kind) == sorted(kinds)
+    assert by_kind[kinds[0]].endswith("_M") and by_kind[kinds[1]].endswith("_FIELD_MAP")
 
 
 def test_enhanced_series_of_several_files(tmp_path):

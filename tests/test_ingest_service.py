@@ -687,3 +687,44 @@ def test_ground_truth_of_an_exam_without_mrf_t1_says_so(demo_tree, tmp_path):
     assert labels["status"] == "quarantined" and "this exam has no MRF T1 map" in labels["reason"], labels
     (store,) = (tmp_path / "raw").rglob("*.zarr")
     assert "labels" not in open_store(store).roles and "t1w" in open_store(store).roles
+
+
+def test_kinds_of_one_enhanced_object_are_series_of_their_own(demo_tree, tmp_path):
+    """A B0 map (magnitude and field-map frames in one enhanced file) beside an exam: the role
+    gets the kind its rule names, a rule that accepts both is an actionable quarantine, and the
+    file is one manifest row either way."""
+    import yaml
+    from test_ingest_reader import AXIAL, make_affine, volume, write_enhanced
+
+    src = tmp_path / "data"
+    exam = small_exam(demo_tree, src / "site-A" / "sub-A01")
+    first = header(exam)
+    aff = make_affine(AXIAL, (5, 5))
+    vols = np.stack([volume((4, 6, 7), seed=s) for s in (8, 9)])
+    kinds = ["ORIGINAL\\PRIMARY\\T1\\M", "ORIGINAL\\PRIMARY\\T1\\FIELD_MAP"]
+    b0 = exam / "S099_B0" / "b0.dcm"
+    b0.parent.mkdir()
+    write_enhanced(b0, vols, aff, [(t, z) for t in range(2) for z in range(4)], np.ones((2, 4)),
+                   series_uid="1.2.826.0.1.3680043.8.498.99", frame_types=kinds)
+    ds = pydicom.dcmread(b0)
+    ds.StudyInstanceUID, ds.PatientID, ds.SeriesDescription = first.StudyInstanceUID, first.PatientID, "B0_map"
+    ds.save_as(b0)
+
+    def run(rule: dict) -> list[dict]:
+        cfg = yaml.safe_load((Path(__file__).parents[1] / "ingest" / "sites" / "site-A.yaml").read_text())
+        cfg["series"]["swi"]["match"] = rule
+        (tmp_path / "sites").mkdir(exist_ok=True)
+        (tmp_path / "sites" / "site-A.yaml").write_text(yaml.safe_dump(cfg))
+        run_ingest(src, tmp_path, sites_dir=tmp_path / "sites", prune=True)
+        rows = manifest_rows(tmp_path / "manifest.csv")
+        assert len(rows) == len([p for p in src.rglob("*") if p.is_file()])
+        return [r for r in rows if r["path"].endswith("b0.dcm")]
+
+    (row,) = run({"description": "^B0_map$", "image_type_all": []})
+    assert row["status"] == "quarantined" and "holds frames of 2 kinds" in row["reason"], row
+    (row,) = run({"description": "^B0_map$", "image_type_all": ["M"]})
+    assert row["status"] == "ingested" and row["role"] == "swi", row
+    from ingest.store import open_store
+
+    store = next((tmp_path / "raw" / "site-A").glob("*.zarr"))
+    np.testing.assert_array_equal(np.asarray(open_store(store).array("swi")[:]), vols[0])
