@@ -535,7 +535,7 @@ def group_series(files: list[FileInfo]) -> tuple[list[SeriesGroup], list[tuple[P
                 for fi in plain:
                     by_echo.setdefault(tes.index(round(fi.te, 2)) + 1, []).append(fi)
         n_echoes = len([e for e in by_echo if e is not None])
-        named: dict[str, list[list[FileInfo]]] = {}
+        named: dict[str, tuple[int | None, list[list[FileInfo]]]] = {}
         for echo in sorted(by_echo, key=lambda e: (e is None, e or 0)):
             # an echo suffix only when the series really has several echoes; files
             # without EchoNumbers (enhanced exports) go with the unsuffixed parts
@@ -549,19 +549,19 @@ def group_series(files: list[FileInfo]) -> tuple[list[SeriesGroup], list[tuple[P
                         break
                 else:
                     parts.append((sig, [fi]))
-            named.setdefault(ekey, []).extend(pfiles for _, pfiles in parts)
-        for ekey, plist in named.items():
+            named.setdefault(ekey, (echo, []))[1].extend(pfiles for _, pfiles in parts)
+        for ekey, (echo, plist) in named.items():
             for k, pfiles in enumerate(plist, start=1):
                 key = ekey + (f"_part{k}" if len(plist) > 1 else "")
                 kinds = sorted({t for fi in pfiles for t in fi.frame_types})
                 if len(kinds) < 2:
-                    groups.append(_make_group(key, pfiles))
+                    groups.append(_make_group(key, pfiles, echo=echo))
                     continue
                 # a Philips B0 map keeps magnitude and field-map frames in one object: one
                 # series per kind, as dcm2niix writes them, never one 4-D stack of both
                 for kind in kinds:
                     groups.append(_make_group(f"{key}_{_kind_label(kind, kinds)}",
-                                              [fi for fi in pfiles if kind in fi.frame_types], kind))
+                                              [fi for fi in pfiles if kind in fi.frame_types], kind, echo))
     groups.sort(key=lambda g: (g.series_number if g.series_number is not None else -1, g.key))
     return groups, problems
 
@@ -576,7 +576,7 @@ def _kind_label(kind: str, kinds: list[str]) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in "-".join(own)) or "none"
 
 
-def _make_group(key: str, files: list[FileInfo], frame_type: str = "") -> SeriesGroup:
+def _make_group(key: str, files: list[FileInfo], frame_type: str = "", echo: int | None = None) -> SeriesGroup:
     f0 = files[0]
     return SeriesGroup(
         key=key,
@@ -596,7 +596,8 @@ def _make_group(key: str, files: list[FileInfo], frame_type: str = "") -> Series
         manufacturer=f0.manufacturer,
         model=f0.model,
         modality=f0.modality,
-        echo_number=f0.echo_number,
+        # the echo this group is (by EchoNumbers, or by rank of echo time where the header has none)
+        echo_number=echo if echo is not None else f0.echo_number,
         rows=f0.rows,
         columns=f0.columns,
         orientation=f0.orientation,

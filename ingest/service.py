@@ -234,6 +234,8 @@ def recognise(site_cfg: dict, group) -> tuple[str | None, str]:
             continue
         if any(str(t).upper() not in itype for t in rule.get("image_type_all", [])):
             continue
+        if "echo" in rule and group.echo_number != rule["echo"]:
+            continue
         hits.append(role)
     if not hits:
         return None, f"series '{desc}' matches no role of {site_cfg['site']} (see {site_cfg['_source']})"
@@ -389,17 +391,35 @@ def ingest_exam(src: str, dst: str, job: ExamJob, site_cfg: dict, key: bytes, sp
         return _ingest_exam(src, dst, job, site_cfg, key, split_fractions, prev_rows)
 
 
-def _ambiguous_kinds(cands: list[tuple]) -> tuple[list[tuple], dict[frozenset, list[tuple]]]:
-    """(candidates, ambiguous) for one role: kinds of one enhanced object (group_series splits
-    a B0 map into its magnitude and field-map frames) that the role's rule accepts more than
-    one of are taken out, by the files they share. Keeping the first would give the role
-    whichever kind sorts first, and a kind is not a part to outvote the others."""
+def _ambiguous(cands: list[tuple], role: str) -> tuple[list[tuple], list[tuple[list[tuple], str]]]:
+    """(candidates, ambiguous) for one role. Taken out, with why, when the role's rule accepts
+    more than one of: the kinds of one enhanced object (group_series splits a B0 map into its
+    magnitude and field-map frames), or the echoes of one series (a dual-echo TSE is a PD and a
+    T2-weighted image). Keeping the first would hand the role whichever sorts first: a
+    PD-weighted image stored as T2w, a field map as SWI."""
+    out: list[tuple[list[tuple], str]] = []
     by_files: dict[frozenset, list[tuple]] = {}
     for c in cands:
         if c[0].frame_type:
             by_files.setdefault(frozenset(c[0].files), []).append(c)
-    ambiguous = {k: v for k, v in by_files.items() if len(v) > 1}
-    return [c for c in cands if frozenset(c[0].files) not in ambiguous or not c[0].frame_type], ambiguous
+    for same in by_files.values():
+        if len(same) > 1:
+            names = ", ".join(g.frame_type for g, _ in same)
+            out.append((same, f"series {same[0][1]} holds frames of {len(same)} kinds (FrameType {names}) and "
+                              f"the site's match rule for role {role} accepts more than one: name the kind in "
+                              "its image_type_all"))
+    by_series: dict[str, list[tuple]] = {}
+    for c in cands:
+        if c[0].echo_number is not None and not c[0].frame_type:
+            by_series.setdefault(c[0].series_uid, []).append(c)
+    for same in by_series.values():
+        echoes = sorted({g.echo_number for g, _ in same})
+        if len(echoes) > 1:
+            out.append((same, f"series {same[0][1]} has echoes {', '.join(map(str, echoes))} and the site's "
+                              f"match rule for role {role} accepts more than one: name the echo in its rule "
+                              "(match: {echo: N})"))
+    dropped = {id(c) for same, _ in out for c in same}
+    return [c for c in cands if id(c) not in dropped], out
 
 
 def _largest_parts(cands: list[tuple]) -> tuple[list[tuple], list[tuple]]:
@@ -486,14 +506,11 @@ def _ingest_exam(src, dst, job, site_cfg, key, split_fractions, prev_rows):
         # parts by disagreeing headers (one slice without SeriesNumber, another PixelSpacing)
         # offers only its largest part: a one-slice fragment must never stand in for the
         # volume, nor the volume be dropped as "a second series" beside it.
-        cands, ambiguous = _ambiguous_kinds(cands)
-        for kinds in ambiguous.values():
-            names = ", ".join(g.frame_type for g, _ in kinds)
-            for f in kinds[0][0].files:
-                row(rel_of[f], "quarantined",
-                    f"series {kinds[0][1]} holds frames of {len(kinds)} kinds (FrameType {names}) and the "
-                    f"site's match rule for role {role} accepts more than one: name the kind in its "
-                    "image_type_all", subject=subject, series=kinds[0][1], role=role)
+        cands, ambiguous = _ambiguous(cands, role)
+        for same, why in ambiguous:
+            for g, series_id in same:
+                for f in g.files:
+                    row(rel_of[f], "quarantined", why, subject=subject, series=series_id, role=role)
         cands, fragments = _largest_parts(cands)
         for g, series_id, whole in fragments:
             why = part_difference(info_of[g.files[0]], info_of[whole.files[0]])

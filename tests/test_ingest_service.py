@@ -728,3 +728,66 @@ def test_kinds_of_one_enhanced_object_are_series_of_their_own(demo_tree, tmp_pat
 
     store = next((tmp_path / "raw" / "site-A").glob("*.zarr"))
     np.testing.assert_array_equal(np.asarray(open_store(store).array("swi")[:]), vols[0])
+
+
+def test_echoes_of_one_series_need_a_rule_that_names_one(demo_tree, tmp_path):
+    """A dual-echo TSE (echo 1 PD-, echo 2 T2-weighted) whose description matches t2w: the
+    first echo must not become the exam's T2w because it sorts first."""
+    import yaml
+    from test_ingest_reader import AXIAL, make_affine, volume, write_classic
+
+    src = tmp_path / "data"
+    exam = small_exam(demo_tree, src / "site-A" / "sub-A01")
+    first = header(exam)
+    aff = make_affine(AXIAL, (0, 0))
+    vols = [volume((3, 6, 7), seed=s) for s in (11, 12)]
+    for echo, (vol, te) in enumerate(zip(vols, (12.0, 96.0)), start=1):
+        folder = exam / "S050_t2_tse_dual"
+        paths = write_classic(folder, vol, aff, names=f"E{echo}_", series_uid="1.2.826.0.1.3680043.8.498.50",
+                              description="t2_tse_tra_dual")
+        for p in paths:
+            ds = pydicom.dcmread(p)
+            ds.StudyInstanceUID, ds.PatientID = first.StudyInstanceUID, first.PatientID
+            ds.EchoNumbers, ds.EchoTime, ds.ImageType = echo, te, ["ORIGINAL", "PRIMARY", "M"]
+            ds.save_as(p)
+
+    def run(rule_extra: dict) -> list[dict]:
+        cfg = yaml.safe_load((Path(__file__).parents[1] / "ingest" / "sites" / "site-A.yaml").read_text())
+        cfg["series"]["t2w"]["match"].update(rule_extra)
+        (tmp_path / "sites").mkdir(exist_ok=True)
+        (tmp_path / "sites" / "site-A.yaml").write_text(yaml.safe_dump(cfg))
+        run_ingest(src, tmp_path, sites_dir=tmp_path / "sites", prune=True)
+        rows = [r for r in manifest_rows(tmp_path / "manifest.csv") if "S050" in r["path"]]
+        assert len(rows) == 6
+        return rows
+
+    rows = run({})
+    assert all(r["status"] == "quarantined" and "has echoes 1, 2" in r["reason"] and "echo: N" in r["reason"]
+               for r in rows), rows
+    rows = run({"echo": 2})
+    assert sorted((r["path"].split("/")[-1][:2], r["status"]) for r in rows) == \
+        [("E1", "ignored")] * 3 + [("E2", "ingested")] * 3
+    from ingest.store import open_store
+
+    store = next((tmp_path / "raw" / "site-A").glob("*.zarr"))
+    np.testing.assert_array_equal(np.asarray(open_store(store).array("t2w")[:]), vols[1])
+
+
+@pytest.mark.parametrize("text, why", [
+    ("site: site-C\nseries:\n  t1w: {match: {description: '(?i)mprage'\n", "not valid YAML at line"),
+    ("site: site-C\nseries:\n  t1w: {match: {descripton: '(?i)mprage'}}\n", "unknown key(s) descripton"),
+    ("site: site-C\nseries:\n  t2w: {match: {description: 't2['}}\n", "not a regular expression"),
+    ("site: site-C\nseries:\n  t2_w: {match: {description: t2}}\n", "series 't2_w' is not a role"),
+    ("site: site-C\nseries:\n  t2w: {match: {echo: 0}}\n", "must be an echo number"),
+    ("site: site-C\nseries:\n  t2w: {match: {image_type_all: ORIGINAL}}\n", "must be a list"),
+    ("- just a list\n", "needs 'site' and 'series'"),
+])
+def test_site_file_mistakes_fail_at_load_in_one_line(tmp_path, text, why):
+    """A misspelt match key would match every series; a broken file must name itself."""
+    from ingest.siteconfig import SiteConfigError, load_site
+
+    path = tmp_path / "site-C.yaml"
+    path.write_text(text)
+    with pytest.raises(SiteConfigError) as err:
+        load_site(path)
+    assert str(err.value).startswith(str(path)) and why in str(err.value) and "\n" not in str(err.value)
