@@ -375,6 +375,47 @@ def _mosaic_count(ds, csa: dict | None, path: Path) -> int:
     return n
 
 
+def _uih_private(ds, element: int):
+    """An element of UIH's "Image Private Header" block in group 0065 (None if absent)."""
+    try:
+        return ds.private_block(0x0065, "Image Private Header")[element].value
+    except (KeyError, ValueError):
+        return None
+
+
+def _uih_grid(ds, path: Path, fidx: int, rows: int, cols: int, acq, inst, echo) -> list[_Frame] | None:
+    """Frames of a UIH grid (mosaic) image, or None when the image is not a grid.
+
+    UIH tiles n slices row by row, ceil(sqrt(n)) tiles a row and as many rows as needed (20
+    slices: 4 rows of 5; dcm2niix nii_demosaic, isUIH). Unlike a Siemens mosaic it leaves
+    ImagePositionPatient out of the top level and gives each tile its own, in the items of
+    the private sequence (0065,xx51), one item per tile in tile order.
+    """
+    n = _i(_uih_private(ds, 0x50))
+    if not n or n < 2:
+        return None
+    n_col = math.ceil(math.sqrt(n))
+    n_row = math.ceil(n / n_col)
+    if rows % n_row or cols % n_col:
+        raise SeriesError(f"{path}: UIH grid of {rows}x{cols} pixels cannot hold {n_row} rows of {n_col} "
+                          f"tiles for its {n} slices (0065,1050): inconsistent slice count")
+    items = _uih_private(ds, 0x51)
+    if not items or len(items) != n:
+        raise SeriesError(f"{path}: UIH grid of {n} slices without one (0065,1051) item per slice "
+                          f"({len(items) if items else 0} found): the slices cannot be placed "
+                          "(private header removed by an anonymiser?)")
+    iop = _vec(ds.get("ImageOrientationPatient"), 6, "ImageOrientationPatient", path)
+    ps = _vec(ds.get("PixelSpacing"), 2, "PixelSpacing", path)
+    slope, icpt = _rescale(ds.get("RescaleSlope"), ds.get("RescaleIntercept"), path)
+    tpi = _i(ds.get("TemporalPositionIdentifier"))
+    key = _time_key(tpi, acq, _acquired_at(ds), inst, 0)
+    tr, tc = rows // n_row, cols // n_col
+    return [_Frame(fidx, 0, ((k // n_col) * tr, (k % n_col) * tc), tr, tc,
+                   _vec(item.get("ImagePositionPatient"), 3, f"ImagePositionPatient of grid tile {k + 1}", path),
+                   iop, ps, slope, icpt, key, tpi, echo)
+            for k, item in enumerate(items)]
+
+
 def _frames_of(ds, path: Path, fidx: int) -> tuple[list[_Frame], str]:
     """Frames of one file and its kind ("classic", "enhanced", "mosaic")."""
     rows, cols = _i(ds.get("Rows")), _i(ds.get("Columns"))
@@ -383,14 +424,13 @@ def _frames_of(ds, path: Path, fidx: int) -> tuple[list[_Frame], str]:
     n_frames = _i(ds.get("NumberOfFrames")) or 1
     has_fg = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
     manufacturer = str(ds.get("Manufacturer", "")).upper()
-    if (manufacturer.startswith("UIH") or "UNITED IMAGING" in manufacturer) and \
-            (_i(ds.get((0x0065, 0x1050)).value if (0x0065, 0x1050) in ds else None) or 0) > 1:
-        raise SeriesError(
-            f"{path}: UIH grid (mosaic) image: the slice count (0065,1050) is private and the slice "
-            "direction is not in standard fields; not supported - export the series as single slices")
     acq = _i(ds.get("AcquisitionNumber"))
     inst = _i(ds.get("InstanceNumber"))
     echo = _i(ds.get("EchoNumbers"))
+    if manufacturer.startswith("UIH") or "UNITED IMAGING" in manufacturer:
+        grid = _uih_grid(ds, path, fidx, rows, cols, acq, inst, echo)
+        if grid is not None:
+            return grid, "mosaic"
 
     if has_fg:
         frames = []

@@ -538,6 +538,63 @@ def test_synthetic_descending_mosaic_matches_dcm2niix(tmp_path):
     check_with_dcm2niix(got, gaff, tmp_path)
 
 
+def write_uih_grid(path: Path, vol: np.ndarray, affine: np.ndarray, *, acq=1, items=True,
+                   series_uid="1.2.826.0.1.3680043.8.498.78") -> Path:
+    """UIH grid of vol[z]: ceil(sqrt(z)) tiles a row, no top-level ImagePositionPatient, one
+    (0065,1051) item per tile with that slice's position, slice count in (0065,1050)."""
+    z, tr, tc = vol.shape
+    n_col = int(np.ceil(np.sqrt(z)))
+    n_row = int(np.ceil(z / n_col))
+    grid = np.zeros((n_row * tr, n_col * tc), np.int16)
+    for k in range(z):
+        r0, c0 = (k // n_col) * tr, (k % n_col) * tc
+        grid[r0:r0 + tr, c0:c0 + tc] = vol[k]
+    row = affine[:3, 2] / np.linalg.norm(affine[:3, 2])
+    col = affine[:3, 1] / np.linalg.norm(affine[:3, 1])
+    ds = base_dataset(manufacturer="UIH", series_uid=series_uid, ImageType=["ORIGINAL", "PRIMARY", "M", "VFRAME"])
+    ds.InstanceNumber = acq
+    ds.AcquisitionNumber = acq
+    ds.Rows, ds.Columns = grid.shape
+    ds.ImageOrientationPatient = [f"{v:.10f}" for v in np.concatenate([row, col])]
+    ds.PixelSpacing = [f"{float(np.linalg.norm(affine[:3, 1])):.10f}", f"{float(np.linalg.norm(affine[:3, 2])):.10f}"]
+    ds.SliceThickness = float(np.linalg.norm(affine[:3, 0]))
+    block = ds.private_block(0x0065, "Image Private Header", create=True)
+    block.add_new(0x50, "DS", str(z))
+    tiles = []
+    for k in range(z):
+        item = Dataset()
+        item.ImagePositionPatient = [f"{v:.8f}" for v in affine[:3, 3] + k * affine[:3, 0]]
+        tiles.append(item)
+    if items:
+        block.add_new(0x51, "SQ", Sequence(tiles))
+    ds.PixelData = grid.astype("<i2").tobytes()
+    ds["PixelData"].VR = "OW"
+    return save(ds, path)
+
+
+@pytest.mark.parametrize("z", [20, 7])
+def test_uih_grid_detile_and_geometry_match_dcm2niix(tmp_path, z):
+    """UIH grids: 20 slices are 4 rows of 5 tiles (not Siemens' 5 x 5); each tile is placed by
+    its own position from the private sequence, here an oblique, descending stack."""
+    aff = make_affine(AXIAL, (-12, 6), spacing_zyx=(4.2, 3.5, 3.5))
+    aff[:3, 0] *= -1
+    vols = [volume((z, 6, 8), seed=s) for s in (21, 22)]
+    (tmp_path / "in").mkdir()
+    paths = [write_uih_grid(tmp_path / "in" / f"g{a}.dcm", v, aff, acq=a) for a, v in zip((1, 2), vols)]
+    got, gaff, meta = read_series(paths)
+    assert got.shape == (2, z, 6, 8) and meta["mosaic"]
+    ev, ea = expected_ascending(vols[0], aff)
+    np.testing.assert_array_equal(got[0], ev)
+    np.testing.assert_allclose(gaff, ea, atol=1e-6)
+    check_with_dcm2niix(got, gaff, tmp_path)
+
+
+def test_uih_grid_without_tile_positions_is_an_error(tmp_path):
+    p = write_uih_grid(tmp_path / "g.dcm", volume((6, 4, 4)), make_affine(AXIAL), items=False)
+    with pytest.raises(SeriesError, match=r"g\.dcm: UIH grid of 6 slices without one \(0065,1051\) item per slice"):
+        read_series([p])
+
+
 def test_mosaic_without_slice_normal_is_an_error(tmp_path):
     p = write_mosaic(tmp_path / "m.dcm", volume((4, 6, 6)), make_affine(), 2)
     ds = pydicom.dcmread(p)
