@@ -256,20 +256,28 @@ def _fg_item(ds, frame: int, macro: str):
     return None
 
 
-def enhanced_frame_type(ds, frame: int) -> str:
-    """FrameType of one frame of an enhanced object, from whichever ``*FrameTypeSequence``
-    its modality uses (MR, CT, ...), per-frame before shared; "" when absent."""
+def _fg_macros(ds, frame: int):
+    """The functional-group macros (non-empty sequence elements) of one frame: its
+    per-frame group first, then the shared one."""
     for fg_kw, idx in (("PerFrameFunctionalGroupsSequence", frame),
                        ("SharedFunctionalGroupsSequence", 0)):
         fg = ds.get(fg_kw)
         if fg is None or len(fg) <= idx:
             continue
         for elem in fg[idx]:
-            if elem.VR == "SQ" and elem.value and elem.keyword.endswith("FrameTypeSequence"):
-                v = elem.value[0].get("FrameType")
-                if v:
-                    vals = [v] if isinstance(v, str) else list(v)
-                    return "\\".join(str(x).strip().upper() for x in vals)
+            if elem.VR == "SQ" and elem.value:
+                yield elem
+
+
+def enhanced_frame_type(ds, frame: int) -> str:
+    """FrameType of one frame of an enhanced object, from whichever ``*FrameTypeSequence``
+    its modality uses (MR, CT, ...), per-frame before shared; "" when absent."""
+    for elem in _fg_macros(ds, frame):
+        if elem.keyword.endswith("FrameTypeSequence"):
+            v = elem.value[0].get("FrameType")
+            if v:
+                vals = [v] if isinstance(v, str) else list(v)
+                return "\\".join(str(x).strip().upper() for x in vals)
     return ""
 
 
@@ -287,16 +295,10 @@ def _find(ds, keyword: str, frame: int = 0):
     v = ds.get(keyword)
     if v is not None and v != "":
         return v
-    for fg_kw, idx in (("PerFrameFunctionalGroupsSequence", frame),
-                       ("SharedFunctionalGroupsSequence", 0)):
-        fg = ds.get(fg_kw)
-        if fg is None or len(fg) <= idx:
-            continue
-        for elem in fg[idx]:
-            if elem.VR == "SQ" and elem.value:
-                v = elem.value[0].get(keyword)
-                if v is not None and v != "":
-                    return v
+    for elem in _fg_macros(ds, frame):
+        v = elem.value[0].get(keyword)
+        if v is not None and v != "":
+            return v
     return None
 
 
