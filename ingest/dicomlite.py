@@ -46,6 +46,12 @@ _NUMERIC = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d", "S
 # declares no character set decodes (real exports have them) instead of failing
 _CHARSETS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
 _FG = (0x52009229, 0x52009230)  # Shared / Per-frame Functional Groups Sequence
+_EXPLICIT_HEAD = struct.Struct("<HH2sH").unpack_from
+_IMPLICIT_HEAD = struct.Struct("<HHI").unpack_from
+_U32 = struct.Struct("<I").unpack_from
+
+
+_MISSING = object()
 
 
 class _Decline(Exception):
@@ -119,7 +125,9 @@ class LiteDataset:
             return default
         if not isinstance(key, str):  # by tag: pydicom gives the element
             return self._element(t)
-        return self._value(t)
+        # the reader asks for some values several times per file (a third of the scan's calls)
+        v = self._cache.get(t, _MISSING)
+        return self._value(t) if v is _MISSING else v
 
     def __getattr__(self, name: str):
         if name.startswith("_") or not name[:1].isupper():
@@ -243,17 +251,21 @@ def native_pixels(buf, off: int, rows: int, cols: int, bits: int, stored: int, s
 def _parse(buf, pos: int, end: int, explicit: bool, top: bool, encoding: str, nested: int = 0):
     """Elements from ``pos`` to ``end`` (or a delimiter): (elements, position after)."""
     elems: dict[int, tuple] = {}
-    unpack = struct.unpack_from
     nbuf = len(buf)
+    # one unpack per element header (tag, VR and short length, or tag and length): this loop
+    # runs for every element of every file of a tree
     while pos < end:
         if pos + 8 > nbuf:
             raise _Decline
-        group, elem = unpack("<HH", buf, pos)
+        if explicit:
+            group, elem, vrb, length = _EXPLICIT_HEAD(buf, pos)
+        else:
+            group, elem, length = _IMPLICIT_HEAD(buf, pos)
         tag = (group << 16) | elem
         if tag in (_ITEM_END, _SEQ_END):
             return elems, pos  # caller handles the delimiter
         if explicit:
-            vr = _VR_NAMES.get(buf[pos + 4:pos + 6])
+            vr = _VR_NAMES.get(vrb)
             # a standard element sent as UN (a converter that lost its dictionary): pydicom
             # reads it with its dictionary VR; here its value would stay raw bytes
             if vr is None or (vr == "UN" and not group & 1):
@@ -261,13 +273,11 @@ def _parse(buf, pos: int, end: int, explicit: bool, top: bool, encoding: str, ne
             if vr in _LONG_VR_NAMES:
                 if pos + 12 > nbuf:
                     raise _Decline
-                length = unpack("<I", buf, pos + 8)[0]
+                length = _U32(buf, pos + 8)[0]
                 pos += 12
             else:
-                length = unpack("<H", buf, pos + 6)[0]
                 pos += 8
         else:
-            length = unpack("<I", buf, pos + 4)[0]
             pos += 8
             vr = _implicit_vr(tag)
         if tag == PIXEL_DATA and top:

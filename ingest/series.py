@@ -27,6 +27,7 @@ import hashlib
 import os
 import stat
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from pydicom.errors import InvalidDicomError
@@ -121,8 +122,10 @@ class SeriesGroup:
 
 # ----------------------------------------------------------------------------- helpers
 
+@lru_cache(maxsize=256)
 def is_image_sop_class(uid: str) -> bool:
     """True for SOP classes that carry pixel data we could read (image storage, maps)."""
+    # cached: pydicom validates the UID on every construction, and a tree has a handful of classes
     name = UID(uid).name if uid else ""
     if not name or name == uid:  # unknown / private SOP class: let the reader decide
         return True

@@ -985,3 +985,24 @@ def test_pydicom_sample_scan_reason_is_true(path):
     if ref is not None:
         for _p, reason in problems:
             assert "truncated" not in reason and "disagree" not in reason, f"{path.name}: {reason}"
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("20240131235959", "2024-01-31 23:59:59"),
+    ("20240131235959.25", "2024-01-31 23:59:59.25"),
+    ("20240131235959+0100", "2024-01-31 23:59:59"),   # offsets are dropped: the order within one exam
+    ("20241301000000", None),                           # month 13
+    ("2024013123595x", None),
+    ("20240131 35959", None),
+    ("", None),
+])
+def test_acquisition_datetime_for_ordering(text, expected):
+    from datetime import datetime
+
+    from ingest.reader import _dt_seconds
+
+    got = _dt_seconds(text)
+    if expected is None:
+        assert got is None
+    else:
+        assert got == pytest.approx(datetime.fromisoformat(expected).timestamp())
