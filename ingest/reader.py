@@ -149,6 +149,43 @@ def siemens_csa_image_header(ds) -> dict[str, list[str]] | None:
 
 # ----------------------------------------------------------------------------- helpers
 
+_COMPONENTS = ("MAGNITUDE", "PHASE", "REAL", "IMAGINARY")
+# ImageType values that name the component (Siemens and Philips write M / P / R / I)
+_COMPONENT_OF_TYPE = {"M": "MAGNITUDE", "P": "PHASE", "R": "REAL", "I": "IMAGINARY",
+                      **{c: c for c in _COMPONENTS}}
+
+
+def complex_component(ds) -> str:
+    """MAGNITUDE, PHASE, REAL or IMAGINARY for a classic image whose header says which, else "".
+
+    In order: ComplexImageComponent (0008,9208); GE's private image type (0043,xx2F of
+    GEMS_PARM_01: 0 to 3), the only place a GE series that keeps magnitude, phase, real and
+    imaginary images together tells them apart (their ImageType is the same); a value of
+    ImageType after the first two. dcm2niix reads the same three and never stacks images of
+    different components into one volume."""
+    v = str(ds.get("ComplexImageComponent", "") or "").strip().upper()
+    if v in _COMPONENTS:
+        return v
+    if str(ds.get("Manufacturer", "") or "").strip().upper().startswith("GE"):
+        try:
+            raw = ds.private_block(0x0043, "GEMS_PARM_01")[0x2F].value
+        except (KeyError, ValueError, TypeError, AttributeError):
+            raw = None
+        if isinstance(raw, (bytes, bytearray)):  # UN: an SS, little endian
+            raw = int.from_bytes(bytes(raw[:2]), "little", signed=True) if len(raw) >= 2 else None
+        elif isinstance(raw, (list, tuple)):
+            raw = raw[0] if raw else None
+        if isinstance(raw, int) and 0 <= raw < len(_COMPONENTS):
+            return _COMPONENTS[raw]
+    itype = ds.get("ImageType")
+    values = itype.split("\\") if isinstance(itype, str) else list(itype or [])
+    for t in values[2:]:
+        c = _COMPONENT_OF_TYPE.get(str(t).strip().upper())
+        if c:
+            return c
+    return ""
+
+
 def acquisition_fields(ds, frame: int = 0) -> tuple[list[str], str, float | None, float | None]:
     """ImageType, sequence name, TE and TI from a classic header or, for enhanced objects,
     from the functional groups (EffectiveEchoTime, InversionTimes, PulseSequenceName)."""
@@ -869,6 +906,7 @@ class ReadPlan(NamedTuple):
     tkey: tuple
     tpi: int | None
     echo: int | None
+    component: str = ""          # see complex_component
 
 
 def read_plan(ds, path: Path, size: int, mtime_ns: int) -> ReadPlan | None:
@@ -894,7 +932,7 @@ def read_plan(ds, path: Path, size: int, mtime_ns: int) -> ReadPlan | None:
         return None
     return ReadPlan(size, mtime_ns, str(ts), offset, rows, cols, bits, stored, signed,
                     tuple(fr.ipp.tolist()), tuple(fr.iop.tolist()), tuple(fr.spacing.tolist()),
-                    fr.slope, fr.intercept, fr.tkey, fr.tpi, fr.echo)
+                    fr.slope, fr.intercept, fr.tkey, fr.tpi, fr.echo, complex_component(ds))
 
 
 def plan_is_current(p: Path, plan: ReadPlan) -> bool:
@@ -1031,6 +1069,7 @@ def read_series(paths, infos=None, frame_type: str | None = None) -> tuple[np.nd
     plans = {Path(fi.path): fi.plan for fi in infos or () if getattr(fi, "plan", None) is not None}
     # per file: its dataset, or its ReadPlan until the dataset is needed
     dsets, kinds, frames, ts_list = [], set(), [], []
+    components: dict[str, Path] = {}  # classic files: component -> its first file
     for fidx, p in enumerate(plist):
         plan = plans.get(p)
         if plan is not None and plan_is_current(p, plan):
@@ -1038,6 +1077,7 @@ def read_series(paths, infos=None, frame_type: str | None = None) -> tuple[np.nd
             kinds.add("classic")
             frames.append(_plan_frame(plan, fidx))
             ts_list.append(plan.transfer_syntax)
+            components.setdefault(plan.component, p)
             continue
         ds = _read_file(p)
         ts = _ts_of(ds)
@@ -1047,10 +1087,18 @@ def read_series(paths, infos=None, frame_type: str | None = None) -> tuple[np.nd
         kinds.add(kind)
         frames.extend(fr)
         ts_list.append(str(ts))
+        if kind == "classic":
+            components.setdefault(complex_component(ds), p)
     if len(kinds) > 1:
         raise SeriesError(f"{where}: mixes {' and '.join(sorted(kinds))} images: not one series "
                           "(a classic and an enhanced export of one acquisition?)")
     kind = kinds.pop()
+    if len(components) > 1:
+        # a GE series can hold magnitude, phase, real and imaginary images under one UID and one
+        # ImageType: stacked, they would pass as four time points of one volume
+        named = ", ".join(f"{c or 'unstated'} ({f.name})" for c, f in sorted(components.items()))
+        raise SeriesError(f"{where}: holds images of {len(components)} complex components ({named}): "
+                          "one volume per component (ingest.group_series splits them)")
     frames = _select_frame_type(frames, frame_type, plist)
 
     _check_consistency(frames, plist, kind)
@@ -1095,6 +1143,8 @@ def read_series(paths, infos=None, frame_type: str | None = None) -> tuple[np.nd
     meta = _meta(_dataset(dsets, plist, first.file), frames, kind, ts_list, len(plist), shape, step, z)
     if frame_type is not None:  # the file's ImageType speaks for all its frames ("MIXED")
         meta["image_type"] = f0.ftype.split("\\")
+    if components and next(iter(components)):
+        meta["complex_component"] = next(iter(components))
 
     # decode file by file, placing each frame at (t, z)
     out = np.empty((n_vol, z, f0.rows, f0.cols), dtype=np.float32)

@@ -41,6 +41,7 @@ from ingest.reader import (  # one parser for DICOM numbers
     _find,
     _i,
     acquisition_fields,
+    complex_component,
     dcmread_any,
     enhanced_frame_type,
     read_plan,
@@ -81,6 +82,7 @@ class FileInfo:
     n_frames: int = 1
     enhanced: bool = False                            # geometry in functional groups
     frame_types: tuple[str, ...] = ()                 # enhanced: the FrameTypes of its frames, sorted
+    complex_component: str = ""                       # classic: MAGNITUDE / PHASE / REAL / IMAGINARY, if stated
     acquisition_number: int | None = None
     instance_number: int | None = None
     # what the reader needs to read a plain classic file without parsing it again, and the
@@ -106,6 +108,7 @@ class SeriesGroup:
     sequence_name: str = ""
     image_type: list[str] = field(default_factory=list)
     frame_type: str = ""                                # one kind of an enhanced object's frames
+    complex_component: str = ""                         # classic: see FileInfo
     tr: float | None = None
     te: float | None = None
     ti: float | None = None
@@ -197,6 +200,7 @@ def header_summary(ds, path: Path, size: int, plan: ReadPlan | None = None, sha2
         n_frames=_i(ds.get("NumberOfFrames")) or 1,
         enhanced=enhanced,
         frame_types=_frame_types(ds) if enhanced else (),
+        complex_component="" if enhanced else (plan.component if plan is not None else complex_component(ds)),
         acquisition_number=_i(ds.get("AcquisitionNumber")),
         instance_number=_i(ds.get("InstanceNumber")),
         plan=plan,
@@ -447,6 +451,7 @@ def _split_signature(fi: FileInfo) -> tuple:
         fi.pixel_spacing,
         fi.n_frames > 1 or fi.enhanced,            # classic vs enhanced export of one series
         tuple(t.upper() for t in fi.image_type),
+        fi.complex_component,                      # GE keeps all four under one ImageType
     )
 
 
@@ -458,7 +463,7 @@ def _close(a, b, tol: float) -> bool:
 
 def _same_part(a: tuple, b: tuple) -> bool:
     return (_close(a[0], b[0], 1e-3) and a[1] == b[1] and _close(a[2], b[2], 1e-3)
-            and a[3] == b[3] and a[4] == b[4])
+            and a[3] == b[3] and a[4] == b[4] and a[5] == b[5])
 
 
 def part_difference(a: FileInfo, b: FileInfo) -> str:
@@ -476,6 +481,8 @@ def part_difference(a: FileInfo, b: FileInfo) -> str:
         out.append("single-frame vs multi-frame storage")
     if sa[4] != sb[4]:
         out.append(f"ImageType ({_fmt(a.image_type)} vs {_fmt(b.image_type)})")
+    if sa[5] != sb[5]:
+        out.append(f"complex component ({a.complex_component or 'unstated'} vs {b.complex_component or 'unstated'})")
     if a.series_number != b.series_number:
         out.append(f"SeriesNumber ({_fmt(a.series_number)} vs {_fmt(b.series_number)})")
     return ", ".join(out)
@@ -498,7 +505,8 @@ def group_series(files: list[FileInfo]) -> tuple[list[SeriesGroup], list[tuple[P
     3. split a group by EchoNumbers when it holds several echoes (key suffix
        ``_e<n>``; classic slices without EchoNumbers by echo time, ``n`` its rank;
        enhanced exports get no echo suffix), then by what must agree inside one volume: orientation (1e-3),
-       Rows/Columns, pixel spacing (1e-3 mm), image type, and single-frame vs
+       Rows/Columns, pixel spacing (1e-3 mm), image type, complex component (magnitude,
+       phase, real, imaginary: :func:`ingest.reader.complex_component`), and single-frame vs
        multi-frame storage (suffix ``_part<k>``, k = 1, 2, ... in sorted-path order
        of each part's first file).  An unsplit group's key is
        ``<SeriesNumber>_<SeriesInstanceUID>`` (contains UIDs: pseudonymise it
@@ -592,6 +600,7 @@ def _make_group(key: str, files: list[FileInfo], frame_type: str = "", echo: int
         sequence_name=f0.sequence_name,
         image_type=frame_type.split("\\") if frame_type else list(f0.image_type),
         frame_type=frame_type,
+        complex_component=f0.complex_component,
         tr=f0.tr,
         te=f0.te,
         ti=f0.ti,

@@ -224,6 +224,11 @@ def _clean_reason(reason: str, src, identities=()) -> str:
 def recognise(site_cfg: dict, group) -> tuple[str | None, str]:
     """Role of a series by the site's `match` rules, or None with the reason."""
     desc = group.description or ""
+    component = getattr(group, "complex_component", "")
+    if component not in ("", "MAGNITUDE"):
+        # every role is a magnitude image (or a map derived from one): the phase, real or
+        # imaginary part of a series whose rule matches would otherwise compete for its role
+        return None, f"series '{desc}' holds {component} images: roles take magnitude images"
     itype = [str(t).upper() for t in (group.image_type or [])]
     hits = []
     for role in ROLES:

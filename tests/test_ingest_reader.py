@@ -1006,3 +1006,58 @@ def test_acquisition_datetime_for_ordering(text, expected):
         assert got is None
     else:
         assert got == pytest.approx(datetime.fromisoformat(expected).timestamp())
+
+
+def _ge_complex_series(folder: Path, ts=ExplicitVRLittleEndian) -> tuple[list[Path], np.ndarray, np.ndarray]:
+    """A GE series as the scanner writes complex output: magnitude and phase images under one
+    SeriesInstanceUID and one ImageType, told apart only by the private image type (0043,xx2F)."""
+    aff = make_affine(AXIAL, (4, -3))
+    mag, pha = volume((5, 6, 7), seed=21), volume((5, 6, 7), seed=22)
+    paths = []
+    for comp, (vol, inst0) in enumerate(((mag, 0), (pha, 5))):
+        for p in write_classic(folder, vol, aff, ts=ts, instance0=inst0, names=f"C{comp}_",
+                               manufacturer="GE MEDICAL SYSTEMS", ImageType=["ORIGINAL", "PRIMARY", "OTHER"]):
+            ds = pydicom.dcmread(p)
+            ds.private_block(0x0043, "GEMS_PARM_01", create=True).add_new(0x2F, "SS", comp)
+            save(ds, p)
+            paths.append(p)
+    return paths, mag, pha
+
+
+@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_ge_magnitude_and_phase_of_one_series_are_two_volumes(tmp_path, monkeypatch, ts):
+    paths, mag, pha = _ge_complex_series(tmp_path / "swan", ts)
+    with pytest.raises(SeriesError, match=r"2 complex components \(MAGNITUDE .*PHASE"):
+        read_series(paths)
+    infos, problems = scan(tmp_path / "swan")
+    assert not problems
+    groups, _ = group_series(infos)
+    assert sorted(g.complex_component for g in groups) == ["MAGNITUDE", "PHASE"]
+    for g in groups:
+        vol, _, meta = read_series(g.files, infos=infos)
+        np.testing.assert_array_equal(vol, mag if g.complex_component == "MAGNITUDE" else pha)
+        assert meta["complex_component"] == g.complex_component
+    # the fast header parser and pydicom agree on the private element
+    monkeypatch.setenv("QSNET_DICOM_FASTPATH", "0")
+    slow, _ = scan(tmp_path / "swan")
+    assert [i.complex_component for i in slow] == [i.complex_component for i in infos]
+    assert all(i.plan is not None for i in infos) and all(i.plan is None for i in slow)
+
+
+def test_complex_component_from_image_type_and_attribute(tmp_path):
+    from ingest.reader import complex_component
+
+    ds = base_dataset(ImageType=["ORIGINAL", "PRIMARY", "P", "ND"])
+    assert complex_component(ds) == "PHASE"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M_FFE", "M", "FFE"]
+    assert complex_component(ds) == "MAGNITUDE"
+    ds.ComplexImageComponent = "REAL"
+    assert complex_component(ds) == "REAL"
+    ds = base_dataset(ImageType=["DERIVED", "PRIMARY", "T1 MAP", "ND"])
+    assert complex_component(ds) == ""
+    # a GE value outside 0..3, or the element under another creator, says nothing
+    ds = base_dataset(manufacturer="GE MEDICAL SYSTEMS", ImageType=["ORIGINAL", "PRIMARY", "OTHER"])
+    ds.private_block(0x0043, "OTHER_CREATOR", create=True).add_new(0x2F, "SS", 1)
+    assert complex_component(ds) == ""
+    ds.private_block(0x0043, "GEMS_PARM_01", create=True).add_new(0x2F, "SS", 7)
+    assert complex_component(ds) == ""

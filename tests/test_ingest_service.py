@@ -791,3 +791,30 @@ def test_site_file_mistakes_fail_at_load_in_one_line(tmp_path, text, why):
     with pytest.raises(SiteConfigError) as err:
         load_site(path)
     assert str(err.value).startswith(str(path)) and why in str(err.value) and "\n" not in str(err.value)
+
+
+def test_role_takes_the_magnitude_of_a_series_that_holds_phase_too(demo_tree, tmp_path):
+    """A GE SWAN exported with its phase images in the same series (one UID, one ImageType, the
+    component only in GE's private image type): the swi role gets the magnitude volume, the
+    phase files are ignored with the reason, and neither is stacked onto the other."""
+    from test_ingest_reader import _ge_complex_series
+
+    from ingest.store import open_store
+
+    src = tmp_path / "data"
+    exam = small_exam(demo_tree, src / "site-A" / "sub-A01")
+    first = header(exam)
+    paths, mag, _ = _ge_complex_series(exam / "S060_SWAN")
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        ds.StudyInstanceUID, ds.PatientID = first.StudyInstanceUID, first.PatientID
+        ds.SeriesDescription = "SWI_Images"
+        ds.save_as(p)
+    run_ingest(src, tmp_path)
+    rows = [r for r in manifest_rows(tmp_path / "manifest.csv") if "S060" in r["path"]]
+    assert len(rows) == 10
+    assert sorted((r["path"].split("/")[-1][:2], r["status"], r["role"]) for r in rows) == \
+        [("C0", "ingested", "swi")] * 5 + [("C1", "ignored", "")] * 5, rows
+    assert all("PHASE images: roles take magnitude images" in r["reason"] for r in rows if r["status"] == "ignored")
+    store = next((tmp_path / "raw" / "site-A").glob("*.zarr"))
+    np.testing.assert_array_equal(np.asarray(open_store(store).array("swi")[:]), mag)
