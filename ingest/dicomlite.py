@@ -112,6 +112,7 @@ class LiteDataset:
         self._elems = elems           # tag -> (VR, value offset, length) or (VR "SQ", items, length)
         self._enc = encoding
         self._cache: dict[int, object] = {}
+        self._creators: dict[tuple[int, str], int] | None = None
         self.file_meta = file_meta
 
     # -- pydicom Dataset interface (the part our reader uses)
@@ -147,11 +148,17 @@ class LiteDataset:
         return self[key]
 
     def private_block(self, group: int, creator: str) -> _PrivateBlock:
-        for el in range(0x10, 0x100):
-            t = (group << 16) | el
-            if t in self._elems and str(self._value(t) or "").strip() == creator:
-                return _PrivateBlock(self, (group << 16) | (el << 8))
-        raise KeyError(f"private creator {creator!r} not in group {group:04X}")
+        # the creators of every private group, found once per file: the reader looks up
+        # several private elements of each GE or Siemens slice, most of them absent
+        if self._creators is None:
+            self._creators = {}
+            for t in self._elems:
+                if (t >> 16) & 1 and 0x10 <= (t & 0xFFFF) <= 0xFF:
+                    self._creators.setdefault((t >> 16, str(self._value(t) or "").strip()), t)
+        t = self._creators.get((group, creator))
+        if t is None:
+            raise KeyError(f"private creator {creator!r} not in group {group:04X}")
+        return _PrivateBlock(self, (group << 16) | ((t & 0xFF) << 8))
 
     def pixel_layout(self) -> tuple[int, int, int, int, int, bool]:
         """(offset of the pixel bytes in the file, rows, columns, bits allocated, bits stored,

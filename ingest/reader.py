@@ -162,20 +162,17 @@ def complex_component(ds) -> str:
     GEMS_PARM_01: 0 to 3), the only place a GE series that keeps magnitude, phase, real and
     imaginary images together tells them apart (their ImageType is the same); a value of
     ImageType after the first two. dcm2niix reads the same three and never stacks images of
-    different components into one volume."""
+    different components into one volume. "FIELD_MAP" for the field-map (Hz) images of a GE
+    B0 map, which GE stores with its magnitude images under one private image type
+    (:func:`_ge_b0map_field_image`)."""
     v = str(ds.get("ComplexImageComponent", "") or "").strip().upper()
     if v in _COMPONENTS:
         return v
     if str(ds.get("Manufacturer", "") or "").strip().upper().startswith("GE"):
-        try:
-            raw = ds.private_block(0x0043, "GEMS_PARM_01")[0x2F].value
-        except (KeyError, ValueError, TypeError, AttributeError):
-            raw = None
-        if isinstance(raw, (bytes, bytearray)):  # UN: an SS, little endian
-            raw = int.from_bytes(bytes(raw[:2]), "little", signed=True) if len(raw) >= 2 else None
-        elif isinstance(raw, (list, tuple)):
-            raw = raw[0] if raw else None
-        if isinstance(raw, int) and 0 <= raw < len(_COMPONENTS):
+        if _ge_b0map_field_image(ds):
+            return "FIELD_MAP"
+        raw = _ge_private_int(ds, 0x0043, "GEMS_PARM_01", 0x2F)
+        if raw is not None and 0 <= raw < len(_COMPONENTS):
             return _COMPONENTS[raw]
     itype = ds.get("ImageType")
     values = itype.split("\\") if isinstance(itype, str) else list(itype or [])
@@ -184,6 +181,39 @@ def complex_component(ds) -> str:
         if c:
             return c
     return ""
+
+
+def _ge_private(ds, group: int, creator: str, offset: int):
+    try:
+        return ds.private_block(group, creator)[offset].value
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def _ge_private_int(ds, group: int, creator: str, offset: int) -> int | None:
+    raw = _ge_private(ds, group, creator, offset)
+    if isinstance(raw, (bytes, bytearray)):  # UN: an SS, little endian
+        return int.from_bytes(bytes(raw[:2]), "little", signed=True) if len(raw) >= 2 else None
+    if isinstance(raw, (list, tuple)):
+        raw = raw[0] if raw else None
+    return raw if isinstance(raw, int) else None
+
+
+def _ge_b0map_field_image(ds) -> bool:
+    """An image of the field-map (Hz) volume of a GE B0 map. GE writes the map and its magnitude
+    as one series with the same ImageType and private image type; only the instance number
+    tells them apart: the first LocationsInAcquisition (0021,xx4F) images are the map (as dcm2niix
+    reads it, which names that volume ``_fieldmaphz``)."""
+    # cheapest first: every GE slice of every series comes through here
+    images, inst = _i(ds.get("ImagesInAcquisition")), _i(ds.get("InstanceNumber"))
+    if not images or inst is None:
+        return False
+    locations = _ge_private_int(ds, 0x0021, "GEMS_RELA_01", 0x4F)
+    if not locations or locations <= 0 or images <= locations or inst > locations:
+        return False
+    names = (_ge_private(ds, 0x0019, "GEMS_ACQU_01", 0x9C), _ge_private(ds, 0x0019, "GEMS_ACQU_01", 0x9E))
+    return any(isinstance(n, (str, bytes)) and "b0map" in (n.decode("latin-1") if isinstance(n, bytes) else n).lower()
+               for n in names)
 
 
 def acquisition_fields(ds, frame: int = 0) -> tuple[list[str], str, float | None, float | None]:

@@ -1061,3 +1061,37 @@ def test_complex_component_from_image_type_and_attribute(tmp_path):
     assert complex_component(ds) == ""
     ds.private_block(0x0043, "GEMS_PARM_01", create=True).add_new(0x2F, "SS", 7)
     assert complex_component(ds) == ""
+
+
+def test_ge_b0_map_is_a_field_map_and_a_magnitude_volume(tmp_path):
+    """GE's B0 map: one series, one ImageType, one private image type (magnitude) for both
+    volumes; the first LocationsInAcquisition instances are the field map in Hz. dcm2niix
+    writes them as two files (``_fieldmaphz``); so does the reader, never one 4-D stack."""
+    aff = make_affine(AXIAL, (0, 6))
+    hz, mag = volume((4, 6, 7), seed=31), volume((4, 6, 7), seed=32)
+    paths = []
+    for vol, inst0, names in ((hz, 0, "A_"), (mag, 4, "B_")):
+        for p in write_classic(tmp_path / "b0", vol, aff, instance0=inst0, names=names,
+                               manufacturer="GE MEDICAL SYSTEMS", ImageType=["ORIGINAL", "PRIMARY", "OTHER"],
+                               ImagesInAcquisition=8):
+            ds = pydicom.dcmread(p)
+            ds.private_block(0x0019, "GEMS_ACQU_01", create=True).add_new(0x9E, "LO", "B0map")
+            ds.private_block(0x0021, "GEMS_RELA_01", create=True).add_new(0x4F, "SS", 4)
+            ds.private_block(0x0043, "GEMS_PARM_01", create=True).add_new(0x2F, "SS", 0)
+            save(ds, p)
+            paths.append(p)
+    with pytest.raises(SeriesError, match=r"FIELD_MAP .*MAGNITUDE"):
+        read_series(paths)
+    infos, _ = scan(tmp_path / "b0")
+    groups, _ = group_series(infos)
+    assert sorted(g.complex_component for g in groups) == ["FIELD_MAP", "MAGNITUDE"]
+    for g in groups:
+        vol, _, _ = read_series(g.files, infos=infos)
+        np.testing.assert_array_equal(vol, hz if g.complex_component == "FIELD_MAP" else mag)
+    # without the B0 map's pulse sequence name the same instances are one magnitude series
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        del ds[0x0019109E]
+        save(ds, p)
+    infos, _ = scan(tmp_path / "b0")
+    assert {i.complex_component for i in infos} == {"MAGNITUDE"}
