@@ -225,10 +225,10 @@ def recognise(site_cfg: dict, group) -> tuple[str | None, str]:
     """Role of a series by the site's `match` rules, or None with the reason."""
     desc = group.description or ""
     component = getattr(group, "complex_component", "")
-    if component not in ("", "MAGNITUDE"):
-        # every role is a magnitude image (or a map derived from one): the phase, real or
-        # imaginary part of a series whose rule matches would otherwise compete for its role
-        return None, f"series '{desc}' holds {component} images: roles take magnitude images"
+    if component in ("PHASE", "IMAGINARY", "FIELD_MAP"):
+        # every role is a magnitude image or a real-valued map: the phase of a series whose
+        # rule matches (GE keeps it under the magnitude's description) would compete for its role
+        return None, f"series '{desc}' holds {component} images: roles take magnitude images or real-valued maps"
     itype = [str(t).upper() for t in (group.image_type or [])]
     hits = []
     for role in ROLES:
