@@ -200,8 +200,15 @@ def test_compiled_step_traces_whole_and_matches_the_eager_step(monkeypatch):
     # the generator's call, the discriminator's with and without a gradient to its input
     assert counters["stats"]["unique_graphs"] == 3
     assert list(tr.state_dict()["generator"]) == list(ref.state_dict()["generator"])
+    # Adam moves a weight by about lr a step whatever the size of its gradient, so a gradient
+    # within rounding of zero may take the other sign in the traced graph (the instance norm
+    # is plain ops there): such a weight ends up to 2 lr a step away. A few may; a head or a
+    # layer the graph had lost would move none of its weights, or all of them differently.
+    lr = ref.opt_g.param_groups[0]["lr"]
     for k, v in ref.state_dict()["generator"].items():
-        torch.testing.assert_close(tr.state_dict()["generator"][k], v, atol=1e-4, rtol=1e-3)
+        diff = (tr.state_dict()["generator"][k] - v).abs()
+        assert float(diff.max()) <= 2 * 2 * lr + 1e-5, k
+        assert float((diff > 1e-4).float().mean()) <= 0.01, (k, int((diff > 1e-4).sum()), diff.numel())
     torch._dynamo.reset()
 
 
