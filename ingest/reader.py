@@ -202,14 +202,20 @@ def _ge_private_int(ds, group: int, creator: str, offset: int) -> int | None:
 def _ge_b0map_field_image(ds) -> bool:
     """An image of the field-map (Hz) volume of a GE B0 map. GE writes the map and its magnitude
     as one series with the same ImageType and private image type; only the instance number
-    tells them apart: the first LocationsInAcquisition (0021,xx4F) images are the map (as dcm2niix
-    reads it, which names that volume ``_fieldmaphz``)."""
+    tells them apart: the first LocationsInAcquisition (0021,xx4F) images, times the ZIP factor,
+    are the map (as dcm2niix reads it, which names that volume ``_fieldmaphz``)."""
     # cheapest first: every GE slice of every series comes through here
     images, inst = _i(ds.get("ImagesInAcquisition")), _i(ds.get("InstanceNumber"))
     if not images or inst is None:
         return False
     locations = _ge_private_int(ds, 0x0021, "GEMS_RELA_01", 0x4F)
-    if not locations or locations <= 0 or images <= locations or inst > locations:
+    if not locations or locations <= 0 or images == locations:
+        return False
+    # ZIP slice interpolation: GE counts acquired locations, the series holds the interpolated ones
+    thick, gap = _f(ds.get("SliceThickness")), _f(ds.get("SpacingBetweenSlices"))
+    if thick and gap and gap > 0 and round(thick / gap) > 1:
+        locations *= round(thick / gap)
+    if inst > locations:
         return False
     names = (_ge_private(ds, 0x0019, "GEMS_ACQU_01", 0x9C), _ge_private(ds, 0x0019, "GEMS_ACQU_01", 0x9E))
     return any(isinstance(n, (str, bytes)) and "b0map" in (n.decode("latin-1") if isinstance(n, bytes) else n).lower()

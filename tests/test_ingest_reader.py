@@ -1063,10 +1063,12 @@ def test_complex_component_from_image_type_and_attribute(tmp_path):
     assert complex_component(ds) == ""
 
 
-def test_ge_b0_map_is_a_field_map_and_a_magnitude_volume(tmp_path):
+@pytest.mark.parametrize("zip_factor", [1, 2])
+def test_ge_b0_map_is_a_field_map_and_a_magnitude_volume(tmp_path, zip_factor):
     """GE's B0 map: one series, one ImageType, one private image type (magnitude) for both
-    volumes; the first LocationsInAcquisition instances are the field map in Hz. dcm2niix
-    writes them as two files (``_fieldmaphz``); so does the reader, never one 4-D stack."""
+    volumes; the first LocationsInAcquisition instances (acquired locations: times the ZIP
+    factor when slices were interpolated) are the field map in Hz. dcm2niix writes them as two
+    files (``_fieldmaphz``); so does the reader, never one 4-D stack."""
     aff = make_affine(AXIAL, (0, 6))
     hz, mag = volume((4, 6, 7), seed=31), volume((4, 6, 7), seed=32)
     paths = []
@@ -1076,7 +1078,8 @@ def test_ge_b0_map_is_a_field_map_and_a_magnitude_volume(tmp_path):
                                ImagesInAcquisition=8):
             ds = pydicom.dcmread(p)
             ds.private_block(0x0019, "GEMS_ACQU_01", create=True).add_new(0x9E, "LO", "B0map")
-            ds.private_block(0x0021, "GEMS_RELA_01", create=True).add_new(0x4F, "SS", 4)
+            ds.private_block(0x0021, "GEMS_RELA_01", create=True).add_new(0x4F, "SS", 4 // zip_factor)
+            ds.SliceThickness = ds.SpacingBetweenSlices * zip_factor
             ds.private_block(0x0043, "GEMS_PARM_01", create=True).add_new(0x2F, "SS", 0)
             save(ds, p)
             paths.append(p)
