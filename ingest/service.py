@@ -427,6 +427,17 @@ def _ambiguous(cands: list[tuple], role: str) -> tuple[list[tuple], list[tuple[l
     return [c for c in cands if id(c) not in dropped], out
 
 
+def _magnitude_parts(cands: list[tuple]) -> tuple[list[tuple], list[tuple]]:
+    """(candidates, passed over) for one role: where parts of one series and echo differ only in
+    complex component and one of them is the magnitude, the role takes that one. The real part
+    of a GE complex series is an image of its own, not a fragment of the magnitude."""
+    mags = {(c[0].series_uid, c[0].echo_number) for c in cands if c[0].complex_component == "MAGNITUDE"}
+    over = [c for c in cands if (c[0].series_uid, c[0].echo_number) in mags
+            and c[0].complex_component not in ("", "MAGNITUDE")]
+    dropped = {id(c) for c in over}
+    return [c for c in cands if id(c) not in dropped], over
+
+
 def _largest_parts(cands: list[tuple]) -> tuple[list[tuple], list[tuple]]:
     """(candidates, fragments) for one role: of the parts of one series and echo (same
     SeriesInstanceUID and EchoNumbers, split by group_series) only the one with the most files
@@ -516,6 +527,11 @@ def _ingest_exam(src, dst, job, site_cfg, key, split_fractions, prev_rows):
             for g, series_id in same:
                 for f in g.files:
                     row(rel_of[f], "quarantined", why, subject=subject, series=series_id, role=role)
+        cands, passed = _magnitude_parts(cands)
+        for g, series_id in passed:
+            for f in g.files:
+                row(rel_of[f], "ignored", f"{g.complex_component} images of series {series_id}: role {role} takes "
+                    "its MAGNITUDE part", subject=subject, series=series_id, role=role)
         cands, fragments = _largest_parts(cands)
         for g, series_id, whole in fragments:
             why = part_difference(info_of[g.files[0]], info_of[whole.files[0]])

@@ -1008,13 +1008,15 @@ def test_acquisition_datetime_for_ordering(text, expected):
         assert got == pytest.approx(datetime.fromisoformat(expected).timestamp())
 
 
-def _ge_complex_series(folder: Path, ts=ExplicitVRLittleEndian) -> tuple[list[Path], np.ndarray, np.ndarray]:
-    """A GE series as the scanner writes complex output: magnitude and phase images under one
+def _ge_complex_series(folder: Path, ts=ExplicitVRLittleEndian, components=(0, 1)
+                       ) -> tuple[list[Path], np.ndarray, np.ndarray]:
+    """A GE series as the scanner writes complex output: magnitude and phase (or another of
+    ``components``: 0 to 3 for magnitude, phase, real, imaginary) images under one
     SeriesInstanceUID and one ImageType, told apart only by the private image type (0043,xx2F)."""
     aff = make_affine(AXIAL, (4, -3))
     mag, pha = volume((5, 6, 7), seed=21), volume((5, 6, 7), seed=22)
     paths = []
-    for comp, (vol, inst0) in enumerate(((mag, 0), (pha, 5))):
+    for comp, (vol, inst0) in zip(components, ((mag, 0), (pha, 5))):
         for p in write_classic(folder, vol, aff, ts=ts, instance0=inst0, names=f"C{comp}_",
                                manufacturer="GE MEDICAL SYSTEMS", ImageType=["ORIGINAL", "PRIMARY", "OTHER"]):
             ds = pydicom.dcmread(p)

@@ -793,10 +793,11 @@ def test_site_file_mistakes_fail_at_load_in_one_line(tmp_path, text, why):
     assert str(err.value).startswith(str(path)) and why in str(err.value) and "\n" not in str(err.value)
 
 
-def test_role_takes_the_magnitude_of_a_series_that_holds_phase_too(demo_tree, tmp_path):
-    """A GE SWAN exported with its phase images in the same series (one UID, one ImageType, the
-    component only in GE's private image type): the swi role gets the magnitude volume, the
-    phase files are ignored with the reason, and neither is stacked onto the other."""
+@pytest.mark.parametrize("other", ["PHASE", "REAL"])
+def test_role_takes_the_magnitude_of_a_series_that_holds_phase_too(demo_tree, tmp_path, other):
+    """A GE SWAN exported with its phase (or real) images in the same series (one UID, one
+    ImageType, the component only in GE's private image type): the swi role gets the magnitude
+    volume, the other files are ignored with the reason, and neither is stacked onto the other."""
     from test_ingest_reader import _ge_complex_series
 
     from ingest.store import open_store
@@ -804,7 +805,7 @@ def test_role_takes_the_magnitude_of_a_series_that_holds_phase_too(demo_tree, tm
     src = tmp_path / "data"
     exam = small_exam(demo_tree, src / "site-A" / "sub-A01")
     first = header(exam)
-    paths, mag, _ = _ge_complex_series(exam / "S060_SWAN")
+    paths, mag, _ = _ge_complex_series(exam / "S060_SWAN", components=(0, {"PHASE": 1, "REAL": 2}[other]))
     for p in paths:
         ds = pydicom.dcmread(p)
         ds.StudyInstanceUID, ds.PatientID = first.StudyInstanceUID, first.PatientID
@@ -813,8 +814,10 @@ def test_role_takes_the_magnitude_of_a_series_that_holds_phase_too(demo_tree, tm
     run_ingest(src, tmp_path)
     rows = [r for r in manifest_rows(tmp_path / "manifest.csv") if "S060" in r["path"]]
     assert len(rows) == 10
+    role_of_other = "" if other == "PHASE" else "swi"  # real images are eligible, the magnitude preferred
     assert sorted((r["path"].split("/")[-1][:2], r["status"], r["role"]) for r in rows) == \
-        [("C0", "ingested", "swi")] * 5 + [("C1", "ignored", "")] * 5, rows
-    assert all("PHASE images: roles take magnitude images" in r["reason"] for r in rows if r["status"] == "ignored")
+        [("C0", "ingested", "swi")] * 5 + [("C" + str({"PHASE": 1, "REAL": 2}[other]), "ignored", role_of_other)] * 5, rows
+    why = "PHASE images: roles take magnitude images" if other == "PHASE" else "REAL images of series"
+    assert all(why in r["reason"] for r in rows if r["status"] == "ignored"), rows
     store = next((tmp_path / "raw" / "site-A").glob("*.zarr"))
     np.testing.assert_array_equal(np.asarray(open_store(store).array("swi")[:]), mag)
