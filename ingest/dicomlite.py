@@ -49,8 +49,6 @@ _FG = (0x52009229, 0x52009230)  # Shared / Per-frame Functional Groups Sequence
 _EXPLICIT_HEAD = struct.Struct("<HH2sH").unpack_from
 _IMPLICIT_HEAD = struct.Struct("<HHI").unpack_from
 _U32 = struct.Struct("<I").unpack_from
-
-
 _MISSING = object()
 
 

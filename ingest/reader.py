@@ -156,7 +156,8 @@ _COMPONENT_OF_TYPE = {"M": "MAGNITUDE", "P": "PHASE", "R": "REAL", "I": "IMAGINA
 
 
 def complex_component(ds) -> str:
-    """MAGNITUDE, PHASE, REAL or IMAGINARY for a classic image whose header says which, else "".
+    """MAGNITUDE, PHASE, REAL, IMAGINARY (or FIELD_MAP, below) for a classic image whose header
+    says which, else "".
 
     In order: ComplexImageComponent (0008,9208); GE's private image type (0043,xx2F of
     GEMS_PARM_01: 0 to 3), the only place a GE series that keeps magnitude, phase, real and

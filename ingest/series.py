@@ -82,7 +82,7 @@ class FileInfo:
     n_frames: int = 1
     enhanced: bool = False                            # geometry in functional groups
     frame_types: tuple[str, ...] = ()                 # enhanced: the FrameTypes of its frames, sorted
-    complex_component: str = ""                       # classic: MAGNITUDE / PHASE / REAL / IMAGINARY, if stated
+    complex_component: str = ""                       # classic: MAGNITUDE, PHASE, REAL, IMAGINARY or FIELD_MAP, if stated
     acquisition_number: int | None = None
     instance_number: int | None = None
     # what the reader needs to read a plain classic file without parsing it again, and the

@@ -224,7 +224,7 @@ def _clean_reason(reason: str, src, identities=()) -> str:
 def recognise(site_cfg: dict, group) -> tuple[str | None, str]:
     """Role of a series by the site's `match` rules, or None with the reason."""
     desc = group.description or ""
-    component = getattr(group, "complex_component", "")
+    component = group.complex_component
     if component in ("PHASE", "IMAGINARY", "FIELD_MAP"):
         # every role is a magnitude image or a real-valued map: the phase of a series whose
         # rule matches (GE keeps it under the magnitude's description) would compete for its role
@@ -428,9 +428,9 @@ def _ambiguous(cands: list[tuple], role: str) -> tuple[list[tuple], list[tuple[l
 
 
 def _magnitude_parts(cands: list[tuple]) -> tuple[list[tuple], list[tuple]]:
-    """(candidates, passed over) for one role: where parts of one series and echo differ only in
-    complex component and one of them is the magnitude, the role takes that one. The real part
-    of a GE complex series is an image of its own, not a fragment of the magnitude."""
+    """(candidates, passed over) for one role: where one series and echo offers the role its
+    magnitude part and a real part (a GE complex series), the role takes the magnitude. The real
+    part is an image of its own, not a fragment to quarantine beside the magnitude."""
     mags = {(c[0].series_uid, c[0].echo_number) for c in cands if c[0].complex_component == "MAGNITUDE"}
     over = [c for c in cands if (c[0].series_uid, c[0].echo_number) in mags
             and c[0].complex_component not in ("", "MAGNITUDE")]
