@@ -223,6 +223,29 @@ def _ge_b0map_field_image(ds) -> bool:
                for n in names)
 
 
+def ge_pepolar_reversed(ds) -> bool:
+    """True for an image of GE's ``epi_pepolar`` sequence acquired with reversed phase-encoding
+    polarity. GE stores those with their rows in reverse order and the header unchanged, so read as
+    the header says they are upside down. UserData12 (0019,xxB3) gives the mode: 0 forward,
+    1 reversed, 2 reversed then forward, 3 forward then reversed (alternating volumes, counted by
+    TemporalPositionIdentifier), as dcm2niix reads it."""
+    if not str(ds.get("Manufacturer", "") or "").strip().upper().startswith("GE"):
+        return False
+    name = _ge_private(ds, 0x0019, "GEMS_ACQU_01", 0x9C)
+    if isinstance(name, bytes):
+        name = name.decode("latin-1")
+    if not isinstance(name, str) or "epi_pepolar" not in name:
+        return False
+    raw = _ge_private(ds, 0x0019, "GEMS_ACQU_01", 0xB3)
+    mode = _i(raw.decode("latin-1") if isinstance(raw, bytes) else raw)
+    volume = _i(ds.get("TemporalPositionIdentifier"))
+    if mode == 1:
+        return True
+    if mode in (2, 3) and volume is not None and volume > 0:
+        return volume % 2 == (1 if mode == 2 else 0)
+    return False
+
+
 def acquisition_fields(ds, frame: int = 0) -> tuple[list[str], str, float | None, float | None]:
     """ImageType, sequence name, TE and TI from a classic header or, for enhanced objects,
     from the functional groups (EffectiveEchoTime, InversionTimes, PulseSequenceName)."""
@@ -944,6 +967,7 @@ class ReadPlan(NamedTuple):
     tpi: int | None
     echo: int | None
     component: str = ""          # see complex_component
+    rows_reversed: bool = False  # see ge_pepolar_reversed
 
 
 def read_plan(ds, path: Path, size: int, mtime_ns: int) -> ReadPlan | None:
@@ -969,7 +993,8 @@ def read_plan(ds, path: Path, size: int, mtime_ns: int) -> ReadPlan | None:
         return None
     return ReadPlan(size, mtime_ns, str(ts), offset, rows, cols, bits, stored, signed,
                     tuple(fr.ipp.tolist()), tuple(fr.iop.tolist()), tuple(fr.spacing.tolist()),
-                    fr.slope, fr.intercept, fr.tkey, fr.tpi, fr.echo, complex_component(ds))
+                    fr.slope, fr.intercept, fr.tkey, fr.tpi, fr.echo, complex_component(ds),
+                    ge_pepolar_reversed(ds))
 
 
 def plan_is_current(p: Path, plan: ReadPlan) -> bool:
@@ -1107,6 +1132,7 @@ def read_series(paths, infos=None, frame_type: str | None = None) -> tuple[np.nd
     # per file: its dataset, or its ReadPlan until the dataset is needed
     dsets, kinds, frames, ts_list = [], set(), [], []
     components: dict[str, Path] = {}  # classic files: component -> its first file
+    reversed_rows: dict[bool, Path] = {}  # classic files: rows stored reversed? -> its first file
     for fidx, p in enumerate(plist):
         plan = plans.get(p)
         if plan is not None and plan_is_current(p, plan):
@@ -1115,6 +1141,7 @@ def read_series(paths, infos=None, frame_type: str | None = None) -> tuple[np.nd
             frames.append(_plan_frame(plan, fidx))
             ts_list.append(plan.transfer_syntax)
             components.setdefault(plan.component, p)
+            reversed_rows.setdefault(plan.rows_reversed, p)
             continue
         ds = _read_file(p)
         ts = _ts_of(ds)
@@ -1126,6 +1153,7 @@ def read_series(paths, infos=None, frame_type: str | None = None) -> tuple[np.nd
         ts_list.append(str(ts))
         if kind == "classic":
             components.setdefault(complex_component(ds), p)
+            reversed_rows.setdefault(ge_pepolar_reversed(ds), p)
     if len(kinds) > 1:
         raise SeriesError(f"{where}: mixes {' and '.join(sorted(kinds))} images: not one series "
                           "(a classic and an enhanced export of one acquisition?)")
@@ -1136,6 +1164,11 @@ def read_series(paths, infos=None, frame_type: str | None = None) -> tuple[np.nd
         named = ", ".join(f"{c or 'unstated'} ({f.name})" for c, f in sorted(components.items()))
         raise SeriesError(f"{where}: holds images of {len(components)} complex components ({named}): "
                           "one volume per component (ingest.group_series splits them)")
+    if len(reversed_rows) > 1:
+        raise SeriesError(f"{where}: holds GE epi_pepolar volumes of both phase-encoding polarities "
+                          f"(reversed: {reversed_rows[True].name}, forward: {reversed_rows[False].name}): one "
+                          "series per polarity, as dcm2niix writes them (ingest.group_series splits them)")
+    flip_rows = reversed_rows.get(True) is not None
     frames = _select_frame_type(frames, frame_type, plist)
 
     _check_consistency(frames, plist, kind)
@@ -1182,6 +1215,8 @@ def read_series(paths, infos=None, frame_type: str | None = None) -> tuple[np.nd
         meta["image_type"] = f0.ftype.split("\\")
     if components and next(iter(components)):
         meta["complex_component"] = next(iter(components))
+    if flip_rows:
+        meta["rows_reversed_by_scanner"] = True  # stored bottom-up by GE epi_pepolar; read back in header order
 
     # decode file by file, placing each frame at (t, z)
     out = np.empty((n_vol, z, f0.rows, f0.cols), dtype=np.float32)
@@ -1200,6 +1235,8 @@ def read_series(paths, infos=None, frame_type: str | None = None) -> tuple[np.nd
             if fr.tile is not None:
                 r0, c0 = fr.tile
                 img = img[r0:r0 + fr.rows, c0:c0 + fr.cols]
+            if flip_rows:
+                img = img[::-1]
             if fr.slope == 1.0 and fr.intercept == 0.0:
                 out[t, zi] = img
             else:

@@ -43,6 +43,7 @@ from ingest.reader import (  # one parser for DICOM numbers
     acquisition_fields,
     complex_component,
     dcmread_any,
+    ge_pepolar_reversed,
     enhanced_frame_type,
     read_plan,
 )
@@ -83,6 +84,7 @@ class FileInfo:
     enhanced: bool = False                            # geometry in functional groups
     frame_types: tuple[str, ...] = ()                 # enhanced: the FrameTypes of its frames, sorted
     complex_component: str = ""                       # classic: MAGNITUDE, PHASE, REAL, IMAGINARY or FIELD_MAP, if stated
+    rows_reversed: bool = False                       # classic: a reversed-polarity GE epi_pepolar image
     acquisition_number: int | None = None
     instance_number: int | None = None
     # what the reader needs to read a plain classic file without parsing it again, and the
@@ -201,6 +203,7 @@ def header_summary(ds, path: Path, size: int, plan: ReadPlan | None = None, sha2
         enhanced=enhanced,
         frame_types=_frame_types(ds) if enhanced else (),
         complex_component="" if enhanced else (plan.component if plan is not None else complex_component(ds)),
+        rows_reversed=False if enhanced else (plan.rows_reversed if plan is not None else ge_pepolar_reversed(ds)),
         acquisition_number=_i(ds.get("AcquisitionNumber")),
         instance_number=_i(ds.get("InstanceNumber")),
         plan=plan,
@@ -452,6 +455,7 @@ def _split_signature(fi: FileInfo) -> tuple:
         fi.n_frames > 1 or fi.enhanced,            # classic vs enhanced export of one series
         tuple(t.upper() for t in fi.image_type),
         fi.complex_component,                      # GE keeps all four under one ImageType
+        fi.rows_reversed,                          # GE epi_pepolar: both polarities in one series
     )
 
 
@@ -463,7 +467,7 @@ def _close(a, b, tol: float) -> bool:
 
 def _same_part(a: tuple, b: tuple) -> bool:
     return (_close(a[0], b[0], 1e-3) and a[1] == b[1] and _close(a[2], b[2], 1e-3)
-            and a[3] == b[3] and a[4] == b[4] and a[5] == b[5])
+            and a[3] == b[3] and a[4] == b[4] and a[5] == b[5] and a[6] == b[6])
 
 
 def part_difference(a: FileInfo, b: FileInfo) -> str:
@@ -483,6 +487,8 @@ def part_difference(a: FileInfo, b: FileInfo) -> str:
         out.append(f"ImageType ({_fmt(a.image_type)} vs {_fmt(b.image_type)})")
     if sa[5] != sb[5]:
         out.append(f"complex component ({a.complex_component or 'unstated'} vs {b.complex_component or 'unstated'})")
+    if sa[6] != sb[6]:
+        out.append("phase-encoding polarity (GE epi_pepolar)")
     if a.series_number != b.series_number:
         out.append(f"SeriesNumber ({_fmt(a.series_number)} vs {_fmt(b.series_number)})")
     return ", ".join(out)
@@ -506,7 +512,8 @@ def group_series(files: list[FileInfo]) -> tuple[list[SeriesGroup], list[tuple[P
        ``_e<n>``; classic slices without EchoNumbers by echo time, ``n`` its rank;
        enhanced exports get no echo suffix), then by what must agree inside one volume: orientation (1e-3),
        Rows/Columns, pixel spacing (1e-3 mm), image type, complex component (magnitude,
-       phase, real, imaginary: :func:`ingest.reader.complex_component`), and single-frame vs
+       phase, real, imaginary: :func:`ingest.reader.complex_component`), phase-encoding
+       polarity of GE epi_pepolar volumes, and single-frame vs
        multi-frame storage (suffix ``_part<k>``, k = 1, 2, ... in sorted-path order
        of each part's first file).  An unsplit group's key is
        ``<SeriesNumber>_<SeriesInstanceUID>`` (contains UIDs: pseudonymise it

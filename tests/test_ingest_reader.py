@@ -1100,3 +1100,37 @@ def test_ge_b0_map_is_a_field_map_and_a_magnitude_volume(tmp_path, zip_factor):
         save(ds, p)
     infos, _ = scan(tmp_path / "b0")
     assert {i.complex_component for i in infos} == {"MAGNITUDE"}
+
+
+@pytest.mark.parametrize("mode, reversed_volumes", [(0, ()), (1, (1, 2)), (2, (1,)), (3, (2,))])
+def test_ge_pepolar_reversed_volumes_are_flipped_and_split(tmp_path, mode, reversed_volumes):
+    """GE's epi_pepolar stores reversed-polarity volumes with their rows reversed and the header
+    unchanged; UserData12 says which (0 none, 1 all, 2 odd, 3 even temporal positions). They are
+    read in header order and, where both polarities share a series, are two series as dcm2niix
+    writes them. Checked outside the project against dcm_qa_polar's references."""
+    aff = make_affine(AXIAL, (0, 0))
+    truth = {1: volume((3, 6, 7), seed=41), 2: volume((3, 6, 7), seed=42)}
+    for tpi in (1, 2):
+        stored = truth[tpi][:, ::-1, :] if tpi in reversed_volumes else truth[tpi]
+        for p in write_classic(tmp_path / "fm", stored, aff, instance0=3 * (tpi - 1), names=f"V{tpi}_",
+                               manufacturer="GE MEDICAL SYSTEMS", TemporalPositionIdentifier=tpi):
+            ds = pydicom.dcmread(p)
+            block = ds.private_block(0x0019, "GEMS_ACQU_01", create=True)
+            block.add_new(0x9C, "LO", "research/ABCD/epi_pepolar")
+            block.add_new(0xB3, "DS", f"{mode}.000000")
+            save(ds, p)
+    infos, _ = scan(tmp_path / "fm")
+    groups, _ = group_series(infos)
+    both = 0 < len(reversed_volumes) < 2
+    assert len(groups) == (2 if both else 1)
+    for g in groups:
+        vol, _, meta = read_series(g.files, infos=infos)
+        vols = {fi.path: fi for fi in infos}
+        tpis = sorted({int(pydicom.dcmread(f, stop_before_pixels=True).TemporalPositionIdentifier) for f in g.files})
+        want = np.stack([truth[t] for t in tpis]) if len(tpis) > 1 else truth[tpis[0]]
+        np.testing.assert_array_equal(vol, want)
+        assert meta.get("rows_reversed_by_scanner", False) == (tpis[0] in reversed_volumes)
+        assert all(vols[f].rows_reversed == (tpis[0] in reversed_volumes) for f in g.files)
+    if both:
+        with pytest.raises(SeriesError, match="both phase-encoding polarities"):
+            read_series(sorted((tmp_path / "fm").iterdir()))
