@@ -184,15 +184,23 @@ def complex_component(ds) -> str:
     return ""
 
 
-def _ge_private(ds, group: int, creator: str, offset: int):
+def _private_value(ds, group: int, creator: str, offset: int):
+    """Element ``offset`` of ``creator``'s private block in ``group`` (None if absent)."""
     try:
         return ds.private_block(group, creator)[offset].value
-    except (KeyError, ValueError, TypeError, AttributeError):
+    except (KeyError, ValueError):
         return None
 
 
+def _private_text(ds, group: int, creator: str, offset: int) -> str:
+    v = _private_value(ds, group, creator, offset)
+    if isinstance(v, bytes):  # UN
+        v = v.decode("latin-1")
+    return v if isinstance(v, str) else ""
+
+
 def _ge_private_int(ds, group: int, creator: str, offset: int) -> int | None:
-    raw = _ge_private(ds, group, creator, offset)
+    raw = _private_value(ds, group, creator, offset)
     if isinstance(raw, (bytes, bytearray)):  # UN: an SS, little endian
         return int.from_bytes(bytes(raw[:2]), "little", signed=True) if len(raw) >= 2 else None
     if isinstance(raw, (list, tuple)):
@@ -218,9 +226,7 @@ def _ge_b0map_field_image(ds) -> bool:
         locations *= round(thick / gap)
     if inst > locations:
         return False
-    names = (_ge_private(ds, 0x0019, "GEMS_ACQU_01", 0x9C), _ge_private(ds, 0x0019, "GEMS_ACQU_01", 0x9E))
-    return any(isinstance(n, (str, bytes)) and "b0map" in (n.decode("latin-1") if isinstance(n, bytes) else n).lower()
-               for n in names)
+    return any("b0map" in _private_text(ds, 0x0019, "GEMS_ACQU_01", el).lower() for el in (0x9C, 0x9E))
 
 
 def ge_pepolar_reversed(ds) -> bool:
@@ -231,12 +237,9 @@ def ge_pepolar_reversed(ds) -> bool:
     TemporalPositionIdentifier), as dcm2niix reads it."""
     if not str(ds.get("Manufacturer", "") or "").strip().upper().startswith("GE"):
         return False
-    name = _ge_private(ds, 0x0019, "GEMS_ACQU_01", 0x9C)
-    if isinstance(name, bytes):
-        name = name.decode("latin-1")
-    if not isinstance(name, str) or "epi_pepolar" not in name:
+    if "epi_pepolar" not in _private_text(ds, 0x0019, "GEMS_ACQU_01", 0x9C):
         return False
-    raw = _ge_private(ds, 0x0019, "GEMS_ACQU_01", 0xB3)
+    raw = _private_value(ds, 0x0019, "GEMS_ACQU_01", 0xB3)
     mode = _i(raw.decode("latin-1") if isinstance(raw, bytes) else raw)
     volume = _i(ds.get("TemporalPositionIdentifier"))
     if mode == 1:
@@ -480,14 +483,6 @@ def _mosaic_count(ds, csa: dict | None, path: Path) -> int:
     return n
 
 
-def _uih_private(ds, element: int):
-    """An element of UIH's "Image Private Header" block in group 0065 (None if absent)."""
-    try:
-        return ds.private_block(0x0065, "Image Private Header")[element].value
-    except (KeyError, ValueError):
-        return None
-
-
 def _uih_grid(ds, path: Path, fidx: int, rows: int, cols: int, acq, inst, echo) -> list[_Frame] | None:
     """Frames of a UIH grid (mosaic) image, or None when the image is not a grid.
 
@@ -496,7 +491,7 @@ def _uih_grid(ds, path: Path, fidx: int, rows: int, cols: int, acq, inst, echo) 
     ImagePositionPatient out of the top level and gives each tile its own, in the items of
     the private sequence (0065,xx51), one item per tile in tile order.
     """
-    n = _i(_uih_private(ds, 0x50))
+    n = _i(_private_value(ds, 0x0065, "Image Private Header", 0x50))
     if not n or n < 2:
         return None
     n_col = math.ceil(math.sqrt(n))
@@ -504,7 +499,7 @@ def _uih_grid(ds, path: Path, fidx: int, rows: int, cols: int, acq, inst, echo) 
     if rows % n_row or cols % n_col:
         raise SeriesError(f"{path}: UIH grid of {rows}x{cols} pixels cannot hold {n_row} rows of {n_col} "
                           f"tiles for its {n} slices (0065,1050): inconsistent slice count")
-    items = _uih_private(ds, 0x51)
+    items = _private_value(ds, 0x0065, "Image Private Header", 0x51)
     if not items or len(items) != n:
         raise SeriesError(f"{path}: UIH grid of {n} slices without one (0065,1051) item per slice "
                           f"({len(items) if items else 0} found): the slices cannot be placed "

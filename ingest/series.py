@@ -43,8 +43,8 @@ from ingest.reader import (  # one parser for DICOM numbers
     acquisition_fields,
     complex_component,
     dcmread_any,
-    ge_pepolar_reversed,
     enhanced_frame_type,
+    ge_pepolar_reversed,
     read_plan,
 )
 
