@@ -25,7 +25,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from pydicom.datadict import dictionary_VR, private_dictionary_VR, tag_for_keyword
 
 __all__ = ["read_lite", "LiteDataset", "native_pixels"]
 
@@ -50,6 +49,74 @@ _EXPLICIT_HEAD = struct.Struct("<HH2sH").unpack_from
 _IMPLICIT_HEAD = struct.Struct("<HHI").unpack_from
 _U32 = struct.Struct("<I").unpack_from
 _MISSING = object()
+_ITEM_HEAD = 0xE000FFFE  # an Item tag (FFFE,E000) read as one little-endian 32-bit word
+_AMBIGUOUS = {"US or SS": "US", "OB or OW": "OW", "US or OW": "US", "US or SS or OW": "US"}
+
+# The standard elements that the reader, the scan and de-identification ask for, with their
+# dictionary VRs. With them here a plain classic file is read without importing pydicom, whose
+# import (0.15 s with its pixel handlers) was a tenth of a demo ingest's wall time, spent before
+# the workers fork. Any other element is looked up in pydicom's dictionary when it is asked for;
+# tests/test_ingest_fastpath.py checks these against that dictionary.
+_KNOWN: dict[str, tuple[int, str]] = {
+    "MediaStorageSOPClassUID": (0x00020002, "UI"), "TransferSyntaxUID": (0x00020010, "UI"),
+    "SpecificCharacterSet": (0x00080005, "CS"), "ImageType": (0x00080008, "CS"),
+    "SOPClassUID": (0x00080016, "UI"), "SOPInstanceUID": (0x00080018, "UI"),
+    "AcquisitionDate": (0x00080022, "DA"), "AcquisitionDateTime": (0x0008002A, "DT"),
+    "AcquisitionTime": (0x00080032, "TM"), "AccessionNumber": (0x00080050, "SH"),
+    "Modality": (0x00080060, "CS"), "Manufacturer": (0x00080070, "LO"),
+    "InstitutionName": (0x00080080, "LO"), "InstitutionAddress": (0x00080081, "ST"),
+    "ReferringPhysicianName": (0x00080090, "PN"), "CodeValue": (0x00080100, "SH"),
+    "SeriesDescription": (0x0008103E, "LO"), "InstitutionalDepartmentName": (0x00081040, "LO"),
+    "PhysiciansOfRecord": (0x00081048, "PN"), "PerformingPhysicianName": (0x00081050, "PN"),
+    "NameOfPhysiciansReadingStudy": (0x00081060, "PN"), "OperatorsName": (0x00081070, "PN"),
+    "ManufacturerModelName": (0x00081090, "LO"), "FrameType": (0x00089007, "CS"),
+    "ComplexImageComponent": (0x00089208, "CS"), "PatientName": (0x00100010, "PN"),
+    "PatientID": (0x00100020, "LO"), "PatientBirthDate": (0x00100030, "DA"),
+    "OtherPatientIDs": (0x00101000, "LO"), "OtherPatientNames": (0x00101001, "PN"),
+    "PatientBirthName": (0x00101005, "PN"), "PatientMotherBirthName": (0x00101060, "PN"),
+    "ScanningSequence": (0x00180020, "CS"), "SequenceVariant": (0x00180021, "CS"),
+    "ScanOptions": (0x00180022, "CS"), "MRAcquisitionType": (0x00180023, "CS"),
+    "SequenceName": (0x00180024, "SH"), "SliceThickness": (0x00180050, "DS"),
+    "RepetitionTime": (0x00180080, "DS"), "EchoTime": (0x00180081, "DS"),
+    "InversionTime": (0x00180082, "DS"), "NumberOfAverages": (0x00180083, "DS"),
+    "ImagingFrequency": (0x00180084, "DS"), "EchoNumbers": (0x00180086, "IS"),
+    "MagneticFieldStrength": (0x00180087, "DS"), "SpacingBetweenSlices": (0x00180088, "DS"),
+    "EchoTrainLength": (0x00180091, "IS"), "PixelBandwidth": (0x00180095, "DS"),
+    "SoftwareVersions": (0x00181020, "LO"), "ProtocolName": (0x00181030, "LO"),
+    "ReceiveCoilName": (0x00181250, "SH"), "FlipAngle": (0x00181314, "DS"),
+    "PatientPosition": (0x00185100, "CS"), "PulseSequenceName": (0x00189005, "SH"),
+    "FrameAcquisitionDateTime": (0x00189074, "DT"), "InversionTimes": (0x00189079, "FD"),
+    "EffectiveEchoTime": (0x00189082, "FD"), "StudyInstanceUID": (0x0020000D, "UI"),
+    "SeriesInstanceUID": (0x0020000E, "UI"), "SeriesNumber": (0x00200011, "IS"),
+    "AcquisitionNumber": (0x00200012, "IS"), "InstanceNumber": (0x00200013, "IS"),
+    "ImagePositionPatient": (0x00200032, "DS"), "ImageOrientationPatient": (0x00200037, "DS"),
+    "TemporalPositionIdentifier": (0x00200100, "IS"), "ImagesInAcquisition": (0x00201002, "IS"),
+    "FrameContentSequence": (0x00209111, "SQ"), "PlanePositionSequence": (0x00209113, "SQ"),
+    "PlaneOrientationSequence": (0x00209116, "SQ"), "TemporalPositionIndex": (0x00209128, "UL"),
+    "FrameAcquisitionNumber": (0x00209156, "US"), "SamplesPerPixel": (0x00280002, "US"),
+    "PhotometricInterpretation": (0x00280004, "CS"), "NumberOfFrames": (0x00280008, "IS"),
+    "Rows": (0x00280010, "US"), "Columns": (0x00280011, "US"), "PixelSpacing": (0x00280030, "DS"),
+    "BitsAllocated": (0x00280100, "US"), "BitsStored": (0x00280101, "US"),
+    "PixelRepresentation": (0x00280103, "US"), "RescaleIntercept": (0x00281052, "DS"),
+    "RescaleSlope": (0x00281053, "DS"), "RescaleType": (0x00281054, "LO"),
+    "PixelMeasuresSequence": (0x00289110, "SQ"), "PixelValueTransformationSequence": (0x00289145, "SQ"),
+    "MeasurementUnitsCodeSequence": (0x004008EA, "SQ"),
+    "RealWorldValueMappingSequence": (0x00409096, "SQ"), "RealWorldValueIntercept": (0x00409224, "FD"),
+    "RealWorldValueSlope": (0x00409225, "FD"), "SharedFunctionalGroupsSequence": (0x52009229, "SQ"),
+    "PerFrameFunctionalGroupsSequence": (0x52009230, "SQ"), "FloatPixelData": (0x7FE00008, "OF"),
+    "DoubleFloatPixelData": (0x7FE00009, "OD"), "PixelData": (0x7FE00010, "OB or OW"),
+}
+_KNOWN_VR = {tag: vr for tag, vr in _KNOWN.values()}
+# (creator, group, element offset) -> VR of the private elements the reader reads ("UN": not in
+# pydicom's private dictionary, so raw bytes there too)
+_KNOWN_PRIVATE: dict[tuple[str, int, int], str] = {
+    ("GEMS_ACQU_01", 0x0019, 0x9C): "LO", ("GEMS_ACQU_01", 0x0019, 0x9E): "LO",
+    ("GEMS_ACQU_01", 0x0019, 0xB3): "DS", ("GEMS_RELA_01", 0x0021, 0x4F): "SS",
+    ("GEMS_PARM_01", 0x0043, 0x2F): "SS", ("SIEMENS MR HEADER", 0x0019, 0x0A): "US",
+    ("SIEMENS CSA HEADER", 0x0029, 0x10): "OB", ("SIEMENS CSA HEADER", 0x0029, 0x20): "OB",
+    ("Image Private Header", 0x0065, 0x50): "UN", ("Image Private Header", 0x0065, 0x51): "UN",
+    ("Philips MR Imaging DD 001", 0x2005, 0x0E): "FL",
+}
 
 
 class _Decline(Exception):
@@ -59,6 +126,11 @@ class _Decline(Exception):
 @lru_cache(maxsize=None)
 def _tag(key) -> int | None:
     if isinstance(key, str):
+        known = _KNOWN.get(key)
+        if known is not None:
+            return known[0]
+        from pydicom.datadict import tag_for_keyword
+
         return tag_for_keyword(key)
     if isinstance(key, tuple):
         return (key[0] << 16) | key[1]
@@ -66,18 +138,28 @@ def _tag(key) -> int | None:
 
 
 @lru_cache(maxsize=None)
-def _implicit_vr(tag: int) -> str:
+def _implicit_vr(tag: int) -> str | None:
+    """The VR of an implicit-VR element as far as it is known without pydicom: None for a
+    standard element outside :data:`_KNOWN` (see :func:`_dictionary_vr`)."""
     if (tag & 0xFFFF) == 0 and tag >> 16 != 0x0002:
         return "UL"  # group length
-    if (tag >> 16) & 1 and (tag & 0xFFFF) <= 0x00FF and (tag & 0xFFFF) >= 0x0010:
-        return "LO"  # private creator
+    if (tag >> 16) & 1:
+        return "LO" if 0x0010 <= (tag & 0xFFFF) <= 0x00FF else "UN"  # private creator / element
+    vr = _KNOWN_VR.get(tag)
+    return None if vr is None else _AMBIGUOUS.get(vr, vr)
+
+
+@lru_cache(maxsize=None)
+def _dictionary_vr(tag: int) -> str:
+    from pydicom.datadict import dictionary_VR
+
     try:
         vr = dictionary_VR(tag)
     except KeyError:
         return "UN"
     # ambiguous VRs: these files are little endian with pixel representation known later;
     # the elements we read with such VRs (pixel data) are handled as raw bytes anyway
-    return {"US or SS": "US", "OB or OW": "OW", "US or OW": "US", "US or SS or OW": "US"}.get(vr, vr)
+    return _AMBIGUOUS.get(vr, vr)
 
 
 class _Element:
@@ -175,12 +257,26 @@ class LiteDataset:
     # -- internals
     def _element(self, t: int) -> _Element:
         e = self._elems[t]
+        if e[0] is None:
+            e = self._resolve(t)
         return _Element(t, e[0], e[2], self)
+
+    def _resolve(self, t: int) -> tuple:
+        """An implicit-VR element the parser stored without its VR, now that it is asked for.
+        Its value does not start with an Item (the parser resolved those), so as a sequence it
+        can only be empty; a non-empty one is malformed and stays raw bytes."""
+        _, off, length = self._elems[t]
+        vr = _dictionary_vr(t)
+        e = self._elems[t] = ("SQ", [], 0) if vr == "SQ" and length == 0 else \
+            ("UN" if vr == "SQ" else vr, off, length)
+        return e
 
     def _value(self, t: int):
         if t in self._cache:
             return self._cache[t]
         vr, off, length = self._elems[t]
+        if vr is None:
+            vr, off, length = self._resolve(t)
         if t == PIXEL_DATA:
             return memoryview(self._buf)[off:off + length]  # no copy: only its length is asked for
         # private elements arrive as UN in implicit files, and in explicit ones relayed by a PACS
@@ -199,7 +295,11 @@ class LiteDataset:
             return "UN"
         try:
             creator = str(self._value(creator_tag) or "").strip()
-            vr = private_dictionary_VR(t, creator)
+            vr = _KNOWN_PRIVATE.get((creator, t >> 16, t & 0xFF))
+            if vr is None:
+                from pydicom.datadict import private_dictionary_VR
+
+                vr = private_dictionary_VR(t, creator)
         except (KeyError, TypeError):
             return "UN"
         return vr if vr in _NUMERIC or vr in _MULTI_TEXT or vr in ("LT", "ST", "UT", "SQ") else "UN"
@@ -285,12 +385,17 @@ def _parse(buf, pos: int, end: int, explicit: bool, top: bool, encoding: str, ne
         else:
             pos += 8
             vr = _implicit_vr(tag)
+            # an element outside the table keeps no VR until it is asked for, unless its value
+            # opens with an Item: a sequence, parsed now like every other
+            if vr is None and length != _UNDEFINED and length >= 8 and pos + 4 <= nbuf \
+                    and _U32(buf, pos)[0] == _ITEM_HEAD:
+                vr = _dictionary_vr(tag)
         if tag == PIXEL_DATA and top:
             if length == _UNDEFINED or pos + length > nbuf:
                 raise _Decline  # encapsulated or truncated: pydicom says which
             elems[tag] = ("OW", pos, length)
             return elems, pos + length
-        if vr == "SQ" or (length == _UNDEFINED and vr == "UN" and not explicit):
+        if vr == "SQ" or (length == _UNDEFINED and vr in ("UN", None) and not explicit):
             items, pos = _parse_items(buf, pos, length, explicit, encoding, nested)
             elems[tag] = ("SQ", items, length)
             continue

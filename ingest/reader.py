@@ -30,20 +30,21 @@ duplicates, gaps, even spacing, complete volumes) and only then decoded.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import struct
+import sys
+import threading
+import warnings
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import pydicom
-from pydicom.errors import InvalidDicomError
-from pydicom.pixels import get_decoder
-from pydicom.uid import UID
 
 __all__ = ["SeriesError", "ReadPlan", "looks_like_dicom", "plan_is_current", "read_plan", "read_series",
            "parse_csa_header", "siemens_csa_image_header"]
@@ -273,7 +274,7 @@ def _f(v) -> float | None:
     if v is None or v == "":
         return None
     try:
-        if isinstance(v, (list, tuple, pydicom.multival.MultiValue)):
+        if isinstance(v, (list, tuple)) or (isinstance(v, Sequence) and not isinstance(v, (str, bytes))):
             if not len(v):
                 return None
             v = v[0]
@@ -408,20 +409,23 @@ def _find(ds, keyword: str, frame: int = 0):
     return None
 
 
-def _ts_of(ds) -> UID:
+def _ts_of(ds) -> str:
     meta = getattr(ds, "file_meta", None)
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
     if ts:
-        return UID(str(ts))
+        return str(ts).strip()
     # no file meta: what pydicom decoded it as
     le, implicit = getattr(ds, "original_encoding", (True, True))
     if implicit:
-        return UID("1.2.840.10008.1.2")
-    return UID("1.2.840.10008.1.2.1" if le else "1.2.840.10008.1.2.2")
+        return "1.2.840.10008.1.2"
+    return "1.2.840.10008.1.2.1" if le else "1.2.840.10008.1.2.2"
 
 
-def _ts_text(ts: UID) -> str:
-    return f"{ts.name} ({ts})" if ts.name and ts.name != str(ts) else str(ts)
+def _ts_text(ts: str) -> str:
+    from pydicom.uid import UID
+
+    name = UID(ts).name
+    return f"{name} ({ts})" if name and name != ts else ts
 
 
 # ------------------------------------------------------------------------------ frames
@@ -641,7 +645,7 @@ def _select_frame_type(frames: list[_Frame], frame_type, plist: list[Path]) -> l
     return frames
 
 
-def _check_pixel_data(ds, path: Path, ts: UID) -> None:
+def _check_pixel_data(ds, path: Path, ts: str) -> None:
     kw = next((k for k in _PIXEL_KEYWORDS if k in ds), None)
     if kw is None:
         raise SeriesError(f"{path}: no pixel data (header-only or non-image object)")
@@ -676,6 +680,8 @@ def _check_pixel_data(ds, path: Path, ts: UID) -> None:
                 f"{path}: pixel data shorter than Rows x Columns x frames x bytes: {actual} bytes present, "
                 f"{need} needed (truncated?)")
         return
+    from pydicom.pixels import get_decoder
+
     try:
         decoder = get_decoder(ts)
     except NotImplementedError:
@@ -689,7 +695,7 @@ def _check_pixel_data(ds, path: Path, ts: UID) -> None:
                           f"installed ({missing or 'see pydicom pixel handlers'})")
 
 
-def _decode(ds, path: Path, ts: UID) -> np.ndarray:
+def _decode(ds, path: Path, ts: str) -> np.ndarray:
     """Stored values, shape (frames, rows, cols)."""
     try:
         arr = ds.pixel_array
@@ -1051,9 +1057,54 @@ def looks_like_dicom(path) -> bool:
     return head[128:132] == b"DICM" or _starts_a_dataset(head)
 
 
+# pydicom's validation warnings quote the offending header value (a UID with an MRN in it, a
+# malformed name), and they would reach stderr and CI logs; ingest reports what it cannot use in
+# the manifest instead. pydicom is imported only when a file needs it (plain classic files are
+# read without it), so the setting is applied on each read through it, inside quiet_reads().
+_quiet = 0
+_quiet_lock = threading.Lock()  # serve reads uploads in threads side by side
+
+
+@contextlib.contextmanager
+def quiet_reads():
+    """pydicom quiet for the reads inside (validation off, its warnings dropped); the process's
+    own settings are as they were afterwards, whether or not pydicom was imported meanwhile."""
+    global _quiet
+    was = sys.modules.get("pydicom.config")
+    saved = was.settings._reading_validation_mode if was else None  # None: pydicom's default
+    with _quiet_lock:
+        _quiet += 1
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+            yield
+    finally:
+        with _quiet_lock:
+            _quiet -= 1
+            config = sys.modules.get("pydicom.config")
+            if config is not None and not _quiet:
+                config.settings._reading_validation_mode = saved
+
+
+def quiet_process() -> None:
+    """quiet_reads() for the rest of the process: for processes whose pydicom reads are all
+    ingest's (its worker processes, serve's replicas, where requests run in threads and a
+    per-call context would restore one request's settings in the middle of another's)."""
+    global _quiet
+    with _quiet_lock:
+        _quiet += 1
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+
+
 def dcmread_any(fp, **kw):
     """``pydicom.dcmread``, which also takes a bare data set (see :func:`_bare_dataset`); anything
     else without the DICM prefix still raises InvalidDicomError."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    if _quiet:
+        pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
     try:
         return pydicom.dcmread(fp, force=False, **kw)
     except InvalidDicomError:
@@ -1078,6 +1129,8 @@ def _read_file(p: Path):
     ds = read_lite(p)  # healthy classic files; everything else through pydicom
     if ds is not None:
         return ds
+    from pydicom.errors import InvalidDicomError
+
     try:
         return dcmread_any(p)
     except FileNotFoundError:
@@ -1223,7 +1276,7 @@ def read_series(paths, infos=None, frame_type: str | None = None) -> tuple[np.nd
         if isinstance(dsets[fidx], ReadPlan):
             arr = _plan_pixels(plist[fidx], dsets[fidx])
         else:
-            arr = _decode(dsets[fidx], plist[fidx], UID(ts_list[fidx]))
+            arr = _decode(dsets[fidx], plist[fidx], ts_list[fidx])
         dsets[fidx] = None  # drop the pixel bytes as we go
         for t, zi, fr in place[fidx]:
             img = arr[fr.frame]

@@ -30,9 +30,6 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID
-
 from ingest.dicomlite import enabled as dicomlite_enabled
 from ingest.dicomlite import read_lite
 from ingest.reader import (  # one parser for DICOM numbers
@@ -40,6 +37,7 @@ from ingest.reader import (  # one parser for DICOM numbers
     _f,
     _find,
     _i,
+    _starts_a_dataset,
     acquisition_fields,
     complex_component,
     dcmread_any,
@@ -127,11 +125,27 @@ class SeriesGroup:
 
 # ----------------------------------------------------------------------------- helpers
 
+# MR, enhanced MR, legacy converted enhanced MR and secondary capture images: known without
+# pydicom's UID dictionary, whose import (0.15 s, pixel handlers included) a scan of plain
+# classic files never needs otherwise
+_MR_IMAGE_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1",
+                               "1.2.840.10008.5.1.4.1.1.4.4", "1.2.840.10008.5.1.4.1.1.7"})
+
+
+@lru_cache(maxsize=256)
+def sop_class_name(uid: str) -> str:
+    from pydicom.uid import UID
+
+    return UID(uid).name
+
+
 @lru_cache(maxsize=256)
 def is_image_sop_class(uid: str) -> bool:
     """True for SOP classes that carry pixel data we could read (image storage, maps)."""
+    if uid in _MR_IMAGE_CLASSES:
+        return True
     # cached: pydicom validates the UID on every construction, and a tree has a handful of classes
-    name = UID(uid).name if uid else ""
+    name = sop_class_name(uid) if uid else ""
     if not name or name == uid:  # unknown / private SOP class: let the reader decide
         return True
     return "Image Storage" in name or "Parametric Map" in name
@@ -213,6 +227,7 @@ def header_summary(ds, path: Path, size: int, plan: ReadPlan | None = None, sha2
 
 _WHOLE_FILE_MAX = 64 << 20  # larger files are left to pydicom, which reads the header only
 
+_NOT_DICOM = "not DICOM (no 'DICM' signature after the 128-byte preamble)"
 # uncompressed, not deflated: the file size alone tells whether the pixel data is complete
 _NATIVE_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
 _DEFLATED = "1.2.840.10008.1.2.1.99"
@@ -235,12 +250,23 @@ def _native_pixel_bytes(ds) -> int | None:
 def _lite_summary(ds, path: Path, size: int, mtime_ns: int | None, buf: bytes) -> tuple[FileInfo | None, str]:
     sop_class = _s(ds, "SOPClassUID") or str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
     if not is_image_sop_class(sop_class):
-        return None, f"not an image ({UID(sop_class).name}): ingest reads image storage classes only"
+        return None, f"not an image ({sop_class_name(sop_class)}): ingest reads image storage classes only"
     if not _s(ds, "SeriesInstanceUID"):
         return None, "DICOM file without SeriesInstanceUID: cannot tell which series it belongs to"
     plan = read_plan(ds, path, size, mtime_ns) if mtime_ns is not None else None
     sha = hashlib.sha256(buf).hexdigest() if plan is not None else ""
     return header_summary(ds, path, size, plan, sha), ""
+
+
+def _may_be_dicom(path: Path, buf: bytes | None) -> bool:
+    """The "DICM" prefix after the preamble, or a bare data set (see reader._bare_dataset)."""
+    if buf is None:
+        try:
+            with open(path, "rb") as fh:
+                buf = fh.read(132)
+        except OSError:
+            return True  # pydicom says why
+    return buf[128:132] == b"DICM" or _starts_a_dataset(buf[:4])
 
 
 def _read_header(path: Path, size: int, mtime_ns: int | None = None) -> tuple[FileInfo | None, str]:
@@ -261,12 +287,17 @@ def _read_header(path: Path, size: int, mtime_ns: int | None = None) -> tuple[Fi
             return _lite_summary(ds, path, size, mtime_ns, buf)
         except Exception:  # noqa: BLE001 - a case the fast path misjudged: pydicom reads it below
             pass
+    elif not _may_be_dicom(path, buf):
+        # what dcmread_any would say, without importing pydicom for the README beside the exams
+        return None, _NOT_DICOM
+    from pydicom.errors import InvalidDicomError
+
     try:
         with open(path, "rb") as fh:
             ds = dcmread_any(fh, stop_before_pixels=True)
             end = fh.tell()
     except InvalidDicomError:
-        return None, "not DICOM (no 'DICM' signature after the 128-byte preamble)"
+        return None, _NOT_DICOM
     except PermissionError as exc:
         return None, f"cannot read file: {exc.strerror or exc}"
     except Exception as exc:  # noqa: BLE001 - any parse failure is a property of the file
@@ -274,7 +305,7 @@ def _read_header(path: Path, size: int, mtime_ns: int | None = None) -> tuple[Fi
     meta = getattr(ds, "file_meta", None)
     sop_class = _s(ds, "SOPClassUID") or (str(meta.get("MediaStorageSOPClassUID", "")) if meta else "")
     if not is_image_sop_class(sop_class):
-        return None, f"not an image ({UID(sop_class).name}): ingest reads image storage classes only"
+        return None, f"not an image ({sop_class_name(sop_class)}): ingest reads image storage classes only"
     ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     if ts == _DEFLATED:
         # pydicom inflates a deflated data set whole, so the file position tells nothing about

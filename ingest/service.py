@@ -14,13 +14,12 @@ into series as dcm2niix does, and given roles by the site's `match` rules. Phant
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
-import warnings
+from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ingest import __version__
+from ingest.reader import quiet_process, quiet_reads
 from ingest.siteconfig import ROLES, builtin_sites, load_site
 
 # A store made by another version is written again, not kept as "unchanged": 2 writes its
@@ -53,35 +53,8 @@ class ExamJob:
     identities: list[str] | None = field(default=None, repr=False)  # values to scrub from free text
 
 
-# ---------------------------------------------------------------- pydicom, quietly
-
-# pydicom's validation warnings quote the offending header value (a UID with an MRN in it, a
-# malformed name), and they would reach stderr and CI logs; ingest reports what it cannot use in
-# the manifest instead. Set for ingest's reads only, never for the importing process at import.
-@contextlib.contextmanager
-def _quiet_pydicom():
-    from pydicom import config
-
-    saved = config.settings._reading_validation_mode  # None (pydicom's default) restores as None
-    config.settings.reading_validation_mode = config.IGNORE
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
-            yield
-    finally:
-        config.settings._reading_validation_mode = saved
-
-
-def _quiet_worker() -> None:
-    """Initializer of ingest's worker processes: they only ever run ingest's reads."""
-    from pydicom import config
-
-    config.settings.reading_validation_mode = config.IGNORE
-    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
-
-
 def _new_pool(workers: int) -> ProcessPoolExecutor:
-    return ProcessPoolExecutor(max_workers=workers, initializer=_quiet_worker)
+    return ProcessPoolExecutor(max_workers=workers, initializer=quiet_process)
 
 
 # ---------------------------------------------------------------- who an exam belongs to
@@ -107,14 +80,13 @@ def _identity_of(path) -> dict[str, str]:
     """Patient identity of one file ({} if it cannot be read). A small classic file goes through
     the fast parser (still in the page cache from the scan); anything else through pydicom, which
     parses only the head of the file, up to group 0010."""
-    from pydicom.filereader import read_partial
-    from pydicom.multival import MultiValue
-
     from ingest.dicomlite import read_lite
 
     try:
         ds = read_lite(path) if os.path.getsize(path) <= _LITE_IDENTITY_MAX else None
         if ds is None:
+            from pydicom.filereader import read_partial
+
             with open(path, "rb") as fh:
                 ds = read_partial(fh, stop_when=_past_patient_group, force=True)
         out = {}
@@ -122,7 +94,7 @@ def _identity_of(path) -> dict[str, str]:
             v = ds.get(kw)
             if v is None:
                 continue
-            vals = list(v) if isinstance(v, (MultiValue, list, tuple)) else [v]
+            vals = [v] if isinstance(v, str) or not isinstance(v, Sequence) else list(v)
             text = "\\".join(str(x).strip() for x in vals if str(x).strip())
             if text:
                 out[kw] = text
@@ -392,7 +364,7 @@ def ingest_exam(src: str, dst: str, job: ExamJob, site_cfg: dict, key: bytes, sp
     the old rows cover every file and the store holds every array they say was ingested,
     nothing is read again and those rows stand.
     """
-    with _quiet_pydicom():
+    with quiet_reads():  # ingest's reads only, never the importing process
         return _ingest_exam(src, dst, job, site_cfg, key, split_fractions, prev_rows)
 
 
@@ -666,7 +638,7 @@ def _ingest_tree(src: Path, dst: Path, manifest: Path, sites_dir, jobs, strict, 
     import ingest.reader  # noqa: F401
     import ingest.store  # noqa: F401
 
-    with _quiet_pydicom():
+    with quiet_reads():  # ingest's reads only, never the importing process
         pool = _new_pool(workers) if workers > 1 else None
         try:
             exam_jobs, rows = plan_exams(src, sites, jobs=workers, pool=pool)

@@ -252,3 +252,68 @@ class _no_warning:  # noqa: N801 - a context manager used beside pytest.warns
 
     def __exit__(self, *exc):
         return False
+
+
+def test_known_elements_are_pydicom_s():
+    """The fast path's own table of keywords, VRs and private VRs (kept so a plain classic file
+    is read without importing pydicom) says what pydicom's dictionaries say."""
+    from pydicom.datadict import dictionary_VR, private_dictionary_VR, tag_for_keyword
+    from pydicom.uid import UID
+
+    from ingest.dicomlite import _KNOWN, _KNOWN_PRIVATE
+    from ingest.series import _MR_IMAGE_CLASSES
+
+    for kw, (tag, vr) in _KNOWN.items():
+        assert (tag_for_keyword(kw), dictionary_VR(tag)) == (tag, vr), kw
+    for (creator, group, offset), vr in _KNOWN_PRIVATE.items():
+        try:
+            ref = private_dictionary_VR((group << 16) | 0x1000 | offset, creator)
+        except KeyError:
+            ref = "UN"
+        assert vr == ref, (creator, hex(group), hex(offset))
+    assert all("Image Storage" in UID(u).name for u in _MR_IMAGE_CLASSES)
+
+
+def test_implicit_elements_outside_the_table_read_as_pydicom(tmp_path):
+    """An implicit-VR file holds elements the fast path's table does not name: a sequence with
+    items, an empty sequence, text and numbers. Their VRs are found when they are asked for (or,
+    for the sequence, when its first Item shows), and the values are pydicom's."""
+    from pydicom.sequence import Sequence
+
+    from ingest.dicomlite import _KNOWN
+
+    ref_item = Dataset()
+    ref_item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    ref_item.ReferencedSOPInstanceUID = generate_uid()
+    extra = {"ReferencedImageSequence": Sequence([ref_item]), "ReferencedStudySequence": Sequence([]),
+             "StudyDescription": "brain routine", "Laterality": "R", "SliceLocation": "12.5",
+             "HighBit": 11, "ContrastBolusAgent": ""}
+    assert not set(extra) & set(_KNOWN)
+    p = _classic(tmp_path / "a.dcm", ts=ImplicitVRLittleEndian, **extra)
+    lite, ref = read_lite(p), pydicom.dcmread(p)
+    assert lite is not None
+    for kw in extra:
+        a, b = lite.get(kw), ref.get(kw)
+        if kw.endswith("Sequence"):
+            assert len(a) == len(b) and [i.get("ReferencedSOPInstanceUID") for i in a] == \
+                [i.get("ReferencedSOPInstanceUID") for i in b], kw
+        else:
+            assert (a or None) == (b if b != "" else None), kw
+        assert lite[kw].VR == ref[kw].VR, kw
+
+
+def test_a_plain_tree_is_ingested_without_pydicom_or_nibabel(demo_tree, tmp_path):
+    """The phantom's plain classic files and NIfTI ground truth take the fast paths throughout:
+    pydicom and nibabel (which imports pydicom) cost 0.2 s of start-up in each process."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "data"
+    src.mkdir()
+    for site in ("site-A", "site-B"):
+        (src / site).symlink_to(demo_tree / site)
+    code = ("import sys; from pathlib import Path; from ingest.service import ingest; "
+            f"ingest(Path({str(src)!r}), Path({str(tmp_path / 'raw')!r}), jobs=1); "
+            "print(sorted(m for m in ('pydicom', 'nibabel') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
