@@ -592,12 +592,15 @@ class _ShardReader:
             raise ValueError(f"{self.file}: short read of chunk {coord}")
         if _zstd_content_size(buf) != self.slice_nbytes:
             raise ValueError(f"{self.file}: chunk {coord} does not decode to {self.slice_nbytes} bytes")
-        if out.dtype == self.le_dtype:
-            self._zstd.decode(buf, out=out)
-        else:  # big-endian host
-            tmp = np.empty(out.shape, dtype=self.le_dtype)
-            self._zstd.decode(buf, out=tmp)
-            out[...] = tmp
+        try:
+            if out.dtype == self.le_dtype:
+                self._zstd.decode(buf, out=out)
+            else:  # big-endian host
+                tmp = np.empty(out.shape, dtype=self.le_dtype)
+                self._zstd.decode(buf, out=tmp)
+                out[...] = tmp
+        except RuntimeError as exc:  # numcodecs' zstd: "Zstd decompression error: ..."
+            raise ValueError(f"{self.file}: chunk {coord} cannot be decoded ({exc}): a corrupt file") from None
 
     def _open(self) -> tuple[int, np.ndarray]:
         fd = os.open(self.file, os.O_RDONLY | getattr(os, "O_BINARY", 0))
@@ -653,6 +656,13 @@ def _norm_index(i: Any, n: int, axis: str, role: str) -> int:
     return i + n if i < 0 else i
 
 
+class MissingDataError(FileNotFoundError):
+    """An array whose voxels the store records (their ``sha256``, which :func:`write_exam_store`
+    writes with the data file) without its data file: an incomplete copy (a pull or a sync that
+    stopped, a file deleted), never an empty array. zarr would read it as the fill value, a
+    blank that looks like data to training and evaluation."""
+
+
 class ExamStore:
     """A read-only view of one exam store. Only metadata is read when it is opened."""
 
@@ -706,15 +716,15 @@ class ExamStore:
             try:
                 return reader.slice(z, t)
             except FileNotFoundError:
-                pass  # no shard file (all chunks empty): zarr returns the fill value
+                self._no_data_file(reader, role)
         if len(shape) == 3:
             return np.asarray(arr[z])
         return np.asarray(arr[:, z] if t is None else arr[t, z])
 
     def has_data(self, role: str) -> bool:
-        """Whether any of ``role``'s chunks is stored. False means every read gives the fill
-        value: zarr's reading of a missing shard, which :func:`write_exam_store` never leaves,
-        so on a store of ours a damaged one."""
+        """Whether any of ``role``'s chunks is stored. False on a store of ours is a damaged one
+        (its reads raise :class:`MissingDataError`); for another writer's array without a shard,
+        zarr reads the fill value."""
         reader = self._reader(role)
         if reader is not None:
             return reader.file.exists()
@@ -727,8 +737,15 @@ class ExamStore:
             try:
                 return reader.read()
             except FileNotFoundError:
-                pass
+                self._no_data_file(reader, role)
         return np.asarray(self.array(role)[...])
+
+    def _no_data_file(self, reader: _ShardReader, role: str) -> None:
+        """MissingDataError for an array of ours without its data file; for another writer's
+        array without a shard (all chunks empty), zarr reads the fill value."""
+        if "sha256" in self.attrs_of(role) and not reader.file.exists():
+            raise MissingDataError(f"{reader.file}: the data file of {role!r} is missing (an incomplete "
+                                   "copy or pull?): `dvc pull` or ingest again") from None
 
     def verify(self, roles: list[str] | None = None) -> None:
         """Re-hash the voxels of ``roles`` (default all) against their ``sha256`` attribute."""

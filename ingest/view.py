@@ -45,9 +45,15 @@ def _store_series(path: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
         attrs = st.attrs_of(role)
         aff = np.array(attrs.get("affine_lps", np.eye(4)))
         missing = "" if st.has_data(role) else " (NO DATA: shard missing)"  # not a blank that looks like a scan
+
+        def middle(role=role, mid=mid, arr=arr, missing=missing):
+            # a store's reads refuse a missing data file; the view shows it, blank and named
+            shape = (arr.shape[0], *arr.shape[-2:]) if len(arr.shape) == 4 else arr.shape[-2:]
+            return np.zeros(shape, np.float32) if missing else st.slice(role, mid)
+
         if len(arr.shape) == 4:   # one panel per volume: the prepared input's MRF T1 and T2 channels
             names = attrs.get("channels") or [f"{role}[{t}]" for t in range(arr.shape[0])]
-            vols = st.slice(role, mid)
+            vols = middle()
             for t in range(arr.shape[0]):
                 title = f"{role}: {names[t]}" if attrs.get("channels") else names[t]
                 out.append((title + missing, vols[t][None], aff, tuple(arr.shape[-3:])))
@@ -59,7 +65,7 @@ def _store_series(path: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
         else:
             title = role
         # a 1-slice stand-in volume keeps render() uniform: it shows the middle slice
-        out.append((title + missing, st.slice(role, mid)[None], aff, tuple(arr.shape[-3:])))
+        out.append((title + missing, middle()[None], aff, tuple(arr.shape[-3:])))
     return out
 
 

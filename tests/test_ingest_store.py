@@ -621,6 +621,12 @@ def test_view_of_a_store_into_a_folder_and_a_missing_shard_named(tmp_path):
     titles = [s[0] for s in _store_series(path)]
     assert titles == ["t1w", "t2w (NO DATA: shard missing)"]
     assert open_store(path).has_data("t1w") and not open_store(path).has_data("t2w")
+    # its reads say so: zarr's fill value would be a blank that training takes for an image
+    from ingest.store import MissingDataError
+
+    for read in (lambda st: st.read("t2w"), lambda st: st.slice("t2w", 2)):
+        with pytest.raises(MissingDataError, match=f"{shard}: the data file of 't2w' is missing"):
+            read(open_store(path))
 
 
 def test_view_of_a_prepared_store_names_its_panels(tmp_path):

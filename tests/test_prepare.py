@@ -480,6 +480,39 @@ def test_a_failure_that_is_not_the_data_is_tried_again(raw_pair, tmp_path, monke
     assert again["summary"]["prepared"] == 1 and len(calls) == 2
 
 
+def test_a_missing_data_file_is_named_and_tried_again_when_it_is_back(raw_pair, tmp_path):
+    """A raw store whose t2w data file is missing (a pull that stopped) read as zeros: the exam
+    was excluded for a constant image, and that exclusion was reused after the file came back.
+    A prepared store that lost a data file is made again instead of reused."""
+    src = tmp_path / "raw"
+    exam = src / "site-B" / raw_pair["site-B"].name
+    shutil.copytree(raw_pair["site-B"], exam)
+    shard = exam / "t2w" / "c.0.0.0"
+    kept = shard.read_bytes()
+    shard.unlink()
+    params = {"prepare": {"image_size": 64}, "seed": 0, "profile": "demo"}
+    first = prepare(src, tmp_path / "out", tmp_path / "r.json", params, jobs=1)
+    (why,) = first["excluded"].values()
+    assert f"{shard}: the data file of 't2w' is missing" in why
+    shard.write_bytes(kept)
+    again = prepare(src, tmp_path / "out", tmp_path / "r.json", params, jobs=1)
+    assert again["summary"]["prepared"] == 1
+    (out,) = (tmp_path / "out").rglob("*.zarr")
+    (out / "t1w" / "c.0.0.0").unlink()
+    third = prepare(src, tmp_path / "out", tmp_path / "r.json", params, jobs=1)
+    (entry,) = third["exams"].values()
+    assert entry["status"] == "prepared" and not entry.get("reused") and open_store(out).has_data("t1w")
+
+
+def test_configs_do_not_share_the_defaults():
+    from ingest.prepare.service import DEFAULTS
+
+    a = config({"seed": 0})
+    config({"seed": 7, "prepare": {"registration": {"iterations": 5}}})
+    assert a["registration"]["seed"] == 0 and DEFAULTS["registration"].get("seed") in (None, 0)
+    assert a["registration"]["iterations"] == DEFAULTS["registration"]["iterations"] != 5
+
+
 @pytest.mark.parametrize("change, why", [
     ({"image_size": "abc"}, "prepare.image_size 'abc': expected a whole number of pixels"),
     ({"image_size": 4}, "prepare.image_size 4: expected a whole number of pixels"),

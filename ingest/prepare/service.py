@@ -10,6 +10,7 @@ result can be written back onto the native MRF grid in scanner units.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -63,7 +64,7 @@ def config(params: dict) -> dict:
         for k, v in (b or {}).items():
             out[k] = merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
         return out
-    cfg = merge(DEFAULTS, params.get("prepare", {}))
+    cfg = merge(copy.deepcopy(DEFAULTS), params.get("prepare", {}))  # never a config sharing DEFAULTS' dicts
     cfg["seed"] = int(params.get("seed", 0))
     cfg["registration"]["seed"] = cfg["seed"]
     unknown = [t for t in cfg["targets"] if t not in TARGETS]
@@ -387,8 +388,14 @@ def _prepare(task: ExamTask, cfg: dict) -> dict:
     missing = [r for r in need if r not in raw]
     if missing:
         raise PrepareError(f"missing role(s) {', '.join(missing)}: the profile needs {', '.join(need)}")
-    mrf = prepare_inputs(raw.read("mrf_t1"), raw.read("mrf_t2"), raw.attrs_of("mrf_t1")["affine_lps"],
-                         raw.attrs_of("mrf_t2")["affine_lps"], cfg)
+    def affine_of(role: str):
+        aff = raw.attrs_of(role).get("affine_lps")
+        if aff is None:
+            raise PrepareError(f"{task.raw}: {role} has no affine_lps attribute: not a store `qsnet ingest` "
+                               "wrote, or one whose metadata was edited")
+        return aff
+
+    mrf = prepare_inputs(raw.read("mrf_t1"), raw.read("mrf_t2"), affine_of("mrf_t1"), affine_of("mrf_t2"), cfg)
     t1, brain, fixed_aff = mrf["t1"], mrf["brain_native"], mrf["native_affine"]
     pshape, paff, pbrain = mrf["shape"], mrf["affine"], mrf["brain"]
     out = {"native_shape": list(t1.shape)}
@@ -402,7 +409,7 @@ def _prepare(task: ExamTask, cfg: dict) -> dict:
     elastix_s = 0.0
     for role in cfg["targets"]:
         moving = raw.read(role)
-        maff = np.asarray(raw.attrs_of(role)["affine_lps"], float)
+        maff = np.asarray(affine_of(role), float)
         if moving.ndim != 3:
             raise PrepareError(f"{role}: a {moving.ndim}-D series; a target contrast must be one volume")
         moving = np.where(np.isfinite(moving), moving, 0.0).astype(np.float32)
@@ -658,6 +665,14 @@ def _store_entry(path: Path, digest: str) -> dict | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if a.get("prepare_digest") != digest or a.get("prepare_version") != PREPARE_VERSION:
+        return None
+    from ingest.store import open_store
+
+    try:  # its metadata says nothing of its data files: one that went missing is made again
+        st = open_store(path)
+        if not all(st.has_data(r) for r in st.roles):
+            return None
+    except (OSError, ValueError):
         return None
     return {"site": a.get("site"), "subject": a.get("subject"), "split": a.get("split"), "digest": digest,
             "status": "prepared", "native_shape": a["inversion"]["native_shape"], **a.get("prepare_report", {})}
