@@ -207,8 +207,12 @@ class Ingress:
     def __init__(self, synthesizer, models: str, cards: list[str] | None = None,
                  api_keys_: list[str] | str | None = None, limits: dict | None = None, sites: str | None = None,
                  uid_root: str | None = None):
+        from ingest.reader import quiet_process
         from ingest.service import load_sites
 
+        # every pydicom read here is an upload's: quiet for the replica's life, not per request,
+        # as requests run in threads side by side (pydicom's validation warnings quote values)
+        quiet_process()
         self.synth = synthesizer
         self.catalog, self.skipped = load_catalog(models, cards)
         self.keys = api_keys(api_keys_)
@@ -471,7 +475,10 @@ class Ingress:
         record = {"qsnet": "0.1.0", "input": exam.kind, "site": exam.site, "contrasts": {}, "notes": exam.notes[:50]}
         stored = {}
         for c, p in prepared.items():
-            stored[c] = to_stored(preds[c], p["brain"], p["inversion"])
+            try:
+                stored[c] = to_stored(preds[c], p["brain"], p["inversion"])
+            except ValueError as exc:
+                raise RequestError(500, "model_failed", f"model {cards[c]['id']} for {c}: {exc}") from None
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
             for c, card in cards.items():
@@ -515,6 +522,9 @@ def build_app(args: dict):
     limits = args.get("limits")
     Limits.from_dict(limits)  # a bad limit fails at deploy time, not on the first request
     check_uid_root(args.get("uid_root"))
+    from ingest.deid import load_key
+
+    load_key()  # a pseudonym key that is too short fails at deploy time, not on every DICOM upload
     # per-deployment options (replicas, autoscaling, actor resources) when not given by a Serve
     # config's `deployments` (which `serve run config.yaml` applies itself)
     opts = args.get("deployments") or {}

@@ -38,9 +38,12 @@ MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 
 def to_stored(pred01: np.ndarray, brain: np.ndarray, inversion: dict) -> np.ndarray:
     """A model's [0, 1] prediction on the prepared grid -> uint16 0-4095 on the native MRF grid.
-    Outside the brain mask is 0, as in the training targets."""
+    Outside the brain mask is 0, as in the training targets. ValueError for a prediction that
+    is not finite (a diverged model), which clipped and cast would be a blank series."""
     from ingest.prepare.grid import to_native
 
+    if not np.isfinite(pred01).all():
+        raise ValueError("the prediction holds values that are not finite (NaN or inf); nothing was written")
     p = np.where(np.asarray(brain) > 0, np.clip(np.asarray(pred01, np.float32), 0.0, 1.0), 0.0)
     native, _ = to_native(p.astype(np.float32), inversion)
     return np.rint(np.clip(native, 0.0, 1.0) * DATA_RANGE).astype(np.uint16)
@@ -199,10 +202,13 @@ def dicom_series(stored: np.ndarray, t1_at: dict, t2_at: dict, contrast: str, ca
         ds.SOPInstanceUID = _new_uid(uid_root)
         refs = []
         for h in (src, t2_at.get(k)):
-            if h is not None and "SOPInstanceUID" in h:
+            # the scan accepts a SOP Class UID given only in the file meta, or none at all (a bare
+            # data set); a reference needs both UIDs (Type 1), so a source without a class has none
+            cls = h.get("SOPClassUID") or h.get("file_meta", Dataset()).get("MediaStorageSOPClassUID") \
+                if h is not None else None
+            if cls and "SOPInstanceUID" in h:
                 r = Dataset()
-                # the scan accepts a SOP Class UID given only in the file meta
-                r.ReferencedSOPClassUID = h.get("SOPClassUID") or h.file_meta.MediaStorageSOPClassUID
+                r.ReferencedSOPClassUID = cls
                 r.ReferencedSOPInstanceUID = h.SOPInstanceUID
                 refs.append(r)
         ds.SourceImageSequence = Sequence(refs)

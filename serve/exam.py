@@ -238,8 +238,9 @@ def _read_store(root: Path, site: str | None, limits: Limits = Limits()) -> Exam
             raise ValueError("affine_lps is not a 4 x 4 matrix")
     except RequestError:
         raise
-    except (KeyError, ValueError, TypeError) as exc:
-        raise RequestError(422, "bad_store", f"exam store: {str(exc).splitlines()[0] or type(exc).__name__}") from None
+    except (KeyError, ValueError, TypeError, RuntimeError, OSError) as exc:
+        # RuntimeError: numcodecs' zstd on a corrupt chunk
+        raise RequestError(422, "bad_store", f"exam store: {(str(exc).splitlines() or [''])[0] or type(exc).__name__}") from None
     for r in arr:
         _check_units(r, attrs[r].get("units"))
     return Exam("zarr", arr["mrf_t1"], arr["mrf_t2"], affines["mrf_t1"], affines["mrf_t2"],

@@ -353,6 +353,18 @@ def _store_edited(tmp: Path, raw: Path, edit) -> bytes:
     return _zip({str(p.relative_to(tmp)): p.read_bytes() for p in (tmp / "x.zarr").rglob("*") if p.is_file()})
 
 
+def _corrupt_chunk(tmp: Path, raw: Path) -> bytes:
+    """The exam store of ``raw`` with bytes inside a compressed chunk of mrf_t1 flipped (its
+    shard index intact): zstd finds the damage when the map is read."""
+    _store_edited(tmp, raw, lambda a: a)
+    shard = tmp / "x.zarr" / "mrf_t1" / "c.0.0.0"
+    b = bytearray(shard.read_bytes())
+    for i in range(len(b) // 3, len(b) // 3 + 64):
+        b[i] ^= 0x5A
+    shard.write_bytes(bytes(b))
+    return _zip({str(p.relative_to(tmp)): p.read_bytes() for p in (tmp / "x.zarr").rglob("*") if p.is_file()})
+
+
 def _declared_huge(tmp: Path, kind: str) -> bytes:
     """A few hundred bytes that declare maps of 2^31 voxels: a store's metadata without its chunks,
     or a .nii.gz header (compressed a second time inside the zip) whose data never come."""
@@ -457,6 +469,7 @@ BAD = {
                                 "", 422, "bad_maps"),
     "a store of sagittal maps": (lambda ctx: _store_edited(ctx["tmp"], ctx["raw"], lambda a: {
         **a, "affine_lps": np.asarray(a["affine_lps"])[:, [2, 1, 0, 3]].tolist()}), "", 422, "bad_maps"),
+    "a store with a corrupt chunk": (lambda ctx: _corrupt_chunk(ctx["tmp"], ctx["raw"]), "", 422, "bad_store"),
     "store without affine": (lambda ctx: _store_edited(ctx["tmp"], ctx["raw"], lambda a: (
         {k: v for k, v in a.items() if k != "affine_lps"})), "", 422, "bad_store"),
     "a file and a folder of one name": (lambda ctx: _zip({"S1": b"x", "S1/a.dcm": b"y"}), "", 400, "bad_zip"),
@@ -568,6 +581,33 @@ def test_no_phi_in_the_server_log(server, answer, exam_b):
         v = str(ds.get(kw, "") or "")
         if len(v) >= 4:
             assert v not in text, kw
+
+
+def test_a_non_conformant_uid_of_an_upload_stays_out_of_the_server_log(server, exam_b, tmp_path):
+    """A StudyInstanceUID with a leading zero in a component (common in older exports) made
+    pydicom's validation warning quote it into the replica's log when the write-back read the
+    headers again: the replica is quiet for all its reads, whichever request's thread runs them."""
+    import warnings
+
+    marker = "0471902"
+    files = {}
+    for d in sorted(exam_b.glob("S70*")):
+        for f in sorted(d.iterdir()):
+            ds = pydicom.dcmread(f)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds.StudyInstanceUID = f"1.2.826.{marker}.5"
+            buf = io.BytesIO()
+            ds.save_as(buf)
+            files[f"{d.name}/{f.name}"] = buf.getvalue()
+    r = server["client"].post("/v1/synthesize?contrasts=t1w", content=_zip(files),
+                              headers={"Content-Type": "application/zip"})
+    assert r.status_code == 200, r.text
+    with zipfile.ZipFile(io.BytesIO(r.content)) as zf:
+        first = next(n for n in zf.namelist() if n.startswith("t1w/"))
+        assert pydicom.dcmread(io.BytesIO(zf.read(first))).StudyInstanceUID == f"1.2.826.{marker}.5"
+    time.sleep(2)  # the replica's output reaches the log through Ray's log forwarding
+    assert marker not in server["log"].read_text(errors="replace")
 
 
 def test_write_back_does_not_quote_header_values_into_the_log(exam_b, caplog):
@@ -762,7 +802,7 @@ def test_write_back_reads_bare_dicom_and_refuses_a_short_series_before_the_model
     from pydicom.filewriter import write_dataset
 
     from ingest.service import load_sites
-    from serve.dicomout import source_headers
+    from serve.dicomout import dicom_series, source_headers
     from serve.exam import read_exam
 
     for d in sorted(exam_b.glob("S70*")):
@@ -780,6 +820,24 @@ def test_write_back_reads_bare_dicom_and_refuses_a_short_series_before_the_model
     assert sorted(t1_at) == list(range(z)) and sorted(t2_at) == list(range(z))
     with pytest.raises(ValueError, match=f"has {z - 1} single-frame slices on its grid, expected {z}"):
         source_headers(exam.affine, z, exam.sources["mrf_t1"][1:], exam.sources["mrf_t2"])
+    # without a SOP Class UID anywhere (ingest takes such files), a source slice is not referenced:
+    # a reference needs both UIDs; before, the write-back failed with a 500 after the models ran
+    for h in t1_at.values():
+        del h.SOPClassUID
+    files = dicom_series(np.zeros(exam.t1.shape, np.uint16), t1_at, t2_at, "t1w", {"id": "m"}, 9900)
+    ref = pydicom.dcmread(io.BytesIO(files[0][1]))
+    assert [r.ReferencedSOPClassUID for r in ref.SourceImageSequence] == [t2_at[0].SOPClassUID]
+
+
+def test_a_prediction_that_is_not_finite_is_not_written():
+    """A diverged model's NaN, clipped and cast, was a blank series answered with a 200."""
+    from serve.dicomout import to_stored
+
+    z, y, x = 3, 8, 8
+    pred = np.full((z, y, x), 0.5, np.float32)
+    pred[1, 2, 3] = np.nan
+    with pytest.raises(ValueError, match="not finite"):
+        to_stored(pred, np.ones((z, y, x), np.uint8), {})
 
 
 def test_write_back_of_maps_an_anonymiser_stripped(exam_b, tmp_path):
