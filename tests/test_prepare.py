@@ -283,6 +283,24 @@ def test_slab_average_is_not_a_point_sample():
     assert np.allclose(aff @ [0, 63.5, 63.5, 1], axial @ [0, 54.5, 54.5, 1])
 
 
+def test_target_slices_are_slabs_weighted_by_their_overlap():
+    """A target series on the MRF's own 5 mm slices comes back as it is: its slices are slabs,
+    not points to interpolate between and then average over 5 mm again (which put a quarter of
+    each slice into its neighbours). A 6.5 mm slab weighs in by its overlap with each 5 mm one."""
+    out_aff = np.diag([5.0, 1.0, 1.0, 1.0])
+    one = np.zeros((9, 8, 8), np.float32)
+    one[4] = 1.0
+    v, cover = resample(one, out_aff, one.shape, out_aff, slabs=True)
+    assert np.array_equal(v[:, 4, 4], one[:, 4, 4]) and cover.min() == 1.0
+    blurred, _ = resample(one, out_aff, one.shape, out_aff)
+    assert blurred[3, 4, 4] > 0.1   # the point model this replaces
+    thick = np.zeros((8, 8, 8), np.float32)
+    thick[3] = 1.0                                        # 16.25-22.75 mm
+    v, _ = resample(thick, np.diag([6.5, 1.0, 1.0, 1.0]), (10, 8, 8), out_aff, slabs=True)
+    overlap = [max(0.0, min(22.75, 5 * k + 2.5) - max(16.25, 5 * k - 2.5)) / 5 for k in range(10)]
+    assert np.allclose(v[:, 4, 4], overlap, atol=0.2)     # 5 samples through each 5 mm slab
+
+
 @pytest.mark.parametrize("how", ["rows flipped", "columns flipped", "transposed", "slices reversed"])
 def test_prepared_input_does_not_depend_on_the_stored_voxel_order(raw_pair, how):
     """The same head stored in another row, column or slice order (another vendor, phase-encoding

@@ -115,7 +115,8 @@ def _snap(idx: np.ndarray, shape, tol: float = 1e-3) -> np.ndarray:
 
 
 def resample(vol: np.ndarray, vol_affine, out_shape, out_affine, transform=None,
-             footprint_mm=None, order: int = 1, max_samples: int = 6) -> tuple[np.ndarray, np.ndarray]:
+             footprint_mm=None, order: int = 1, max_samples: int = 6,
+             slabs: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``vol`` sampled on ``(out_shape, out_affine)``: returns (values, coverage).
 
     ``transform`` (4x4, LPS mm) maps an output point to the point of ``vol`` it shows (the
@@ -125,6 +126,13 @@ def resample(vol: np.ndarray, vol_affine, out_shape, out_affine, transform=None,
     thick slices and an anti-aliased in-plane reduction, never a point sample of a thin
     slice. Points outside ``vol`` count as 0; ``coverage`` is the fraction of each output
     voxel's samples that fell inside it.
+
+    ``slabs``: the slices of ``vol`` (its axis 0) are slabs of their spacing, not point samples:
+    a sample takes the value of the slice it falls in (still interpolated in-plane). Averaged
+    over the footprint, that is each slice weighted by its overlap with the output voxel. Without
+    it, interpolating between slice centres and then averaging over the footprint blurs twice: a
+    series already on the output's slices came back with a quarter of each slice in its
+    neighbours.
     """
     vol = np.asarray(vol)
     out_affine = np.asarray(out_affine, float)
@@ -149,6 +157,8 @@ def resample(vol: np.ndarray, vol_affine, out_shape, out_affine, transform=None,
     for k in range(zz):
         pts = (plane + [k, 0, 0])[:, None, :] + offs[None, :, :]           # (P, S, 3)
         idx = _snap(pts.reshape(-1, 3) @ m[:3, :3].T + m[:3, 3], src.shape)
+        if slabs:  # the slice whose slab holds the point: slice k spans k - 0.5 to k + 0.5
+            idx[:, 0] = np.floor(idx[:, 0] + 0.5)
         v = ndi.map_coordinates(src, idx.T, order=order, mode="constant", cval=0.0, prefilter=order > 1)
         c = ndi.map_coordinates(inside, idx.T, order=1, mode="constant", cval=0.0)
         values[k] = v.reshape(yy, xx, -1).mean(-1)

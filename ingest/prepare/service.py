@@ -27,8 +27,9 @@ __all__ = ["PREPARE_VERSION", "PrepareError", "prepare", "prepare_exam", "prepar
            "input_scaling", "contract_mismatch", "orientation_mismatch", "assign_splits", "DEFAULTS"]
 
 # 2: the prepared grid has one orientation (grid.canonical_grid); 3: each target has its
-# valid_<role> mask of the brain voxels its series covers
-PREPARE_VERSION = "3"
+# valid_<role> mask of the brain voxels its series covers; 4: targets take the mpMRI slices
+# as slabs (resample(slabs=True)), not as points interpolated and then averaged again
+PREPARE_VERSION = "4"
 INPUT_ROLES = ("mrf_t1", "mrf_t2")
 TARGETS = ("t1w", "t2w", "t1flair", "t2flair", "swi")
 
@@ -458,8 +459,8 @@ def _prepare(task: ExamTask, cfg: dict) -> dict:
                     "(ImageOrientationPatient) of this series and of the MRF maps before training on it",
                     {"registration": reg_report})
         figure_rows.append((role, before, after))
-        # the MRF slice is a 5 mm slab: average the thin mpMRI slices across it (box profile)
-        v, cov = resample(moving, maff, pshape, paff, transform=m)
+        # the MRF slice is a 5 mm slab: average the mpMRI slices across it, each by its overlap
+        v, cov = resample(moving, maff, pshape, paff, transform=m, slabs=True)
         # A series rarely covers every MRF slice (another slab, the registration's shift): where
         # it does not, there is no truth, not a black brain. A voxel covered in part holds the
         # mean of its covered samples, not one diluted by the zeros outside the series.
