@@ -95,7 +95,8 @@ def _registry(root, entries):
         folder = root / stage / (arch if inputs == "mrf" else f"{arch}-mri") / contrast
         registry.save(folder, m.generator, {
             "architecture": arch, "build": m.config, "contrast": contrast, "inputs": inputs, "stage": stage,
-            "trained_on": {"site": "site-A" if stage == "pretrain" else "site-B"}, "params_hash": "test"})
+            "trained_on": {"site": "site-A" if stage == "pretrain" else "site-B"}, "params_hash": "test",
+            "input": {"channels": ["mrf_t1", "mrf_t2"], "normalise": {"percentiles": [0.5, 99.5]}}})
     return root
 
 
@@ -230,14 +231,48 @@ def test_bad_cards_are_reported_and_the_rest_runs(stores, tmp_path):
     card = json.loads((models / "finetune/swin/t1w/card.json").read_text())
     card["input"] = {"normalise": {"inputs": "rate", "rate_ms": {"mrf_t1": 250, "mrf_t2": 20}}}
     (models / "finetune/swin/t1w/card.json").write_text(json.dumps(card))
+    # a card from before cards carried an input contract: nothing says how its inputs were made
+    _registry(models, [("finetune", "cgan", "mrf", "t1w")])
+    card = json.loads((models / "finetune/cgan/t1w/card.json").read_text())
+    del card["input"]
+    (models / "finetune/cgan/t1w/card.json").write_text(json.dumps(card))
+    # an mri-input model trained on slices in another order: its T1w and T2w inputs are the stores'
+    _registry(models, [("pretrain", "resunet", "mri", "t1flair")])
+    card = json.loads((models / "pretrain/resunet-mri/t1flair/card.json").read_text())
+    card["input"]["orientation"] = "RAS"
+    (models / "pretrain/resunet-mri/t1flair/card.json").write_text(json.dumps(card))
+    # a card.json that is JSON but not a card
+    (models / "finetune/x/t1w").mkdir(parents=True)
+    (models / "finetune/x/t1w/card.json").write_text("null")
     res = evaluate(models, stores, tmp_path / "out", {})
     errs = "\n".join(res["errors"])
-    assert "finetune/qsnet/t2w: contrast 'pd' has no ground truth" in errs
+    assert "finetune/qsnet/t2w: not evaluated: contrast 'pd' has no ground truth" in errs
+    assert "finetune/cgan/t1w: not evaluated: the model card records no input contract" in errs
+    assert "pretrain/resunet-mri/t1flair: not evaluated: the model was trained on slices indexed towards RAS" in errs
+    assert "finetune/x/t1w/card.json: not a model card (a JSON NoneType, not an object)" in errs
     assert "finetune/resunet/t1w/model.pt" in errs and "sha256" in errs
     assert ("finetune/swin/t1w: not evaluated: the model takes MRF inputs scaled as rates (mrf_t1 250 ms, "
             "mrf_t2 20 ms / T), the stores hold them scaled between per-exam percentiles [0.5, 99.5]") in errs
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert "t1w" in metrics["site_b"]["qsnet"] and "swin" not in metrics["site_b"]
+
+
+def test_a_corrupt_training_store_is_named_by_the_baselines(stores, tmp_path):
+    """zarr's own errors on a damaged chunk (a checksum, a codec) say what but not where."""
+    import shutil
+
+    from train.evaluate.physics import PhysicsBaseline
+    from train.evaluate.reference import VoxelRegression
+
+    bad = tmp_path / "sub-A0.zarr"
+    shutil.copytree(stores / "site-A" / "sub-A0.zarr", bad)
+    shard = next(p for p in (bad / "t1w").iterdir() if p.name.startswith("c"))
+    raw = bytearray(shard.read_bytes())
+    raw[-12:-4] = bytes(b ^ 0x5A for b in raw[-12:-4])   # the shard index, which carries a checksum
+    shard.write_bytes(bytes(raw))
+    for make in (PhysicsBaseline, VoxelRegression):
+        with pytest.raises(ValueError, match=f"^{bad}"):
+            make("t1w").fit([bad])
 
 
 def test_cli_without_test_subjects_fails_in_one_line(stores, tmp_path):
@@ -277,7 +312,7 @@ def test_cards_that_do_not_fit_are_reported_and_the_rest_runs(tmp_path):
     res = evaluate(models, stores, tmp_path / "out", {})
     errs = "\n".join(res["errors"])
     assert "pretrain/qsnet-mri/t1flair: input kind 'mri' does not match the stores" in errs and "t2w" in errs
-    assert re.search(r"finetune/cgan/t1w: \S*card.json: bad build config \(unknown architecture 'unet3000'", errs)
+    assert re.search(r"finetune/cgan/t1w: not evaluated: \S*card.json: bad build config \(unknown architecture 'unet3000'", errs)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["site_b"]["qsnet"]["t1w"]["n"] == 2  # scored although its card names no stage
     assert not list(tmp_path.glob("out/.evaluate.*"))  # no temporary folder left behind

@@ -237,7 +237,9 @@ def test_contract_mismatch_names_both_scalings():
     rate = input_contract(CFG)
     old = {**rate, "normalise": {"percentiles": [0.5, 99.5]}}   # a card from before the option
     assert contract_mismatch(rate, rate) is None and contract_mismatch(old, old) is None
-    assert contract_mismatch(None, rate) is None                  # unknown: nothing to compare
+    # a card from before cards carried a contract: its inputs' scaling and geometry are unknown
+    assert "records no input contract" in contract_mismatch(None, rate)
+    assert contract_mismatch(None, None) is None                  # nothing on either side to compare
     why = contract_mismatch(old, rate)
     assert "percentiles [0.5, 99.5]" in why and "rates (mrf_t1 250 ms, mrf_t2 20 ms / T)" in why
     other = {**rate, "normalise": {**rate["normalise"], "rate_ms": {"mrf_t1": 500, "mrf_t2": 20}}}

@@ -268,6 +268,12 @@ def test_registry_round_trip_and_bad_files(tmp_path):
                            ({**model.config, "arch": "resunet"}, "the card says 'qsnet', its build config 'resunet'")):
         with pytest.raises(registry.RegistryError, match=f"card.json: {why}"):
             registry.load({**doc, "build": build_cfg})
+    # weights of another width under this card's build: why is in the message, not only that it failed
+    wider = build("qsnet", width=12)
+    other = registry.save(tmp_path / "w", wider.generator, {"architecture": "qsnet", "build": wider.config,
+                                                            "contrast": "t1w", "inputs": "mrf"})
+    with pytest.raises(registry.RegistryError, match=r"w/model.pt: cannot load the weights \(.*size mismatch"):
+        registry.load({**registry.read_card(other), "build": model.config})
     (tmp_path / "m" / "model.pt").write_bytes(b"garbage")
     with pytest.raises(registry.RegistryError, match="model.pt: sha256 differs"):
         registry.load(card)

@@ -118,7 +118,7 @@ def register(app: typer.Typer) -> None:
 
                 shutil.rmtree(models_dir, ignore_errors=True)
         for e in res["errors"]:
-            typer.echo(f"qsnet evaluate: not evaluated: {e}", err=True)
+            typer.echo(f"qsnet evaluate: {e}", err=True)
         failed = [c for c in res["checks"] if not c["passed"]]
         typer.echo(f"evaluate: {res['rows']} scores, {len(res['checks']) - len(failed)}/{len(res['checks'])} checks "
                    f"passed, report in {st.join(out, 'evaluate', 'report.html')}")

@@ -82,6 +82,8 @@ def read_card(card: Path | str) -> dict:
         raise RegistryError(f"{card}: model card not found") from None
     except ValueError as exc:
         raise RegistryError(f"{card}: not a JSON model card ({exc})") from None
+    if not isinstance(doc, dict):
+        raise RegistryError(f"{card}: not a model card (a JSON {type(doc).__name__}, not an object)")
     for key in ("architecture", "build", "contrast", "inputs", "weights", "weights_sha256"):
         if key not in doc:
             raise RegistryError(f"{card}: model card lacks {key!r}")
@@ -113,7 +115,9 @@ def load(card: Path | str | dict, device: str | torch.device = "cpu") -> nn.Modu
         state = torch.load(weights, map_location=device, weights_only=True)
         model.generator.load_state_dict(state)
     except Exception as exc:  # noqa: BLE001 - corrupt pickles raise many kinds
-        raise RegistryError(f"{weights}: cannot load the weights ({str(exc).splitlines()[0]})") from None
+        # the whole message: torch's first line only says that loading failed, the next ones why
+        why = " ".join(str(exc).split()) or type(exc).__name__
+        raise RegistryError(f"{weights}: cannot load the weights ({why[:400]})") from None
     return model.generator.to(device).eval()
 
 

@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 
 from ingest.params import ParamsError
-from ingest.prepare.service import contract_mismatch
+from ingest.prepare.service import contract_mismatch, geometry_mismatch
 
 __all__ = ["train_config", "run_stage", "STAGES"]
 
@@ -258,10 +258,11 @@ def _run_stage(stage, params, cfg, stores, models: Path, reports: Path, storage,
         if run["stage"] == "finetune":
             card = registry.read_card(_folder(models, {**run, "stage": "pretrain"}) / "card.json")
             registry.load(card)  # checks the weights' hash before anything trains on them
-            if run["inputs"] == "mrf":  # only MRF inputs are scaled by the contract
-                why = contract_mismatch(card.get("input"), _store_attr(r["train_stores"][0], "input_contract"))
-                if why:
-                    raise ParamsError(f"{card['_path']}: {why}")
+            # only MRF inputs are scaled by the contract; the geometry holds for either kind
+            check = contract_mismatch if run["inputs"] == "mrf" else geometry_mismatch
+            why = check(card.get("input"), _store_attr(r["train_stores"][0], "input_contract"))
+            if why:
+                raise ParamsError(f"{card['_path']}: {why}")
             init_sha = card["weights_sha256"]
             # in the run storage, which every node reads: the registry may be a folder on this node only
             r["init_weights"] = str(st.join(run_storage, "init", f"{init_sha}.pt"))

@@ -24,7 +24,7 @@ import numpy as np
 
 __all__ = ["PREPARE_VERSION", "PrepareError", "prepare", "prepare_exam", "prepare_inputs", "input_contract",
            "valid_name", "scored_mask",
-           "input_scaling", "contract_mismatch", "orientation_mismatch", "assign_splits", "DEFAULTS"]
+           "input_scaling", "contract_mismatch", "geometry_mismatch", "orientation_mismatch", "assign_splits", "DEFAULTS"]
 
 # 2: the prepared grid has one orientation (grid.canonical_grid); 3: each target has its
 # valid_<role> mask of the brain voxels its series covers; 4: targets take the mpMRI slices
@@ -272,6 +272,27 @@ def contract_mismatch(model_contract: dict | None, store_contract: dict | None) 
     """Why a model cannot take a store's MRF input, or None. Input values scaled another way, or
     another image size, would not fail: the model would run and synthesise from numbers that
     mean something else."""
+    why = geometry_mismatch(model_contract, store_contract)
+    if why:
+        return why
+    a, b = input_scaling(model_contract), input_scaling(store_contract)
+    if a is None or b is None or a == b:
+        return None
+
+    def say(x):
+        return (f"as rates ({', '.join(f'{r} {v:g} ms' for r, v in x['rate_ms'].items() if v)} / T)"
+                if x["inputs"] == "rate" else f"between per-exam percentiles {x.get('percentiles')}")
+    return (f"the model takes MRF inputs scaled {say(a)}, the stores hold them scaled {say(b)}: "
+            "prepare the exams with the model card's normalise settings")
+
+
+def geometry_mismatch(model_contract: dict | None, store_contract: dict | None) -> str | None:
+    """Why a model cannot take a store's prepared slices whatever its input channels (MRF maps
+    or the mri T1w and T2w), or None: another orientation, image size or pixel size. A card
+    without any contract, from before cards carried one, cannot be checked and is refused."""
+    if model_contract is None and isinstance(store_contract, dict):
+        return ("the model card records no input contract (trained before cards carried one): the "
+                "orientation, size and scaling of its inputs are unknown; train it again")
     if isinstance(store_contract, dict):
         why = orientation_mismatch(model_contract, store_contract.get("orientation"))
         if why:
@@ -289,15 +310,7 @@ def contract_mismatch(model_contract: dict | None, store_contract: dict | None) 
             return (f"the model was trained on {px(mm[0])}, the stores hold {px(mm[1])}: the head would be "
                     "another size to it; prepare the exams with the card's field of view (prepare.fov_mm = "
                     "image_size x pixel_mm)")
-    a, b = input_scaling(model_contract), input_scaling(store_contract)
-    if a is None or b is None or a == b:
-        return None
-
-    def say(x):
-        return (f"as rates ({', '.join(f'{r} {v:g} ms' for r, v in x['rate_ms'].items() if v)} / T)"
-                if x["inputs"] == "rate" else f"between per-exam percentiles {x.get('percentiles')}")
-    return (f"the model takes MRF inputs scaled {say(a)}, the stores hold them scaled {say(b)}: "
-            "prepare the exams with the model card's normalise settings")
+    return None
 
 
 def prepare_inputs(t1, t2, t1_affine, t2_affine, cfg: dict) -> dict:

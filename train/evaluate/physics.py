@@ -14,6 +14,7 @@ beat the baseline; where it does not, it has learned less than the equation alre
 
 from __future__ import annotations
 
+import contextlib
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -58,6 +59,19 @@ def _open(store) -> tuple[zarr.Group, str]:
     root = getattr(store.store, "root", None)
     name = str(root) if root is not None else repr(store.store)
     return store, f"{name}/{store.path}" if store.path else name
+
+
+@contextlib.contextmanager
+def naming(name: str):
+    """Errors reading one store name it: zarr's and its codecs' own (a checksum, a corrupt
+    chunk) say what is wrong but not where."""
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        text = str(exc).strip("'\"")
+        if name in text:
+            raise
+        raise ValueError(f"{name}: {text or type(exc).__name__}") from None
 
 
 def _series(name: str, site, role: str, site_config) -> dict:
@@ -114,10 +128,11 @@ class PhysicsBaseline:
         # sufficient statistics, so the training exams need not all be in memory at once
         n = ss = st = s2 = t0 = 0.0
         for store in stores:
-            g, _ = _open(store)
-            brain = scored_mask(g, self.role)   # where the series gives a truth
-            s = exam_signal(g, self.role)[brain].astype(np.float64)
-            t = np.asarray(g[self.role][...], np.float64)[brain]
+            g, name = _open(store)
+            with naming(name):
+                brain = scored_mask(g, self.role)   # where the series gives a truth
+                s = exam_signal(g, self.role)[brain].astype(np.float64)
+                t = np.asarray(g[self.role][...], np.float64)[brain]
             n += s.size
             ss += s.sum()
             t0 += t.sum()
@@ -136,9 +151,10 @@ class PhysicsBaseline:
     def predict(self, store) -> np.ndarray:
         if self.a is None:
             raise RuntimeError(f"{self.role}: fit the baseline before predicting")
-        g, _ = _open(store)
-        brain = np.asarray(g["brain"][...]) > 0
-        out = self.a * exam_signal(g, self.role).astype(np.float64) + self.b
+        g, name = _open(store)
+        with naming(name):
+            brain = np.asarray(g["brain"][...]) > 0
+            out = self.a * exam_signal(g, self.role).astype(np.float64) + self.b
         return np.where(brain, out, 0.0).astype(np.float32)
 
     def to_dict(self) -> dict:

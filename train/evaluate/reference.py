@@ -19,7 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from ingest.prepare.service import scored_mask
-from train.evaluate.physics import _open
+from train.evaluate.physics import _open, naming
 
 __all__ = ["VoxelRegression", "voxel_features"]
 
@@ -59,9 +59,10 @@ class VoxelRegression:
             g, name = _open(store)
             if self.role not in g:
                 raise KeyError(f"{name}: no {self.role!r} array to fit the reference on")
-            brain = scored_mask(g, self.role)   # where the series gives a truth
-            feats.append(voxel_features(g["input"][...])[brain])
-            targets.append(np.asarray(g[self.role][...], np.float32)[brain])
+            with naming(name):
+                brain = scored_mask(g, self.role)   # where the series gives a truth
+                feats.append(voxel_features(g["input"][...])[brain])
+                targets.append(np.asarray(g[self.role][...], np.float32)[brain])
         x, y = np.concatenate(feats), np.concatenate(targets)
         if len(y) == 0:
             raise ValueError(f"{self.role}: no brain voxels in the training stores to fit the reference on")
@@ -77,10 +78,12 @@ class VoxelRegression:
     def predict(self, store) -> np.ndarray:
         if self.model is None:
             raise RuntimeError(f"{self.role}: fit the reference before predicting")
-        g, _ = _open(store)
-        brain = np.asarray(g["brain"][...]) > 0
+        g, name = _open(store)
+        with naming(name):
+            brain = np.asarray(g["brain"][...]) > 0
+            x = voxel_features(g["input"][...])[brain]
         out = np.zeros(brain.shape, np.float32)
-        out[brain] = np.clip(self.model.predict(voxel_features(g["input"][...])[brain]), 0.0, 1.0)
+        out[brain] = np.clip(self.model.predict(x), 0.0, 1.0)
         return out
 
     def to_dict(self) -> dict:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ingest.prepare.service import contract_mismatch
+from ingest.prepare.service import contract_mismatch, geometry_mismatch
 from train.evaluate.metrics import lesion_contrast, masked_metrics, paired_tests, region_metrics, to_12bit
 
 __all__ = ["evaluate", "predict", "EvaluateError", "CONTRASTS", "METRICS"]
@@ -262,12 +262,14 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
             errors.append(f"{name}: not evaluated: {why}")
             continue
         if not any(c in ex.targets for ex, _ in targets):
-            errors.append(f"{name}: contrast {c!r} has no ground truth in the test stores under {stores}")
+            errors.append(f"{name}: not evaluated: contrast {c!r} has no ground truth in the test stores under {stores}")
             continue
-        # scaled another way, the input would not fail: the model would synthesise from numbers
-        # that mean something else
-        why = next((w for ex, _ in targets if kind == "mrf" and (
-            w := contract_mismatch(card.get("input"), ex.store.attrs.get("input_contract")))), None)
+        # scaled another way, or another size, the input would not fail: the model would
+        # synthesise from numbers that mean something else (an mri model's input is the stores'
+        # T1w and T2w, whose geometry the card's contract still names)
+        check = contract_mismatch if kind == "mrf" else geometry_mismatch
+        why = next((w for ex, _ in targets if (w := check(card.get("input"), ex.store.attrs.get("input_contract")))),
+                   None)
         if why:
             errors.append(f"{name}: not evaluated: {why}")
             continue
@@ -275,7 +277,7 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
         try:
             model = registry.load(card)
         except Exception as exc:  # noqa: BLE001 - a card that does not load is reported, the rest runs
-            errors.append(f"{name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+            errors.append(f"{name}: not evaluated: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
             continue
         say(f"evaluate: {name} on {len(targets)} subject(s)")
         for ex, arm in targets:
@@ -336,8 +338,9 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
     data_version = registry.data_version()
     card_versions = sorted({c.get("data_version") for c in cards if c.get("data_version")})
     if data_version and card_versions and card_versions != [data_version]:
-        errors.append(f"model cards were trained on data version(s) {', '.join(card_versions)}, the stores "
-                      f"evaluated come from {data_version}")
+        # scored all the same: a site checks models on its own exams this way
+        errors.append(f"note: model cards were trained on data version(s) {', '.join(card_versions)}, the stores "
+                      f"evaluated come from {data_version}: scored as on any other site's data")
     provenance = {"data_version": data_version, "model_data_versions": card_versions,
                   "git_commit": registry.git_commit(), "git_dirty": _git_dirty(),
                   "profile": (params or {}).get("profile"),
