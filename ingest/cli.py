@@ -133,6 +133,10 @@ def ingest(
                   "store this run (see their rows)" if summary.get("kept") else "")
                + (f"; {summary['orphans']} store(s) under {dst} belong to no exam in SRC (an exam removed, or its "
                   "PatientID or StudyInstanceUID changed): --prune removes them" if summary.get("orphans") else ""))
+    if summary.get("prune_held"):
+        typer.echo(f"qsnet ingest: warning: --prune deleted nothing: {summary['prune_held']} file(s) in {src} could "
+                   "not be placed in an exam (quarantined in the manifest), and the store of their exam cannot be "
+                   "told from one whose exam left SRC", err=True)
     if summary.get("strict_failed"):
         fail("ingest", f"{summary['quarantined']} file(s) quarantined (--strict); see {summary['manifest']}")
 

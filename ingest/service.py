@@ -29,7 +29,7 @@ import numpy as np
 
 from ingest import __version__
 from ingest.reader import quiet_process, quiet_reads
-from ingest.siteconfig import ROLES, builtin_sites, load_site
+from ingest.siteconfig import ROLES, SiteConfigError, builtin_sites, load_site
 
 # A store made by another version is written again, not kept as "unchanged": 2 writes its
 # shards at <role>/c.0.0.0 with zstd level 1 (1 wrote c/0/0/0, level 3).
@@ -193,14 +193,16 @@ def _clean_reason(reason: str, src, identities=()) -> str:
 
 # ---------------------------------------------------------------- roles
 
-def recognise(site_cfg: dict, group) -> tuple[str | None, str]:
-    """Role of a series by the site's `match` rules, or None with the reason."""
+def recognise(site_cfg: dict, group) -> tuple[str | None, str, bool]:
+    """(role, "", False) of a series by the site's `match` rules, or (None, the reason, whether
+    that is a fault): a series that matches no role is not ours to take; one that matches
+    several would cost a role, unseen, were it ignored."""
     desc = group.description or ""
     component = group.complex_component
     if component in ("PHASE", "IMAGINARY", "FIELD_MAP"):
         # every role is a magnitude image or a real-valued map: the phase of a series whose
         # rule matches (GE keeps it under the magnitude's description) would compete for its role
-        return None, f"series '{desc}' holds {component} images: roles take magnitude images or real-valued maps"
+        return None, f"series '{desc}' holds {component} images: roles take magnitude images or real-valued maps", False
     itype = [str(t).upper() for t in (group.image_type or [])]
     hits = []
     for role in ROLES:
@@ -215,17 +217,25 @@ def recognise(site_cfg: dict, group) -> tuple[str | None, str]:
             continue
         hits.append(role)
     if not hits:
-        return None, f"series '{desc}' matches no role of {site_cfg['site']} (see {site_cfg['_source']})"
+        return None, f"series '{desc}' matches no role of {site_cfg['site']} (see {site_cfg['_source']})", False
     if len(hits) > 1:
-        return None, f"series '{desc}' matches several roles ({', '.join(hits)}) of {site_cfg['site']}: ambiguous"
-    return hits[0], ""
+        return None, (f"series '{desc}' matches several roles ({', '.join(hits)}) of {site_cfg['site']}: ambiguous; "
+                      f"make the rules in {site_cfg['_source']} tell them apart"), True
+    return hits[0], "", False
 
 
 def load_sites(sites_dir: Path | None) -> dict[str, dict]:
+    """The built-in sites, then those of ``sites_dir`` (one of which may replace a built-in one
+    of its name). A file is named after its site, as the site's folder in SRC is: a copy of
+    site-A.yaml saved as site-C.yaml that still says ``site: site-A`` would replace site A's
+    rules, unseen, and leave site C without any."""
     sites = {name: load_site(name) for name in builtin_sites()}
     if sites_dir is not None:
         for p in sorted(Path(sites_dir).glob("*.y*ml")):
             cfg = load_site(p)
+            if cfg["site"] != p.stem:
+                raise SiteConfigError(f"{p}: says site {cfg['site']!r}; a site file is named after its site "
+                                      f"(its folder in the input tree): {cfg['site']}.yaml, or site: {p.stem}")
             sites[cfg["site"]] = cfg
     return sites
 
@@ -262,6 +272,14 @@ def plan_exams(src: Path, sites: dict[str, dict], jobs: int = 1, pool=None):
     # study in two folders are one exam, one folder holding two studies is two exams. The
     # patient is part of the key: a site whose anonymiser or PACS reuses study UIDs must not
     # file one patient's images under another's pseudonym.
+    # A file whose StudyInstanceUID or PatientID is missing (one damaged slice) belongs with its
+    # series: keyed on its own it made a one-slice exam, and the real one lost that slice (and
+    # with it the role) as "missing".
+    whole: dict[tuple[str, str], set] = {}
+    for info in infos:
+        if info.study_uid and info.patient_id and info.series_uid:
+            whole.setdefault((Path(info.path).relative_to(src).parts[0], info.series_uid), set()).add(
+                (info.study_uid, info.patient_id))
     folders_of: dict[tuple[str, str, str], dict[str, int]] = {}
     for info in infos:
         site, folder, rel = where(Path(info.path))
@@ -273,8 +291,12 @@ def plan_exams(src: Path, sites: dict[str, dict], jobs: int = 1, pool=None):
                              f"unknown site folder '{site}': add a site file ingest/sites/{site}.yaml or --sites DIR",
                              site=site))
             continue
-        patient_id = info.patient_id
-        key = (site, info.study_uid or f"folder:{folder}", patient_id)
+        patient_id, study = info.patient_id, info.study_uid
+        owners = [] if study and patient_id else [  # the complete ones it does not contradict
+            (s, p) for s, p in whole.get((site, info.series_uid), ()) if s == (study or s) and p == (patient_id or p)]
+        if len(owners) == 1:
+            study, patient_id = next(iter(owners))
+        key = (site, study or f"folder:{folder}", patient_id)
         job = exams.setdefault(key, ExamJob(site, f"{site}/{folder}", patient_id=patient_id))
         job.files.append(rel)
         job.infos.append(info)
@@ -304,16 +326,28 @@ def _row(src: Path, rel: str, status: str, reason: str, **kw):
 # ---------------------------------------------------------------- one exam (runs in a worker process)
 
 MS_UNITS = ("ms", "msec", "millisecond", "milliseconds")  # spellings of ms in map headers and stores
+S_UNITS = ("s", "sec", "second", "seconds")
+UNSPECIFIED_UNITS = ("US", "UNSPECIFIED", "NONE")   # RescaleType US: the units are not said
 
 
 def _maps_in_ms(vol: np.ndarray, meta: dict) -> tuple[np.ndarray, dict]:
-    """An MRF map in ms. When the header's Real World Value Mapping gives the map in ms and the
+    """An MRF map in ms: a map in seconds is converted, one in other units is a SeriesError, one
+    whose units are not said is taken as ms. When the header's Real World Value Mapping gives the map in ms and the
     Rescale Slope/Intercept (type US: units unspecified) say otherwise, the mapping is the
     quantity: the stored values are mapped with it, not with the display rescale (which would
     silently scale every T1 by the ratio of the two)."""
     rwv = meta.get("real_world_value_mapping") or {}
     slope, icpt = meta.get("rescale_slope"), meta.get("rescale_intercept")
-    if (meta.get("units") or "").lower() in MS_UNITS or str(rwv.get("units") or "").lower() not in MS_UNITS:
+    units = str(meta.get("units") or "").strip()
+    if units.lower() in MS_UNITS or str(rwv.get("units") or "").lower() not in MS_UNITS:
+        if units.lower() in S_UNITS:
+            return (np.asarray(vol, np.float64) * 1000.0).astype(np.float32), {**meta, "units": "ms",
+                                                                                "converted_from": units}
+        if units and units.lower() not in MS_UNITS and units.upper() not in UNSPECIFIED_UNITS:
+            from ingest.reader import SeriesError
+
+            raise SeriesError(f"the map's values are in {units!r} (RescaleType or its Real World Value "
+                              "Mapping): MRF maps are taken in ms or s")
         return vol, meta
     rs, ri = rwv.get("slope"), rwv.get("intercept")
     if rs is None or slope is None or icpt is None or slope == 0:
@@ -463,9 +497,13 @@ def _ingest_exam(src, dst, job, site_cfg, key, split_fractions, prev_rows):
         old = {r["path"]: r for r in prev_rows}
         covered = all(rel in old and old[rel]["sha256"] == shas[rel] for rel in job.files + job.truth)
         stored = {r["role"] for r in prev_rows if r["status"] == "ingested" and r["role"] and r["role"] != "truth"}
+        # rows of a run that wrote no store (a worker that died, a site file that matched
+        # nothing) stand beside the store of an earlier run: they must not stand for it
+        ours = bool(stored) and all(r.get("subject") == subject for r in prev_rows)
         try:
-            same = (covered and _store_holds(store_path, stored)
-                    and open_store(store_path).attrs.get("input_digest") == digest)
+            st = open_store(store_path) if covered and ours else None
+            same = (st is not None and _store_holds(store_path, stored) and st.attrs.get("input_digest") == digest
+                    and set(st.roles) == stored)
         except ValueError:
             same = False
         if same:
@@ -482,10 +520,10 @@ def _ingest_exam(src, dst, job, site_cfg, key, split_fractions, prev_rows):
     candidates: dict[str, list[tuple[object, str]]] = {}
     for g in groups:
         series_id = pseudonym(key, job.site, g.key, prefix="ser-")
-        role, why = recognise(site_cfg, g)
+        role, why, fault = recognise(site_cfg, g)
         if role is None:
             for f in g.files:
-                row(rel_of[f], "ignored", why, subject=subject, series=series_id)
+                row(rel_of[f], "quarantined" if fault else "ignored", why, subject=subject, series=series_id)
             continue
         candidates.setdefault(role, []).append((g, series_id))
     for role, cands in candidates.items():
@@ -532,9 +570,14 @@ def _ingest_exam(src, dst, job, site_cfg, key, split_fractions, prev_rows):
                     row(r, "quarantined", f"{rels[0]}: unreadable series ({exc.__class__.__name__}: {exc})",
                         subject=subject, series=series_id, role=role)
                 continue
-            kept = series_id
             if role.startswith("mrf"):
-                vol, meta = _maps_in_ms(vol, meta)
+                try:
+                    vol, meta = _maps_in_ms(vol, meta)
+                except SeriesError as exc:
+                    for r in rels:
+                        row(r, "quarantined", f"{rels[0]}: {exc}", subject=subject, series=series_id, role=role)
+                    continue
+            kept = series_id
             spacing = np.linalg.norm(affine[:3, :3], axis=0)
             attrs = {
                 "role": role, "affine_lps": np.round(affine, 6).tolist(),
@@ -615,6 +658,10 @@ def ingest(src: Path, dst: Path, manifest: Path | None = None, sites_dir: Path |
     if not src.is_dir():
         raise IngestError(f"{src}: input folder does not exist")
     manifest = Path(manifest) if manifest else dst.parent / "manifest.csv"
+    for what, p in (("the store folder", dst), ("the manifest", manifest)):
+        if p.resolve().is_relative_to(src):
+            raise IngestError(f"{p}: {what} is inside the input folder {src}: the next run would read it as "
+                              "input; put it outside")
     new_dirs = _missing_dirs(dst)
     new_dirs += [d for d in _check_writable(manifest) if d not in new_dirs]
     try:
@@ -669,10 +716,14 @@ def _ingest_tree(src: Path, dst: Path, manifest: Path, sites_dir, jobs, strict, 
     # why): --prune removes the stores of exams that left SRC, not of exams that went wrong.
     kept = sorted({rel for rel, res in zip(store_of, results)
                    if res["status"] not in ("written", "unchanged") and (dst / rel).is_dir()})
-    pruned = _prune(dst, set(store_of)) if prune else []
+    # A file the scan could not place in an exam (unreadable header, a site folder without a site
+    # file) may belong to an exam whose store is under DST: which one cannot be told, so nothing
+    # is pruned until those files are read again or leave SRC.
+    unplaced = sum(1 for r in rows if r.status == "quarantined")
+    pruned = _prune(dst, set(store_of)) if prune and not unplaced else []
     # a store left by an exam that left SRC, or whose PatientID or StudyInstanceUID was corrected
     # (its images now write another store): said, so two stores of one exam are not a surprise
-    orphans = [] if prune else _stores_not_in(dst, set(store_of))
+    orphans = [] if prune and not unplaced else _stores_not_in(dst, set(store_of))
     for res in results:
         rows.extend(Row(**r) for r in res["rows"])
     try:
@@ -685,7 +736,8 @@ def _ingest_tree(src: Path, dst: Path, manifest: Path, sites_dir, jobs, strict, 
                "unchanged": sum(r["status"] == "unchanged" for r in results),
                "no_store": sum(r["status"] == "no-store" for r in results),
                "files": len(rows), **counts, "manifest": str(manifest), "key_source": key_source,
-               "pruned": len(pruned), "kept": len(kept), "orphans": len(orphans)}
+               "pruned": len(pruned), "kept": len(kept), "orphans": len(orphans),
+               "prune_held": unplaced if prune else 0}
     if strict and counts["quarantined"]:
         summary["strict_failed"] = True
     return summary

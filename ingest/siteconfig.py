@@ -68,8 +68,11 @@ def _check_match(where: str, role: str, rule) -> None:
         raise SiteConfigError(f"{where}: {role}.match has unknown key(s) {', '.join(map(str, unknown))} "
                               f"(known: {', '.join(MATCH_KEYS)})")
     if "description" in rule:
+        if not isinstance(rule["description"], str):  # YAML reads `description: 12` as a number
+            raise SiteConfigError(f"{where}: {role}.match.description must be a regular expression in quotes, "
+                                  f"got {rule['description']!r}")
         try:
-            re.compile(str(rule["description"]))
+            re.compile(rule["description"])
         except re.error as exc:
             raise SiteConfigError(f"{where}: {role}.match.description is not a regular expression ({exc})") from None
     itypes = rule.get("image_type_all", [])

@@ -471,6 +471,102 @@ def test_exam_without_a_recognised_series_is_quarantined_and_its_store_kept(demo
     assert all(r["status"] == "quarantined" for r in rows)
     assert all("exam site-A/sub-A01: no series matched a role of the site config" in r["reason"]
                and "site-A.yaml" in r["reason"] for r in rows), rows[0]
+    # the site file put right, the same files: the exam is read again, not passed as unchanged
+    # with the rows of the run that wrote no store beside the store of the run before it
+    summary = run_ingest(src, tmp_path, strict=True, prune=True)
+    assert summary["written"] == 1 and summary["unchanged"] == 1 and not summary.get("strict_failed"), summary
+    assert all(r["status"] == "ingested" for r in rows_by_folder(tmp_path)["sub-A01"])
+
+
+@pytest.mark.parametrize("damage", ["no StudyInstanceUID", "empty PatientID"])
+def test_a_slice_missing_its_study_or_patient_stays_with_its_series(demo_tree, tmp_path, damage):
+    """Keyed on its own, the slice made a one-slice exam (a store under a new pseudonym) and
+    the real exam lost the slice, and with it the role, as "missing"."""
+    src = tmp_path / "data"
+    exam = small_exam(demo_tree, src / "site-A" / "sub-A01")
+    files = sorted(series_dir_of(exam, "MRF_FISP_T2map").iterdir())
+    ds = pydicom.dcmread(files[len(files) // 2])
+    if damage == "no StudyInstanceUID":
+        del ds.StudyInstanceUID
+    else:
+        ds.PatientID = ""
+    ds.save_as(files[len(files) // 2])
+    summary = run_ingest(src, tmp_path, strict=True)
+    assert summary["exams"] == 1 and summary["written"] == 1 and not summary.get("strict_failed"), summary
+    (store,) = (tmp_path / "raw").rglob("*.zarr")
+    assert open_store(store).array("mrf_t2").shape[0] == len(files)
+
+
+def test_a_series_that_matches_two_roles_is_quarantined(demo_tree, tmp_path):
+    """Ignored, it cost its role unseen and --strict passed; the reason says where to fix it."""
+    import yaml
+
+    src = tmp_path / "data"
+    small_exam(demo_tree, src / "site-A" / "sub-A01")
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "ingest" / "sites" / "site-A.yaml").read_text())
+    cfg["series"]["mrf_t2"]["match"] = dict(cfg["series"]["mrf_t1"]["match"])
+    (tmp_path / "sites").mkdir()
+    (tmp_path / "sites" / "site-A.yaml").write_text(yaml.safe_dump(cfg))
+    summary = run_ingest(src, tmp_path, sites_dir=tmp_path / "sites", strict=True)
+    assert summary.get("strict_failed")
+    t1_rows = [r for r in rows_by_folder(tmp_path)["sub-A01"] if "matches several roles" in r["reason"]]
+    assert t1_rows and all(r["status"] == "quarantined" and "(mrf_t1, mrf_t2)" in r["reason"]
+                           and "site-A.yaml" in r["reason"] for r in t1_rows)
+
+
+@pytest.mark.parametrize("units, factor", [("s", 1e-3), ("sec", 1e-3), ("HU", 1.0)])
+def test_mrf_maps_in_seconds_are_converted_and_other_units_quarantined(demo_tree, tmp_path, units, factor):
+    """The store contract is ms: a T1 map in seconds was stored as it was, 1000 times too short."""
+    from ingest.store import open_store
+
+    src = tmp_path / "data"
+    exam = small_exam(demo_tree, src / "site-A" / "sub-A01")
+    want = expected_t1(exam)
+
+    def in_units(ds):
+        del ds.RealWorldValueMappingSequence
+        ds.RescaleType, ds.RescaleSlope, ds.RescaleIntercept = units, float(ds.RescaleSlope) * factor, 0
+    edit(series_dir_of(exam, "MRF_FISP_T1map"), in_units)
+    summary = run_ingest(src, tmp_path)
+    rows = [r for r in rows_by_folder(tmp_path)["sub-A01"] if r["role"] == "mrf_t1"]
+    if units == "HU":
+        assert summary["quarantined"] == len(rows) > 0
+        assert all("the map's values are in 'HU'" in r["reason"] for r in rows)
+        return
+    (store,) = (tmp_path / "raw").rglob("*.zarr")
+    st = open_store(store)
+    assert st.attrs_of("mrf_t1")["units"] == "ms"
+    np.testing.assert_allclose(st.read("mrf_t1"), want, rtol=1e-4, atol=1e-2)
+
+
+def test_prune_deletes_nothing_while_files_in_src_cannot_be_placed(demo_tree, tmp_path):
+    """An exam of a site folder without its site file (or whose headers cannot be read this
+    time) still has its store under DST: which store is its cannot be told, so nothing goes."""
+    import yaml
+
+    src = tmp_path / "data"
+    small_exam(demo_tree, src / "site-A" / "sub-A01")
+    small_exam(demo_tree, src / "site-C" / "sub-C01", exam="sub-A02")
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "ingest" / "sites" / "site-A.yaml").read_text())
+    cfg["site"] = "site-C"
+    (tmp_path / "sites").mkdir()
+    (tmp_path / "sites" / "site-C.yaml").write_text(yaml.safe_dump(cfg))
+    assert run_ingest(src, tmp_path, sites_dir=tmp_path / "sites", prune=True)["written"] == 2
+    stores = sorted((tmp_path / "raw").rglob("*.zarr"))
+    summary = run_ingest(src, tmp_path, prune=True)   # this time without site C's file
+    assert summary["pruned"] == 0 and summary["prune_held"] > 0 and summary["orphans"] == 1, summary
+    assert sorted((tmp_path / "raw").rglob("*.zarr")) == stores
+    # a copy of a site file saved under another site's name, still saying the first site
+    (tmp_path / "sites" / "site-D.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match=r"site-D.yaml: says site 'site-C'; a site file is named after its site"):
+        run_ingest(src, tmp_path, sites_dir=tmp_path / "sites")
+    # stores or a manifest inside SRC would be read as input by the next run
+    from ingest.service import IngestError, ingest
+
+    with pytest.raises(IngestError, match="is inside the input folder"):
+        ingest(src, src / "stores", manifest=tmp_path / "m.csv", jobs=1)
+    with pytest.raises(IngestError, match="is inside the input folder"):
+        ingest(src, tmp_path / "raw", manifest=src / "manifest.csv", jobs=1)
 
 
 def test_a_worker_that_dies_costs_only_its_exam(demo_tree, tmp_path, monkeypatch):
@@ -781,6 +877,7 @@ def test_echoes_of_one_series_need_a_rule_that_names_one(demo_tree, tmp_path):
     ("site: site-C\nseries:\n  t2w: {match: {echo: 0}}\n", "must be an echo number"),
     ("site: site-C\nseries:\n  t2w: {match: {image_type_all: ORIGINAL}}\n", "must be a list"),
     ("- just a list\n", "needs 'site' and 'series'"),
+    ("site: site-C\nseries:\n  t2w: {match: {description: 12}}\n", "must be a regular expression in quotes"),
 ])
 def test_site_file_mistakes_fail_at_load_in_one_line(tmp_path, text, why):
     """A misspelt match key would match every series; a broken file must name itself."""
