@@ -175,10 +175,10 @@ def _clean_reason(reason: str, src, identities=()) -> str:
     if root:
         text = text.replace(root + os.sep, "")
         text = re.sub(re.escape(root) + r"(?![^\s:;,)'\"])", ".", text)
-    text = _UID_RE.sub("<UID>", text)
     # The paths a reason quotes are the paths of the manifest's own rows: scrubbed, an exam
-    # folder named by the PatientID, or "IM0011.dcm" with ID "001" in it, would point a person
-    # at a file that does not exist. They are set aside while the rest is scrubbed.
+    # folder named by the PatientID or a StudyInstanceUID, or "IM0011.dcm" with ID "001" in it,
+    # would point a person at a file that does not exist. They are set aside while the rest is
+    # scrubbed of UIDs and identities.
     kept: list[str] = []
 
     def aside(m):
@@ -187,7 +187,7 @@ def _clean_reason(reason: str, src, identities=()) -> str:
         kept.append(m.group(0))
         return chr(_ASIDE + len(kept) - 1)  # one private-use character: no identity can match it
 
-    text = scrub_text(_PATH_RE.sub(aside, text), identities)
+    text = scrub_text(_UID_RE.sub("<UID>", _PATH_RE.sub(aside, text)), identities)
     return "".join(kept[ord(c) - _ASIDE] if _ASIDE <= ord(c) < _ASIDE + len(kept) else c for c in text) if kept else text
 
 

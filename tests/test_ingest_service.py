@@ -497,6 +497,23 @@ def test_a_slice_missing_its_study_or_patient_stays_with_its_series(demo_tree, t
     assert open_store(store).array("mrf_t2").shape[0] == len(files)
 
 
+def test_a_reason_quotes_a_path_named_by_a_uid_as_it_is(demo_tree, tmp_path):
+    """UIDs are taken out of reasons, but a quoted path is the manifest's own row: an exam
+    folder named by its StudyInstanceUID came out as <UID>, a path to no file."""
+    import yaml
+
+    src = tmp_path / "data"
+    small_exam(demo_tree, src / "site-A" / "1.2.840.113619.2.55.3")
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "ingest" / "sites" / "site-A.yaml").read_text())
+    for entry in cfg["series"].values():
+        entry["match"] = {"description": "^renamed protocol$"}
+    (tmp_path / "sites").mkdir()
+    (tmp_path / "sites" / "site-A.yaml").write_text(yaml.safe_dump(cfg))
+    run_ingest(src, tmp_path, sites_dir=tmp_path / "sites")
+    reasons = {r["reason"] for r in manifest_rows(tmp_path / "manifest.csv")}
+    assert reasons and all("exam site-A/1.2.840.113619.2.55.3: no series matched" in r for r in reasons), reasons
+
+
 def test_a_series_that_matches_two_roles_is_quarantined(demo_tree, tmp_path):
     """Ignored, it cost its role unseen and --strict passed; the reason says where to fix it."""
     import yaml
