@@ -75,6 +75,10 @@ def test_bad_spaces_are_one_line_errors(space, needle):
     ({"bogus": 1}, "unknown tune key"),
     ({"resources": {"use_gpu": "false"}}, "tune.resources.use_gpu must be true, false or auto"),
     ({"resources": {"num_workers": True, "cpus_per_worker": 1}}, "tune.resources.num_workers must be a positive integer"),
+    ({"enabled": "false"}, "tune.enabled must be true or false"),      # quoted: truthy, a search would run
+    ({"per_contrast": "no"}, "tune.per_contrast must be true or false"),
+    ({"seed": "abc"}, "tune.seed must be a whole number or null"),
+    ({"resources": 2}, "tune.resources must be a mapping"),
 ])
 def test_bad_search_settings_are_one_line_errors(change, needle):
     with pytest.raises(ParamsError) as e:
@@ -377,7 +381,9 @@ def test_submitted_working_dir_never_carries_secrets(tmp_path, runtime_env):
 
 @pytest.mark.parametrize("space, needle", [
     ({"width": {"randint": [0, 4]}}, "width: values must be at least 1, got 0"),
-    ({"depth": {"randint": [-2, 3]}}, "depth: values must be at least 1"),
+    ({"depth": {"randint": [-2, 3]}}, "depth: values must be 3 to 8 U-Net levels"),
+    ({"depth": {"choice": [2, 5]}}, "depth: values must be 3 to 8 U-Net levels"),   # a winner pretrain refused
+    ({"lr": {"loguniform": ["1e-4", "1e-2"]}}, "YAML reads 1e-4 as text: write 1.0e-4"),
     ({"batch_size": {"choice": [True, 2]}}, "batch_size: choices must be positive integers"),
     ({"lr": {"choice": ["fast"]}}, "lr: choices must be numbers"),
     ({"lr": {"uniform": [-0.01, 0.01]}}, "lr: values must be > 0"),
@@ -398,3 +404,53 @@ def test_search_settings_that_cannot_mean_anything_are_refused(change, needle):
     with pytest.raises(ParamsError) as e:
         tune_config(_params({**PARAMS["tune"], **change}))
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_trial_without_a_score_yet_is_stopped_not_the_search(tmp_path):
+    """A trial whose first validation loss is not finite reports no score: ASHA multiplied None
+    and the error ended the whole search."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from tune.resumable import ResumableASHA
+
+    asha = ResumableASHA(str(tmp_path / "asha.pkl"), time_attr="training_iteration", max_t=4, grace_period=1,
+                         reduction_factor=2)
+    asha.set_search_properties("score", "min")
+
+    class Trial:
+        trial_id, config = "t1", {}
+
+    assert asha.on_trial_result(None, Trial(), {"training_iteration": 1, "score": None}) == TrialScheduler.STOP
+
+
+@pytest.mark.parametrize("driver_code, want", [(130, 130), (2, 2), (None, 1)])
+def test_submit_returns_the_driver_s_exit_status(monkeypatch, tmp_path, driver_code, want):
+    """tune's 130 (interrupted: resume it) and a usage error's 2 came back as 1."""
+    import ray.job_submission as js
+
+    from train.submit import submit
+
+    class Info:
+        message, driver_exit_code = "the driver exited", driver_code
+
+    class Client:
+        def __init__(self, address):
+            self.polls = 0
+
+        def submit_job(self, **kw):
+            return "job-1"
+
+        async def tail_job_logs(self, job):
+            yield "a log line\n"
+
+        def get_job_status(self, job):  # still running at the first poll, final at the next
+            self.polls += 1
+            return js.JobStatus.RUNNING if self.polls == 1 else js.JobStatus.FAILED
+
+        def get_job_info(self, job):
+            return Info()
+
+    monkeypatch.setattr(js, "JobSubmissionClient", Client)
+    said = []
+    assert submit("http://127.0.0.1:8265", tmp_path, ["qsnet", "tune"], {}, echo=said.append) == want
+    assert any("FAILED: the driver exited" in s for s in said)

@@ -170,7 +170,8 @@ def preflight(address: str | None, working_dir: Path, command: list[str], runtim
 
 def submit(address: str, working_dir: Path, command: list[str], runtime_env: dict, wait: bool = True,
            submission_id: str | None = None, echo=print) -> int:
-    """Submit; with ``wait``, stream the job's log and return 0 only if it SUCCEEDED."""
+    """Submit; with ``wait``, stream the job's log and return its exit status: 0 if it SUCCEEDED,
+    else its driver's own (1 where Ray has none)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(address)
@@ -201,7 +202,7 @@ def submit(address: str, working_dir: Path, command: list[str], runtime_env: dic
     except KeyboardInterrupt:
         echo(f"submit: stopped following; job {job} keeps running (`ray job stop {job}` stops it)")
         return 130
-    for _ in range(60):  # the log ends a moment before the status is final
+    while True:  # the log ends a moment before the status is final
         status = client.get_job_status(job)
         if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
             break
@@ -209,4 +210,8 @@ def submit(address: str, working_dir: Path, command: list[str], runtime_env: dic
     info = client.get_job_info(job)
     echo(f"submit: job {job} {status.value}" + (f": {info.message}" if status != JobStatus.SUCCEEDED and
                                                  info.message else ""))
-    return 0 if status == JobStatus.SUCCEEDED else 1
+    if status == JobStatus.SUCCEEDED:
+        return 0
+    # the driver's own status (tune's 130: interrupted, resume it; 2: a usage error), else 1
+    code = getattr(info, "driver_exit_code", None)
+    return code if isinstance(code, int) and code != 0 else 1

@@ -72,6 +72,12 @@ class ResumableASHA(ASHAScheduler):
 
     def on_trial_result(self, tune_controller, trial, result):
         self._load()
+        if result.get(self._metric) is None:
+            # a trial with no finite validation loss yet (it diverged at once): ASHA would raise
+            # on it, and the error would end the whole search rather than this trial
+            from ray.tune.schedulers import TrialScheduler
+
+            return TrialScheduler.STOP
         action = super().on_trial_result(tune_controller, trial, result)
         self._save()
         return action

@@ -162,7 +162,7 @@ def _fresh(search: dict) -> None:
         # an earlier search of this name is kept beside, never deleted
         d.rename(d.with_name(f"{d.name}.previous-{time.strftime('%Y%m%dT%H%M%S')}"))
     d.mkdir(parents=True)
-    (d / IDENTITY).write_text(json.dumps(search["identity"], indent=1, sort_keys=True) + "\n")
+    _atomic(d / IDENTITY, json.dumps(search["identity"], indent=1, sort_keys=True) + "\n")
 
 
 def trainable_for(cfg: dict, search: dict):
@@ -173,9 +173,11 @@ def trainable_for(cfg: dict, search: dict):
 
     res = dict(cfg["resources"])
     if res["use_gpu"] == "auto":
-        import torch
+        from train.distributed import check_cluster
 
-        res["use_gpu"] = torch.cuda.is_available()
+        # the cluster's GPUs, not this process's: under `qsnet submit` the driver runs on a
+        # head node without any, and every trial would have trained on CPU
+        res["use_gpu"] = check_cluster(int(res.get("num_workers", 1)), "auto")
     t = cfg["train"]
     base = {"train": t, "runs": search["runs"], "resources": res, "max_failures": t["max_failures"],
             "config": {**{k: t[k] for k in HP_KEYS}, "epochs": cfg["epochs"], "storage": str(search["dir"] / "train"),
@@ -334,7 +336,11 @@ def run_search(params: dict, stores: Path, out: Path, reports: Path, storage: Pa
     all_rows, best_doc, notes = [], {}, []
     for s in searches:
         if modes[s["name"]] == "done":
-            result = json.loads((s["dir"] / "done.json").read_text())
+            try:
+                result = json.loads((s["dir"] / "done.json").read_text())
+            except ValueError as exc:
+                raise SearchError(f"{s['dir'] / 'done.json'}: unreadable ({exc}); delete it and run "
+                                  "`qsnet tune --resume` to collect the search again") from None
         else:
             if modes[s["name"]] == "fresh":
                 _fresh(s)
@@ -343,7 +349,7 @@ def run_search(params: dict, stores: Path, out: Path, reports: Path, storage: Pa
                 n = sum(r["status"] != "unfinished" for r in result["rows"])
                 raise Interrupted(f"search {s['name']} interrupted with {n} of {cfg['num_samples']} trials ended; "
                                   "continue it with `qsnet tune --resume`")
-            (s["dir"] / "done.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+            _atomic(s["dir"] / "done.json", json.dumps(result, indent=1, default=str) + "\n")
         all_rows.extend(result["rows"])
         best = _best(cfg, result["rows"], cfg["epochs"] * len(s["runs"]), len(s["runs"]))
         if best is None:

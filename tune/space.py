@@ -35,6 +35,8 @@ INTEGER = {"width", "depth", "plateau_after_epoch", "batch_size"}
 # what a value must be for the trial to train at all: (test, what it must be)
 VALID = {
     **{k: (lambda v: v >= 1, "at least 1") for k in INTEGER},
+    "depth": (lambda v: 3 <= v <= 8, "3 to 8 U-Net levels (what the models build)"),
+    "plateau_after_epoch": (lambda v: v >= 0, "0 or more"),
     "lr": (lambda v: v > 0, "> 0"), "lr_d": (lambda v: v > 0, "> 0"),
     "beta1": (lambda v: 0 < v < 1, "in (0, 1)"), "beta2": (lambda v: 0 < v < 1, "in (0, 1)"),
     "plateau_factor": (lambda v: 0 < v < 1, "in (0, 1)"),
@@ -51,6 +53,14 @@ DEFAULTS = {
 }
 
 
+def _number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def tune_config(params: dict) -> dict:
     """The profile's tune section over the defaults, checked: a bad value fails in one line."""
     from train.models import ARCHITECTURES
@@ -62,7 +72,14 @@ def tune_config(params: dict) -> dict:
     unknown = sorted(set(raw) - set(DEFAULTS))
     if unknown:
         raise ParamsError(f"params: unknown tune key(s) {unknown} (known: {', '.join(DEFAULTS)})")
+    if not isinstance(raw.get("resources") or {}, dict):
+        raise ParamsError(f"params: tune.resources must be a mapping, got {raw['resources']!r}")
     cfg = {**DEFAULTS, **raw, "resources": {**DEFAULTS["resources"], **(raw.get("resources") or {})}}
+    for key in ("enabled", "per_contrast"):  # a quoted "false" is truthy: it would run a search
+        if not isinstance(cfg[key], bool):
+            raise ParamsError(f"params: tune.{key} must be true or false, got {cfg[key]!r}")
+    if cfg["seed"] is not None and (not isinstance(cfg["seed"], int) or isinstance(cfg["seed"], bool)):
+        raise ParamsError(f"params: tune.seed must be a whole number or null, got {cfg['seed']!r}")
     if cfg["arch"] not in ARCHITECTURES:
         raise ParamsError(f"params: tune.arch {cfg['arch']!r} unknown (known: {', '.join(ARCHITECTURES)})")
     if not cfg["contrasts"] or any(c not in CONTRASTS for c in cfg["contrasts"]):
@@ -122,7 +139,10 @@ def parse_space(space) -> dict:
             continue
         if (not isinstance(args, list) or len(args) != 2
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in args)):
-            raise ParamsError(f"params: tune.space.{name}: {kind} needs [low, high], got {args!r}")
+            hint = ""
+            if isinstance(args, list) and any(isinstance(v, str) and _number(v) for v in args):
+                hint = " (YAML reads 1e-4 as text: write 1.0e-4)"
+            raise ParamsError(f"params: tune.space.{name}: {kind} needs [low, high], got {args!r}{hint}")
         low, high = args
         if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
             raise ParamsError(f"params: tune.space.{name}: {kind} needs low < high, got [{low}, {high}]")
