@@ -121,11 +121,16 @@ def unpack(body: bytes, dest: Path, limits: Limits = Limits()) -> Path:
     total = 0
     packed = sum(max(i.compress_size, 1) for i in infos)
     dest.mkdir(parents=True, exist_ok=True)
+    seen: set = set()
     for info in infos:
         rel = _safe_name(info.filename)
         if rel is None:
             raise RequestError(400, "unsafe_zip_path", f"zip entry {info.filename!r}: absolute or parent-relative "
                                "path; entries must stay inside the archive")
+        if rel in seen:  # the second copy would replace the first, which slice is the exam's unsaid
+            raise RequestError(400, "duplicate_zip_entry", f"zip entry {info.filename!r} is in the zip twice: "
+                               "zip the exam's files again")
+        seen.add(rel)
         if stat.S_ISLNK(info.external_attr >> 16):
             raise RequestError(400, "unsafe_zip_path", f"zip entry {info.filename!r} is a symbolic link")
         if info.flag_bits & 0x1:

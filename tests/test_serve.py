@@ -353,6 +353,20 @@ def _store_edited(tmp: Path, raw: Path, edit) -> bytes:
     return _zip({str(p.relative_to(tmp)): p.read_bytes() for p in (tmp / "x.zarr").rglob("*") if p.is_file()})
 
 
+def _twice(exam: Path) -> bytes:
+    """The MRF map series with one slice's name given to a second, different file."""
+    import warnings
+
+    files = [(f"{d.name}/{f.name}", f.read_bytes()) for d in sorted(exam.glob("S70*")) for f in sorted(d.iterdir())]
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns of the duplicate name it writes
+        for name, data in files:
+            zf.writestr(name, data)
+        zf.writestr(files[0][0], files[1][1])
+    return buf.getvalue()
+
+
 def _corrupt_chunk(tmp: Path, raw: Path) -> bytes:
     """The exam store of ``raw`` with bytes inside a compressed chunk of mrf_t1 flipped (its
     shard index intact): zstd finds the damage when the map is read."""
@@ -472,6 +486,7 @@ BAD = {
     "a store with a corrupt chunk": (lambda ctx: _corrupt_chunk(ctx["tmp"], ctx["raw"]), "", 422, "bad_store"),
     "store without affine": (lambda ctx: _store_edited(ctx["tmp"], ctx["raw"], lambda a: (
         {k: v for k, v in a.items() if k != "affine_lps"})), "", 422, "bad_store"),
+    "a zip entry twice": (lambda ctx: _twice(ctx["exam"]), "", 400, "duplicate_zip_entry"),
     "a file and a folder of one name": (lambda ctx: _zip({"S1": b"x", "S1/a.dcm": b"y"}), "", 400, "bad_zip"),
     "a deflated entry with damaged bytes": (lambda ctx: _damaged_deflate(), "", 400, "bad_zip"),
     "a NIfTI beside the DICOM maps": (lambda ctx: _zip({
