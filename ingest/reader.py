@@ -1049,11 +1049,13 @@ def _starts_a_dataset(head: bytes) -> bool:
     return len(head) >= 4 and struct.unpack("<HH", head[:4])[0] in (0x0002, 0x0008)
 
 
-def looks_like_dicom(path) -> bool:
+def looks_like_dicom(path, head: bytes | None = None) -> bool:
     """Whether a file starts as DICOM: the "DICM" prefix after the preamble, or a bare data set
-    (see :func:`_bare_dataset`). A sniff of a few bytes, not a parse."""
-    with open(path, "rb") as fh:
-        head = fh.read(132)
+    (see :func:`_bare_dataset`). A sniff of a few bytes, not a parse; ``head``: the file's
+    first bytes (132 or more, or all of it) when they are already read."""
+    if head is None:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
     return head[128:132] == b"DICM" or _starts_a_dataset(head)
 
 

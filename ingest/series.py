@@ -37,12 +37,12 @@ from ingest.reader import (  # one parser for DICOM numbers
     _f,
     _find,
     _i,
-    _starts_a_dataset,
     acquisition_fields,
     complex_component,
     dcmread_any,
     enhanced_frame_type,
     ge_pepolar_reversed,
+    looks_like_dicom,
     read_plan,
 )
 
@@ -259,14 +259,10 @@ def _lite_summary(ds, path: Path, size: int, mtime_ns: int | None, buf: bytes) -
 
 
 def _may_be_dicom(path: Path, buf: bytes | None) -> bool:
-    """The "DICM" prefix after the preamble, or a bare data set (see reader._bare_dataset)."""
-    if buf is None:
-        try:
-            with open(path, "rb") as fh:
-                buf = fh.read(132)
-        except OSError:
-            return True  # pydicom says why
-    return buf[128:132] == b"DICM" or _starts_a_dataset(buf[:4])
+    try:
+        return looks_like_dicom(path, buf)
+    except OSError:
+        return True  # pydicom says why
 
 
 def _read_header(path: Path, size: int, mtime_ns: int | None = None) -> tuple[FileInfo | None, str]:

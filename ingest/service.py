@@ -275,14 +275,13 @@ def plan_exams(src: Path, sites: dict[str, dict], jobs: int = 1, pool=None):
     # A file whose StudyInstanceUID or PatientID is missing (one damaged slice) belongs with its
     # series: keyed on its own it made a one-slice exam, and the real one lost that slice (and
     # with it the role) as "missing".
+    placed = [(info, *where(Path(info.path))) for info in infos]
     whole: dict[tuple[str, str], set] = {}
-    for info in infos:
+    for info, site, _, _ in placed:
         if info.study_uid and info.patient_id and info.series_uid:
-            whole.setdefault((Path(info.path).relative_to(src).parts[0], info.series_uid), set()).add(
-                (info.study_uid, info.patient_id))
+            whole.setdefault((site, info.series_uid), set()).add((info.study_uid, info.patient_id))
     folders_of: dict[tuple[str, str, str], dict[str, int]] = {}
-    for info in infos:
-        site, folder, rel = where(Path(info.path))
+    for info, site, folder, rel in placed:
         if site is None:
             rows.append(_row(src, rel, "quarantined", "not inside a <site>/<exam>/ folder: cannot tell its site"))
             continue
@@ -373,20 +372,6 @@ def _split(subject: str, site_cfg: dict, fractions: dict) -> str:
     u = int(hashlib.sha256(subject.encode()).hexdigest()[:8], 16) / 2 ** 32
     first, second = ("finetune", "test") if site_cfg.get("cohort") == "gbm" else ("train", "test")
     return first if u < fractions.get(site_cfg["site"], 0.5) else second
-
-
-def _store_holds(store_path: Path, roles) -> bool:
-    """Whether every array in ``roles`` is in the store, with its metadata and its shard: a
-    store damaged after it was written (a delete killed midway) must not pass as unchanged.
-    A directory listing per array, no voxel is read."""
-    for role in roles:
-        try:
-            names = os.listdir(store_path / role)
-        except OSError:
-            return False
-        if "zarr.json" not in names or not any(n.startswith("c.") for n in names):
-            return False
-    return True
 
 
 def ingest_exam(src: str, dst: str, job: ExamJob, site_cfg: dict, key: bytes, split_fractions: dict,
@@ -502,8 +487,10 @@ def _ingest_exam(src, dst, job, site_cfg, key, split_fractions, prev_rows):
         ours = bool(stored) and all(r.get("subject") == subject for r in prev_rows)
         try:
             st = open_store(store_path) if covered and ours else None
-            same = (st is not None and _store_holds(store_path, stored) and st.attrs.get("input_digest") == digest
-                    and set(st.roles) == stored)
+            # every array with its metadata and its shard: a store damaged after it was written
+            # (a delete killed midway) must not pass as unchanged
+            same = (st is not None and set(st.roles) == stored and all(st.has_data(r) for r in stored)
+                    and st.attrs.get("input_digest") == digest)
         except ValueError:
             same = False
         if same:
