@@ -177,6 +177,7 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, monkeypatc
     distributed.train_loop_per_worker(config(tmp_path / "broken"))
     vals_b, best_b = outcome(tmp_path / "broken")
     assert [m["resumed_from_epoch"] for m, _ in reported[-2:]] == [2, 2]
+    assert [m["trial_epoch"] for m, _ in reported[-2:]] == [3, 4]   # the run's epochs, not this session's
     assert vals_b == vals_a
     assert best_a.keys() == best_b.keys() and all(torch.equal(best_a[k], best_b[k]) for k in best_a)
 

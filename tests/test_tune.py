@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_train_ray import site_stores
 
 from ingest.params import ParamsError
+from train.stages import check_hp, read_tuned
 from tune.space import parse_space, to_train, tune_config
 
 # the qsnet of this interpreter's environment, not another one earlier on PATH
@@ -92,6 +93,19 @@ def test_a_suggestion_becomes_train_params():
                    "plateau_after_epoch": 3}, base)
     assert hp == {"lr": 0.01, "betas": [0.7, 0.999], "ds_weights": [0.8, 0.4, 0.2, 0.1], "width": 12, "depth": 5,
                   "augment": {"noise": 0.02}, "plateau_after_epoch": 3}
+    check_hp(hp, "best.yaml: train")  # what a search writes, training must accept
+
+
+def test_a_tuned_augmentation_is_checked(tmp_path):
+    good = tmp_path / "best.yaml"
+    good.write_text("searched: true\narch: qsnet\ntrain: {augment: {rotate_deg: 5, noise: 0.02}}\n")
+    assert read_tuned(good)["train"]["augment"] == {"rotate_deg": 5, "noise": 0.02}
+    for aug, needle in (("{shear: 3}", "rotate_deg"), ("{noise: -1}", "0 or more"), ("maybe", "true, false")):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(f"searched: true\narch: qsnet\ntrain: {{augment: {aug}}}\n")
+        with pytest.raises(ParamsError) as e:
+            read_tuned(bad)
+        assert needle in str(e.value) and "bad.yaml" in str(e.value)
 
 
 def _sequence(seed: int, n: int = 6) -> list[dict]:
@@ -114,7 +128,6 @@ def test_same_seed_same_suggestions():
 
 
 def test_disabled_search_writes_a_best_yaml_that_changes_nothing(tmp_path):
-    from train.stages import read_tuned
     from tune.search import run_search
 
     summary = run_search(_params({**PARAMS["tune"], "enabled": False}), tmp_path / "none", tmp_path / "tuned",
@@ -154,7 +167,6 @@ def _events(path: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_search_interrupted_and_resumed_runs_only_the_rest(tmp_path):
-    from train.stages import read_tuned
 
     stores = site_stores(tmp_path)
     params = _write_params(tmp_path / "params.yaml", PARAMS["tune"])
@@ -225,7 +237,7 @@ def test_search_interrupted_and_resumed_runs_only_the_rest(tmp_path):
 
 @pytest.mark.slow
 def test_shared_search_tunes_every_contrast_at_once(tmp_path):
-    from train.stages import read_tuned, tuned_hp
+    from train.stages import tuned_hp
 
     stores = site_stores(tmp_path)
     section = {**PARAMS["tune"], "per_contrast": False, "contrasts": ["t1w", "t2w"], "num_samples": 2,
@@ -277,6 +289,24 @@ def test_a_trial_that_errored_then_finished_on_resume_counts_as_finished(tmp_pat
     result = _collect(cfg, search, grid, max_t=2)
     assert {r["trial_id"]: r["status"] for r in result["rows"]} == {"a": "finished", "b": "finished"}
     assert result["complete"] and _best(cfg, result["rows"], 2)["trial_id"] == "a"
+
+
+def test_a_shared_trial_resumed_after_its_first_model_counts_every_epoch(tmp_path):
+    from types import SimpleNamespace
+
+    from tune.search import EVENTS, _best, _collect
+
+    # two models of 3 epochs; the resumed session trained only the second (the Train checkpoint
+    # held the first), so Tune counted 3 results where the trial has trained 6 epochs
+    search = {"name": "shared", "dir": tmp_path}
+    (tmp_path / EVENTS).write_text("".join(json.dumps({"event": e, "trial": "a"}) + "\n"
+                                           for e in ("start", "start", "complete")))
+    grid = [SimpleNamespace(metrics={"trial_id": "a", "training_iteration": 3, "trial_epoch": 6, "score": 0.1},
+                            path=None, error=None, config={"lr": 0.01})]
+    cfg = {"metric": "score", "num_samples": 1, "mode": "min"}
+    rows = _collect(cfg, search, grid, max_t=6)["rows"]
+    assert rows[0]["status"] == "finished" and rows[0]["epochs"] == 6
+    assert _best(cfg, rows, 6, n_models=2)["trial_id"] == "a"
 
 
 def test_resume_of_a_search_interrupted_in_its_first_contrast_runs_the_rest(tmp_path, monkeypatch):

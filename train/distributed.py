@@ -147,6 +147,10 @@ def train_loop_per_worker(config: dict) -> None:
                        "lr": tr.opt_g.param_groups[0]["lr"], "epoch_s": round(seconds, 3), "steps": steps,
                        "wall_start": wall_start,
                        "resumed_from_epoch": resumed,
+                       # epochs this run of runs has trained, its finished models included: a search
+                       # resumed from the Train checkpoint skips those, and Tune's own count of
+                       # results (training_iteration) restarts with each session
+                       "trial_epoch": sum(len(v["history"]) for v in done.values()) + epoch + 1,
                        # what a search ranks a run by: the mean best validation L1 of its models so far
                        "score": _score(done, best),
                        **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()}}

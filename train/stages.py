@@ -43,6 +43,7 @@ HP_KEYS = ("width", "depth", "epochs", "batch_size", "lr", "lr_d", "betas", "pla
            "ds_weights", "adv_weight", "augment", "checkpoint_every", "loader_workers", "amp", "seed", "ema_decay",
            "compile")
 # what a tuned configuration (``qsnet tune``'s best.yaml) may set, per architecture and contrast
+AUGMENT_KEYS = frozenset({"rotate_deg", "elastic_px", "noise"})  # train.data.Augment's strengths
 TUNABLE = ("lr", "lr_d", "betas", "adv_weight", "ds_weights", "width", "depth", "augment", "plateau_factor",
            "plateau_after_epoch", "batch_size")
 # (site, training split, validation split) per stage
@@ -173,9 +174,15 @@ def check_hp(hp: dict, where: str) -> None:
         bad("ds_weights", "a list of numbers, 0 or more (one per deep-supervision head)")
     if "ema_decay" in hp and (not _is_num(hp["ema_decay"]) or not 0 <= hp["ema_decay"] < 1):
         bad("ema_decay", "in [0, 1) (0: no average)")
-    for key in ("augment", "amp", "compile"):
+    for key in ("amp", "compile"):
         if key in hp and not isinstance(hp[key], bool):
             bad(key, "true or false")
+    # a tuned configuration names its augmentation strengths (tune.space.to_train)
+    aug = hp.get("augment")
+    if "augment" in hp and not isinstance(aug, bool) and not (
+            isinstance(aug, dict) and set(aug) <= AUGMENT_KEYS
+            and all(_is_num(v) and v >= 0 for v in aug.values())):
+        bad("augment", f"true, false or a mapping of {', '.join(sorted(AUGMENT_KEYS))} to numbers, 0 or more")
 
 
 def check_use_gpu(v, where: str) -> bool | str:

@@ -3,7 +3,7 @@
 Each trial is a function trainable that builds a ``TorchTrainer`` (``train.distributed``'s own
 loop, so a trial trains exactly as the pretrain stage does) and forwards the workers' per-epoch
 reports to Tune (``TuneReportCallback``). ``OptunaSearch`` (TPE, seeded) suggests the
-configurations, ``ASHAScheduler`` stops weak trials at its rungs (``training_iteration`` counts
+configurations, ``ASHAScheduler`` stops weak trials at its rungs (``trial_epoch`` counts
 epochs). The Optuna study lives in a journal file in the experiment folder and Tune keeps its
 experiment folder, so ``resume=True`` continues an interrupted search: finished trials are not
 run again, trials that were running start over.
@@ -37,6 +37,9 @@ __all__ = ["Interrupted", "SearchError", "make_searcher", "run_search"]
 IDENTITY = "qsnet-search.json"
 JOURNAL = "optuna.journal"
 EVENTS = "events.jsonl"
+# a trial's epochs over all its sessions (train.distributed reports it): ASHA's clock, and how a
+# finished trial is told from one ASHA stopped after a --resume
+EPOCHS = "trial_epoch"
 
 
 class SearchError(RuntimeError):
@@ -209,7 +212,7 @@ def _one(cfg: dict, search: dict, mode: str, progress=None) -> dict:
             trainable,
             tune_config=tune.TuneConfig(
                 search_alg=make_searcher(cfg, d / JOURNAL, study_name=search["name"]),
-                scheduler=ResumableASHA(str(d / "asha.pkl"), time_attr="training_iteration", max_t=max_t,
+                scheduler=ResumableASHA(str(d / "asha.pkl"), time_attr=EPOCHS, max_t=max_t,
                                         grace_period=min(cfg["grace_period"], max_t),
                                         reduction_factor=cfg["reduction_factor"]),
                 metric=cfg["metric"], mode=cfg["mode"], num_samples=cfg["num_samples"],
@@ -248,7 +251,7 @@ def _collect(cfg: dict, search: dict, grid, max_t: int) -> dict:
         tid = m.get("trial_id") or folder
         # Tune numbers a trial's folder in the order the searcher suggested it: _trial_<id>_<n>_...
         order = re.match(r"^_?\w*?_[0-9a-f]{5,}_(\d+)_", folder)
-        it = int(m.get("training_iteration") or 0)
+        it = int(m.get(EPOCHS) or m.get("training_iteration") or 0)
         if r.error or tid in ended.get("error", ()):
             status = "error"
         elif tid not in ended.get("complete", ()):
