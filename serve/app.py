@@ -32,6 +32,7 @@ import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.requests import ClientDisconnect
 from ray import serve
 
 from serve.catalog import CONTRASTS, load_catalog, public_card, select
@@ -256,6 +257,10 @@ class Ingress:
             except asyncio.TimeoutError:
                 raise RequestError(408, "request_timeout", f"no bytes of the body for "
                                    f"{self.limits.idle_timeout_s:g} s; send it again") from None
+            except ClientDisconnect:
+                # nginx's 499: the client closed the connection; no one reads this answer, the log does
+                raise RequestError(499, "client_disconnected", f"the client hung up after {n} bytes of "
+                                   "the body") from None
             n += len(chunk)
             if n > self.limits.max_request_bytes:
                 raise RequestError(413, "request_too_large", f"the body is over the limit of "
@@ -382,6 +387,11 @@ class Ingress:
             if exc.status == 503:
                 headers["Retry-After"] = "5"
             return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+        except asyncio.CancelledError:
+            # Serve cancels a request whose client hung up: the client's doing, not a failure
+            status = 499
+            log.info("synthesize %s: cancelled 499 client_disconnected", rid)
+            raise
         except Exception as exc:  # noqa: BLE001 - never a traceback (it could quote headers) to the client
             # where, not what: an exception's message can quote header values
             import traceback
