@@ -117,6 +117,20 @@ def test_weight_average_follows_the_generator_and_keeps_a_frozen_encoder():
         Trainer(build("qsnet", width=8), ema_decay=1.0)
 
 
+def test_weight_average_copies_integer_buffers():
+    """Swin's relative_position_index (int64) must stay what it is: torch's EMA averaged it and
+    truncated the result, so the average looked its position bias up at wrong offsets."""
+    torch.manual_seed(0)
+    model = build("swin", width=12)
+    index = {k: v.clone() for k, v in model.generator.state_dict().items() if not v.is_floating_point()}
+    assert index  # the model has integer buffers, else this test proves nothing
+    tr = Trainer(model, ema_decay=0.9, lr=1e-3)
+    for seed in range(3):
+        tr.train_step(batch(seed=seed))
+    avg = tr.eval_generator().state_dict()
+    assert all(torch.equal(avg[k], v) for k, v in index.items())
+
+
 def test_checkpoint_of_another_architecture_is_refused():
     a = Trainer(build("qsnet", width=8))
     b = Trainer(build("resunet", width=8))

@@ -34,6 +34,22 @@ def freeze(module: nn.Module) -> None:
         p.requires_grad_(False)
 
 
+def _floats_only(average):
+    """An EMA update that averages floating-point tensors and copies the others from the live model.
+
+    torch's own EMA averages integer buffers too and truncates the result back to integers:
+    Swin's ``relative_position_index`` came out with a third of its entries one off (82 -> 81),
+    so every Swin block looked its position bias up at the wrong offset."""
+    def update(ema: list, live: list, n_averaged) -> None:
+        floats = [(e, c) for e, c in zip(ema, live) if e.is_floating_point() or e.is_complex()]
+        if floats:
+            average([e for e, _ in floats], [c for _, c in floats], n_averaged)
+        for e, c in zip(ema, live):
+            if not (e.is_floating_point() or e.is_complex()):
+                e.copy_(c)
+    return update
+
+
 class Trainer:
     """Models, optimisers and the plateau schedule of one run; ``state_dict`` is a checkpoint."""
 
@@ -93,7 +109,8 @@ class Trainer:
             # the first update copies the generator as it is then, so weights loaded after this
             # (finetune's pretrained ones) are what the average starts from; lerp leaves frozen
             # weights bit-identical
-            self.ema = AveragedModel(self.g, multi_avg_fn=get_ema_multi_avg_fn(self.ema_decay), use_buffers=True)
+            self.ema = AveragedModel(self.g, multi_avg_fn=_floats_only(get_ema_multi_avg_fn(self.ema_decay)),
+                                     use_buffers=True)
         self.epoch = 0
         self._bind_calls()
 
