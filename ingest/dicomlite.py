@@ -497,7 +497,8 @@ def _read(buf) -> LiteDataset | None:
     if not isinstance(stored, int) or not 1 <= stored <= bits or ds.get("PixelRepresentation") not in (0, 1):
         return None
     _, off, length = elems[PIXEL_DATA]
-    if length < rows * cols * (bits // 8):
+    need = rows * cols * (bits // 8)
+    if length < need or length >= 2 * need:   # the reader's checks say what is wrong with it
         return None
     return ds
 

@@ -415,7 +415,7 @@ def _ts_of(ds) -> str:
     if ts:
         return str(ts).strip()
     # no file meta: what pydicom decoded it as
-    le, implicit = getattr(ds, "original_encoding", (True, True))
+    implicit, le = getattr(ds, "original_encoding", (True, True))
     if implicit:
         return "1.2.840.10008.1.2"
     return "1.2.840.10008.1.2.1" if le else "1.2.840.10008.1.2.2"
@@ -446,6 +446,7 @@ class _Frame:
     tpi: int | None              # temporal position (identifier / index), when given
     echo: int | None
     ftype: str = ""              # enhanced: the frame's FrameType, values joined by "\\"
+    te: float | None = None      # enhanced: the frame's EffectiveEchoTime (MR Echo macro)
 
 
 def _rescale(slope, intercept, path: Path) -> tuple[float, float]:
@@ -560,7 +561,8 @@ def _frames_of(ds, path: Path, fidx: int) -> tuple[list[_Frame], str]:
             ftime = _dt_seconds(str(fc.get("FrameAcquisitionDateTime", "")) if fc is not None else None)
             frames.append(_Frame(fidx, i, None, rows, cols, ipp, iop, ps, slope, icpt,
                                  _time_key(tpi, facq if facq is not None else acq, ftime, inst, i),
-                                 tpi, echo, enhanced_frame_type(ds, i)))
+                                 tpi, echo, enhanced_frame_type(ds, i),
+                                 _f(_fg_attr(ds, i, "MREchoSequence", "EffectiveEchoTime"))))
         return frames, "enhanced"
 
     if n_frames > 1:
@@ -679,6 +681,13 @@ def _check_pixel_data(ds, path: Path, ts: str) -> None:
             raise SeriesError(
                 f"{path}: pixel data shorter than Rows x Columns x frames x bytes: {actual} bytes present, "
                 f"{need} needed (truncated?)")
+        if need and actual >= 2 * need:
+            # whole frames more than the header describes (NumberOfFrames dropped, Rows edited):
+            # reading the first frame alone would be a silently wrong image
+            raise SeriesError(
+                f"{path}: {actual} bytes of pixel data, {actual // need} times the {need} that Rows x Columns "
+                f"({rows} x {cols}) x {frames} frame(s) x {bits // 8 or 1} byte(s) describe: header and pixel "
+                "data disagree (corrupt or edited header)")
         return
     from pydicom.pixels import get_decoder
 
@@ -771,6 +780,23 @@ def _cluster_positions(frames: list[_Frame], normal: np.ndarray, paths: list[Pat
     return clusters, d
 
 
+def _check_one_echo(frames: list[_Frame], paths: list[Path], kind: str, where) -> None:
+    """Echoes are not volumes: stacked as a time series they would pass as one, TE the first's."""
+    by_echo: dict = {}
+    for fr in frames:
+        if fr.te is not None:
+            by_echo.setdefault(("TE", fr.te), fr)
+        elif fr.echo is not None:
+            by_echo.setdefault(("echo", fr.echo), fr)
+    if len({k[0] for k in by_echo}) == 1 and len(by_echo) > 1:
+        what = ", ".join(f"{k[0]} {k[1]:g}" for k in sorted(by_echo))
+        names = [_frame_name(by_echo[k], paths, kind) for k in sorted(by_echo)[:2]]
+        raise SeriesError(
+            f"{where}: holds images of {len(by_echo)} echoes ({what}; e.g. {names[0]} and {names[1]}): one "
+            "series per echo, as dcm2niix writes them (ingest.group_series splits classic files by echo; an "
+            "enhanced object must be exported one echo per series)")
+
+
 def _frame_name(fr: _Frame, paths: list[Path], kind: str) -> str:
     p = paths[fr.file]
     if kind == "enhanced":
@@ -784,6 +810,15 @@ def _check_counts(clusters, frames, paths, kind) -> int:
     counts = [len(c) for c in clusters]
     common = Counter(counts).most_common()
     n_vol = max(common, key=lambda kv: (kv[1], -kv[0]))[0]  # most frequent, fewer volumes on a tie
+    for c in clusters:
+        for a, b in zip(c, c[1:]):
+            # images at one position are volumes only if something orders them: a copy with a new
+            # SOPInstanceUID (a re-store, "save as") has the same keys and would be one more volume
+            if frames[a].tkey == frames[b].tkey:
+                raise SeriesError(
+                    f"{_frame_name(frames[b], paths, kind)}: duplicated image: {_frame_name(frames[a], paths, kind)} "
+                    f"is at the same position {_fmt_pos(frames[a].ipp)} with the same TemporalPositionIdentifier, "
+                    "AcquisitionNumber, acquisition time and InstanceNumber (a second copy of the image?)")
     for c in clusters:
         if len(c) == n_vol:
             continue
@@ -1108,21 +1143,22 @@ def dcmread_any(fp, **kw):
         pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
     try:
-        return pydicom.dcmread(fp, force=False, **kw)
+        ds = pydicom.dcmread(fp, force=False, **kw)
     except InvalidDicomError:
         if not _bare_dataset(fp):
             raise
         if hasattr(fp, "seek"):
             fp.seek(0)
         ds = pydicom.dcmread(fp, force=True, **kw)
-        if "TransferSyntaxUID" not in ds.file_meta:
-            # the encoding pydicom found is the transfer syntax (always native: a bare data set
-            # has no meta header to declare a compressed one); the pixel decoders need it named
-            implicit, little = ds.original_encoding
-            ds.file_meta.TransferSyntaxUID = (pydicom.uid.ImplicitVRLittleEndian if implicit else
-                                              pydicom.uid.ExplicitVRLittleEndian if little else
-                                              pydicom.uid.ExplicitVRBigEndian)
-        return ds
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" not in meta and getattr(ds, "original_encoding", None):
+        # a bare data set, or a DICM file whose meta group lacks it: the encoding pydicom found is
+        # the transfer syntax (native: nothing declares a compressed one); the decoders need it named
+        implicit, little = ds.original_encoding
+        meta.TransferSyntaxUID = (pydicom.uid.ImplicitVRLittleEndian if implicit else
+                                  pydicom.uid.ExplicitVRLittleEndian if little else
+                                  pydicom.uid.ExplicitVRBigEndian)
+    return ds
 
 
 def _read_file(p: Path):
@@ -1195,8 +1231,13 @@ def read_series(paths, infos=None, frame_type: str | None = None) -> tuple[np.nd
             continue
         ds = _read_file(p)
         ts = _ts_of(ds)
-        _check_pixel_data(ds, p, ts)
-        fr, kind = _frames_of(ds, p, fidx)
+        try:
+            _check_pixel_data(ds, p, ts)
+            fr, kind = _frames_of(ds, p, fidx)
+        except SeriesError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - pydicom converts values when first read: a bad VR surfaces here
+            raise SeriesError(f"{p}: unreadable DICOM header ({exc.__class__.__name__}: {exc})") from None
         dsets.append(ds)
         kinds.add(kind)
         frames.extend(fr)
@@ -1220,6 +1261,7 @@ def read_series(paths, infos=None, frame_type: str | None = None) -> tuple[np.nd
                           "series per polarity, as dcm2niix writes them (ingest.group_series splits them)")
     flip_rows = reversed_rows.get(True) is not None
     frames = _select_frame_type(frames, frame_type, plist)
+    _check_one_echo(frames, plist, kind, where)
 
     _check_consistency(frames, plist, kind)
     f0 = frames[0]

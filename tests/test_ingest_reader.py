@@ -327,7 +327,7 @@ def test_meta_has_no_identifying_fields(tmp_path):
 # ------------------------------------------------------------ 2. enhanced multi-frame
 
 def write_enhanced(path: Path, vols: np.ndarray, affine: np.ndarray, frame_order, slopes, *, tpi0=0,
-                   series_uid="1.2.826.0.1.3680043.8.498.9", frame_types=None) -> Path:
+                   series_uid="1.2.826.0.1.3680043.8.498.9", frame_types=None, echo_times=None) -> Path:
     """Enhanced MR with frames (t, z) in `frame_order`; per-frame rescale slope slopes[t, z];
     with `frame_types`, volume t's frames carry FrameType frame_types[t]."""
     ds = base_dataset(sop_class=ENHANCED_MR, series_uid=series_uid)
@@ -367,7 +367,7 @@ def write_enhanced(path: Path, vols: np.ndarray, affine: np.ndarray, frame_order
         pvt.RescaleType = "US"
         item.PixelValueTransformationSequence = Sequence([pvt])
         echo = Dataset()
-        echo.EffectiveEchoTime = 4.5
+        echo.EffectiveEchoTime = 4.5 if echo_times is None else echo_times[t]
         item.MREchoSequence = Sequence([echo])
         if frame_types is not None:
             ft = Dataset()
@@ -675,6 +675,24 @@ def test_echoes_without_echo_numbers_are_split_by_echo_time(tmp_path):
     assert len(same) == 1
 
 
+def test_echoes_are_never_stacked_as_volumes(tmp_path):
+    """An enhanced object holding two echoes (TE per frame), or classic files of two echoes given to
+    read_series together, would pass as a 4-D time series whose TE is the first echo's."""
+    aff = make_affine(AXIAL, (0, 0))
+    vols = np.stack([volume((3, 5, 5), seed=60 + e) for e in range(2)])
+    enh = write_enhanced(tmp_path / "enh.dcm", vols, aff, [(t, z) for z in range(3) for t in range(2)],
+                         np.ones((2, 3)), echo_times=(5.0, 15.0))
+    with pytest.raises(SeriesError, match=r"holds images of 2 echoes \(TE 5, TE 15; .*one series per echo"):
+        read_series([enh])
+    paths = []
+    for e in range(2):
+        paths += write_classic(tmp_path / "s", vols[e], aff, instance0=3 * e, names=f"e{e}_", EchoNumbers=e + 1,
+                               EchoTime=5.0 + 10 * e)
+    with pytest.raises(SeriesError, match=r"holds images of 2 echoes \(echo 1, echo 2; "):
+        read_series(paths)
+    assert read_series(paths[:3])[0].shape == (3, 5, 5)
+
+
 def test_multivolume_with_incomplete_volume(tmp_path):
     aff = make_affine(AXIAL, (0, 0))
     paths = write_classic(tmp_path / "s", volume((4, 5, 5)), aff, acq=1)
@@ -700,6 +718,69 @@ def test_duplicated_slice_position(tmp_path):
     paths = write_classic(tmp_path / "s", volume((4, 5, 5)), aff)
     paths += write_classic(tmp_path / "s", volume((4, 5, 5), seed=5), aff, order=[1], names="DUP")
     with pytest.raises(SeriesError, match="duplicated slice position"):
+        read_series(paths)
+
+
+def test_a_second_copy_of_a_series_is_not_a_second_volume(tmp_path):
+    """A re-stored copy (new SOPInstanceUIDs, everything else equal) must not be read as a 4-D
+    series of two identical volumes."""
+    aff = make_affine(AXIAL, (0, 0))
+    paths = write_classic(tmp_path / "s", volume((3, 5, 5)), aff)
+    paths += write_classic(tmp_path / "s", volume((3, 5, 5)), aff, names="COPY")
+    with pytest.raises(SeriesError, match="duplicated image: .* same TemporalPositionIdentifier"):
+        read_series(paths)
+
+
+@pytest.mark.parametrize("fast", ["1", "0"])
+def test_pixel_data_holding_whole_extra_frames_is_refused(tmp_path, monkeypatch, fast):
+    """Rows edited, or NumberOfFrames dropped by an anonymiser: the first frame alone would be a
+    silently wrong image. Both readers (the fast one and pydicom) refuse it."""
+    monkeypatch.setenv("QSNET_DICOM_FASTPATH", fast)
+    paths = write_classic(tmp_path / "s", volume((3, 8, 8)), make_affine())
+    ds = pydicom.dcmread(paths[1])
+    ds.Rows = 4
+    save(ds, paths[1])
+    with pytest.raises(SeriesError, match=rf"^{re.escape(str(paths[1]))}: 128 bytes of pixel data, 2 times the 64 "
+                                          "that Rows x Columns \\(4 x 8\\).*header and pixel data disagree"):
+        read_series(paths)
+
+
+@pytest.mark.parametrize("meta", [False, True])
+def test_a_dicm_file_without_a_transfer_syntax_is_read_as_encoded(tmp_path, meta):
+    """Preamble and 'DICM', then no meta group, or one without TransferSyntaxUID: the data set's
+    own encoding (explicit VR little endian here) is the syntax, not implicit VR."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    vol = volume((2, 5, 5))
+    src = write_classic(tmp_path / "src", vol, make_affine())
+    out = []
+    for i, p in enumerate(src):
+        ds = pydicom.dcmread(p)
+        fp = DicomBytesIO()
+        fp.is_little_endian, fp.is_implicit_VR = True, False
+        fp.write(b"\0" * 128 + b"DICM")
+        if meta:
+            m = Dataset()
+            m.MediaStorageSOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+            m.MediaStorageSOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+            write_dataset(fp, m)
+        write_dataset(fp, ds)
+        out.append(tmp_path / f"{i}.dcm")
+        out[-1].write_bytes(fp.getvalue())
+    arr, _, info = read_series(out)
+    assert np.array_equal(arr, read_series(src)[0])
+    assert info["transfer_syntax"] == read_series(src)[2]["transfer_syntax"]
+
+
+def test_a_value_of_an_unknown_vr_is_a_series_error(tmp_path):
+    paths = write_classic(tmp_path / "s", volume((3, 5, 5)), make_affine())
+    data = bytearray(paths[1].read_bytes())
+    i = data.find(b"\x20\x00\x32\x00DS")   # (0020,0032) ImagePositionPatient, explicit VR
+    assert i > 0
+    data[i + 4:i + 6] = b"ES"
+    paths[1].write_bytes(bytes(data))
+    with pytest.raises(SeriesError, match=rf"^{re.escape(str(paths[1]))}: unreadable DICOM header"):
         read_series(paths)
 
 
