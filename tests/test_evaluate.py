@@ -135,6 +135,9 @@ def test_report_contract(evaluated):
     html = (ev / "report.html").read_text()
     summary = json.loads((ev / "summary.json").read_text())
     assert "data version" in html and summary["provenance"]["evaluate_params_hash"] in html
+    # each number says what it is: the physics check's pairs by metric, PSNR with its unit
+    assert re.search(r"SSIM \d\.\d{3} vs \d\.\d{3}; PSNR [\d.]+ vs [\d.]+ dB; MAE [\d.]+ vs [\d.]+ 12-bit", html)
+    assert "<h3>PSNR (dB)</h3>" in html
     header = (ev / "subjects.csv").read_text().splitlines()[0].split(",")
     assert {"data_version", "git_commit", "mae_native", "model_params_hash"} <= set(header)
     assert res["errors"] == []

@@ -22,6 +22,11 @@ def _models(present) -> list[str]:
     return [m for m in ORDER if m in present] + sorted(set(present) - set(ORDER))
 
 
+# what each metric is measured in: on the 12-bit scale of the paper (L = 4095 by default)
+UNITS = {"ssim": "", "psnr": "dB", "mae": "12-bit units"}
+HEADING = {"ssim": "SSIM", "psnr": "PSNR (dB)", "mae": "MAE (12-bit units)"}
+
+
 def _fmt(v, digits=3) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "–"
@@ -71,6 +76,7 @@ def _boxplots(rows, fig_dir: Path) -> list[str]:
                 ax.plot([], [], color=plt.cm.tab10(i), lw=6, label=LABEL.get(m, m))
             ax.set_xticks(range(len(contrasts)), contrasts)
             ax.set_title(f"{cohort}: {metric.upper()}")
+            ax.set_ylabel(HEADING[metric], fontsize=8)
         axes[0].legend(fontsize=7)
         fig.tight_layout()
         name = f"boxplot_{cohort}.png"
@@ -99,27 +105,34 @@ def _grid(ex, preds: dict, fig_dir: Path, cfg: dict) -> str | None:
     err_window = ERROR_WINDOW / 4095.0 * L
     fig, axes = plt.subplots(len(contrasts), cols, figsize=(1.3 * cols, 1.4 * len(contrasts)), squeeze=False)
     x = ex.input("mrf")[z]
+    inputs = [f"MRF {r_ms:g} ms/{t}" if (r_ms := ex.scale(role).get("rate_ms")) else f"MRF {t} (scaled)"
+              for role, t in (("mrf_t1", "T1"), ("mrf_t2", "T2"))]
     for row, c in enumerate(contrasts):
         truth = to_12bit(ex.truth(c)[z] * ex.brain[z], L)
-        panels = [(x[0], "MRF T1", "gray", (0, 1)), (x[1], "MRF T2", "gray", (0, 1)), (truth, f"{c} truth", "gray",
-                                                                                           (0, L))]
+        # the model's inputs as it sees them: relaxation rates (prepare's normalise.inputs: rate),
+        # so CSF is dark where a T1 or T2 map would show it bright
+        panels = [(x[0], inputs[0], "gray", (0, 1)), (x[1], inputs[1], "gray", (0, 1)),
+                  (truth, f"{c} truth", "gray", (0, L))]
         for m in models:
             p = preds.get((m, c))
             if p is None:
-                panels += [(np.zeros_like(truth), LABEL.get(m, m), "gray", (0, 1)),
-                           (np.zeros_like(truth), "|error|", "gray", (0, 1))]
+                panels += [(None, LABEL.get(m, m), None, (0, 1)), (None, "|error|", None, (0, 1))]
                 continue
             s = to_12bit(p[z], L)
             panels += [(s, LABEL.get(m, m), "gray", (0, L)), (np.abs(s - truth), "|error|", "magma",
                                                               (0, err_window))]
         for col, (img, title, cmap, (lo, hi)) in enumerate(panels):
             ax = axes[row, col]
-            ax.imshow(img, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+            if img is None:  # no prediction: never a black panel that reads as a perfect one
+                ax.set_facecolor("#ddd")
+                ax.text(0.5, 0.5, "not\nevaluated", ha="center", va="center", fontsize=6, transform=ax.transAxes)
+            else:
+                ax.imshow(img, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0 or col == 2:
                 ax.set_title(title if row == 0 else c, fontsize=7)
-    fig.suptitle(f"{ex.cohort} {ex.subject} ({ex.health or 'subject'}), slice {z}; images 0-{L:.0f}, "
+    fig.suptitle(f"{ex.cohort} {ex.subject} ({ex.health or 'subject'}), slice {z}; inputs 0-1, images 0-{L:.0f}, "
                  f"|error| 0-{err_window:.0f}", fontsize=8)
     fig.tight_layout()
     name = f"grid_{ex.cohort}_{ex.subject}.png"
@@ -156,11 +169,15 @@ def write(folder: Path, rows, region_rows, tables, checks, summary, grids, exams
     for ch in checks:
         cls = "pass" if ch["passed"] else "fail"
         val = ch["value"]
-        val = ", ".join(_fmt(v if not isinstance(v, list) else f"{v[0]:.3f} vs {v[1]:.3f}")
-                        for v in (val.values() if isinstance(val, dict) else [val]))
+        # a pair is (the model the check names first, the other): "QS-Net ... beats the physics
+        # baseline", "... with mrf inputs beats mri inputs"
+        val = "; ".join(f"{k.upper() + ' ' if k else ''}{_fmt(v if not isinstance(v, list) else f'{v[0]:.3f} vs {v[1]:.3f}')}"
+                        f"{' ' + UNITS[k] if UNITS.get(k) else ''}"
+                        for k, v in (val.items() if isinstance(val, dict) else [("", val)]))
         body.append([html.escape(ch["check"]), ch["contrast"], val, f"<b class={cls}>{'pass' if ch['passed'] else 'FAIL'}</b>",
                      html.escape(ch.get("note") or "")])
-    parts.append(_table(["check", "contrast", "value(s)", "", "why (from the model cards)"], body))
+    parts.append(_table(["check", "contrast", "value(s): the model the check names first vs the other", "",
+                         "why (from the model cards)"], body))
     failed = [c for c in checks if not c["passed"]]
     if failed:
         why = ["Where a check fails, the numbers are what this data and these models give; the check is not "
@@ -193,7 +210,7 @@ def write(folder: Path, rows, region_rows, tables, checks, summary, grids, exams
                 arm = ARM.get(m, "main")
                 body.append([LABEL.get(m, m)] + [_pm([r[metric] for r in by.get((cohort, arm, m, c), [])])
                                                  for c in contrasts])
-            parts.append(f"<h3>{metric.upper()}</h3>" + _table(["model"] + contrasts, body))
+            parts.append(f"<h3>{HEADING[metric]}</h3>" + _table(["model"] + contrasts, body))
         st = tables["stats"]["qsnet_vs"].get(cohort, {})
         if st:
             body = [[LABEL.get(m, m)] + [
