@@ -357,6 +357,22 @@ def _maps_in_ms(vol: np.ndarray, meta: dict) -> tuple[np.ndarray, dict]:
                  "mapped_by": "real_world_value_mapping"}
 
 
+# What made the stores under DST: a store is reused as unchanged only if this code made it.
+# Kept beside the stores, not in them: a code change that writes the same bytes must leave
+# every store (and so `dvc repro`'s downstream stages) as it was.
+CODE_MARKER = ".ingest-code"
+_CODE_FILES = ("__init__.py", "reader.py", "dicomlite.py", "series.py", "service.py", "store.py", "deid.py",
+               "manifest.py", "nifti.py", "siteconfig.py")
+
+
+def _code_hash() -> str:
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for name in _CODE_FILES:
+        h.update(name.encode() + b"\0" + (here / name).read_bytes())
+    return h.hexdigest()
+
+
 def _exam_digest(job: ExamJob, shas: dict[str, str], site_cfg: dict) -> str:
     h = hashlib.sha256()
     h.update(f"ingest {INGEST_VERSION}\n".encode())
@@ -631,7 +647,13 @@ def _ingest_exam(src, dst, job, site_cfg, key, split_fractions, prev_rows):
                        "split": _split(patient, site_cfg, split_fractions), "ingest_version": INGEST_VERSION,
                        "qsnet_version": __version__, "input_digest": digest,
                        "roles_missing": [r for r in ROLES if r not in arrays], **truth_attrs}
+        try:
+            before = os.stat(store_path / "zarr.json").st_mtime_ns
+        except OSError:
+            before = None
         write_exam_store(store_path, arrays, group_attrs)
+        if before is not None and os.stat(store_path / "zarr.json").st_mtime_ns == before:
+            status = "unchanged"  # made again by another ingest version, byte for byte the same: kept
     return {"exam": job.exam_dir, "status": status, "rows": [rows[k] for k in sorted(rows)],
             "store": str(store_path.relative_to(dst_p)) if status != "no-store" else ""}
 
@@ -683,7 +705,15 @@ def _ingest_tree(src: Path, dst: Path, manifest: Path, sites_dir, jobs, strict, 
             # largest exams first, so no worker is left with a big one at the end (the manifest
             # is sorted by path, so the order changes nothing in the output)
             exam_jobs.sort(key=lambda j: -sum(i.size for i in j.infos))
-            previous = _previous_rows(manifest)
+            code = _code_hash()
+            marker = dst / CODE_MARKER
+            try:
+                same_code = marker.read_text().strip() == code
+            except OSError:
+                same_code = False
+            # another version's stores are made again; a store that comes out the same is kept
+            # byte for byte (write_exam_store), so only what the change changed is rewritten
+            previous = _previous_rows(manifest) if same_code else {}
             dst.mkdir(parents=True, exist_ok=True)
             store_of = [_store_rel(key, j, src) for j in exam_jobs]
             results: list[dict | None] = [None] * len(exam_jobs)
@@ -718,6 +748,14 @@ def _ingest_tree(src: Path, dst: Path, manifest: Path, sites_dir, jobs, strict, 
     except OSError as exc:
         raise IngestError(f"{manifest}: cannot write the manifest ({exc.strerror or exc}); the stores under {dst} "
                           "are written: run again once it can be written") from None
+    if not same_code:
+        # after the manifest: its rows are what a later run's unchanged check reads
+        from ingest.store import _fsync_path
+
+        tmp = marker.with_name(f"{CODE_MARKER}.tmp-{os.getpid()}")
+        tmp.write_text(code + "\n")
+        os.replace(tmp, marker)
+        _fsync_path(dst, directory=True)
     counts = {s: sum(1 for r in rows if r.status == s) for s in ("ingested", "quarantined", "ignored")}
     summary = {"exams": len(exam_jobs), "written": sum(r["status"] == "written" for r in results),
                "unchanged": sum(r["status"] == "unchanged" for r in results),

@@ -186,6 +186,35 @@ def test_rerun_is_idempotent_and_strict_fails(ingested):
 
 
 @pytest.mark.slow
+def test_stores_made_by_another_ingest_version_are_made_again(ingested):
+    """A reader fix must reach stores written before it: the unchanged-exam check trusts only
+    stores this code made. A store that comes out the same keeps its files (and DVC its hash)."""
+    import json
+
+    from ingest.service import CODE_MARKER
+
+    root, out, expect, res = ingested
+    marker = out / "raw" / CODE_MARKER
+    code = marker.read_text()
+    stores = sorted((out / "raw").rglob("*.zarr"))
+    # the store an older version made: one attribute this version does not write
+    meta = stores[0] / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"]["made_by"] = "an older version"
+    meta.write_text(json.dumps(doc, indent=2))
+    before = {p: (p / "zarr.json").stat().st_mtime_ns for p in stores[1:]}
+    res2 = qsnet("ingest", str(root), str(out / "raw"), "--manifest", str(out / "manifest.csv"))
+    assert res2.returncode == 0 and "9 unchanged" in res2.stdout, res2.stdout   # same code: trusted as it is
+    assert "made_by" in open_store(stores[0]).attrs
+    marker.write_text("0" * 64 + "\n")
+    res3 = qsnet("ingest", str(root), str(out / "raw"), "--manifest", str(out / "manifest.csv"))
+    assert res3.returncode == 0 and "1 written, 8 unchanged" in res3.stdout, res3.stdout
+    assert "made_by" not in open_store(stores[0]).attrs
+    assert {p: (p / "zarr.json").stat().st_mtime_ns for p in stores[1:]} == before   # not rewritten
+    assert marker.read_text() == code
+
+
+@pytest.mark.slow
 def test_phantom_stores_match_contract(demo_tree, tmp_path):
     res = qsnet("ingest", str(demo_tree), str(tmp_path / "raw"), "--manifest", str(tmp_path / "m.csv"))
     assert res.returncode == 0, res.stderr

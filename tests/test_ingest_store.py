@@ -117,6 +117,19 @@ def test_attrs_sha256_and_schema_version(tmp_path):
     assert len({h, h2, h3}) == 3
 
 
+def test_writing_the_same_store_again_keeps_its_files(tmp_path):
+    """Made again with the same content, the store keeps its files (times and inodes): a DVC
+    output stays what it was. Different content replaces it."""
+    arrays = exam()
+    write_exam_store(tmp_path / "s.zarr", arrays, GROUP)
+    files = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (tmp_path / "s.zarr").rglob("*") if p.is_file()}
+    write_exam_store(tmp_path / "s.zarr", exam(), GROUP)
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in files} == files
+    assert not [p for p in tmp_path.iterdir() if p.name != "s.zarr"]   # no temporary left
+    write_exam_store(tmp_path / "s.zarr", arrays, {**GROUP, "split": "test"})
+    assert open_store(tmp_path / "s.zarr").attrs["split"] == "test"
+
+
 def test_bad_inputs(tmp_path):
     data = np.zeros((2, 4, 4), np.float32)
     with pytest.raises(ValueError, match="end in .zarr"):
