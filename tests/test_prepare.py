@@ -98,6 +98,23 @@ def test_rerun_reuses_unchanged_exams(prepared_pair):
     assert {p: p.stat().st_mtime_ns for p in (root / "prepared").rglob("*") if p.is_file()} == before
 
 
+def test_an_exam_that_left_takes_its_store_and_figure_with_it(prepared_pair, tmp_path):
+    root, rep = prepared_pair
+    for part in ("raw", "prepared", "fig"):
+        shutil.copytree(root / part, tmp_path / part)
+    shutil.copy(root / "prepare.json", tmp_path / "prepare.json")
+    gone = sorted((tmp_path / "raw").glob("*/*.zarr"))[0]
+    shutil.rmtree(gone)
+    params = {"prepare": {"image_size": 64}, "seed": 0, "profile": "demo"}
+    again = prepare(tmp_path / "raw", tmp_path / "prepared", tmp_path / "prepare.json", params, jobs=1,
+                    figures=tmp_path / "fig")
+    left = f"{gone.parent.name}/{gone.stem}"
+    assert left not in again["exams"] and len(again["exams"]) == 1
+    assert not (tmp_path / "prepared" / f"{left}.zarr").exists()
+    assert not (tmp_path / "fig" / f"{left}.png").exists()
+    assert len(list((tmp_path / "fig").glob("*/*.png"))) == 1
+
+
 def test_same_inputs_give_byte_identical_stores(prepared_pair):
     """A prepared store holds no wall-clock time: prepared again from the same raw stores, every
     file is the same, so DVC has nothing to retrain after a rerun of prepare."""

@@ -657,6 +657,10 @@ def prepare(src: Path, dst: Path, report: Path, params: dict, jobs: int | None =
     for p in sorted(dst.glob("*/*.zarr")) if dst.is_dir() else []:
         if f"{p.parent.name}/{p.stem}" not in keep:
             _remove_store(p)
+    # and so are their QA figures (a DVC output too: a figure of an exam that left would stay in it)
+    for p in sorted(Path(figures).glob("*/*.png")) if figures and Path(figures).is_dir() else []:
+        if f"{p.parent.name}/{p.stem}" not in keep:
+            p.unlink(missing_ok=True)
     rep = _summary(entries, cfg, params)
     report.parent.mkdir(parents=True, exist_ok=True)
     # the full report, and its summary alone for `dvc metrics show` (the per-exam detail would
