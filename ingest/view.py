@@ -102,7 +102,9 @@ def render(path: Path, out_png: Path) -> Path:
         if title.startswith(("truth labels", "truth brain")):
             ax.imshow(sl, cmap="tab20", vmin=0, vmax=19, interpolation="nearest")
         else:
-            lo, hi = np.percentile(sl, [1, 99.5])
+            # the window from the finite voxels: one NaN in a float map made the whole panel flat grey
+            finite = sl[np.isfinite(sl)]
+            lo, hi = np.percentile(finite, [1, 99.5]) if finite.size else (0.0, 1.0)
             ax.imshow(sl, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
         sp = np.linalg.norm(aff[:3, :3], axis=0)
         ax.set_title(f"{title}\n{shape[2]}x{shape[1]}x{shape[0]}, "

@@ -642,6 +642,24 @@ def test_view_of_a_store_into_a_folder_and_a_missing_shard_named(tmp_path):
             read(open_store(path))
 
 
+def test_view_windows_a_map_with_a_nan_from_its_finite_voxels(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from ingest.view import render
+
+    vol = np.random.default_rng(0).random((3, 16, 16)).astype(np.float32) * 1000
+    vol[1, 0, 0] = np.nan   # one bad voxel of a float MRF map, in the slice the view shows
+    path = tmp_path / "sub-x.zarr"
+    write_exam_store(path, {"mrf_t1": (vol, {"affine_lps": np.eye(4).tolist()})}, GROUP)
+    windows = []
+    real = matplotlib.axes.Axes.imshow
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow",
+                        lambda self, img, **kw: windows.append((kw.get("vmin"), kw.get("vmax"))) or real(self, img, **kw))
+    render(path, tmp_path / "v.png")
+    (lo, hi), = windows
+    assert np.isfinite(lo) and np.isfinite(hi) and hi - lo > 500
+
+
 def test_view_of_a_prepared_store_names_its_panels(tmp_path):
     """A prepared store's `brain` is the computed mask, not the phantom's truth, and its input
     shows both MRF channels."""

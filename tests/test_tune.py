@@ -409,6 +409,40 @@ def test_submitted_working_dir_never_carries_secrets(tmp_path, runtime_env):
     assert names == {"train/stages.py", "params.yaml", ".dvc/config"}
 
 
+@pytest.mark.parametrize("runtime_env", [None, Path(__file__).resolve().parents[1] / "platform" / "runtime_env.yaml"])
+def test_submitted_working_dir_never_carries_bulk(tmp_path, runtime_env):
+    """Without --runtime-env only .gitignore kept data out, and only what it names: a second
+    simulator output (data-paper/, as the README makes one) went into the cluster's GCS."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    from train.submit import read_runtime_env
+
+    tree = tmp_path / "tree"
+    for rel in ("data-paper/site-A/x.dcm", "stores/raw/a.zarr/zarr.json", "runs/ckpt.pt", "models/m.pt",
+                ".venv/bin/python", "reports/evaluate/report.html", "train/models.py", "params.yaml"):
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_text("x")
+    pkg = tmp_path / "pkg.zip"
+    create_package(str(tree), pkg, include_gitignore=False, excludes=read_runtime_env(runtime_env)["excludes"])
+    names = {n for n in zipfile.ZipFile(pkg).namelist() if not n.endswith("/")}
+    assert names == {"train/models.py", "params.yaml"}
+
+
+@pytest.mark.parametrize("address, want", [("auto", "http://127.0.0.1:8265"), ("head:8265", "http://head:8265"),
+                                           ("head:6379", "GCS"), ("ray://head:10001", "Ray Client")])
+def test_cluster_addresses_that_are_not_a_dashboard(monkeypatch, address, want):
+    from train.submit import SubmitError, dashboard_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if want.startswith("http"):
+        assert dashboard_address(address) == want
+    else:
+        with pytest.raises(SubmitError, match=want):
+            dashboard_address(address)
+
+
 @pytest.mark.parametrize("space, needle", [
     ({"width": {"randint": [0, 4]}}, "width: values must be at least 1, got 0"),
     ({"depth": {"randint": [-2, 3]}}, "depth: values must be 3 to 8 U-Net levels"),
@@ -453,9 +487,11 @@ def test_a_trial_without_a_score_yet_is_stopped_not_the_search(tmp_path):
     assert asha.on_trial_result(None, Trial(), {"training_iteration": 1, "score": None}) == TrialScheduler.STOP
 
 
-@pytest.mark.parametrize("driver_code, want", [(130, 130), (2, 2), (None, 1)])
-def test_submit_returns_the_driver_s_exit_status(monkeypatch, tmp_path, driver_code, want):
-    """tune's 130 (interrupted: resume it) and a usage error's 2 came back as 1."""
+@pytest.mark.parametrize("driver_code, want, log_drops", [(130, 130, False), (2, 2, False), (None, 1, False),
+                                                      (None, 1, True)])
+def test_submit_returns_the_driver_s_exit_status(monkeypatch, tmp_path, driver_code, want, log_drops):
+    """tune's 130 (interrupted: resume it) and a usage error's 2 came back as 1; a log stream that
+    drops (a network blip) must not decide the exit either."""
     import ray.job_submission as js
 
     from train.submit import submit
@@ -472,6 +508,8 @@ def test_submit_returns_the_driver_s_exit_status(monkeypatch, tmp_path, driver_c
 
         async def tail_job_logs(self, job):
             yield "a log line\n"
+            if log_drops:
+                raise RuntimeError("WebSocket connection closed unexpectedly with close code 1006")
 
         def get_job_status(self, job):  # still running at the first poll, final at the next
             self.polls += 1
@@ -484,3 +522,4 @@ def test_submit_returns_the_driver_s_exit_status(monkeypatch, tmp_path, driver_c
     said = []
     assert submit("http://127.0.0.1:8265", tmp_path, ["qsnet", "tune"], {}, echo=said.append) == want
     assert any("FAILED: the driver exited" in s for s in said)
+    assert any("lost the job's log stream" in s for s in said) == log_drops

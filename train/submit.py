@@ -28,6 +28,10 @@ PROBE_TIMEOUT_S = 5.0
 # zips the folder into the cluster's GCS, readable by every job there. gitignore-style patterns.
 SECRET_EXCLUDES = (".git", ".env", ".env.*", "*.env", ".aws/", "credentials", ".netrc", "id_rsa*", "*.pem",
                    "*.key", "/.dvc/config.local")
+# and, without a runtime_env file, never the bulky folders (platform/runtime_env.yaml lists the
+# same): .gitignore alone keeps them out, and only where Ray reads it (not for data-paper/, say)
+BULK_EXCLUDES = ("/data", "/data-*", "/stores", "/runs", "/models", "/reports", "/benchmarks/results", "/.venv",
+                 "/.dvc/cache", "/.dvc/tmp", "/.whl", "*.whl", "__pycache__")
 AGENT_WAIT_S = 180.0
 
 
@@ -42,6 +46,11 @@ def dashboard_address(address: str | None) -> str:
                           "or set RAY_ADDRESS")
     if address.startswith("ray://"):
         raise SubmitError(f"{address}: a Ray Client address; jobs go to the dashboard, http://HEAD:8265")
+    if address == "auto":  # Ray's "the cluster on this machine": its dashboard's default port
+        address = "http://127.0.0.1:8265"
+    if address.rstrip("/").endswith(":6379") or address.rstrip("/").endswith(":10001"):
+        raise SubmitError(f"{address}: the cluster's GCS or Ray Client port; jobs go to the dashboard, "
+                          "--address http://HEAD:8265")
     if "://" not in address:
         address = f"http://{address}"
     return address.rstrip("/")
@@ -62,7 +71,8 @@ def probe(address: str) -> dict:
     except urllib.error.HTTPError as exc:
         if exc.code in (401, 403):
             raise SubmitError(f"{address}: the Ray dashboard refused the request (HTTP {exc.code}): the cluster "
-                              "uses token authentication, set RAY_AUTH_TOKEN") from None
+                              "uses token authentication; set RAY_AUTH_MODE=token and the cluster's token "
+                              "(RAY_AUTH_TOKEN, or ~/.ray/auth_token) here") from None
         raise SubmitError(f"{address}: cannot reach a Ray dashboard (HTTP {exc.code} {exc.reason}: something "
                           "else answers there)") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
@@ -75,7 +85,7 @@ def read_runtime_env(path: Path | None) -> dict:
     from ingest.params import ParamsError, read_mapping
 
     if path is None:
-        return {"excludes": list(SECRET_EXCLUDES)}
+        return {"excludes": list(BULK_EXCLUDES + SECRET_EXCLUDES)}
     path = Path(path)
     try:
         doc = read_mapping(path, "runtime_env")
@@ -202,6 +212,9 @@ def submit(address: str, working_dir: Path, command: list[str], runtime_env: dic
     except KeyboardInterrupt:
         echo(f"submit: stopped following; job {job} keeps running (`ray job stop {job}` stops it)")
         return 130
+    except Exception as exc:  # noqa: BLE001 - the log stream, not the job: its status decides the exit
+        echo(f"submit: lost the job's log stream ({type(exc).__name__}: {str(exc).strip()[:200]}); waiting for "
+             f"its status (`ray job logs {job}` shows the rest)")
     while True:  # the log ends a moment before the status is final
         status = client.get_job_status(job)
         if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
