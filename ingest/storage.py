@@ -179,11 +179,18 @@ def mirror(url: str, cache: Path | None = None) -> Path:
 
 
 def upload(local: Path, url: str) -> int:
-    """Upload every file under ``local`` to ``url``; card.json files last, so a reader that sees a
-    card finds its weights. Returns the number of files."""
+    """Upload every file under ``local`` to ``url``. A model's card is its commit: the card already
+    there is removed first, the weights go up, the new card last. A reader sees a card with its own
+    weights or no card (the model is being written; an upload cut short leaves it so until the
+    next one), never an old card beside new weights, whose sha256 check would fail for good.
+    Returns the number of files."""
     fs, path = _fs(url)
     files = sorted((p for p in Path(local).rglob("*") if p.is_file() and ".tmp-" not in p.name),
                    key=lambda p: (p.name == "card.json", str(p)))
+    for card in (f for f in files if f.name == "card.json"):
+        remote = posixpath.join(path, card.relative_to(local).as_posix())
+        if fs.exists(remote):
+            fs.rm_file(remote)
     for f in files:
         fs.put_file(str(f), posixpath.join(path, f.relative_to(local).as_posix()))
     return len(files)

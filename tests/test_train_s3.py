@@ -96,3 +96,46 @@ def test_missing_credentials_fail_before_training(s3, tmp_path):  # noqa: F811
     res = _qsnet(["pretrain", "--stores", "s3://no-such-bucket/prepared", "--storage", str(tmp_path / "runs")],
                  work, s3.subprocess_env(HOME=str(tmp_path / "home")), ok=False)
     assert res.returncode == 1 and "bucket 'no-such-bucket' does not exist" in res.stderr, res.stderr
+
+
+def test_a_registry_uploaded_again_never_pairs_an_old_card_with_new_weights(s3, tmp_path, monkeypatch):  # noqa: F811
+    """Overwriting a model on S3: with new weights up and the old card still there, every reader's
+    sha256 check failed, for good if the upload stopped there. The old card goes first."""
+    from ingest import storage
+
+    url = f"s3://{s3.bucket}/models"
+    local = tmp_path / "reg" / "pretrain" / "qsnet" / "t1w"
+    local.mkdir(parents=True)
+    (local / "model.pt").write_bytes(b"weights v1")
+    (local / "card.json").write_text('{"weights_sha256": "v1"}')
+    with patched_environ(s3.env):
+        assert storage.upload(tmp_path / "reg", url) == 2
+        (local / "model.pt").write_bytes(b"weights v2")
+        (local / "card.json").write_text('{"weights_sha256": "v2"}')
+        real = storage._fs
+
+        class CutAtTheCard:   # the connection drops as the card goes up
+            def __init__(self, fs):
+                self.fs = fs
+
+            def __getattr__(self, name):
+                return getattr(self.fs, name)
+
+            def put_file(self, src, dst, **kw):
+                if dst.endswith("card.json"):
+                    raise OSError("connection reset")
+                return self.fs.put_file(src, dst, **kw)
+
+        def cut_after_weights(u):
+            fs, path = real(u)
+            return CutAtTheCard(fs), path
+        monkeypatch.setattr(storage, "_fs", cut_after_weights)
+        with pytest.raises(OSError):
+            storage.upload(tmp_path / "reg", url)
+        monkeypatch.setattr(storage, "_fs", real)
+        keys = s3.keys()
+        assert "models/pretrain/qsnet/t1w/card.json" not in keys   # no card: the model is not there yet
+        storage.upload(tmp_path / "reg", url)
+        fs = s3.fs()
+        assert fs.cat_file(f"{s3.bucket}/models/pretrain/qsnet/t1w/card.json") == b'{"weights_sha256": "v2"}'
+        assert fs.cat_file(f"{s3.bucket}/models/pretrain/qsnet/t1w/model.pt") == b"weights v2"

@@ -488,7 +488,7 @@ def test_a_trial_without_a_score_yet_is_stopped_not_the_search(tmp_path):
 
 
 @pytest.mark.parametrize("driver_code, want, log_drops", [(130, 130, False), (2, 2, False), (None, 1, False),
-                                                      (None, 1, True)])
+                                                      (None, 1, True), (-9, 137, False)])
 def test_submit_returns_the_driver_s_exit_status(monkeypatch, tmp_path, driver_code, want, log_drops):
     """tune's 130 (interrupted: resume it) and a usage error's 2 came back as 1; a log stream that
     drops (a network blip) must not decide the exit either."""

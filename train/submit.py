@@ -227,4 +227,6 @@ def submit(address: str, working_dir: Path, command: list[str], runtime_env: dic
         return 0
     # the driver's own status (tune's 130: interrupted, resume it; 2: a usage error), else 1
     code = getattr(info, "driver_exit_code", None)
+    if isinstance(code, int) and code < 0:  # killed by a signal (Python's -N): the shell's 128 + N
+        return 128 - code
     return code if isinstance(code, int) and code != 0 else 1
