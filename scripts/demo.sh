@@ -6,7 +6,9 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # shellcheck disable=SC1091
 [ -n "${VIRTUAL_ENV:-}" ] || . .venv/bin/activate
-qsnet simulate --out data --size demo
+# the phantom size the active profile of params.yaml expects (demo: demo)
+size=$(python -c "from ingest.params import load_params; print(load_params('params.yaml')['data']['phantom_size'])")
+qsnet simulate --out data --size "$size"
 # Hash the fresh simulation into the DVC cache. The simulator is deterministic on one machine
 # kind, but floating-point rounding differs between CPU types and numeric library builds, so
 # another machine can write the same phantom a few last digits apart. `dvc add` stages data.dvc
