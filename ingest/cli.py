@@ -183,10 +183,11 @@ def phantom_qa(
 def prepare(
     src: str = typer.Argument("stores/raw", help="Raw exam stores: <site>/<subject>.zarr (from `qsnet ingest`); a "
                               "folder or a URL (s3://...), read in place."),
-    dst: Path = typer.Argument(Path("stores/prepared"), help="Prepared stores, one <site>/<subject>.zarr per exam."),
-    report: Path = typer.Option(Path("reports/prepare.json"), "--report", help="Per-exam report and summary (JSON)."),
-    figures: Optional[Path] = typer.Option(Path("reports/prepare"), "--figures",
-                                           help="Registration QA figures, <site>/<subject>.png."),
+    dst: str = typer.Argument("stores/prepared", help="Prepared stores, one <site>/<subject>.zarr per exam: a "
+                              "folder (upload it to object storage afterwards, see platform/README.md)."),
+    report: str = typer.Option("reports/prepare.json", "--report", help="Per-exam report and summary (JSON)."),
+    figures: Optional[str] = typer.Option("reports/prepare", "--figures",
+                                          help="Registration QA figures, <site>/<subject>.png."),
     params: Path = typer.Option(Path("params.yaml"), "--params", help="Params file; its `prepare` section is read."),
     profile: Optional[str] = typer.Option(None, "--profile", help="Profile to use instead of the file's `profile`."),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Exams in parallel (default: CPU count)."),
@@ -202,6 +203,12 @@ def prepare(
     from ingest.prepare import prepare as run
     from ingest.prepare.service import config as prepare_config
 
+    for what, where in (("DST", dst), ("--report", report), ("--figures", figures)):
+        # a Path would turn s3://b/x into a local folder "s3:/b/x"
+        if where and storage.is_url(where):
+            fail("prepare", f"{what} {where}: prepare writes to a folder, not a URL; prepare into a folder and "
+                            "upload it (platform/README.md)")
+    dst, report, figures = Path(dst), Path(report), Path(figures) if figures else None
     p = _run("prepare", load_params, params, profile)
     _run("prepare", prepare_config, p, _params_file=params)   # bad params fail before any exam is read
     _run("prepare", storage.check_access, src)   # a missing credential: one line naming the URL

@@ -273,14 +273,18 @@ def test_submit_bad_input_fails_before_anything_is_sent(tmp_path):
     dead = f"http://127.0.0.1:{_free_port()}"
     msg = _submit_fails(tmp_path, ["--address", dead, f"--working-dir={tmp_path / 'gone'}", "--", "qsnet", "pretrain"])
     assert f"{tmp_path / 'gone'}: working directory does not exist" in msg
-    msg = _submit_fails(tmp_path, ["--address", dead, f"--working-dir={work}", "--", "qsnet", "pretrain"])
+    stores = ["--stores", str(tmp_path)]   # absolute: a folder every node of a local cluster sees
+    msg = _submit_fails(tmp_path, ["--address", dead, f"--working-dir={work}", "--", "qsnet", "pretrain", *stores])
     assert "cannot reach a Ray dashboard" in msg and dead in msg
     # an address nothing answers at all (a blackholed host) still fails within the probe timeout
     msg = _submit_fails(tmp_path, ["--address", "http://10.255.255.1:8265", f"--working-dir={work}", "--", "qsnet",
-                                   "pretrain"])
+                                   "pretrain", *stores])
     assert "cannot reach a Ray dashboard" in msg
-    msg = _submit_fails(tmp_path, [f"--working-dir={work}", "--", "qsnet", "pretrain"])
+    msg = _submit_fails(tmp_path, [f"--working-dir={work}", "--", "qsnet", "pretrain", *stores])
     assert "no cluster address" in msg
+    # the default stores/prepared is a folder the working dir never carries: the job would fail there
+    msg = _submit_fails(tmp_path, ["--address", dead, f"--working-dir={work}", "--", "qsnet", "pretrain"])
+    assert "--stores stores/prepared (the default): a local folder the job cannot read" in msg
     msg = _submit_fails(tmp_path, ["--address", dead, f"--working-dir={work}", "--", "rm", "-rf", "/"])
     assert "submit one of" in msg
     bad_env = tmp_path / "env.yaml"

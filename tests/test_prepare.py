@@ -596,3 +596,13 @@ def test_cli_names_a_store_url_it_has_no_credentials_for(tmp_path):
     assert r.returncode == 1
     assert r.stderr.strip().startswith("qsnet prepare: error: s3://qsnet-nowhere/stores/raw: no storage credentials")
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_a_url_to_write_to(tmp_path):
+    """DST as a Path turned s3://b/prepared into a local folder "s3:/b/prepared"."""
+    r = subprocess.run([sys.executable, "-m", "ingest", "prepare", str(tmp_path / "raw"), "s3://b/prepared"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.strip() == (
+        "qsnet prepare: error: DST s3://b/prepared: prepare writes to a folder, not a URL; prepare into a folder "
+        "and upload it (platform/README.md)")
+    assert not (tmp_path / "s3:").exists()

@@ -389,6 +389,31 @@ def test_submit_refuses_a_url_for_tune_outputs(tmp_path):
         preflight("http://127.0.0.1:9", tmp_path, ["qsnet", "tune", "--storage", "s3://b/runs"])
 
 
+@pytest.mark.parametrize("command, needle", [
+    (["qsnet", "prepare", "/data/raw", "s3://b/prepared"], r"^DST s3://b/prepared: qsnet prepare writes to folders"),
+    (["qsnet", "evaluate", "--stores", "/shared/prepared"], r"^--models models \(the default\): a local folder the "
+                                                            r"job cannot read: models/ is never uploaded"),
+    (["qsnet", "finetune", "--stores=/shared/p", "--models", "models/x"], r"^--models models/x: a local folder"),
+])
+def test_submit_refuses_locations_the_job_cannot_use(tmp_path, command, needle):
+    """Defaults and prepare's positionals are locations too; evaluate's --models is read, not written."""
+    from train.submit import SubmitError, preflight
+
+    (tmp_path / "params.yaml").write_text("profile: t\n")
+    with pytest.raises(SubmitError, match=needle):
+        preflight("http://127.0.0.1:9", tmp_path, command)
+
+
+def test_submit_warns_of_default_outputs_that_stay_on_the_head(tmp_path, monkeypatch):
+    import train.submit as sub
+
+    monkeypatch.setattr(sub, "probe", lambda address: {})
+    (tmp_path / "params.yaml").write_text("profile: t\nt: {train: {use_gpu: false}}\n")
+    _, _, warnings = sub.preflight("http://127.0.0.1:9", tmp_path, ["qsnet", "pretrain", "--stores", "/shared/p",
+                                                                   "--models", "/shared/models"])
+    assert [w.split(":")[0] for w in warnings] == ["--reports reports/train (the default)", "--storage runs (the default)"]
+
+
 @pytest.mark.parametrize("runtime_env", [None, Path(__file__).resolve().parents[1] / "platform" / "runtime_env.yaml"])
 def test_submitted_working_dir_never_carries_secrets(tmp_path, runtime_env):
     import zipfile

@@ -20,9 +20,18 @@ from pathlib import Path
 
 __all__ = ["SubmitError", "preflight", "submit", "STAGE_COMMANDS"]
 
-# qsnet subcommands that make sense as a cluster job, and their options that name outputs
+# qsnet subcommands that make sense as a cluster job
 STAGE_COMMANDS = {"pretrain", "finetune", "tune", "evaluate", "prepare"}
-OUTPUT_OPTIONS = {"--models", "--reports", "--storage", "--out"}
+# per stage, the options that name what it writes and what it reads, with their defaults: a
+# default is a location too (a relative one, in the job's temporary copy of the working dir)
+_TRAIN_WRITES = {"--models": "models", "--reports": "reports/train", "--storage": "runs"}
+WRITES = {"pretrain": _TRAIN_WRITES, "finetune": _TRAIN_WRITES,
+          "tune": {"--out": "tuned", "--reports": "reports/tune", "--storage": "runs/tune"},
+          "evaluate": {"--out": "reports"},
+          "prepare": {"DST": "stores/prepared", "--report": "reports/prepare.json", "--figures": "reports/prepare"}}
+READS = {"pretrain": {"--stores": "stores/prepared"}, "finetune": {"--stores": "stores/prepared", "--models": "models"},
+         "tune": {"--stores": "stores/prepared"}, "evaluate": {"--models": "models", "--stores": "stores/prepared"},
+         "prepare": {"SRC": "stores/raw"}}
 PROBE_TIMEOUT_S = 5.0
 # never uploaded with the working dir, whatever --runtime-env says (or when none is given): Ray
 # zips the folder into the cluster's GCS, readable by every job there. gitignore-style patterns.
@@ -103,15 +112,32 @@ def read_runtime_env(path: Path | None) -> dict:
     return {**doc, "excludes": excludes + [p for p in SECRET_EXCLUDES if p not in excludes]}
 
 
-def _stage_locations(command: list[str]) -> list[tuple[str, str, bool]]:
-    """(option, value, written) for each option of the command that takes a location."""
+def _options(command: list[str]) -> dict[str, str]:
+    """The command's ``--option value`` / ``--option=value`` pairs, and prepare's SRC and DST."""
+    given: dict[str, str] = {}
+    positional = []
+    i = 2
+    while i < len(command):
+        opt, eq, val = command[i].partition("=")
+        if opt.startswith("--"):
+            if not eq and i + 1 < len(command) and not command[i + 1].startswith("--"):
+                val, i = command[i + 1], i + 1
+            given[opt] = val
+        else:
+            positional.append(command[i])
+        i += 1
+    if command[1:2] == ["prepare"]:
+        given.update(zip(("SRC", "DST"), positional))
+    return given
+
+
+def _stage_locations(command: list[str]) -> list[tuple[str, str, bool, bool]]:
+    """(option, value, written, defaulted) for each location the stage reads or writes."""
+    given = _options(command)
     out = []
-    for i, tok in enumerate(command):
-        opt, _, val = tok.partition("=")
-        if opt.startswith("--") and not val and i + 1 < len(command):
-            val = command[i + 1]
-        if opt.startswith("--") and val:
-            out.append((opt, val, opt in OUTPUT_OPTIONS))
+    for table, written in ((WRITES, True), (READS, False)):
+        for opt, default in table.get(command[1], {}).items():
+            out.append((opt, given.get(opt, default), written, opt not in given))
     return out
 
 
@@ -139,28 +165,30 @@ def preflight(address: str | None, working_dir: Path, command: list[str], runtim
                           f"{', '.join(f'qsnet {c}' for c in sorted(STAGE_COMMANDS))}")
     env = read_runtime_env(runtime_env)
     # params are read in the job's working directory: check the same file here
-    params_file = working_dir / params
-    for opt, val, _ in _stage_locations(command):
-        if opt == "--params":
-            params_file = working_dir / val
-        if opt == "--profile":
-            profile = val
+    given = _options(command)
+    params_file = working_dir / given.get("--params", params)
+    profile = given.get("--profile", profile)
     if not params_file.is_file() and command[1] != "evaluate":
         raise SubmitError(f"{params_file}: no params file in the working directory (the job reads it there)")
-    for opt, val, written in _stage_locations(command):
-        if storage.is_url(val) and written and command[1] == "tune":
-            # the search writes its outputs and Optuna's journal with plain file calls
-            raise SubmitError(f"{opt} {val}: qsnet tune writes to folders, not URLs; give a folder every node "
-                              "sees (a shared volume)")
+    bulk = {p.strip("/").split("/")[0] for p in BULK_EXCLUDES if p.startswith("/")}
+    for opt, val, written, defaulted in _stage_locations(command):
+        what = f"{opt} {val}" + (" (the default)" if defaulted else "")
+        if storage.is_url(val) and written and command[1] in ("tune", "prepare"):
+            # the search writes its outputs and Optuna's journal, prepare its stores, with plain file calls
+            raise SubmitError(f"{opt} {val}: qsnet {command[1]} writes to folders, not URLs; give a folder every "
+                              "node sees (a shared volume)")
         if storage.is_url(val):
             try:
                 storage.check_access(val, write=False)
             except storage.StorageError as exc:
                 raise SubmitError(f"{opt} {exc}") from None
         elif written and not Path(val).is_absolute():
-            where = "an absolute folder every node sees" if command[1] == "tune" else "an s3:// URL"
-            warnings.append(f"{opt} {val}: a relative path lands in the job's temporary copy of the working "
-                            f"directory on the head node; on a cluster give {where}")
+            where = "an absolute folder every node sees" if command[1] in ("tune", "prepare") else "an s3:// URL"
+            warnings.append(f"{what}: a relative path lands in the job's temporary copy of the working "
+                            f"directory on the head node, and goes with it; on a cluster give {where}")
+        elif not written and not Path(val).is_absolute() and Path(val).parts[:1] and Path(val).parts[0] in bulk:
+            raise SubmitError(f"{what}: a local folder the job cannot read: {Path(val).parts[0]}/ is never "
+                              "uploaded with the working directory; give an s3:// URL (platform/README.md)")
     address = dashboard_address(address)
     probe(address)
     if command[1] in ("pretrain", "finetune") and params_file.is_file():
