@@ -357,10 +357,15 @@ def _maps_in_ms(vol: np.ndarray, meta: dict) -> tuple[np.ndarray, dict]:
                  "mapped_by": "real_world_value_mapping"}
 
 
-# What made the stores under DST: a store is reused as unchanged only if this code made it.
-# Kept beside the stores, not in them: a code change that writes the same bytes must leave
-# every store (and so `dvc repro`'s downstream stages) as it was.
-CODE_MARKER = ".ingest-code"
+# What made the stores and the manifest's rows: a store is reused as unchanged only if this code
+# made it. Kept beside the manifest (``<manifest>.code``), not under DST: a code change that writes
+# the same stores must leave DST's bytes, and so `dvc repro`'s downstream stages, as they were;
+# and DVC checks it out with the manifest whose rows it vouches for.
+CODE_SUFFIX = ".code"
+
+
+def code_marker(manifest: Path) -> Path:
+    return Path(manifest).with_name(Path(manifest).name + CODE_SUFFIX)
 _CODE_FILES = ("__init__.py", "reader.py", "dicomlite.py", "series.py", "service.py", "store.py", "deid.py",
                "manifest.py", "nifti.py", "siteconfig.py")
 
@@ -706,11 +711,18 @@ def _ingest_tree(src: Path, dst: Path, manifest: Path, sites_dir, jobs, strict, 
             # is sorted by path, so the order changes nothing in the output)
             exam_jobs.sort(key=lambda j: -sum(i.size for i in j.infos))
             code = _code_hash()
-            marker = dst / CODE_MARKER
+            marker = code_marker(manifest)
             try:
                 same_code = marker.read_text().strip() == code
             except OSError:
                 same_code = False
+            if not same_code and marker.exists():
+                # gone before the first store is rewritten: a run cut short must leave no marker
+                # vouching for stores it had half redone
+                marker.unlink()
+                from ingest.store import _fsync_path
+
+                _fsync_path(marker.parent, directory=True)
             # another version's stores are made again; a store that comes out the same is kept
             # byte for byte (write_exam_store), so only what the change changed is rewritten
             previous = _previous_rows(manifest) if same_code else {}
@@ -752,10 +764,10 @@ def _ingest_tree(src: Path, dst: Path, manifest: Path, sites_dir, jobs, strict, 
         # after the manifest: its rows are what a later run's unchanged check reads
         from ingest.store import _fsync_path
 
-        tmp = marker.with_name(f"{CODE_MARKER}.tmp-{os.getpid()}")
+        tmp = marker.with_name(f".{marker.name}.tmp-{os.getpid()}")
         tmp.write_text(code + "\n")
         os.replace(tmp, marker)
-        _fsync_path(dst, directory=True)
+        _fsync_path(marker.parent, directory=True)
     counts = {s: sum(1 for r in rows if r.status == s) for s in ("ingested", "quarantined", "ignored")}
     summary = {"exams": len(exam_jobs), "written": sum(r["status"] == "written" for r in results),
                "unchanged": sum(r["status"] == "unchanged" for r in results),

@@ -191,10 +191,11 @@ def test_stores_made_by_another_ingest_version_are_made_again(ingested):
     stores this code made. A store that comes out the same keeps its files (and DVC its hash)."""
     import json
 
-    from ingest.service import CODE_MARKER
+    from ingest.service import code_marker
 
     root, out, expect, res = ingested
-    marker = out / "raw" / CODE_MARKER
+    marker = code_marker(out / "manifest.csv")
+    assert not [p for p in (out / "raw").iterdir() if p.is_file()]   # DST holds stores only: its hash is theirs
     code = marker.read_text()
     stores = sorted((out / "raw").rglob("*.zarr"))
     # the store an older version made: one attribute this version does not write
@@ -211,6 +212,20 @@ def test_stores_made_by_another_ingest_version_are_made_again(ingested):
     assert res3.returncode == 0 and "1 written, 8 unchanged" in res3.stdout, res3.stdout
     assert "made_by" not in open_store(stores[0]).attrs
     assert {p: (p / "zarr.json").stat().st_mtime_ns for p in stores[1:]} == before   # not rewritten
+    assert marker.read_text() == code
+    # a run of other code that is cut short leaves no marker: nothing it half redid is trusted
+    import ingest.service as service
+
+    def broken_manifest(*a, **k):
+        raise OSError(28, "No space left on device")
+    marker.write_text("0" * 64 + "\n")
+    from unittest import mock
+
+    with mock.patch("ingest.manifest.write_manifest", broken_manifest):
+        with pytest.raises(service.IngestError):
+            service.ingest(root, out / "raw", out / "manifest.csv", jobs=1)
+    assert not marker.exists()
+    assert qsnet("ingest", str(root), str(out / "raw"), "--manifest", str(out / "manifest.csv")).returncode == 0
     assert marker.read_text() == code
 
 
