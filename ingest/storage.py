@@ -185,14 +185,30 @@ def upload(local: Path, url: str) -> int:
     next one), never an old card beside new weights, whose sha256 check would fail for good.
     Returns the number of files."""
     fs, path = _fs(url)
-    files = sorted((p for p in Path(local).rglob("*") if p.is_file() and ".tmp-" not in p.name),
-                   key=lambda p: (p.name == "card.json", str(p)))
-    for card in (f for f in files if f.name == "card.json"):
-        remote = posixpath.join(path, card.relative_to(local).as_posix())
-        if fs.exists(remote):
-            fs.rm_file(remote)
-    for f in files:
-        fs.put_file(str(f), posixpath.join(path, f.relative_to(local).as_posix()))
+    local = Path(local)
+    files = sorted(p for p in local.rglob("*") if p.is_file() and ".tmp-" not in p.name)
+
+    def remote(f: Path) -> str:
+        return posixpath.join(path, f.relative_to(local).as_posix())
+
+    models = {f.parent for f in files if f.name == "card.json"}
+    for f in files:  # everything that is not part of a model (reports), as it comes
+        if f.parent not in models:
+            fs.put_file(str(f), remote(f))
+    # one model at a time, and only the ones that changed: a registry mirrored and uploaded whole
+    # (finetune's) must not take every other model offline while it goes up
+    for folder in sorted(models):
+        card = folder / "card.json"
+        try:
+            if fs.cat_file(remote(card)) == card.read_bytes():
+                continue
+            fs.rm_file(remote(card))
+        except FileNotFoundError:
+            pass
+        for f in files:
+            if f.parent == folder and f != card:
+                fs.put_file(str(f), remote(f))
+        fs.put_file(str(card), remote(card))
     return len(files)
 
 

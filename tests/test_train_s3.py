@@ -139,3 +139,39 @@ def test_a_registry_uploaded_again_never_pairs_an_old_card_with_new_weights(s3, 
         fs = s3.fs()
         assert fs.cat_file(f"{s3.bucket}/models/pretrain/qsnet/t1w/card.json") == b'{"weights_sha256": "v2"}'
         assert fs.cat_file(f"{s3.bucket}/models/pretrain/qsnet/t1w/model.pt") == b"weights v2"
+
+
+def test_uploading_a_registry_again_leaves_unchanged_models_alone(s3, tmp_path, monkeypatch):  # noqa: F811
+    from ingest import storage
+
+    url = f"s3://{s3.bucket}/models"
+    for contrast in ("t1w", "t2w"):
+        d = tmp_path / "reg" / "pretrain" / "qsnet" / contrast
+        d.mkdir(parents=True)
+        (d / "model.pt").write_bytes(f"weights {contrast}".encode())
+        (d / "card.json").write_text(f'{{"c": "{contrast}"}}')
+    with patched_environ(s3.env):
+        storage.upload(tmp_path / "reg", url)
+        (tmp_path / "reg" / "pretrain" / "qsnet" / "t2w" / "model.pt").write_bytes(b"weights t2w v2")
+        (tmp_path / "reg" / "pretrain" / "qsnet" / "t2w" / "card.json").write_text('{"c": "t2w v2"}')
+        touched = []
+        real = storage._fs
+
+        class Spy:
+            def __init__(self, fs):
+                self.fs = fs
+
+            def __getattr__(self, name):
+                return getattr(self.fs, name)
+
+            def put_file(self, src, dst, **kw):
+                touched.append(dst.rsplit("/models/", 1)[1])
+                return self.fs.put_file(src, dst, **kw)
+
+            def rm_file(self, p):
+                touched.append("rm " + p.rsplit("/models/", 1)[1])
+                return self.fs.rm_file(p)
+
+        monkeypatch.setattr(storage, "_fs", lambda u: (Spy(real(u)[0]), real(u)[1]))
+        storage.upload(tmp_path / "reg", url)
+    assert touched == ["rm pretrain/qsnet/t2w/card.json", "pretrain/qsnet/t2w/model.pt", "pretrain/qsnet/t2w/card.json"]
