@@ -391,6 +391,9 @@ def test_submit_refuses_a_url_for_tune_outputs(tmp_path):
 
 @pytest.mark.parametrize("command, needle", [
     (["qsnet", "prepare", "/data/raw", "s3://b/prepared"], r"^DST s3://b/prepared: qsnet prepare writes to folders"),
+    # flags and short options before the positionals are read as prepare's own CLI reads them
+    (["qsnet", "prepare", "--strict", "-j", "2", "/data/raw", "s3://b/prepared"], r"^DST s3://b/prepared: qsnet"),
+    (["qsnet", "prepare", "-j", "2", "stores/raw", "/shared/prepared"], r"^SRC stores/raw: a local folder the job"),
     (["qsnet", "evaluate", "--stores", "/shared/prepared"], r"^--models models \(the default\): a local folder the "
                                                             r"job cannot read: models/ is never uploaded"),
     (["qsnet", "finetune", "--stores=/shared/p", "--models", "models/x"], r"^--models models/x: a local folder"),

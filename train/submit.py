@@ -22,16 +22,13 @@ __all__ = ["SubmitError", "preflight", "submit", "STAGE_COMMANDS"]
 
 # qsnet subcommands that make sense as a cluster job
 STAGE_COMMANDS = {"pretrain", "finetune", "tune", "evaluate", "prepare"}
-# per stage, the options that name what it writes and what it reads, with their defaults: a
-# default is a location too (a relative one, in the job's temporary copy of the working dir)
-_TRAIN_WRITES = {"--models": "models", "--reports": "reports/train", "--storage": "runs"}
-WRITES = {"pretrain": _TRAIN_WRITES, "finetune": _TRAIN_WRITES,
-          "tune": {"--out": "tuned", "--reports": "reports/tune", "--storage": "runs/tune"},
-          "evaluate": {"--out": "reports"},
-          "prepare": {"DST": "stores/prepared", "--report": "reports/prepare.json", "--figures": "reports/prepare"}}
-READS = {"pretrain": {"--stores": "stores/prepared"}, "finetune": {"--stores": "stores/prepared", "--models": "models"},
-         "tune": {"--stores": "stores/prepared"}, "evaluate": {"--models": "models", "--stores": "stores/prepared"},
-         "prepare": {"SRC": "stores/raw"}}
+# per stage, the parameters that name what it writes and what it reads (their defaults are
+# locations too: relative ones, in the job's temporary copy of the working dir)
+_TRAIN_WRITES = ("models", "reports", "storage")
+WRITES = {"pretrain": _TRAIN_WRITES, "finetune": _TRAIN_WRITES, "tune": ("out", "reports", "storage"),
+          "evaluate": ("out",), "prepare": ("dst", "report", "figures")}
+READS = {"pretrain": ("stores",), "finetune": ("stores", "models"), "tune": ("stores",),
+         "evaluate": ("models", "stores"), "prepare": ("src",)}
 PROBE_TIMEOUT_S = 5.0
 # never uploaded with the working dir, whatever --runtime-env says (or when none is given): Ray
 # zips the folder into the cluster's GCS, readable by every job there. gitignore-style patterns.
@@ -112,32 +109,33 @@ def read_runtime_env(path: Path | None) -> dict:
     return {**doc, "excludes": excludes + [p for p in SECRET_EXCLUDES if p not in excludes]}
 
 
-def _options(command: list[str]) -> dict[str, str]:
-    """The command's ``--option value`` / ``--option=value`` pairs, and prepare's SRC and DST."""
-    given: dict[str, str] = {}
-    positional = []
-    i = 2
-    while i < len(command):
-        opt, eq, val = command[i].partition("=")
-        if opt.startswith("--"):
-            if not eq and i + 1 < len(command) and not command[i + 1].startswith("--"):
-                val, i = command[i + 1], i + 1
-            given[opt] = val
-        else:
-            positional.append(command[i])
-        i += 1
-    if command[1:2] == ["prepare"]:
-        given.update(zip(("SRC", "DST"), positional))
-    return given
+def _parsed(command: list[str]):
+    """The stage command as its own CLI parses it: ``(click context, {param name: label})``, so
+    flags, ``-j 2`` and positionals are read as they will be in the job."""
+    import typer
+
+    from ingest import cli
+
+    commands = typer.main.get_command(cli.app).commands
+    if command[1] not in commands:  # the train and tune commands come from entry-point plugins
+        cli._load_plugins()
+        commands = typer.main.get_command(cli.app).commands
+    cmd = commands[command[1]]
+    ctx = cmd.make_context(command[1], list(command[2:]), resilient_parsing=True)
+    # typer may bring its own click: options told apart by their dashes, not by class
+    labels = {p.name: (p.opts[0] if p.opts and p.opts[0].startswith("-") else p.name.upper()) for p in cmd.params}
+    return ctx, labels
 
 
 def _stage_locations(command: list[str]) -> list[tuple[str, str, bool, bool]]:
-    """(option, value, written, defaulted) for each location the stage reads or writes."""
-    given = _options(command)
+    """(label, value, written, defaulted) for each location the stage reads or writes."""
+    ctx, labels = _parsed(command)
     out = []
     for table, written in ((WRITES, True), (READS, False)):
-        for opt, default in table.get(command[1], {}).items():
-            out.append((opt, given.get(opt, default), written, opt not in given))
+        for name in table.get(command[1], ()):
+            val = ctx.params.get(name)
+            if val is not None and str(val):
+                out.append((labels[name], str(val), written, getattr(ctx.get_parameter_source(name), "name", "") == "DEFAULT"))
     return out
 
 
@@ -165,12 +163,13 @@ def preflight(address: str | None, working_dir: Path, command: list[str], runtim
                           f"{', '.join(f'qsnet {c}' for c in sorted(STAGE_COMMANDS))}")
     env = read_runtime_env(runtime_env)
     # params are read in the job's working directory: check the same file here
-    given = _options(command)
-    params_file = working_dir / given.get("--params", params)
-    profile = given.get("--profile", profile)
+    ctx, _ = _parsed(command)
+    params_file = working_dir / str(ctx.params.get("params") or params)
+    profile = ctx.params.get("profile") or profile
     if not params_file.is_file() and command[1] != "evaluate":
         raise SubmitError(f"{params_file}: no params file in the working directory (the job reads it there)")
-    bulk = {p.strip("/").split("/")[0] for p in BULK_EXCLUDES if p.startswith("/")}
+    # what this job's working dir will not carry (a runtime_env may ship stores/ on purpose)
+    bulk = {p.strip("/").split("/")[0] for p in env["excludes"] if p.startswith("/") and "*" not in p}
     for opt, val, written, defaulted in _stage_locations(command):
         what = f"{opt} {val}" + (" (the default)" if defaulted else "")
         if storage.is_url(val) and written and command[1] in ("tune", "prepare"):
@@ -243,12 +242,20 @@ def submit(address: str, working_dir: Path, command: list[str], runtime_env: dic
     except Exception as exc:  # noqa: BLE001 - the log stream, not the job: its status decides the exit
         echo(f"submit: lost the job's log stream ({type(exc).__name__}: {str(exc).strip()[:200]}); waiting for "
              f"its status (`ray job logs {job}` shows the rest)")
-    while True:  # the log ends a moment before the status is final
-        status = client.get_job_status(job)
-        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            break
-        time.sleep(1)
-    info = client.get_job_info(job)
+    try:
+        while True:  # the log ends a moment before the status is final (or, lost, hours before)
+            status = client.get_job_status(job)
+            if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+                break
+            time.sleep(1)
+        info = client.get_job_info(job)
+    except KeyboardInterrupt:
+        echo(f"submit: stopped waiting; job {job} keeps running (`ray job stop {job}` stops it)")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the head went away: what is known, in one line
+        raise SubmitError(f"{address}: lost the cluster while waiting for job {job} ({type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}); "
+                          f"`ray job status {job}` says how it ended") from None
     echo(f"submit: job {job} {status.value}" + (f": {info.message}" if status != JobStatus.SUCCEEDED and
                                                  info.message else ""))
     if status == JobStatus.SUCCEEDED:
