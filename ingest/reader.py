@@ -784,8 +784,8 @@ def _check_one_echo(frames: list[_Frame], paths: list[Path], kind: str, where) -
     """Echoes are not volumes: stacked as a time series they would pass as one, TE the first's."""
     by_echo: dict = {}
     for fr in frames:
-        if fr.te is not None:
-            by_echo.setdefault(("TE", fr.te), fr)
+        if fr.te is not None:  # to 0.01 ms: exports round the same echo time differently
+            by_echo.setdefault(("TE", round(fr.te, 2)), fr)
         elif fr.echo is not None:
             by_echo.setdefault(("echo", fr.echo), fr)
     if len({k[0] for k in by_echo}) == 1 and len(by_echo) > 1:
@@ -806,7 +806,7 @@ def _frame_name(fr: _Frame, paths: list[Path], kind: str) -> str:
     return str(p)
 
 
-def _check_counts(clusters, frames, paths, kind) -> int:
+def _check_counts(clusters, frames, paths, kind, pixels_of=None) -> int:
     counts = [len(c) for c in clusters]
     common = Counter(counts).most_common()
     n_vol = max(common, key=lambda kv: (kv[1], -kv[0]))[0]  # most frequent, fewer volumes on a tie
@@ -815,10 +815,16 @@ def _check_counts(clusters, frames, paths, kind) -> int:
             # images at one position are volumes only if something orders them: a copy with a new
             # SOPInstanceUID (a re-store, "save as") has the same keys and would be one more volume
             if frames[a].tkey == frames[b].tkey:
-                raise SeriesError(
-                    f"{_frame_name(frames[b], paths, kind)}: duplicated image: {_frame_name(frames[a], paths, kind)} "
-                    f"is at the same position {_fmt_pos(frames[a].ipp)} with the same TemporalPositionIdentifier, "
-                    "AcquisitionNumber, acquisition time and InstanceNumber (a second copy of the image?)")
+                fa, fb = frames[a], frames[b]
+                names = _frame_name(fb, paths, kind), _frame_name(fa, paths, kind)
+                keys = "TemporalPositionIdentifier, AcquisitionNumber, acquisition time and InstanceNumber"
+                if pixels_of is not None and fa.file != fb.file and pixels_of(fa.file) == pixels_of(fb.file):
+                    raise SeriesError(f"{names[0]}: duplicated image: {names[1]} is at the same position "
+                                      f"{_fmt_pos(fa.ipp)} with the same {keys} and the same pixels (a second "
+                                      "copy of the image)")
+                raise SeriesError(f"{names[0]}: images at one position cannot be put in order: {names[1]} is at "
+                                  f"the same position {_fmt_pos(fa.ipp)} with the same {keys} (an anonymiser "
+                                  "that dropped InstanceNumber and the times?)")
     for c in clusters:
         if len(c) == n_vol:
             continue
@@ -1179,6 +1185,14 @@ def _read_file(p: Path):
         raise SeriesError(f"{p}: unreadable DICOM file ({exc.__class__.__name__}: {exc})") from None
 
 
+def _pixel_bytes(ds) -> bytes | None:
+    for kw in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        v = ds.get(kw)
+        if v is not None:
+            return bytes(v)
+    return None
+
+
 def _dataset(dsets: list, plist: list[Path], i: int):
     """The dataset of file i, parsed now if only its plan was kept."""
     if isinstance(dsets[i], ReadPlan):
@@ -1234,9 +1248,10 @@ def read_series(paths, infos=None, frame_type: str | None = None) -> tuple[np.nd
         try:
             _check_pixel_data(ds, p, ts)
             fr, kind = _frames_of(ds, p, fidx)
-        except SeriesError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - pydicom converts values when first read: a bad VR surfaces here
+        except (NotImplementedError, ValueError, KeyError, struct.error, UnicodeDecodeError, OverflowError) as exc:
+            # pydicom converts values when they are first read: a bad VR or value surfaces here
+            if isinstance(exc, SeriesError):
+                raise
             raise SeriesError(f"{p}: unreadable DICOM header ({exc.__class__.__name__}: {exc})") from None
         dsets.append(ds)
         kinds.add(kind)
@@ -1273,7 +1288,8 @@ def read_series(paths, infos=None, frame_type: str | None = None) -> tuple[np.nd
     normal = np.cross(row_dir, col_dir)
 
     clusters, d = _cluster_positions(frames, normal, plist)
-    n_vol = _check_counts(clusters, frames, plist, kind)
+    n_vol = _check_counts(clusters, frames, plist, kind,
+                          pixels_of=lambda i: _pixel_bytes(_dataset(dsets, plist, i)))
     # volume t = the t-th image (in acquisition order) at every position
     for t in range(n_vol):
         tpis = {frames[c[t]].tpi for c in clusters}

@@ -684,6 +684,10 @@ def test_echoes_are_never_stacked_as_volumes(tmp_path):
                          np.ones((2, 3)), echo_times=(5.0, 15.0))
     with pytest.raises(SeriesError, match=r"holds images of 2 echoes \(TE 5, TE 15; .*one series per echo"):
         read_series([enh])
+    # one echo time written with different last digits is one echo
+    same = write_enhanced(tmp_path / "same.dcm", vols, aff, [(t, z) for z in range(3) for t in range(2)],
+                          np.ones((2, 3)), echo_times=(4.5, 4.5000001))
+    assert read_series([same])[0].shape == (2, 3, 5, 5)
     paths = []
     for e in range(2):
         paths += write_classic(tmp_path / "s", vols[e], aff, instance0=3 * e, names=f"e{e}_", EchoNumbers=e + 1,
@@ -727,8 +731,13 @@ def test_a_second_copy_of_a_series_is_not_a_second_volume(tmp_path):
     aff = make_affine(AXIAL, (0, 0))
     paths = write_classic(tmp_path / "s", volume((3, 5, 5)), aff)
     paths += write_classic(tmp_path / "s", volume((3, 5, 5)), aff, names="COPY")
-    with pytest.raises(SeriesError, match="duplicated image: .* same TemporalPositionIdentifier"):
+    with pytest.raises(SeriesError, match="duplicated image: .* same TemporalPositionIdentifier.* same pixels"):
         read_series(paths)
+    # different pixels, nothing to order them by: refused, not stacked in file-name order
+    other = write_classic(tmp_path / "t", volume((3, 5, 5)), aff)
+    other += write_classic(tmp_path / "t", volume((3, 5, 5), seed=9), aff, names="B")
+    with pytest.raises(SeriesError, match="images at one position cannot be put in order"):
+        read_series(other)
 
 
 @pytest.mark.parametrize("fast", ["1", "0"])
