@@ -388,9 +388,11 @@ class Ingress:
                 headers["Retry-After"] = "5"
             return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
         except asyncio.CancelledError:
-            # Serve cancels a request whose client hung up: the client's doing, not a failure
+            # Serve cancels a request whose client hung up, whose request_timeout_s ran out, or
+            # whose replica is shutting down: which one is not known here, so not blamed on anyone
             status = 499
-            log.info("synthesize %s: cancelled 499 client_disconnected", rid)
+            log.warning("synthesize %s: cancelled by Serve after %.2f s (client gone, request timeout or "
+                        "shutdown)", rid, time.perf_counter() - t0)
             raise
         except Exception as exc:  # noqa: BLE001 - never a traceback (it could quote headers) to the client
             # where, not what: an exception's message can quote header values

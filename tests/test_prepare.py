@@ -105,6 +105,8 @@ def test_an_exam_that_left_takes_its_store_and_figure_with_it(prepared_pair, tmp
     shutil.copy(root / "prepare.json", tmp_path / "prepare.json")
     gone = sorted((tmp_path / "raw").glob("*/*.zarr"))[0]
     shutil.rmtree(gone)
+    (tmp_path / "fig" / "evaluate").mkdir()
+    (tmp_path / "fig" / "evaluate" / "boxplot.png").write_bytes(b"another stage's")   # a shared --figures folder
     params = {"prepare": {"image_size": 64}, "seed": 0, "profile": "demo"}
     again = prepare(tmp_path / "raw", tmp_path / "prepared", tmp_path / "prepare.json", params, jobs=1,
                     figures=tmp_path / "fig")
@@ -112,7 +114,8 @@ def test_an_exam_that_left_takes_its_store_and_figure_with_it(prepared_pair, tmp
     assert left not in again["exams"] and len(again["exams"]) == 1
     assert not (tmp_path / "prepared" / f"{left}.zarr").exists()
     assert not (tmp_path / "fig" / f"{left}.png").exists()
-    assert len(list((tmp_path / "fig").glob("*/*.png"))) == 1
+    assert len(list((tmp_path / "fig").glob("site-*/*.png"))) == 1
+    assert (tmp_path / "fig" / "evaluate" / "boxplot.png").exists()
 
 
 def test_same_inputs_give_byte_identical_stores(prepared_pair):

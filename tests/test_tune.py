@@ -515,6 +515,17 @@ def test_a_trial_without_a_score_yet_is_stopped_not_the_search(tmp_path):
     assert asha.on_trial_result(None, Trial(), {"training_iteration": 1, "score": None}) == TrialScheduler.STOP
 
 
+def test_a_search_saved_by_an_older_version_resumes_on_this_version_s_clock(tmp_path):
+    from tune.resumable import ResumableASHA
+    from tune.search import EPOCHS
+
+    old = ResumableASHA(str(tmp_path / "asha.pkl"), time_attr="training_iteration", max_t=4, grace_period=1)
+    old._save()
+    new = ResumableASHA(str(tmp_path / "asha.pkl"), time_attr=EPOCHS, max_t=4, grace_period=1)
+    new._load()
+    assert new._time_attr == EPOCHS
+
+
 @pytest.mark.parametrize("driver_code, want, log_drops", [(130, 130, False), (2, 2, False), (None, 1, False),
                                                       (None, 1, True), (-9, 137, False)])
 def test_submit_returns_the_driver_s_exit_status(monkeypatch, tmp_path, driver_code, want, log_drops):

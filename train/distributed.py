@@ -40,7 +40,9 @@ def _loaders(run: dict, config: dict, rank: int = 0, world: int = 1):
     from train.data import SliceDataset
 
     common = dict(contrasts=[run["contrast"]], inputs=run["inputs"])
-    train_ds = SliceDataset(run["train_stores"], augment=config.get("augment") or None, seed=config["seed"], **common)
+    aug = config.get("augment")   # a mapping (a tuned one, even empty: the default strengths) or a bool
+    train_ds = SliceDataset(run["train_stores"], augment=aug if isinstance(aug, dict) else (aug or None),
+                            seed=config["seed"], **common)
     val_ds = SliceDataset(run["val_stores"], **common) if run["val_stores"] else None
     # The shuffle is a function of (seed, epoch) through set_epoch, so a run resumed at epoch k
     # sees epoch k's order, as the uninterrupted run did (a generator seeded once per process

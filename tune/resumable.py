@@ -56,9 +56,13 @@ class ResumableASHA(ASHAScheduler):
         if self._loaded:
             return
         path = self._state_file
+        clock = self._time_attr
         if os.path.exists(path):
             self.restore(path)   # the pickled __dict__: rungs, counters, and these two fields
             self._state_file = path
+            # a search saved by an older version counted Tune's per-session results: its rungs
+            # stand, its clock is this version's (tune.search.EPOCHS)
+            self._time_attr = clock
         self._loaded = True
 
     def _save(self) -> None:

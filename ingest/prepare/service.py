@@ -654,12 +654,15 @@ def prepare(src: Path, dst: Path, report: Path, params: dict, jobs: int | None =
         entries[key] = {"status": "excluded", "reason": why}
     # prepared stores whose raw exam is gone are outputs of nothing: remove them
     keep = {f"{s}/{j}" for (s, j) in found}
+    # the site folders prepare writes figures into (read before a site's last store goes): only
+    # these are cleaned, --figures may be a folder other stages share
+    sites = {s for (s, _) in found} | ({p.parent.name for p in dst.glob("*/*.zarr")} if dst.is_dir() else set())
     for p in sorted(dst.glob("*/*.zarr")) if dst.is_dir() else []:
         if f"{p.parent.name}/{p.stem}" not in keep:
             _remove_store(p)
     # and so are their QA figures (a DVC output too: a figure of an exam that left would stay in it)
     for p in sorted(Path(figures).glob("*/*.png")) if figures and Path(figures).is_dir() else []:
-        if f"{p.parent.name}/{p.stem}" not in keep:
+        if p.parent.name in sites and f"{p.parent.name}/{p.stem}" not in keep:
             p.unlink(missing_ok=True)
     rep = _summary(entries, cfg, params)
     report.parent.mkdir(parents=True, exist_ok=True)
