@@ -187,7 +187,8 @@ def preflight(address: str | None, working_dir: Path, command: list[str], runtim
                             f"directory on the head node, and goes with it; on a cluster give {where}")
         elif not written and not Path(val).is_absolute() and Path(val).parts[:1] and Path(val).parts[0] in bulk:
             raise SubmitError(f"{what}: a local folder the job cannot read: {Path(val).parts[0]}/ is never "
-                              "uploaded with the working directory; give an s3:// URL (platform/README.md)")
+                              "uploaded with the working directory; give an s3:// URL (platform/README.md), or an "
+                              "absolute folder every node sees")
     address = dashboard_address(address)
     probe(address)
     if command[1] in ("pretrain", "finetune") and params_file.is_file():
