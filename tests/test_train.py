@@ -310,7 +310,7 @@ def test_registry_round_trip_and_bad_files(tmp_path):
                                      ({"ds_weights": [0.5, -1]}, "train.ds_weights must be a list of numbers"),
                                      ({"plateau_factor": 0}, r"train.plateau_factor must be a number in \(0, 1\]"),
                                      ({"depth": 12}, "train.depth must be a whole number of U-Net levels"),
-                                     ({"augment": "yes"}, "train.augment must be true or false"),
+                                     ({"augment": "yes"}, "train.augment must be true, false or a mapping"),
                                      ({"compile": 1}, "train.compile must be true or false"),
                                      ({"use_gpu": "false"}, "train.use_gpu must be true, false or auto, got 'false'"),
                                      ({"max_failures": -2}, "train.max_failures must be a whole number, 0 or more"),
