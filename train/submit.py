@@ -127,12 +127,12 @@ def _parsed(command: list[str]):
     return ctx, labels
 
 
-def _stage_locations(command: list[str]) -> list[tuple[str, str, bool, bool]]:
-    """(label, value, written, defaulted) for each location the stage reads or writes."""
-    ctx, labels = _parsed(command)
+def _stage_locations(stage: str, ctx, labels: dict) -> list[tuple[str, str, bool, bool]]:
+    """(label, value, written, defaulted) for each location the stage reads or writes, from its
+    parsed command (:func:`_parsed`)."""
     out = []
     for table, written in ((WRITES, True), (READS, False)):
-        for name in table.get(command[1], ()):
+        for name in table.get(stage, ()):
             val = ctx.params.get(name)
             if val is not None and str(val):
                 out.append((labels[name], str(val), written, getattr(ctx.get_parameter_source(name), "name", "") == "DEFAULT"))
@@ -163,14 +163,14 @@ def preflight(address: str | None, working_dir: Path, command: list[str], runtim
                           f"{', '.join(f'qsnet {c}' for c in sorted(STAGE_COMMANDS))}")
     env = read_runtime_env(runtime_env)
     # params are read in the job's working directory: check the same file here
-    ctx, _ = _parsed(command)
+    ctx, labels = _parsed(command)
     params_file = working_dir / str(ctx.params.get("params") or params)
     profile = ctx.params.get("profile") or profile
     if not params_file.is_file() and command[1] != "evaluate":
         raise SubmitError(f"{params_file}: no params file in the working directory (the job reads it there)")
     # what this job's working dir will not carry (a runtime_env may ship stores/ on purpose)
     bulk = {p.strip("/").split("/")[0] for p in env["excludes"] if p.startswith("/") and "*" not in p}
-    for opt, val, written, defaulted in _stage_locations(command):
+    for opt, val, written, defaulted in _stage_locations(command[1], ctx, labels):
         what = f"{opt} {val}" + (" (the default)" if defaulted else "")
         if storage.is_url(val) and written and command[1] in ("tune", "prepare"):
             # the search writes its outputs and Optuna's journal, prepare its stores, with plain file calls
