@@ -490,7 +490,9 @@ def _read(buf) -> LiteDataset | None:
     if not isinstance(rows, int) or not isinstance(cols, int) or rows < 1 or cols < 1 or bits not in (8, 16, 32):
         return None
     # both are Type 1 in the Image Pixel module: pydicom refuses a file without them, with its reason
-    if frames not in (None, 1) or ds.get("SamplesPerPixel") != 1 or not ds.get("PhotometricInterpretation"):
+    # greyscale only: a PALETTE COLOR file also has one sample a pixel, and its values are indices
+    if frames not in (None, 1) or ds.get("SamplesPerPixel") != 1 or \
+            ds.get("PhotometricInterpretation") not in ("MONOCHROME1", "MONOCHROME2"):
         return None
     stored = ds.get("BitsStored")
     # pydicom cannot decode pixels without these: it says so, per file

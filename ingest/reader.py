@@ -657,9 +657,10 @@ def _check_pixel_data(ds, path: Path, ts: str) -> None:
         raise SeriesError(f"{path}: pixel data without {', '.join(missing)}: incomplete Image Pixel "
                           "module, the pixels cannot be laid out")
     spp = _i(ds.get("SamplesPerPixel")) or 1
-    if spp != 1:
-        raise SeriesError(f"{path}: {spp} samples per pixel ({ds.get('PhotometricInterpretation', '')}): "
-                          "colour images are not supported")
+    colour = is_colour(ds, path)
+    if spp != 1 and kw != "PixelData":
+        raise SeriesError(f"{path}: {spp} samples per pixel in {kw}: float pixel data is greyscale only "
+                          "(PS3.3 C.7.6.24)")
     if str(ts) in _NATIVE_SYNTAXES:
         raw = ds.get_item(kw)
         actual = len(raw.value) if raw.value is not None else 0
@@ -667,7 +668,12 @@ def _check_pixel_data(ds, path: Path, ts: str) -> None:
         rows, cols = int(ds.Rows), int(ds.Columns)
         frames = _i(ds.get("NumberOfFrames")) or 1
         bits = _i(ds.get("BitsAllocated")) or {"FloatPixelData": 32, "DoubleFloatPixelData": 64}.get(kw, 16)
-        need = (rows * cols * frames + 7) // 8 if bits == 1 else rows * cols * frames * (bits // 8)
+        # YBR_FULL_422 keeps Cb and Cr for every other column: two samples a pixel (PS3.3 C.7.6.3.1.2)
+        samples = 2 if colour == "YBR_FULL_422" else spp
+        if bits == 1:
+            need = (rows * cols * frames * samples + 7) // 8
+        else:
+            need = rows * cols * frames * samples * (bits // 8)
         if declared not in (None, 0xFFFFFFFF) and actual < declared:
             raise SeriesError(
                 f"{path}: pixel data truncated: the file ends {actual} bytes into its {declared}-byte "
@@ -675,8 +681,8 @@ def _check_pixel_data(ds, path: Path, ts: str) -> None:
         if actual < need:
             if need >= 2 * actual:
                 raise SeriesError(
-                    f"{path}: Rows x Columns ({rows} x {cols}) x {frames} frame(s) x {bits // 8 or 1} byte(s) "
-                    f"= {need} bytes, far more than the {actual} bytes of pixel data present: "
+                    f"{path}: Rows x Columns ({rows} x {cols}) x {frames} frame(s) x {samples} sample(s) x "
+                    f"{bits // 8 or 1} byte(s) = {need} bytes, far more than the {actual} bytes of pixel data present: "
                     "header and pixel data disagree (corrupt or edited header)")
             raise SeriesError(
                 f"{path}: pixel data shorter than Rows x Columns x frames x bytes: {actual} bytes present, "
@@ -686,8 +692,8 @@ def _check_pixel_data(ds, path: Path, ts: str) -> None:
             # reading the first frame alone would be a silently wrong image
             raise SeriesError(
                 f"{path}: {actual} bytes of pixel data, {actual // need} times the {need} that Rows x Columns "
-                f"({rows} x {cols}) x {frames} frame(s) x {bits // 8 or 1} byte(s) describe: header and pixel "
-                "data disagree (corrupt or edited header)")
+                f"({rows} x {cols}) x {frames} frame(s) x {samples} sample(s) x {bits // 8 or 1} byte(s) "
+                "describe: header and pixel data disagree (corrupt or edited header)")
         return
     from pydicom.pixels import get_decoder
 
@@ -704,20 +710,43 @@ def _check_pixel_data(ds, path: Path, ts: str) -> None:
                           f"installed ({missing or 'see pydicom pixel handlers'})")
 
 
+_YBR = ("YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "YBR_PARTIAL_422")
+
+
+def is_colour(ds, path: Path) -> str:
+    """The colour model of a dataset's pixels ("RGB", a "YBR_..." one or "PALETTE COLOR"), ""
+    for greyscale. SamplesPerPixel and PhotometricInterpretation must agree: read one way
+    when the other was meant, an image comes out as noise or as palette indices."""
+    spp = _i(ds.get("SamplesPerPixel")) or 1
+    pi = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    if spp == 1 and pi in ("", "MONOCHROME1", "MONOCHROME2"):
+        return ""
+    if (spp, pi) == (1, "PALETTE COLOR") or (spp == 3 and (pi == "RGB" or pi in _YBR)):
+        return pi
+    raise SeriesError(f"{path}: {spp} sample(s) per pixel with PhotometricInterpretation {pi or '(none)'}: "
+                      "not a pixel layout of the DICOM standard (PS3.3 C.7.6.3.1.2)")
+
+
 def _decode(ds, path: Path, ts: str) -> np.ndarray:
-    """Stored values, shape (frames, rows, cols)."""
+    """Stored values, shape (frames, rows, cols), or (frames, rows, cols, 3) RGB for a colour
+    image (YBR converted, palette indices looked up, as dcm2niix writes them)."""
+    colour = is_colour(ds, path)
     try:
-        arr = ds.pixel_array
+        arr = ds.pixel_array   # pydicom turns YBR into RGB by default
+        if colour == "PALETTE COLOR":
+            from pydicom.pixels import apply_color_lut
+
+            arr = apply_color_lut(arr, ds)
     except Exception as exc:  # noqa: BLE001 - decoder errors come in many types
         msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         raise SeriesError(f"{path}: cannot decode the {_ts_text(ts)} pixel data: {msg}") from None
     arr = np.asarray(arr)
     n_frames = _i(ds.get("NumberOfFrames")) or 1
-    if arr.ndim == 2:
+    want = (n_frames, int(ds.Rows), int(ds.Columns)) + ((3,) if colour else ())
+    if arr.ndim == len(want) - 1:
         arr = arr[None]
-    if arr.ndim != 3 or arr.shape != (n_frames, int(ds.Rows), int(ds.Columns)):
-        raise SeriesError(f"{path}: decoded pixel data has shape {arr.shape}, expected "
-                          f"({n_frames}, {ds.Rows}, {ds.Columns})")
+    if arr.shape != want:
+        raise SeriesError(f"{path}: decoded pixel data has shape {arr.shape}, expected {want}")
     return arr
 
 
@@ -1205,7 +1234,9 @@ def read_series(paths, infos=None, frame_type: str | None = None) -> tuple[np.nd
 
     ``array`` is ``(Z, Y, X)``, or ``(T, Z, Y, X)`` when every slice position holds
     T > 1 images (volumes in acquisition order: temporal position, acquisition
-    number, acquisition time, instance number).  Raises :class:`SeriesError` (one
+    number, acquisition time, instance number). A colour series (RGB, YBR or palette
+    colour) gains a trailing RGB axis, ``(Z, Y, X, 3)`` or ``(T, Z, Y, X, 3)``, and
+    ``meta["samples_per_pixel"] == 3``.  Raises :class:`SeriesError` (one
     line, naming the file or folder) for anything that does not make one regular
     grid: mixed orientation / matrix / pixel spacing, duplicated or missing slices,
     uneven spacing, incomplete volumes, missing or short pixel data, undecodable
@@ -1233,6 +1264,7 @@ def read_series(paths, infos=None, frame_type: str | None = None) -> tuple[np.nd
     dsets, kinds, frames, ts_list = [], set(), [], []
     components: dict[str, Path] = {}  # classic files: component -> its first file
     reversed_rows: dict[bool, Path] = {}  # classic files: rows stored reversed? -> its first file
+    colours: dict[str, Path] = {}  # colour model ("" for greyscale) -> its first file
     for fidx, p in enumerate(plist):
         plan = plans.get(p)
         if plan is not None and plan_is_current(p, plan):
@@ -1242,6 +1274,7 @@ def read_series(paths, infos=None, frame_type: str | None = None) -> tuple[np.nd
             ts_list.append(plan.transfer_syntax)
             components.setdefault(plan.component, p)
             reversed_rows.setdefault(plan.rows_reversed, p)
+            colours.setdefault("", p)   # the fast path reads greyscale files only
             continue
         ds = _read_file(p)
         ts = _ts_of(ds)
@@ -1257,6 +1290,7 @@ def read_series(paths, infos=None, frame_type: str | None = None) -> tuple[np.nd
         kinds.add(kind)
         frames.extend(fr)
         ts_list.append(str(ts))
+        colours.setdefault(is_colour(ds, p), p)
         if kind == "classic":
             components.setdefault(complex_component(ds), p)
             reversed_rows.setdefault(ge_pepolar_reversed(ds), p)
@@ -1274,6 +1308,10 @@ def read_series(paths, infos=None, frame_type: str | None = None) -> tuple[np.nd
         raise SeriesError(f"{where}: holds GE epi_pepolar volumes of both phase-encoding polarities "
                           f"(reversed: {reversed_rows[True].name}, forward: {reversed_rows[False].name}): one "
                           "series per polarity, as dcm2niix writes them (ingest.group_series splits them)")
+    if len(colours) > 1:
+        named = ", ".join(f"{c or 'greyscale'} ({f.name})" for c, f in sorted(colours.items()))
+        raise SeriesError(f"{where}: mixes colour and greyscale images ({named}): not one volume")
+    colour = bool(next(iter(colours)))
     flip_rows = reversed_rows.get(True) is not None
     frames = _select_frame_type(frames, frame_type, plist)
     _check_one_echo(frames, plist, kind, where)
@@ -1319,6 +1357,10 @@ def read_series(paths, infos=None, frame_type: str | None = None) -> tuple[np.nd
     first = frames[clusters[0][0]]
     shape = (n_vol, z, f0.rows, f0.cols) if n_vol > 1 else (z, f0.rows, f0.cols)
     meta = _meta(_dataset(dsets, plist, first.file), frames, kind, ts_list, len(plist), shape, step, z)
+    if colour:
+        # RGB on a trailing axis, as NIfTI's RGB24 (and dcm2niix) hold it: (Z, Y, X, 3)
+        meta.update(samples_per_pixel=3, photometric_interpretation="RGB",
+                    stored_photometric_interpretation=next(iter(colours)))
     if frame_type is not None:  # the file's ImageType speaks for all its frames ("MIXED")
         meta["image_type"] = f0.ftype.split("\\")
     if components and next(iter(components)):
@@ -1327,7 +1369,7 @@ def read_series(paths, infos=None, frame_type: str | None = None) -> tuple[np.nd
         meta["rows_reversed_by_scanner"] = True  # stored bottom-up by GE epi_pepolar; read back in header order
 
     # decode file by file, placing each frame at (t, z)
-    out = np.empty((n_vol, z, f0.rows, f0.cols), dtype=np.float32)
+    out = np.empty((n_vol, z, f0.rows, f0.cols) + ((3,) if colour else ()), dtype=np.float32)
     place: dict[int, list[tuple[int, int, _Frame]]] = {}
     for zi, c in enumerate(clusters):
         for t, i in enumerate(c):

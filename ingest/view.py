@@ -23,7 +23,12 @@ def _exam_series(exam: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
         if not files:
             continue
         vol, aff, meta = read_series(files)
-        out.append((meta["series_description"] or folder.name, vol, aff))
+        title = meta["series_description"] or folder.name
+        colour = meta.get("samples_per_pixel", 1) != 1
+        if vol.ndim - colour == 4:   # (T, Z, Y, X[, 3]): the first volume stands for the series
+            title = f"{title} (volume 1 of {vol.shape[0]})"
+            vol = vol[0]
+        out.append((title, vol, aff))
     truth = exam / "truth" / "labels.nii.gz"
     if truth.exists():
         from ingest.nifti import load_nifti_zyx
@@ -83,7 +88,7 @@ def render(path: Path, out_png: Path) -> Path:
     if (path / "zarr.json").exists():
         series = _store_series(path)
     else:
-        series = [(t, v, a, v.shape) for t, v, a in _exam_series(path)]
+        series = [(t, v, a, v.shape[:3]) for t, v, a in _exam_series(path)]
     if not series:
         raise ViewError(f"{path}: no DICOM series found")
     out_png = Path(out_png)
@@ -99,7 +104,9 @@ def render(path: Path, out_png: Path) -> Path:
         ax.axis("off")
     for ax, (title, vol, aff, shape) in zip(axes.ravel(), series):
         sl = vol[vol.shape[0] // 2]
-        if title.startswith(("truth labels", "truth brain")):
+        if sl.ndim == 3:   # RGB as stored: 8-bit samples are 0..255, wider ones up to their maximum
+            ax.imshow(np.clip(sl / max(float(np.nanmax(sl)), 255.0), 0.0, 1.0))
+        elif title.startswith(("truth labels", "truth brain")):
             ax.imshow(sl, cmap="tab20", vmin=0, vmax=19, interpolation="nearest")
         else:
             # the window from the finite voxels: one NaN in a float map made the whole panel flat grey

@@ -1273,3 +1273,137 @@ def test_ge_pepolar_reversed_volumes_are_flipped_and_split(tmp_path, mode, rever
     if both:
         with pytest.raises(SeriesError, match="both phase-encoding polarities"):
             read_series(sorted((tmp_path / "fm").iterdir()))
+
+
+# ---------------------------------------------------------------------------- colour
+
+def write_colour(folder: Path, rgb: np.ndarray, affine: np.ndarray, pi="RGB", planar=0, series_uid=None,
+                 **kw) -> list[Path]:
+    """One 8-bit colour file per slice of rgb[z, y, x, 3], stored as `pi` ("RGB", "YBR_FULL",
+    "YBR_FULL_422"), colour-by-pixel (planar 0) or colour-by-plane (planar 1)."""
+    from pydicom.pixels import convert_color_space
+
+    folder.mkdir(parents=True, exist_ok=True)
+    row = affine[:3, 2] / np.linalg.norm(affine[:3, 2])
+    col = affine[:3, 1] / np.linalg.norm(affine[:3, 1])
+    paths = []
+    for k in range(rgb.shape[0]):
+        ds = base_dataset(series_uid=series_uid or "1.2.826.0.1.3680043.8.498.1", **kw)
+        ds.InstanceNumber = k + 1
+        ds.Rows, ds.Columns = rgb.shape[1], rgb.shape[2]
+        ds.ImageOrientationPatient = [f"{v:.10f}" for v in np.concatenate([row, col])]
+        ds.ImagePositionPatient = [f"{v:.8f}" for v in affine[:3, 3] + k * affine[:3, 0]]
+        ds.PixelSpacing = [f"{float(np.linalg.norm(affine[:3, i])):.10f}" for i in (1, 2)]
+        ds.SliceThickness = float(np.linalg.norm(affine[:3, 0]))
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, pi, planar
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        sl = rgb[k].astype(np.uint8)
+        if pi.startswith("YBR"):
+            sl = convert_color_space(sl, "RGB", "YBR_FULL")
+        if pi == "YBR_FULL_422":   # Y of every pixel, Cb and Cr of every other column: Y1 Y2 Cb Cr
+            y, cb, cr = sl[..., 0], sl[:, 0::2, 1], sl[:, 0::2, 2]
+            sl = np.stack([y[:, 0::2], y[:, 1::2], cb, cr], axis=-1)
+        elif planar == 1:
+            sl = np.ascontiguousarray(sl.transpose(2, 0, 1))
+        ds.PixelData = np.ascontiguousarray(sl).tobytes()
+        ds["PixelData"].VR = "OB"
+        paths.append(save(ds, folder / f"IM{k + 1:04d}.dcm"))
+    return paths
+
+
+def _rgb(shape=(4, 6, 8), seed=5) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (*shape, 3)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("pi, planar", [("RGB", 0), ("RGB", 1), ("YBR_FULL", 0), ("YBR_FULL_422", 0)])
+def test_colour_series_reads_as_rgb_on_a_trailing_axis(tmp_path, pi, planar):
+    """A colour series (a fused map, an annotated copy) is RGB in (Z, Y, X, 3), YBR converted
+    as pydicom and dcm2niix do; its geometry is the greyscale one's. Checked against dcm2niix's
+    RGB24 NIfTI, channel by channel, where dcm2niix is installed."""
+    rgb = _rgb()
+    if pi == "YBR_FULL_422":   # chroma shared by column pairs: the image must carry no more
+        rgb[:, :, 1::2] = rgb[:, :, 0::2]
+    aff = make_affine(AXIAL, (10, -20))
+    write_colour(tmp_path / "in", rgb, aff, pi=pi, planar=planar)
+    got, gaff, meta = read_series(tmp_path / "in")
+    assert got.shape == (4, 6, 8, 3) and meta["samples_per_pixel"] == 3
+    assert meta["photometric_interpretation"] == "RGB" and meta["stored_photometric_interpretation"] == pi
+    np.testing.assert_allclose(gaff, aff, atol=1e-6)
+    # YBR round trips through 8-bit integers: one unit either way
+    np.testing.assert_allclose(got, rgb, atol=0 if pi == "RGB" else 2)
+    if DCM2NIIX and pi != "YBR_FULL_422":
+        import nibabel as nib
+
+        out = tmp_path / "out"
+        out.mkdir()
+        res = subprocess.run([DCM2NIIX, "-b", "n", "-z", "n", "-f", "v", "-o", str(out), str(tmp_path / "in")],
+                             capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout + res.stderr
+        img = nib.load(next(out.glob("*.nii")))
+        raw = np.asanyarray(img.dataobj)
+        assert raw.dtype.names == ("R", "G", "B")
+        for c, name in enumerate("RGB"):
+            compare_to_nifti(got[..., c], gaff, nib.Nifti1Image(raw[name].astype(np.float32), img.affine),
+                             atol_mm=0.01, atol=0 if pi == "RGB" else 2)
+
+
+def test_palette_colour_is_looked_up_not_read_as_indices(tmp_path):
+    """PALETTE COLOR keeps one sample a pixel: read as greyscale, its indices would pass for an image."""
+    aff = make_affine(AXIAL)
+    idx = np.random.default_rng(3).integers(0, 4, (3, 5, 6)).astype(np.uint8)
+    lut = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]], np.uint16)
+    paths = write_classic(tmp_path / "in", idx.astype(np.int16), aff)
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        ds.PhotometricInterpretation = "PALETTE COLOR"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        z = int(ds.InstanceNumber) - 1
+        ds.PixelData = idx[z].tobytes()
+        ds["PixelData"].VR = "OB"
+        for c, name in enumerate(("Red", "Green", "Blue")):
+            setattr(ds, f"{name}PaletteColorLookupTableDescriptor", [4, 0, 8])
+            ds[f"{name}PaletteColorLookupTableDescriptor"].VR = "US"
+            setattr(ds, f"{name}PaletteColorLookupTableData", lut[:, c].astype(np.uint8).tobytes())
+        save(ds, p)
+    got, _, meta = read_series(tmp_path / "in")
+    assert meta["samples_per_pixel"] == 3 and meta["stored_photometric_interpretation"] == "PALETTE COLOR"
+    np.testing.assert_array_equal(got, lut[idx].astype(np.float32))
+    # ingest's way, with the scan's infos: the fast path must not take the indices for an image
+    infos, _ = scan(tmp_path / "in")
+    assert all(fi.plan is None for fi in infos)
+    np.testing.assert_array_equal(read_series(paths, infos=infos)[0], lut[idx].astype(np.float32))
+
+
+def test_colour_layouts_the_standard_does_not_have_and_mixed_series_are_refused(tmp_path):
+    aff = make_affine(AXIAL)
+    bad = write_colour(tmp_path / "bad", _rgb((2, 4, 4)), aff)
+    ds = pydicom.dcmread(bad[0])
+    ds.PhotometricInterpretation = "MONOCHROME2"   # three samples said to be grey
+    save(ds, bad[0])
+    with pytest.raises(SeriesError) as err:
+        read_series(bad)
+    assert str(err.value).startswith(str(bad[0])) and "3 sample(s) per pixel with PhotometricInterpretation " \
+        "MONOCHROME2" in str(err.value) and "\n" not in str(err.value)
+    # a colour copy filed under the greyscale series' UID
+    grey = write_classic(tmp_path / "mix", volume((2, 4, 4), seed=2), aff)
+    colour = write_colour(tmp_path / "mix2", _rgb((2, 4, 4)), make_affine(AXIAL, origin=(-40.0, -55.5, 30.0)))
+    with pytest.raises(SeriesError, match="mixes colour and greyscale images"):
+        read_series(grey + colour)
+    # a colour file whose pixel data holds one plane only: short, not read as a grey image
+    short = write_colour(tmp_path / "short", _rgb((1, 8, 8)), aff)
+    ds = pydicom.dcmread(short[0])
+    ds.PixelData = ds.PixelData[: 8 * 8]
+    save(ds, short[0])
+    with pytest.raises(SeriesError, match=r"3 sample\(s\) .* far more than the 64 bytes"):
+        read_series(short)
+
+
+def test_view_shows_a_colour_and_a_4d_series_of_an_exam_folder(tmp_path):
+    from ingest.view import render
+
+    aff = make_affine(AXIAL)
+    write_colour(tmp_path / "exam" / "S001", _rgb((3, 8, 8)), aff, description="fused")
+    for t in (1, 2):
+        write_classic(tmp_path / "exam" / "S002", volume((3, 8, 8), seed=t), aff, instance0=3 * (t - 1),
+                      names=f"V{t}_", series_uid="1.2.826.0.1.3680043.8.498.9", TemporalPositionIdentifier=t)
+    assert render(tmp_path / "exam", tmp_path / "v.png").stat().st_size > 1000
