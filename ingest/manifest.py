@@ -99,6 +99,16 @@ def file_sha256(path: Path | str) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
+def code_hash(paths: Iterable[Path]) -> str:
+    """sha256 over the names and bytes of source files: which version of the code made an
+    output, so that a changed method never passes off what the old one wrote as its own."""
+    h = hashlib.sha256()
+    for p in paths:
+        p = Path(p)
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
+
+
 def _encode(rows: Iterable[Row]) -> bytes:
     rows = sorted(rows, key=lambda r: r.path)
     seen: set[str] = set()

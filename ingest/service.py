@@ -371,11 +371,10 @@ _CODE_FILES = ("__init__.py", "reader.py", "dicomlite.py", "series.py", "service
 
 
 def _code_hash() -> str:
+    from ingest.manifest import code_hash
+
     here = Path(__file__).resolve().parent
-    h = hashlib.sha256()
-    for name in _CODE_FILES:
-        h.update(name.encode() + b"\0" + (here / name).read_bytes())
-    return h.hexdigest()
+    return code_hash(here / name for name in _CODE_FILES)
 
 
 def _exam_digest(job: ExamJob, shas: dict[str, str], site_cfg: dict) -> str:
@@ -559,6 +558,7 @@ def _ingest_exam(src, dst, job, site_cfg, key, split_fractions, prev_rows):
                     f"{len(whole.files)} ({why}): left out of the volume; check these files",
                     subject=subject, series=series_id, role=role)
         kept = None
+        colour: list[tuple[str, list[str]]] = []
         for g, series_id in cands:
             rels = [rel_of[f] for f in g.files]
             if kept is not None:
@@ -577,6 +577,10 @@ def _ingest_exam(src, dst, job, site_cfg, key, split_fractions, prev_rows):
                 for r in rels:
                     row(r, "quarantined", f"{rels[0]}: unreadable series ({exc.__class__.__name__}: {exc})",
                         subject=subject, series=series_id, role=role)
+                continue
+            if meta.get("samples_per_pixel", 1) != 1:
+                # a colour rendering (a fused or annotated copy) matched the role's rules
+                colour.append((series_id, rels))
                 continue
             if role.startswith("mrf"):
                 try:
@@ -602,6 +606,13 @@ def _ingest_exam(src, dst, job, site_cfg, key, split_fractions, prev_rows):
             arrays[role] = (vol.astype(np.float32), attrs)
             for r in rels:
                 row(r, "ingested", "", subject=subject, series=series_id, role=role)
+        for series_id, rels in colour:
+            # beside the role's greyscale series it is a copy to pass over; alone, the role is lost
+            # and the site must send the greyscale series (or its rules must not match this one)
+            why = (f"colour (RGB) images of series {series_id}: role {role} takes greyscale images"
+                   + (f" (kept {kept})" if kept else "; no greyscale series of this role in the exam"))
+            for r in rels:
+                row(r, "ignored" if kept else "quarantined", why, subject=subject, series=series_id, role=role)
     # phantom ground truth: labels and brain on the MRF grid, poses for registration checks
     truth_attrs = {}
     for rel in job.truth:
@@ -689,6 +700,7 @@ def _ingest_tree(src: Path, dst: Path, manifest: Path, sites_dir, jobs, strict, 
                  progress, prune) -> dict:
     from ingest.deid import load_key
     from ingest.manifest import Row, write_manifest
+    from ingest.store import _fsync_path
 
     sites = load_sites(sites_dir)
     key, key_source = load_key()
@@ -720,8 +732,6 @@ def _ingest_tree(src: Path, dst: Path, manifest: Path, sites_dir, jobs, strict, 
                 # gone before the first store is rewritten: a run cut short must leave no marker
                 # vouching for stores it had half redone
                 marker.unlink()
-                from ingest.store import _fsync_path
-
                 _fsync_path(marker.parent, directory=True)
             # another version's stores are made again; a store that comes out the same is kept
             # byte for byte (write_exam_store), so only what the change changed is rewritten
@@ -762,8 +772,6 @@ def _ingest_tree(src: Path, dst: Path, manifest: Path, sites_dir, jobs, strict, 
                           "are written: run again once it can be written") from None
     if not same_code:
         # after the manifest: its rows are what a later run's unchanged check reads
-        from ingest.store import _fsync_path
-
         tmp = marker.with_name(f".{marker.name}.tmp-{os.getpid()}")
         tmp.write_text(code + "\n")
         os.replace(tmp, marker)

@@ -713,14 +713,16 @@ def test_the_patients_own_identifiers_are_scrubbed_from_descriptions(demo_tree, 
     ex = small_exam(demo_tree, src / "site-A" / "sub-A01")
     who = header(ex)
     family, given = str(who.PatientName).split("^")[:2]
-    typed = [str(who.PatientID), f"{given.title()} {family.title()}", str(who.AccessionNumber)]
+    # the institution's own word, as an operator abbreviates it ("Northgate" of "Northgate University Hospital")
+    place = str(who.InstitutionName).split()[0]
+    typed = [str(who.PatientID), f"{given.title()} {family.title()}", str(who.AccessionNumber), place]
     edit(series_dir_of(ex, "MRF_FISP_T1map"),
          lambda ds: setattr(ds, "SeriesDescription", f"MRF_FISP_T1map {' '.join(typed)}"))
     run_ingest(src, tmp_path)
     (store,) = (tmp_path / "raw").rglob("*.zarr")
     assert open_store(store).attrs_of("mrf_t1")["series_description"] == "MRF_FISP_T1map"
     text = " ".join(p.read_text() for p in store.rglob("zarr.json")).casefold()
-    for needle in (str(who.PatientID), family, given, str(who.AccessionNumber)):
+    for needle in (str(who.PatientID), family, given, str(who.AccessionNumber), place):
         assert needle.casefold() not in text, needle
 
 
@@ -980,3 +982,38 @@ def test_role_takes_the_magnitude_of_a_series_that_holds_phase_too(demo_tree, tm
     assert all(why in r["reason"] for r in rows if r["status"] == "ignored"), rows
     store = next((tmp_path / "raw" / "site-A").glob("*.zarr"))
     np.testing.assert_array_equal(np.asarray(open_store(store).array("swi")[:]), mag)
+
+
+@pytest.mark.parametrize("grey", [True, False])
+def test_a_colour_copy_matching_a_role_never_stands_in_for_it(demo_tree, tmp_path, grey):
+    """A colour (RGB) copy of the SWI sent beside it, with a description the role's rules match:
+    beside the greyscale series it is ignored and the store holds the greyscale volume; alone, its
+    files are quarantined, saying the role has no greyscale series (the role is lost, a person
+    must act). Colour is never stacked into a role's array."""
+    from test_ingest_reader import write_colour
+
+    from ingest.reader import read_series
+    from ingest.store import open_store
+
+    src = tmp_path / "data"
+    exam = small_exam(demo_tree, src / "site-A" / "sub-A01", roles=("mrf_t1", "mrf_t2", "swi"))
+    swi = series_dir(demo_tree / "site-A" / "sub-A01", "swi")
+    vol, aff, _ = read_series(sorted(swi.iterdir()))
+    first = header(exam)
+    grey8 = np.clip(vol / vol.max() * 255, 0, 255).astype(np.uint8)
+    write_colour(exam / "S001_SWI_fused", np.repeat(grey8[..., None], 3, axis=-1), aff, series_number=1,
+                 series_uid=pydicom.uid.generate_uid(), description="SWI_Images",
+                 StudyInstanceUID=first.StudyInstanceUID, PatientID=first.PatientID, PatientName=first.PatientName)
+    if not grey:
+        shutil.rmtree(exam / swi.name)
+    run_ingest(src, tmp_path)
+    rows = [r for r in manifest_rows(tmp_path / "manifest.csv") if "S001_SWI_fused" in r["path"]]
+    assert len(rows) == grey8.shape[0]
+    assert {r["status"] for r in rows} == {"ignored" if grey else "quarantined"}, rows
+    assert all("colour (RGB) images of series" in r["reason"] and "role swi takes greyscale" in r["reason"]
+               for r in rows), rows
+    st = open_store(next((tmp_path / "raw" / "site-A").glob("*.zarr")))
+    if grey:
+        np.testing.assert_array_equal(np.asarray(st.array("swi")[:]), vol)
+    else:
+        assert "swi" not in st.roles and "no greyscale series of this role" in rows[0]["reason"]

@@ -561,11 +561,10 @@ def _figure(path: Path, subject: str, fixed: np.ndarray, rows, brain: np.ndarray
 
 def _code_hash() -> str:
     """The prepare code itself: a changed method must never reuse a store the old one made."""
+    from ingest.manifest import code_hash
+
     here = Path(__file__).resolve().parent
-    h = hashlib.sha256()
-    for f in sorted(here.glob("*.py")) + [here.parent / "store.py"]:
-        h.update(f.name.encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()
+    return code_hash(sorted(here.glob("*.py")) + [here.parent / "store.py"])
 
 
 def _digest(raw_hash: str, cfg: dict, split: str) -> str:
