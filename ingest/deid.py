@@ -412,6 +412,38 @@ def safe_header_fields(ds: Any) -> dict[str, Any]:
     return out
 
 
+# Words of an institution's name or address that name no place on their own: scrubbing them
+# from a description would only mangle it ("Brain" of a "Brain Institute" from "BRAIN ROUTINE").
+_GENERIC_WORDS = frozenset("""
+    hospital hospitals hopital hôpital spital krankenhaus klinik kliniken klinikum university universitat
+    universität universitaire universitario universitaria universidad università universita college
+    school faculty campus institute institut instituto istituto medical medicine medizin médical
+    medico center centre centro clinic clinics clinical clinique clinica health healthcare care
+    imaging radiology radiologie radiologia neuroradiology neurology neuro neuroscience neurosciences
+    brain spine head cancer oncology tumour tumor heart research diagnostic diagnostics department
+    dept division unit service services general regional national community memorial royal children
+    childrens women womens foundation trust nhs group system network the and for der des die das und
+    von del della dei de la le les saint sainte san santa street road avenue lane drive boulevard way
+    place square suite floor building north south east west upper lower new old city county state mri
+    scanner magnetic resonance main central private public
+""".split())
+
+
+def _words(group: str) -> set[str]:
+    """The distinctive words of a name or address typed as plain text ("Northgate" and
+    "Eastport" of "Northgate University Hospital, 14 Harbour Road, Eastport", "DOE" of a
+    PatientName "JANE DOE" without component separators): an operator abbreviates a place to
+    one word as readily as a patient to a family name. Numbers under 5 digits (a house
+    number) and the generic words above are left alone."""
+    out = set()
+    for w in re.findall(r"[^\W_]+", group):
+        if w.casefold() in _GENERIC_WORDS or (w.isdigit() and len(w) < 5):
+            continue
+        if _long_enough(w):
+            out.add(w)
+    return out
+
+
 def _variants(identity: str) -> set[str]:
     identity = unicodedata.normalize("NFC", identity)
     if not identity:
@@ -424,6 +456,8 @@ def _variants(identity: str) -> set[str]:
             continue
         v.add(group)
         if "^" not in group:
+            if any(ch.isspace() for ch in group):   # several words: a place, or a name typed as text
+                v.update(_words(group))
             continue
         comps = [c.strip() for c in group.split("^") if c.strip()]
         v.update(c for c in comps if _long_enough(c))

@@ -562,6 +562,21 @@ def test_names_are_scrubbed_in_every_way_they_are_written(name, typed):
     assert deid.scan_for_phi(typed, [name]) == [name]
 
 
+@pytest.mark.parametrize("identity, typed, left", [
+    ("Northgate University Hospital", "t1_mprage Northgate", "t1_mprage"),
+    ("14 Harbour Road, Eastport", "Eastport_t2_tse", "_t2_tse"),
+    ("St. Aldric Cancer Centre", "BRAIN ROUTINE Aldric", "BRAIN ROUTINE"),
+    ("JANE DOE", "swi doe", "swi"),            # a PatientName typed without ^
+    # the generic words of a place name identify no one and stay
+    ("Brain Research Institute of Eastport", "BRAIN ROUTINE research", "BRAIN ROUTINE research"),
+    ("Royal Hospital", "t2 new royal", "t2 new royal"),
+    ("14 Mill Lane 02115", "ep2d 14 b1000 02115", "ep2d 14 b1000"),   # a 5-digit postcode goes, a house number stays
+])
+def test_a_distinctive_word_of_a_place_or_plain_name_is_scrubbed(identity, typed, left):
+    assert deid.scrub_text(typed, [identity]) == left
+    assert deid.scan_for_phi(typed, [identity]) == ([identity] if typed != left else [])
+
+
 def test_short_ascii_identities_do_not_mangle_descriptions():
     assert deid.scrub_text("t1_mprage_sag 2", ["2", "Li^Wu"]) == "t1_mprage_sag 2"
 
