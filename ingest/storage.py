@@ -191,13 +191,17 @@ def upload(local: Path, url: str) -> int:
     def remote(f: Path) -> str:
         return posixpath.join(path, f.relative_to(local).as_posix())
 
-    models = {f.parent for f in files if f.name == "card.json"}
-    for f in files:  # everything that is not part of a model (reports), as it comes
-        if f.parent not in models:
+    # each file with the model whose card stands nearest above it (its weights, also in sub-folders)
+    members: dict[Path, list[Path]] = {f.parent: [] for f in files if f.name == "card.json"}
+    for f in files:
+        folder = next((p for p in f.parents if p in members), None)
+        if folder is None:  # not part of a model (reports): as it comes
             fs.put_file(str(f), remote(f))
+        elif f.name != "card.json" or f.parent != folder:
+            members[folder].append(f)
     # one model at a time, and only the ones that changed: a registry mirrored and uploaded whole
     # (finetune's) must not take every other model offline while it goes up
-    for folder in sorted(models):
+    for folder in sorted(members):
         card = folder / "card.json"
         try:
             if fs.cat_file(remote(card)) == card.read_bytes():
@@ -205,9 +209,8 @@ def upload(local: Path, url: str) -> int:
             fs.rm_file(remote(card))
         except FileNotFoundError:
             pass
-        for f in files:
-            if f.parent == folder and f != card:
-                fs.put_file(str(f), remote(f))
+        for f in members[folder]:
+            fs.put_file(str(f), remote(f))
         fs.put_file(str(card), remote(card))
     return len(files)
 

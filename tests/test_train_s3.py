@@ -154,6 +154,9 @@ def test_uploading_a_registry_again_leaves_unchanged_models_alone(s3, tmp_path, 
         storage.upload(tmp_path / "reg", url)
         (tmp_path / "reg" / "pretrain" / "qsnet" / "t2w" / "model.pt").write_bytes(b"weights t2w v2")
         (tmp_path / "reg" / "pretrain" / "qsnet" / "t2w" / "card.json").write_text('{"c": "t2w v2"}')
+        # a file in a model's sub-folder is the model's too: it goes up between the cards
+        (tmp_path / "reg" / "pretrain" / "qsnet" / "t2w" / "extra").mkdir()
+        (tmp_path / "reg" / "pretrain" / "qsnet" / "t2w" / "extra" / "curve.json").write_text("[]")
         touched = []
         real = storage._fs
 
@@ -174,4 +177,5 @@ def test_uploading_a_registry_again_leaves_unchanged_models_alone(s3, tmp_path, 
 
         monkeypatch.setattr(storage, "_fs", lambda u: (Spy(real(u)[0]), real(u)[1]))
         storage.upload(tmp_path / "reg", url)
-    assert touched == ["rm pretrain/qsnet/t2w/card.json", "pretrain/qsnet/t2w/model.pt", "pretrain/qsnet/t2w/card.json"]
+    assert touched == ["rm pretrain/qsnet/t2w/card.json", "pretrain/qsnet/t2w/extra/curve.json",
+                       "pretrain/qsnet/t2w/model.pt", "pretrain/qsnet/t2w/card.json"]
