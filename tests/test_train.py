@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -264,6 +265,36 @@ def test_plateau_schedule_only_after_its_epoch():
     for _ in range(3):
         tr.end_epoch(1.0)
     assert tr.opt_g.param_groups[0]["lr"] < 2e-4
+
+
+def test_the_discriminator_learning_rate_drops_with_the_generators():
+    tr = Trainer(build("qsnet", width=8, depth=3), lr=2e-4, lr_d=1e-4, plateau_after_epoch=0, patience=0,
+                 plateau_factor=0.5)
+    tr.end_epoch(1.0)
+    tr.end_epoch(1.0)
+    g, d = tr.opt_g.param_groups[0]["lr"], tr.opt_d.param_groups[0]["lr"]
+    assert g < 2e-4 and d / 1e-4 == pytest.approx(g / 2e-4)
+    # and a resumed run keeps the ratio it had
+    tr2 = Trainer(build("qsnet", width=8, depth=3), lr=2e-4, lr_d=1e-4, plateau_after_epoch=0, patience=0,
+                  plateau_factor=0.5)
+    tr2.load_state_dict(tr.state_dict())
+    assert tr2.opt_d.param_groups[0]["lr"] == pytest.approx(d)
+
+
+def test_cgan_normalises_each_image_alike_in_training_and_inference():
+    """pix2pix at the paper's batch 1 normalises each image by its own statistics, in training and
+    at inference (Isola et al. 2017, section 3.3): running averages of training batches at
+    inference give another image than the one trained (and one that depends on the batch)."""
+    torch.manual_seed(0)
+    g = build("cgan", width=8, depth=3).generator
+    x = torch.rand(3, 2, 32, 32) * 1000
+    g.train()
+    train_out = g(x)
+    g.eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(g(x).numpy(), train_out.detach().numpy(), atol=1e-5)
+        np.testing.assert_allclose(g(x[:1]).numpy(), g(x)[:1].numpy(), atol=1e-5)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in g.modules())
 
 
 def test_registry_round_trip_and_bad_files(tmp_path):

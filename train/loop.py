@@ -228,7 +228,14 @@ class Trainer:
     def end_epoch(self, val_loss: float) -> None:
         self.epoch += 1
         if self.epoch > self.plateau_after_epoch and math.isfinite(val_loss):
+            before = self.opt_g.param_groups[0]["lr"]
             self.sched.step(val_loss)
+            after = self.opt_g.param_groups[0]["lr"]
+            if self.opt_d is not None and after != before:
+                # the discriminator keeps pace: against a critic still at full speed, a slowed
+                # generator loses the adversarial game its drop was meant to settle
+                for group in self.opt_d.param_groups:
+                    group["lr"] *= after / before
 
     def state_dict(self) -> dict:
         g = self._gen()

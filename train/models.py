@@ -8,8 +8,8 @@ generalisation study) to one contrast ``(B, 1, H, W)`` in the prepared [0, 1] sc
   MONAI's DynUNet builds it; a PatchGAN discriminator on (input, output) pairs, least-squares
   adversarial loss.
 - ``resunet``: the same residual U-Net without deep supervision or discriminator (L1 only).
-- ``cgan``: pix2pix: a plain U-Net generator (MONAI UNet) and a PatchGAN, binary
-  cross-entropy adversarial loss.
+- ``cgan``: pix2pix: a plain U-Net generator (MONAI UNet, instance norm: pix2pix at batch 1)
+  and a PatchGAN, binary cross-entropy adversarial loss.
 - ``swin``: a Swin-transformer U-Net (MONAI SwinUNETR, 2-D), L1 only.
 
 :func:`build` returns a :class:`Model` with ``generator``, optional ``discriminator`` and the
@@ -129,8 +129,12 @@ def build(arch: str, in_channels: int = 2, out_channels: int = 1, width: int = 3
     if arch == "cgan":
         from monai.networks.nets import UNet
 
+        # pix2pix's batch norm at its batch size 1, statistics of the image itself in training and
+        # at inference alike, is instance norm (Isola et al. 2017, 3.3); running averages would
+        # make inference another network, and its output depend on how slices are batched
         g = UNet(spatial_dims=2, in_channels=in_channels, out_channels=out_channels, channels=filters,
-                 strides=[2] * (len(filters) - 1), num_res_units=0, norm="batch", act=LEAKY)
+                 strides=[2] * (len(filters) - 1), num_res_units=0, norm=("instance", {"affine": True}),
+                 act=LEAKY)
         return Model(arch, _Plain(g), _discriminator(in_channels + out_channels, channels=2 * w), "bce", cfg)
     from monai.networks.nets import SwinUNETR
 
