@@ -76,7 +76,7 @@ def mprage(tr_shot, ti, flip_deg, esp, n_pulses, ti_to_centre=True, inv_eff=0.96
                 if k == n_pulses // 2:
                     centre = mz * np.sin(a)
                 mz = _relax(mz * np.cos(a), esp, t1)
-            mz = _relax(mz, tail - esp, t1)
+            mz = _relax(mz, tail, t1)   # first + train + tail is the whole shot
         return centre
     return fn
 

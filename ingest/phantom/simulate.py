@@ -31,7 +31,9 @@ from ingest.phantom import dicomio, mrf, physics
 from ingest.phantom.geometry import SIZES, plan_series, sample_points, series_pose, subject_pose
 from ingest.siteconfig import ROLES, load_site
 
-SIMULATOR_VERSION = "2"   # 2: UIDs depend on seed, size and anatomy; PatientAge matches the dates
+# 2: UIDs depend on seed, size and anatomy; PatientAge matches the dates. 3: one receive coil per
+# exam, the MPRAGE shot's full length, GE SWAN magnitude without a phase mask
+SIMULATOR_VERSION = "3"
 MARKER = "PHANTOM.json"
 SITES = ("site-A", "site-B")
 
@@ -129,11 +131,17 @@ def _sample(channels: list[np.ndarray], anat_affine: np.ndarray, geo, m_fine: in
     return out
 
 
-def receive_field(geo, m_fine: int, strength: float, rng: np.random.Generator) -> np.ndarray:
+def receive_coil(strength: float, rng: np.random.Generator) -> tuple[float, np.ndarray]:
+    """One exam's head coil: its strength and centre (mm, scanner coordinates). Drawn once per
+    exam: every series of it is received by the same coil at the same place, while the head
+    moves inside it between series."""
+    return strength * rng.uniform(0.85, 1.15), rng.normal(0.0, 8.0, 3)
+
+
+def receive_field(geo, m_fine: int, coil: tuple[float, np.ndarray]) -> np.ndarray:
     """Coil sensitivity in scanner coordinates: brighter towards the surface and posteriorly
     (the head rests on the posterior elements)."""
-    s = strength * rng.uniform(0.85, 1.15)
-    c0 = rng.normal(0.0, 8.0, 3)
+    s, c0 = coil
     out = np.empty((geo.shape[0], m_fine, m_fine))
     for z in range(geo.shape[0]):
         p = sample_points(geo, z, m_fine, np.zeros(1))[:, 0]
@@ -166,7 +174,9 @@ def subslices(thickness: float, voxel_mm: float) -> int:
 
 
 def swi_postprocess(img: np.ndarray) -> np.ndarray:
-    """Siemens-style SWI: homodyne high-pass phase, negative-phase mask applied 4 times."""
+    """Siemens-style SWI: homodyne high-pass phase, negative-phase mask applied 4 times. A site
+    sets `swi_phase_mask: false` for a magnitude-only product (GE SWAN), whose veins are dark by
+    their T2* dephasing alone."""
     z, n, _ = img.shape
     w = np.hanning(max(3, n // 4))
     win = np.zeros(n)
@@ -253,6 +263,7 @@ def simulate_exam(exam_dir: Path, site: str, index: int, seed: int, size: str, a
     exam = fake_exam(cfg, index, rng, run=f"seed {seed}|{size}|{_anatomy_id(anatomy_dir)}|v{SIMULATOR_VERSION}")
     base_pose = subject_pose(rng)
     exam_tilt = rng.normal(0.0, ph["slab_tilt_deg"])
+    coil = receive_coil(ph["receive_bias"], rng)
     truth = {"site": site, "subject_index": index, "cohort": cfg["cohort"], "size": size,
              "simulator_version": SIMULATOR_VERSION, "lesions": subj.lesions, "series": {},
              "b1_range": [round(float(b1.min()), 4), round(float(b1.max()), 4)]}
@@ -288,7 +299,7 @@ def simulate_exam(exam_dir: Path, site: str, index: int, seed: int, size: str, a
             kw = {"rescale_slope": slope, "rescale_intercept": float(ph["mrf"]["map_rescale_intercept"]),
                   "rescale_type": "US"}
         else:
-            mag = simulate_contrast(subj, tm, b1, geo, series, ph, rng)
+            mag = simulate_contrast(subj, tm, b1, geo, series, ph, rng, coil)
             head_mask = mag > 0.1 * np.percentile(mag, 99)
             stored = to_stored(mag, ph, rng, head_mask)
             kw = {}
@@ -314,7 +325,7 @@ def _safe(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)
 
 
-def simulate_contrast(subj, tm, b1, geo, series, ph, rng) -> np.ndarray:
+def simulate_contrast(subj, tm, b1, geo, series, ph, rng, coil) -> np.ndarray:
     src = contrast_image(tm, b1, series)
     m_fine = 2 * geo.acq_matrix
     n_sub = subslices(geo.thickness, subj.voxel_mm)
@@ -327,7 +338,7 @@ def simulate_contrast(subj, tm, b1, geo, series, ph, rng) -> np.ndarray:
         chans = [src]
     fine = _sample(chans, subj.affine, geo, m_fine, n_sub)
     img = fine[0] + 1j * fine[1] if len(chans) == 2 else fine[0].astype(complex)
-    img = img * receive_field(geo, m_fine, ph["receive_bias"], rng)
+    img = img * receive_field(geo, m_fine, coil)
     vox = (series["fov"] / geo.acq_matrix) ** 2 * geo.thickness  # acquired voxel, mm^3
     noise = ph["noise"] * reference_signal(series) * float(np.clip(np.sqrt(1.0 / vox), 0.5, 4.0))
     rec = kspace_recon(img, geo.acq_matrix, geo.shape[1], ph["recon_filter"], noise, rng)

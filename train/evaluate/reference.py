@@ -2,8 +2,8 @@
 
 When QS-Net misses a quality bar, two explanations look the same in its numbers: the network
 has not learned what its inputs hold (too few steps, a poor optimum), or the inputs do not
-hold the contrast (on the phantom, SWI's phase mask depends on susceptibility, which T1 and T2
-do not show). This reference tells them apart. Gradient-boosted trees (scikit-learn's
+hold the contrast (on the phantom, site A's SWI phase mask depends on susceptibility, which
+T1 and T2 do not show). This reference tells them apart. Gradient-boosted trees (scikit-learn's
 ``HistGradientBoostingRegressor``) map the T1 and T2 map at a voxel, the two maps smoothed at
 two scales, and their gradient magnitudes, to the normalised target. They are fitted on the
 same site's training exams as the physics baseline, inside the brain.
