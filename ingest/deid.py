@@ -346,16 +346,13 @@ def scrub_identities(text: str, identities: Iterable[str]) -> str:
     came in. Anywhere in a word, not only whole words: an ID glued to a protocol name
     ("t1_MRN123") is still an ID. ASCII strings under 3 characters are left alone: removing every
     "1" of a one-digit ID would only mangle the text, and identifies no one; a 2-character
-    name written in ideographs (a family name) is a name, and goes."""
-    variants: set[str] = set()
-    for ident in identities:
-        variants.update(v for v in _variants(str(ident or "").strip()) if _long_enough(v))
-    if not variants or not text:
+    name written in ideographs (a family name) is a name, and goes. The single words of a name,
+    institution or address written as several words go too, as whole tokens only
+    (:func:`_bounded`), and not the generic ones (``_GENERIC_WORDS``)."""
+    pat = _identity_pattern(identities) if text else None
+    if pat is None:
         return text
-    text = unicodedata.normalize("NFC", text)
-    # longest first, so "Jane Doe" goes as a whole before "Jane" and "Doe" are looked for
-    pat = re.compile("|".join(re.escape(v) for v in sorted(variants, key=lambda v: (-len(v), v))), re.IGNORECASE)
-    return " ".join(pat.sub(" ", text).split())
+    return " ".join(pat.sub(" ", unicodedata.normalize("NFC", text)).split())
 
 
 def _long_enough(v: str) -> bool:
@@ -412,36 +409,86 @@ def safe_header_fields(ds: Any) -> dict[str, Any]:
     return out
 
 
-# Words of an institution's name or address that name no place on their own: scrubbing them
-# from a description would only mangle it ("Brain" of a "Brain Institute" from "BRAIN ROUTINE").
+# Words of an institution's name or address, or of a name, that identify no one on their own:
+# scrubbing them would only mangle descriptions ("Brain" of a "Brain Institute" from "BRAIN
+# ROUTINE"). MR vocabulary is here too: an institution word that is also a sequence's name
+# ("Dixon", "Vista", "Free") stays, or every description of the site would lose it.
 _GENERIC_WORDS = frozenset("""
-    hospital hospitals hopital hôpital spital krankenhaus klinik kliniken klinikum university universitat
-    universität universitaire universitario universitaria universidad università universita college
-    school faculty campus institute institut instituto istituto medical medicine medizin médical
-    medico center centre centro clinic clinics clinical clinique clinica health healthcare care
-    imaging radiology radiologie radiologia neuroradiology neurology neuro neuroscience neurosciences
-    brain spine head cancer oncology tumour tumor heart research diagnostic diagnostics department
-    dept division unit service services general regional national community memorial royal children
-    childrens women womens foundation trust nhs group system network the and for der des die das und
-    von del della dei de la le les saint sainte san santa street road avenue lane drive boulevard way
-    place square suite floor building north south east west upper lower new old city county state mri
-    scanner magnetic resonance main central private public
+    hospital hospitals hopital hôpital hospitalier spital krankenhaus klinik kliniken klinikum
+    university universitat universität universitaire universitario universitaria universidad
+    università universita univ hosp college school faculty campus institute institut instituto
+    istituto medical medicine medizin médical medico med center centre centro centrum zentrum ctr
+    clinic clinics clinical clinique clinica health healthcare care imaging radiology radiologie
+    radiologia neuroradiology neurology neuro neuroscience neurosciences brain spine head cancer
+    oncology tumour tumor heart research diagnostic diagnostics department dept division unit
+    service services general regional national community memorial royal children childrens women
+    womens foundation trust nhs group system network inc ltd llc gmbh the and for der des die das
+    und von van den ter ten del della dei de la le les da di du el al ben bin bint ibn mac saint
+    sainte san santa street road avenue ave lane drive boulevard blvd way place square suite ste
+    str floor building north south east west upper lower new old city county state main central
+    private public mri mrt irm scanner magnetic resonance image images computing map maps free
+    wave vista dixon vibe space cube bravo flair swan swi propeller blade haste tse fse spgr tof
+    pet mrac fusion fused diffusion perfusion localizer survey scout field echo frame frames slice
+    slices series volume volumes pixel pixels header row rows column columns step steps range type
+    number size order view file files data end part parts first last one two three other position
+    positions missing high low long short left right top bottom front back not with from this that
+    its are was has have all any can each more less than time red green white black water bridge
+    park hill gate
 """.split())
 
 
-def _words(group: str) -> set[str]:
-    """The distinctive words of a name or address typed as plain text ("Northgate" and
-    "Eastport" of "Northgate University Hospital, 14 Harbour Road, Eastport", "DOE" of a
-    PatientName "JANE DOE" without component separators): an operator abbreviates a place to
-    one word as readily as a patient to a family name. Numbers under 5 digits (a house
-    number) and the generic words above are left alone."""
+def _words(text: str) -> set[str]:
+    """The distinctive words of a name or address written as words ("Northgate" and "Eastport"
+    of "Northgate University Hospital, 14 Harbour Road, Eastport", "DOE" of a PatientName
+    "JANE DOE" typed without component separators): an operator abbreviates a place to one
+    word as readily as a patient to a family name. Numbers under 5 digits (a house number) and
+    the generic words above are left alone."""
     out = set()
-    for w in re.findall(r"[^\W_]+", group):
+    for w in re.findall(r"[^\W_]+", text):
         if w.casefold() in _GENERIC_WORDS or (w.isdigit() and len(w) < 5):
             continue
         if _long_enough(w):
             out.add(w)
     return out
+
+
+def _word_variants(identity: str) -> set[str]:
+    """The words of each multi-word part of ``identity`` (a plain-text group, or a PN component
+    such as "Garcia Lopez" of "Garcia Lopez^Maria"); :func:`_variants` has the whole strings."""
+    out: set[str] = set()
+    for group in unicodedata.normalize("NFC", identity).split("="):
+        for part in group.split("^"):
+            if len(re.findall(r"[^\W_]+", part)) > 1:
+                out |= _words(part)
+    return out
+
+
+def _bounded(word: str) -> str:
+    """``word`` as a whole token: not inside a longer word ("Ste" of "Suite 200" must not cut
+    "Stealth", nor "Han" cut "enhanced"), while ``_``, digits and punctuation around it are
+    separators ("Eastport_t2_tse"). A number must not be part of a longer number."""
+    e = re.escape(word)
+    if word.isdigit():
+        return rf"(?<!\d){e}(?!\d)"
+    if word.isalpha():
+        return rf"(?<![^\W\d_]){e}(?![^\W\d_])"
+    return rf"(?<![^\W_]){e}(?![^\W_])"
+
+
+def _identity_pattern(identities: Iterable[str]) -> re.Pattern | None:
+    whole: set[str] = set()
+    words: set[str] = set()
+    for ident in identities:
+        ident = str(ident or "").strip()
+        whole.update(v for v in _variants(ident) if _long_enough(v))
+        words.update(_word_variants(ident))
+    folded = {v.casefold() for v in whole}
+    alts = [(v, re.escape(v)) for v in whole] + [(w, _bounded(w)) for w in words if w.casefold() not in folded]
+    if not alts:
+        return None
+    # longest first, so "Jane Doe" goes as a whole before "Jane" and "Doe" are looked for
+    alts.sort(key=lambda a: (-len(a[0]), a[0]))
+    return re.compile("|".join(a for _, a in alts), re.IGNORECASE)
 
 
 def _variants(identity: str) -> set[str]:
@@ -456,8 +503,6 @@ def _variants(identity: str) -> set[str]:
             continue
         v.add(group)
         if "^" not in group:
-            if any(ch.isspace() for ch in group):   # several words: a place, or a name typed as text
-                v.update(_words(group))
             continue
         comps = [c.strip() for c in group.split("^") if c.strip()]
         v.update(c for c in comps if _long_enough(c))
@@ -475,11 +520,16 @@ def _variants(identity: str) -> set[str]:
 def scan_for_phi(text: str, identities: list[str]) -> list[str]:
     """The identity strings (e.g. a patient name ``Doe^Jane``, ID, birth date ``19700101``,
     institution) that occur in ``text``, case-insensitively, also as the obvious variants (name
-    components of 3+ characters, "Jane Doe", each `=` group, formatted dates). For tests and audits."""
+    components of 3+ characters, "Jane Doe", each `=` group, formatted dates) and as the single
+    words the scrub removes (a distinctive word of a multi-word name or place, as a whole token).
+    For tests and audits."""
     hay = unicodedata.normalize("NFC", text).casefold()
     found = []
     for ident in identities:
         ident = str(ident).strip()
-        if ident and ident not in found and any(v.casefold() in hay for v in _variants(ident)):
+        if not ident or ident in found:
+            continue
+        if any(v.casefold() in hay for v in _variants(ident)) or \
+                any(re.search(_bounded(w.casefold()), hay) for w in _word_variants(ident)):
             found.append(ident)
     return found
