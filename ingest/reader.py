@@ -668,6 +668,9 @@ def _check_pixel_data(ds, path: Path, ts: str) -> None:
         rows, cols = int(ds.Rows), int(ds.Columns)
         frames = _i(ds.get("NumberOfFrames")) or 1
         bits = _i(ds.get("BitsAllocated")) or {"FloatPixelData": 32, "DoubleFloatPixelData": 64}.get(kw, 16)
+        if colour in _YBR_COMPRESSED_ONLY:
+            raise SeriesError(f"{path}: PhotometricInterpretation {colour} in uncompressed pixel data: the "
+                              "standard allows it only in compressed transfer syntaxes (PS3.5 8.2)")
         # YBR_FULL_422 keeps Cb and Cr for every other column: two samples a pixel (PS3.3 C.7.6.3.1.2)
         samples = 2 if colour == "YBR_FULL_422" else spp
         if bits == 1:
@@ -685,7 +688,7 @@ def _check_pixel_data(ds, path: Path, ts: str) -> None:
                     f"{bits // 8 or 1} byte(s) = {need} bytes, far more than the {actual} bytes of pixel data present: "
                     "header and pixel data disagree (corrupt or edited header)")
             raise SeriesError(
-                f"{path}: pixel data shorter than Rows x Columns x frames x bytes: {actual} bytes present, "
+                f"{path}: pixel data shorter than Rows x Columns x frames x samples x bytes: {actual} bytes present, "
                 f"{need} needed (truncated?)")
         if need and actual >= 2 * need:
             # whole frames more than the header describes (NumberOfFrames dropped, Rows edited):
@@ -711,6 +714,7 @@ def _check_pixel_data(ds, path: Path, ts: str) -> None:
 
 
 _YBR = ("YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "YBR_PARTIAL_422")
+_YBR_COMPRESSED_ONLY = ("YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "YBR_PARTIAL_422")
 
 
 def is_colour(ds, path: Path) -> str:
@@ -729,7 +733,8 @@ def is_colour(ds, path: Path) -> str:
 
 def _decode(ds, path: Path, ts: str) -> np.ndarray:
     """Stored values, shape (frames, rows, cols), or (frames, rows, cols, 3) RGB for a colour
-    image (YBR converted, palette indices looked up, as dcm2niix writes them)."""
+    image: YBR converted to RGB as dcm2niix writes it; palette indices looked up in the file's
+    palette (the LUT's own values, 8 or 16 bits; dcm2niix writes the indices)."""
     colour = is_colour(ds, path)
     try:
         arr = ds.pixel_array   # pydicom turns YBR into RGB by default
@@ -1387,7 +1392,7 @@ def read_series(paths, infos=None, frame_type: str | None = None) -> tuple[np.nd
                 img = img[r0:r0 + fr.rows, c0:c0 + fr.cols]
             if flip_rows:
                 img = img[::-1]
-            if fr.slope == 1.0 and fr.intercept == 0.0:
+            if colour or (fr.slope == 1.0 and fr.intercept == 0.0):   # the Modality LUT is greyscale only
                 out[t, zi] = img
             else:
                 out[t, zi] = img.astype(np.float64) * fr.slope + fr.intercept

@@ -83,6 +83,7 @@ class FileInfo:
     frame_types: tuple[str, ...] = ()                 # enhanced: the FrameTypes of its frames, sorted
     complex_component: str = ""                       # classic: MAGNITUDE, PHASE, REAL, IMAGINARY or FIELD_MAP, if stated
     rows_reversed: bool = False                       # classic: a reversed-polarity GE epi_pepolar image
+    colour: str = ""                                  # "" greyscale, else the PhotometricInterpretation
     acquisition_number: int | None = None
     instance_number: int | None = None
     # what the reader needs to read a plain classic file without parsing it again, and the
@@ -109,6 +110,7 @@ class SeriesGroup:
     image_type: list[str] = field(default_factory=list)
     frame_type: str = ""                                # one kind of an enhanced object's frames
     complex_component: str = ""                         # classic: see FileInfo
+    colour: str = ""                                    # see FileInfo
     tr: float | None = None
     te: float | None = None
     ti: float | None = None
@@ -178,6 +180,13 @@ def _frame_types(ds) -> tuple[str, ...]:
     return tuple(sorted({enhanced_frame_type(ds, i) for i in range(_i(ds.get("NumberOfFrames")) or 1)}))
 
 
+def _colour(ds) -> str:
+    """The colour model of a file, "" for greyscale; lenient (the reader says what is wrong)."""
+    pi = _s(ds, "PhotometricInterpretation").upper()
+    spp = _i(ds.get("SamplesPerPixel")) or 1
+    return (pi or f"{spp} samples") if spp != 1 or pi == "PALETTE COLOR" else ""
+
+
 def header_summary(ds, path: Path, size: int, plan: ReadPlan | None = None, sha256: str = "") -> FileInfo:
     """FileInfo from a (header-only) dataset."""
     meta = getattr(ds, "file_meta", None)
@@ -218,6 +227,7 @@ def header_summary(ds, path: Path, size: int, plan: ReadPlan | None = None, sha2
         frame_types=_frame_types(ds) if enhanced else (),
         complex_component="" if enhanced else (plan.component if plan is not None else complex_component(ds)),
         rows_reversed=False if enhanced else (plan.rows_reversed if plan is not None else ge_pepolar_reversed(ds)),
+        colour=_colour(ds),
         acquisition_number=_i(ds.get("AcquisitionNumber")),
         instance_number=_i(ds.get("InstanceNumber")),
         plan=plan,
@@ -483,6 +493,7 @@ def _split_signature(fi: FileInfo) -> tuple:
         tuple(t.upper() for t in fi.image_type),
         fi.complex_component,                      # GE keeps all four under one ImageType
         fi.rows_reversed,                          # GE epi_pepolar: both polarities in one series
+        fi.colour,                                 # a colour copy filed under the series' UID
     )
 
 
@@ -494,7 +505,7 @@ def _close(a, b, tol: float) -> bool:
 
 def _same_part(a: tuple, b: tuple) -> bool:
     return (_close(a[0], b[0], 1e-3) and a[1] == b[1] and _close(a[2], b[2], 1e-3)
-            and a[3] == b[3] and a[4] == b[4] and a[5] == b[5] and a[6] == b[6])
+            and a[3] == b[3] and a[4] == b[4] and a[5] == b[5] and a[6] == b[6] and a[7] == b[7])
 
 
 def part_difference(a: FileInfo, b: FileInfo) -> str:
@@ -516,6 +527,8 @@ def part_difference(a: FileInfo, b: FileInfo) -> str:
         out.append(f"complex component ({a.complex_component or 'unstated'} vs {b.complex_component or 'unstated'})")
     if sa[6] != sb[6]:
         out.append("phase-encoding polarity (GE epi_pepolar)")
+    if sa[7] != sb[7]:
+        out.append(f"colour ({a.colour or 'greyscale'} vs {b.colour or 'greyscale'})")
     if a.series_number != b.series_number:
         out.append(f"SeriesNumber ({_fmt(a.series_number)} vs {_fmt(b.series_number)})")
     return ", ".join(out)
@@ -635,6 +648,7 @@ def _make_group(key: str, files: list[FileInfo], frame_type: str = "", echo: int
         image_type=frame_type.split("\\") if frame_type else list(f0.image_type),
         frame_type=frame_type,
         complex_component=f0.complex_component,
+        colour=f0.colour,
         tr=f0.tr,
         te=f0.te,
         ti=f0.ti,

@@ -539,6 +539,10 @@ def _ingest_exam(src, dst, job, site_cfg, key, split_fractions, prev_rows):
         # parts by disagreeing headers (one slice without SeriesNumber, another PixelSpacing)
         # offers only its largest part: a one-slice fragment must never stand in for the
         # volume, nor the volume be dropped as "a second series" beside it.
+        # a colour rendering (a fused or annotated copy) that the role's rules match is never
+        # a candidate: it must not stand in for the volume, nor a part of it oust the greyscale one
+        colour = [(g, sid) for g, sid in cands if g.colour]
+        cands = [(g, sid) for g, sid in cands if not g.colour]
         cands, ambiguous = _ambiguous(cands, role)
         for same, why in ambiguous:
             for g, series_id in same:
@@ -558,7 +562,6 @@ def _ingest_exam(src, dst, job, site_cfg, key, split_fractions, prev_rows):
                     f"{len(whole.files)} ({why}): left out of the volume; check these files",
                     subject=subject, series=series_id, role=role)
         kept = None
-        colour: list[tuple[str, list[str]]] = []
         for g, series_id in cands:
             rels = [rel_of[f] for f in g.files]
             if kept is not None:
@@ -577,10 +580,6 @@ def _ingest_exam(src, dst, job, site_cfg, key, split_fractions, prev_rows):
                 for r in rels:
                     row(r, "quarantined", f"{rels[0]}: unreadable series ({exc.__class__.__name__}: {exc})",
                         subject=subject, series=series_id, role=role)
-                continue
-            if meta.get("samples_per_pixel", 1) != 1:
-                # a colour rendering (a fused or annotated copy) matched the role's rules
-                colour.append((series_id, rels))
                 continue
             if role.startswith("mrf"):
                 try:
@@ -606,13 +605,14 @@ def _ingest_exam(src, dst, job, site_cfg, key, split_fractions, prev_rows):
             arrays[role] = (vol.astype(np.float32), attrs)
             for r in rels:
                 row(r, "ingested", "", subject=subject, series=series_id, role=role)
-        for series_id, rels in colour:
+        for g, series_id in colour:
             # beside the role's greyscale series it is a copy to pass over; alone, the role is lost
             # and the site must send the greyscale series (or its rules must not match this one)
-            why = (f"colour (RGB) images of series {series_id}: role {role} takes greyscale images"
-                   + (f" (kept {kept})" if kept else "; no greyscale series of this role in the exam"))
-            for r in rels:
-                row(r, "ignored" if kept else "quarantined", why, subject=subject, series=series_id, role=role)
+            why = (f"colour ({g.colour}) images of series {series_id}: role {role} takes greyscale images"
+                   + (f" (kept {kept})" if kept else "; no greyscale series of this role was read"))
+            for f in g.files:
+                row(rel_of[f], "ignored" if kept else "quarantined", why, subject=subject, series=series_id,
+                    role=role)
     # phantom ground truth: labels and brain on the MRF grid, poses for registration checks
     truth_attrs = {}
     for rel in job.truth:

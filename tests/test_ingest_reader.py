@@ -1398,12 +1398,25 @@ def test_colour_layouts_the_standard_does_not_have_and_mixed_series_are_refused(
         read_series(short)
 
 
+def test_colour_samples_are_not_rescaled(tmp_path):
+    """RescaleSlope/Intercept (the Modality LUT) apply to greyscale pixels only (PS3.3 C.11.1)."""
+    rgb = _rgb((2, 4, 4))
+    write_colour(tmp_path / "in", rgb, make_affine(AXIAL), RescaleSlope=2, RescaleIntercept=-10)
+    np.testing.assert_array_equal(read_series(tmp_path / "in")[0], rgb)
+
+
 def test_view_shows_a_colour_and_a_4d_series_of_an_exam_folder(tmp_path):
-    from ingest.view import render
+    from ingest.view import _exam_series, render
 
     aff = make_affine(AXIAL)
-    write_colour(tmp_path / "exam" / "S001", _rgb((3, 8, 8)), aff, description="fused")
+    rgb = _rgb((3, 8, 8))
+    write_colour(tmp_path / "exam" / "S001", rgb, aff, description="fused")
+    vols = {t: volume((3, 8, 8), seed=t) for t in (1, 2)}
     for t in (1, 2):
-        write_classic(tmp_path / "exam" / "S002", volume((3, 8, 8), seed=t), aff, instance0=3 * (t - 1),
+        write_classic(tmp_path / "exam" / "S002", vols[t], aff, instance0=3 * (t - 1), description="fmri",
                       names=f"V{t}_", series_uid="1.2.826.0.1.3680043.8.498.9", TemporalPositionIdentifier=t)
+    series = {title: vol for title, vol, _ in _exam_series(tmp_path / "exam")}
+    assert set(series) == {"fused", "fmri (volume 1 of 2)"}
+    np.testing.assert_array_equal(series["fused"], rgb)
+    np.testing.assert_array_equal(series["fmri (volume 1 of 2)"], vols[1])
     assert render(tmp_path / "exam", tmp_path / "v.png").stat().st_size > 1000

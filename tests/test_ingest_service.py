@@ -984,12 +984,13 @@ def test_role_takes_the_magnitude_of_a_series_that_holds_phase_too(demo_tree, tm
     np.testing.assert_array_equal(np.asarray(open_store(store).array("swi")[:]), mag)
 
 
-@pytest.mark.parametrize("grey", [True, False])
-def test_a_colour_copy_matching_a_role_never_stands_in_for_it(demo_tree, tmp_path, grey):
-    """A colour (RGB) copy of the SWI sent beside it, with a description the role's rules match:
-    beside the greyscale series it is ignored and the store holds the greyscale volume; alone, its
-    files are quarantined, saying the role has no greyscale series (the role is lost, a person
-    must act). Colour is never stacked into a role's array."""
+@pytest.mark.parametrize("grey, same_uid", [(True, False), (False, False), (True, True)])
+def test_a_colour_copy_matching_a_role_never_stands_in_for_it(demo_tree, tmp_path, grey, same_uid):
+    """A colour (RGB) copy of the SWI sent beside it, with a description the role's rules match,
+    also one filed under the SWI's own SeriesInstanceUID and number (a series part of its own,
+    whose files sort first): beside the greyscale series it is ignored and the store holds the
+    greyscale volume; alone, its files are quarantined, saying the role has no greyscale series
+    (the role is lost, a person must act). Colour is never stacked into a role's array."""
     from test_ingest_reader import write_colour
 
     from ingest.reader import read_series
@@ -1001,14 +1002,20 @@ def test_a_colour_copy_matching_a_role_never_stands_in_for_it(demo_tree, tmp_pat
     vol, aff, _ = read_series(sorted(swi.iterdir()))
     first = header(exam)
     grey8 = np.clip(vol / vol.max() * 255, 0, 255).astype(np.uint8)
-    write_colour(exam / "S001_SWI_fused", np.repeat(grey8[..., None], 3, axis=-1), aff, series_number=1,
-                 series_uid=pydicom.uid.generate_uid(), description="SWI_Images",
+    swi_hdr = header(swi)
+    write_colour(exam / "S001_SWI_fused", np.repeat(grey8[..., None], 3, axis=-1), aff,
+                 series_number=swi_hdr.SeriesNumber if same_uid else 1,
+                 series_uid=swi_hdr.SeriesInstanceUID if same_uid else pydicom.uid.generate_uid(),
+                 description="SWI_Images", ImageType=["DERIVED", "SECONDARY"],
                  StudyInstanceUID=first.StudyInstanceUID, PatientID=first.PatientID, PatientName=first.PatientName)
     if not grey:
         shutil.rmtree(exam / swi.name)
     run_ingest(src, tmp_path)
-    rows = [r for r in manifest_rows(tmp_path / "manifest.csv") if "S001_SWI_fused" in r["path"]]
+    every = manifest_rows(tmp_path / "manifest.csv")
+    rows = [r for r in every if "S001_SWI_fused" in r["path"]]
     assert len(rows) == grey8.shape[0]
+    if grey:
+        assert {r["status"] for r in every if swi.name in r["path"]} == {"ingested"}
     assert {r["status"] for r in rows} == {"ignored" if grey else "quarantined"}, rows
     assert all("colour (RGB) images of series" in r["reason"] and "role swi takes greyscale" in r["reason"]
                for r in rows), rows
@@ -1016,4 +1023,4 @@ def test_a_colour_copy_matching_a_role_never_stands_in_for_it(demo_tree, tmp_pat
     if grey:
         np.testing.assert_array_equal(np.asarray(st.array("swi")[:]), vol)
     else:
-        assert "swi" not in st.roles and "no greyscale series of this role" in rows[0]["reason"]
+        assert "swi" not in st.roles and "no greyscale series of this role was read" in rows[0]["reason"]
