@@ -34,6 +34,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.requests import ClientDisconnect
 from ray import serve
+from ray.exceptions import TaskCancelledError
 
 from serve.catalog import CONTRASTS, load_catalog, public_card, select
 from serve.dicomout import check_uid_root
@@ -257,8 +258,10 @@ class Ingress:
             except asyncio.TimeoutError:
                 raise RequestError(408, "request_timeout", f"no bytes of the body for "
                                    f"{self.limits.idle_timeout_s:g} s; send it again") from None
-            except ClientDisconnect:
-                # nginx's 499: the client closed the connection; no one reads this answer, the log does
+            except (ClientDisconnect, TaskCancelledError):
+                # nginx's 499: the client closed the connection; no one reads this answer, the log
+                # does. Behind Serve's proxy the hang-up can come as the proxy cancelling the task
+                # that relays the body, whose error surfaces here instead of ClientDisconnect.
                 raise RequestError(499, "client_disconnected", f"the client hung up after {n} bytes of "
                                    "the body") from None
             n += len(chunk)
