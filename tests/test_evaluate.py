@@ -402,3 +402,15 @@ def test_a_registry_with_no_loadable_model_is_an_error_not_a_baselines_only_repo
     with pytest.raises(EvaluateError, match="no model card could be evaluated: .*sha256 differs"):
         evaluate(models, stores, out, {})
     assert (out / "metrics.json").read_text() == "keep"
+
+
+def test_an_under_trained_note_names_the_input_kind():
+    """The generalisation check lists both models of a contrast: two identical sentences read as a
+    duplicate, and the reader cannot tell which model stopped early."""
+    from train.evaluate.service import _undertrained
+
+    training = {("pretrain", "cgan", k, "t2flair"): {"epochs": 9, "best_epoch": 9} for k in ("mrf", "mri")}
+    notes = [_undertrained(training, ("pretrain", "cgan", k, "t2flair")) for k in ("mrf", "mri")]
+    assert notes[0] != notes[1] and "mrf inputs" in notes[0] and "mri inputs" in notes[1]
+    assert _undertrained({("pretrain", "cgan", "mrf", "t2flair"): {"epochs": 9, "best_epoch": 7}},
+                         ("pretrain", "cgan", "mrf", "t2flair")) == ""

@@ -535,8 +535,9 @@ def _blur_yardstick(exams: list, cfg: dict, sigma_px: float = 1.0) -> dict:
 def _undertrained(training: dict, key: tuple) -> str:
     t = training.get(key) or {}
     if t.get("epochs") and t.get("best_epoch") == t.get("epochs"):
-        return (f"{key[1]} {key[3]} ({key[0]}): validation loss still falling at its last epoch ({t['epochs']}): "
-                "under-trained on this profile")
+        # the input kind named: the generalisation study's two models of one contrast read alike otherwise
+        return (f"{key[1]} {key[3]} ({key[0]}, {key[2]} inputs): validation loss still falling at its last epoch "
+                f"({t['epochs']}): under-trained on this profile")
     return ""
 
 
