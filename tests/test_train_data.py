@@ -55,6 +55,24 @@ def test_slices_a_target_series_does_not_cover_are_not_learnt(tmp_path):
     slices = [z for _, z in SliceDataset([tmp_path / "cut.zarr"], contrasts=["t2w"]).index]
     assert slices == [2, 3, 4]
     assert [z for _, z in SliceDataset([tmp_path / "cut.zarr"], contrasts=["t1w"]).index] == [1, 2, 3, 4]
+    # a series clipping 10 % of every slice passes prepare's brain-wide gate and leaves nothing
+    # to learn: a clear error, not a run that saves its random weights as the best model
+    valid = arrays["brain"][0].copy()
+    valid[:, :, :12] = 0
+    arrays["valid_t2w"] = (valid, {"affine_lps": np.eye(4).tolist()})
+    write_exam_store(tmp_path / "clipped.zarr", arrays, dict(st.attrs))
+    with pytest.raises(ValueError, match=r"clipped.zarr: no slice to learn t2w from \(mrf inputs\)"):
+        SliceDataset([tmp_path / "clipped.zarr"], contrasts=["t2w"])
+
+
+def test_zero_strength_augmentation_is_the_identity_and_items_are_plain_tensors(stores):
+    paths = find_stores(stores, splits=["train"])
+    plain = SliceDataset(paths, contrasts=["t1w"])
+    still = SliceDataset(paths, contrasts=["t1w"], augment=Augment(32, rotate_deg=0, elastic_px=0, noise=0.0))
+    assert torch.equal(plain[2]["target"], still[2]["target"]) and torch.equal(plain[2]["input"], still[2]["input"])
+    moved = SliceDataset(paths, contrasts=["t1w"], augment=Augment(32), seed=1)[2]
+    # MONAI's MetaTensor would carry its metadata and slower operators into every batch
+    assert all(type(moved[k]) is torch.Tensor for k in ("input", "target", "brain"))
 
 
 def test_find_and_index_brain_slices(stores):

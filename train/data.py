@@ -64,23 +64,33 @@ class Augment:
         # dense field; with control points every size/8 pixels the dense field's standard
         # deviation is about the magnitude (2.02 px measured at 256 x 256 for magnitude 2).
         spacing = control_spacing or max(4, size // 8)
-        self.geometric = Rand2DElasticd(
+        # no rotation and no deformation is no resampling: MONAI's field through its control
+        # grid is not the identity (sub-pixel ripple, zeroed border pixels)
+        self.geometric = None if rotate_deg == 0 and elastic_px == 0 else Rand2DElasticd(
             keys=["input", "target", "brain"], spacing=(spacing, spacing),
             magnitude_range=(elastic_px, elastic_px), rotate_range=(math.radians(rotate_deg),),
             prob=1.0, mode=["bilinear", "bilinear", "nearest"], padding_mode="zeros")
         self.noise = float(noise)
 
     def __call__(self, item: dict, seed: int) -> dict:
-        self.geometric.set_random_state(seed=seed % (2 ** 32))
-        out = self.geometric({k: item[k] for k in ("input", "target", "brain")})
-        x = torch.as_tensor(out["input"]).float()
+        out = {k: item[k] for k in ("input", "target", "brain")}
+        if self.geometric is not None:
+            self.geometric.set_random_state(seed=seed % (2 ** 32))
+            out = self.geometric(out)
+        x = _plain(out["input"]).float()
         if self.noise > 0:
             g = torch.Generator().manual_seed(seed % (2 ** 63))
             rng = (x.amax(dim=(-2, -1), keepdim=True) - x.amin(dim=(-2, -1), keepdim=True))
             # noise std is 1 % of each channel's range (paper 2.3), not of a fixed range
             x = x + torch.randn(x.shape, generator=g) * (self.noise * rng)
-        return {**item, "input": x, "target": torch.as_tensor(out["target"]).float(),
-                "brain": (torch.as_tensor(out["brain"]) > 0.5).float()}
+        return {**item, "input": x, "target": _plain(out["target"]).float(),
+                "brain": (_plain(out["brain"]) > 0.5).float()}
+
+
+def _plain(t) -> torch.Tensor:
+    """A plain tensor: MONAI's MetaTensor carries its metadata (and its slower operators) into
+    every batch and the model, and torch.as_tensor keeps the subclass."""
+    return t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)
 
 
 def exam_input(store, inputs: str = "mrf") -> np.ndarray:
@@ -140,6 +150,13 @@ class SliceDataset(Dataset):
             site, subject = name_parts(p)
             self.subjects.append(str(st.attrs.get("subject", subject)))
             self.sites.append(str(st.attrs.get("site", site)))
+        if self.paths and not self.index:
+            # every slice left out (no brain, or a series that never covers 95 % of a slice's
+            # brain): training on nothing would save random weights as the best model
+            raise ValueError(f"{self.paths[0]}{f' and {len(self.paths) - 1} other store(s)' if len(self.paths) > 1 else ''}: "
+                             f"no slice to learn {', '.join(self.contrasts)} from ({inputs} inputs): every slice has "
+                             f"under {min_brain_fraction:.0%} brain or a series covering under {min_covered:.0%} of its "
+                             "brain (prepare's report lists each series' coverage)")
         if augment is True or isinstance(augment, dict):
             augment = Augment(size or 64, **(augment if isinstance(augment, dict) else {}))
         self.augment = augment or None
