@@ -389,6 +389,33 @@ def test_voxels_without_truth_are_not_scored(tmp_path):
     assert (ex.mask("t1w") == brain).all()             # a role without a mask: the brain
 
 
+def test_generalisation_arms_are_scored_where_the_mri_inputs_exist_too(tmp_path):
+    """Where the T1w series does not reach, an mri-input model is fed zeros it never trained on:
+    both arms of the comparison, and the copies, are scored only where target and inputs all
+    have a series; the study's own models elsewhere on the target's whole coverage."""
+    from ingest.store import open_store
+    from train.evaluate.service import _Exam, _score
+
+    _store(tmp_path, "site-B", "test", "sub-B0", np.random.default_rng(1))
+    st = open_store(tmp_path / "site-B" / "sub-B0.zarr")
+    arrays = {r: (st.read(r), {}) for r in st.roles}
+    brain = arrays["brain"][0] > 0
+    valid = brain.copy()
+    valid[0] = False                                   # the T1w series misses the first slice
+    arrays["t1w"] = (np.where(valid, arrays["t1w"][0], 0.0).astype(np.float32), {})
+    arrays["valid_t1w"] = (valid.astype(np.uint8), {})
+    write_exam_store(tmp_path / "cut.zarr", arrays, dict(st.attrs))
+    ex = _Exam(tmp_path / "cut.zarr")
+    truth = ex.truth("t2flair")
+    pred = np.where(valid, truth, 0.0)                 # right wherever the inputs exist
+    cfg = {"data_range": 4095, "k1": 0.01, "k2": 0.03}
+    for arm in ("generalisation_mri", "generalisation_mrf", "copy"):
+        m, _ = _score(pred, ex, "t2flair", cfg, arm)
+        assert m["mae"] == 0 and m["voxels"] == int((valid & ex.mask("t2flair")).sum()), arm
+    m, _ = _score(pred, ex, "t2flair", cfg, "main")
+    assert m["mae"] > 0 and m["voxels"] == int(ex.mask("t2flair").sum())
+
+
 def test_a_registry_with_no_loadable_model_is_an_error_not_a_baselines_only_report(stores, tmp_path):
     """The physics baseline and the reference always score: a run where no model card loads
     must fail, and leave an earlier report as it was, not replace it with the baselines alone."""
@@ -414,3 +441,27 @@ def test_an_under_trained_note_names_the_input_kind():
     assert notes[0] != notes[1] and "mrf inputs" in notes[0] and "mri inputs" in notes[1]
     assert _undertrained({("pretrain", "cgan", "mrf", "t2flair"): {"epochs": 9, "best_epoch": 7}},
                          ("pretrain", "cgan", "mrf", "t2flair")) == ""
+
+
+def test_a_check_that_cannot_run_is_a_failed_row_and_physics_is_compared_on_shared_subjects():
+    """No finetuned QS-Net on a cohort, or no physics prediction, used to leave no row at all
+    ("0/0 checks passed"). And QS-Net scored on 2 of 5 subjects was compared by its mean with the
+    baseline's mean over all 5: the check must use the subjects both were scored on."""
+    from train.evaluate.service import _checks
+
+    cfg = {"min_ssim": 0.85}
+    m = lambda s: {"ssim": s, "psnr": 30.0, "mae": 10.0}  # noqa: E731
+    pair = lambda a, b: {"n": 2, "mean_a": a, "mean_b": b}  # noqa: E731
+    tables = {"metrics": {"site_a": {}, "site_b": {"physics": {"t1w": m(0.73)}}},
+              "stats": {"qsnet_vs": {}}, "generalisation": {"cgan": {"mrf": {}, "mri": {"t2flair": m(0.6)},
+                                                                      "p_values": {}}}}
+    rows = _checks(tables, cfg, "site-A")
+    assert [r["passed"] for r in rows] == [False, False]
+    assert all(r["note"].startswith("not evaluated") for r in rows)
+    tables["metrics"]["site_b"]["qsnet"] = {"t1w": m(0.905), "t2w": m(0.9)}
+    tables["stats"]["qsnet_vs"] = {"site_b": {"physics": {"t1w": {"ssim": pair(0.905, 0.925),
+                                                                   "psnr": pair(31.0, 30.0), "mae": pair(9.0, 10.0)}}}}
+    rows = {(r["check"].split(":")[1].strip()[:20], r["contrast"]): r for r in _checks(tables, cfg, "site-A")}
+    beat = rows[("QS-Net beats the phy", "t1w")]
+    assert not beat["passed"] and beat["value"]["ssim"] == [0.905, 0.925]   # not 0.905 vs 0.73
+    assert not rows[("QS-Net beats the phy", "t2w")]["passed"]                # no baseline: a failed row

@@ -232,6 +232,9 @@ def write(folder: Path, rows, region_rows, tables, checks, summary, grids, exams
     if gen:
         parts.append("<h2>Generalisation: trained on site A only, tested on another site, mrf against mri "
                      "inputs (the paper's figure 5)</h2>")
+        parts.append("<p>Both input kinds are scored on the same voxels: the brain where the target and the "
+                     "mri inputs (T1w and T2w) all have a series covering them. Elsewhere an mri-input model "
+                     "would be fed zeros it never saw in training.</p>")
         body = []
         for arch in _models(gen):
             g = gen[arch]

@@ -118,13 +118,20 @@ class _Exam:
     def scale(self, contrast: str) -> dict:
         return (self.store.attrs.get("scale") or {}).get(contrast) or {}
 
-    def mask(self, contrast: str) -> np.ndarray:
-        """The brain voxels where ``contrast`` has a truth: its series covers them."""
+    def mask(self, contrast: str, with_mri_inputs: bool = False) -> np.ndarray:
+        """The brain voxels where ``contrast`` has a truth: its series covers them. With
+        ``with_mri_inputs``, only those where the mri inputs (T1w and T2w) have one too."""
         from ingest.prepare.service import scored_mask
+        from train.data import INPUT_KINDS
 
-        if contrast not in self._mask:
-            self._mask[contrast] = scored_mask(self.store, contrast, self.brain)
-        return self._mask[contrast]
+        roles = [contrast] + ([r for r in INPUT_KINDS["mri"] if r in self.store] if with_mri_inputs else [])
+        for r in roles:
+            if r not in self._mask:
+                self._mask[r] = scored_mask(self.store, r, self.brain)
+        out = self._mask[contrast]
+        for r in roles[1:]:
+            out = out & self._mask[r]
+        return out
 
 
 def predict(model, x: np.ndarray, batch: int = 32) -> np.ndarray:
@@ -138,10 +145,17 @@ def predict(model, x: np.ndarray, batch: int = 32) -> np.ndarray:
     return np.concatenate(out)
 
 
-def _score(pred01: np.ndarray, ex: _Exam, contrast: str, cfg: dict) -> tuple[dict, list[dict]]:
+# The generalisation study's arms, scored on the same voxels: where its inputs are missing (a T1w
+# or T2w series that does not cover the slice) an mri-input model sees zeros, which training
+# never shows it (SliceDataset leaves such slices out), and a comparison there would be decided
+# by coverage, not by the inputs' kind.
+_PAIRED_ON_MRI_INPUTS = ("generalisation_mrf", "generalisation_mri", "copy")
+
+
+def _score(pred01: np.ndarray, ex: _Exam, contrast: str, cfg: dict, arm: str = "main") -> tuple[dict, list[dict]]:
     L, k1, k2 = float(cfg["data_range"]), float(cfg["k1"]), float(cfg["k2"])
     p, t = to_12bit(pred01, L), to_12bit(ex.truth(contrast), L)
-    mask = ex.mask(contrast)
+    mask = ex.mask(contrast, with_mri_inputs=arm in _PAIRED_ON_MRI_INPUTS)
     m = masked_metrics(p, t, mask, L, k1, k2)
     sc = ex.scale(contrast)
     if "lo" in sc and "hi" in sc:  # the normalisation is linear: scanner-unit MAE is the prepared one rescaled
@@ -206,7 +220,14 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
     if not test:
         raise EvaluateError(f"{stores}: no prepared store in split 'test' (run `qsnet prepare`; "
                             "its report lists the splits)")
-    exams = [_Exam(p) for p in test]
+    exams = []
+    for p in test:
+        try:
+            exams.append(_Exam(p))
+        except Exception as exc:  # noqa: BLE001 - a damaged test store is reported; the others are scored
+            errors.append(f"{p}: test store not evaluated: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    if not exams:
+        raise EvaluateError(f"{stores}: no readable prepared store in split 'test': {'; '.join(errors[:2])}")
     cards = _cards(models, errors)
     if not cards:
         raise EvaluateError(f"{models}: no usable model card (<stage>/<arch>/<contrast>/card.json) to evaluate"
@@ -220,7 +241,7 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
 
     def record(ex, model_key, arm, contrast, pred, card=None, inputs="mrf"):
         t0 = time.perf_counter()
-        m, regs = _score(pred, ex, contrast, cfg)
+        m, regs = _score(pred, ex, contrast, cfg, arm)
         timing["metrics_s"] += time.perf_counter() - t0
         timing["pairs"] += 1
         base = {"cohort": ex.cohort, "site": ex.site, "subject": ex.subject, "health": ex.health,
@@ -297,6 +318,10 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
                               f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
                 break
             timing["predict_s"] += time.perf_counter() - t0
+            if pred.shape != ex.brain.shape:
+                errors.append(f"{name}: {ex.path}: the model gives {pred.shape[1:]} images for "
+                              f"{ex.brain.shape[1:]} inputs: not scored")
+                break
             record(ex, _model_key(card), arm, c, pred * ex.brain, card)
 
     from train.evaluate.physics import PhysicsBaseline, PhysicsUnavailable
@@ -601,7 +626,13 @@ def _checks(tables: dict, cfg: dict, home: str, training: dict | None = None, ph
     out = []
     metrics = tables["metrics"]
     for cohort, models in sorted(metrics.items()):
-        if cohort == cohort_name(home) or "qsnet" not in models:
+        if cohort == cohort_name(home):
+            continue
+        if "qsnet" not in models:
+            # a check that cannot run is a failed check, not a missing row ("0/0 passed")
+            out.append({"check": f"{cohort}: QS-Net (finetuned) SSIM >= {cfg['min_ssim']}", "contrast": "",
+                        "value": None, "passed": False,
+                        "note": "not evaluated: no finetuned QS-Net was scored on this cohort (see the errors)"})
             continue
         for c, m in sorted(models["qsnet"].items()):
             ok = bool(math.isfinite(m["ssim"]) and m["ssim"] >= cfg["min_ssim"])
@@ -611,7 +642,17 @@ def _checks(tables: dict, cfg: dict, home: str, training: dict | None = None, ph
             out.append({"check": f"{cohort}: QS-Net (finetuned) SSIM >= {cfg['min_ssim']}", "contrast": c,
                         "value": m["ssim"], "passed": ok, "note": "; ".join(n for n in notes if n)})
             phys = models.get("physics", {}).get(c)
-            if phys:
+            if not phys:
+                out.append({"check": f"{cohort}: QS-Net beats the physics baseline (SSIM, PSNR and MAE)",
+                            "contrast": c, "value": None, "passed": False,
+                            "note": "not evaluated: the physics baseline has no prediction here (see the errors)"})
+            else:
+                # on the subjects both were scored on: a model that failed on one exam must not be
+                # compared by its mean over the others with the baseline's mean over all
+                pst = tables["stats"]["qsnet_vs"].get(cohort, {}).get("physics", {}).get(c, {})
+                if all((pst.get(k) or {}).get("n") for k in METRICS):
+                    m = {**m, **{k: pst[k]["mean_a"] for k in METRICS}}
+                    phys = {**phys, **{k: pst[k]["mean_b"] for k in METRICS}}
                 wins = {k: _beats(m[k], phys[k], k) for k in METRICS}
                 ok = all(wins.values())
                 why = ["lost on " + ", ".join(k for k, w in wins.items() if not w),
@@ -630,6 +671,11 @@ def _checks(tables: dict, cfg: dict, home: str, training: dict | None = None, ph
                             "contrast": c, "value": {k: [m[k], phys[k]] for k in METRICS},
                             "passed": ok, "note": note.rstrip("; ")})
     for arch, g in sorted(tables["generalisation"].items()):
+        for c in sorted(set(g["mri"]) - set(g["mrf"])):
+            out.append({"check": f"generalisation: {arch} with mrf inputs beats mri inputs (SSIM)", "contrast": c,
+                        "value": None, "passed": False,
+                        "note": "not evaluated: the mri-input model was scored, the mrf-input one was not (see the "
+                                "errors)"})
         for c in sorted(set(g["mrf"]) & set(g["mri"])):
             a, b = g["mrf"][c], g["mri"][c]
             ok = _beats(a["ssim"], b["ssim"], "ssim")
