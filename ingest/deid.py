@@ -409,11 +409,34 @@ def safe_header_fields(ds: Any) -> dict[str, Any]:
     return out
 
 
-# Words of an institution's name or address, or of a name, that identify no one on their own:
-# scrubbing them would only mangle descriptions ("Brain" of a "Brain Institute" from "BRAIN
-# ROUTINE"). MR vocabulary is here too: an institution word that is also a sequence's name
-# ("Dixon", "Vista", "Free") stays, or every description of the site would lose it.
-_GENERIC_WORDS = frozenset("""
+class PlaceName(str):
+    """An institution's name, department or address (InstitutionName, InstitutionAddress,
+    InstitutionalDepartmentName) as an identity to scrub: its distinctive words go on their own
+    too, its generic ones (:data:`_PLACE_WORDS`) stay."""
+
+    __slots__ = ()
+
+
+class PersonName(str):
+    """A person's name (a PN value) as an identity to scrub: each of its words goes on its own,
+    also when it was typed as plain words ("JANE DOE") rather than with ``^`` separators; only
+    particles (:data:`_NAME_PARTICLES`) stay. A plain ``str`` with ``^`` is read as one too."""
+
+    __slots__ = ()
+
+
+# Particles of names that identify no one on their own and are common words ("van", "de", "al").
+_NAME_PARTICLES = frozenset("""
+    van von der den ter ten de del della dei di da du la le les dos das bin bint ibn al el ben mac
+""".split())
+
+# Words of an institution's name or address that identify no one on their own: scrubbing them
+# would only mangle descriptions ("Brain" of a "Brain Institute" from "BRAIN ROUTINE"). MR
+# vocabulary is here too: an institution word that is also a sequence's name or a label of
+# one ("Dixon", "Vista", "Post" of "Boston Post Road") stays, or every description of the
+# site would lose it; so are words of ingest's own reasons. Names never use this list: a
+# surname (Park, White, Green) is a name whatever else it means.
+_PLACE_WORDS = _NAME_PARTICLES | frozenset("""
     hospital hospitals hopital hôpital hospitalier spital krankenhaus klinik kliniken klinikum
     university universitat universität universitaire universitario universitaria universidad
     università universita univ hosp college school faculty campus institute institut instituto
@@ -423,29 +446,29 @@ _GENERIC_WORDS = frozenset("""
     oncology tumour tumor heart research diagnostic diagnostics department dept division unit
     service services general regional national community memorial royal children childrens women
     womens foundation trust nhs group system network inc ltd llc gmbh the and for der des die das
-    und von van den ter ten del della dei de la le les da di du el al ben bin bint ibn mac saint
-    sainte san santa street road avenue ave lane drive boulevard blvd way place square suite ste
-    str floor building north south east west upper lower new old city county state main central
-    private public mri mrt irm scanner magnetic resonance image images computing map maps free
-    wave vista dixon vibe space cube bravo flair swan swi propeller blade haste tse fse spgr tof
-    pet mrac fusion fused diffusion perfusion localizer survey scout field echo frame frames slice
-    slices series volume volumes pixel pixels header row rows column columns step steps range type
-    number size order view file files data end part parts first last one two three other position
-    positions missing high low long short left right top bottom front back not with from this that
-    its are was has have all any can each more less than time red green white black water bridge
-    park hill gate
+    und saint sainte san santa street road avenue ave lane drive boulevard blvd way place square
+    suite ste str floor building north south east west upper lower new old city county state main
+    central private public mri mrt irm scanner magnetic resonance image images computing map maps
+    free wave vista dixon vibe space cube bravo flair swan swi propeller blade haste tse fse spgr
+    tof pet mrac fusion fused diffusion perfusion localizer survey scout post pre sag cor ax tra
+    axial sagittal coronal gad contrast star fat sat dark fluid bright blood time flight angio
+    venous arterial phase mag magnitude real routine protocol study exam reading field echo frame
+    frames slice slices series volume volumes pixel pixels header row rows column columns step
+    steps range type number size order view file files data end part parts first last one two
+    three other position positions missing high low long short left right top bottom front back
+    not with from this that its are was has have all any can each more less than red green white
+    black water bridge park hill gate
 """.split())
 
 
-def _words(text: str) -> set[str]:
-    """The distinctive words of a name or address written as words ("Northgate" and "Eastport"
-    of "Northgate University Hospital, 14 Harbour Road, Eastport", "DOE" of a PatientName
-    "JANE DOE" typed without component separators): an operator abbreviates a place to one
-    word as readily as a patient to a family name. Numbers under 5 digits (a house number) and
-    the generic words above are left alone."""
+def _words(text: str, common: frozenset) -> set[str]:
+    """The distinctive words of a name or place written as several words ("Northgate" and
+    "Eastport" of "Northgate University Hospital, 14 Harbour Road, Eastport"): an operator
+    abbreviates a place to one word as readily as a patient to a family name. Numbers under
+    5 digits (a house number) and the ``common`` words are left alone."""
     out = set()
     for w in re.findall(r"[^\W_]+", text):
-        if w.casefold() in _GENERIC_WORDS or (w.isdigit() and len(w) < 5):
+        if w.casefold() in common or (w.isdigit() and len(w) < 5):
             continue
         if _long_enough(w):
             out.add(w)
@@ -453,21 +476,40 @@ def _words(text: str) -> set[str]:
 
 
 def _word_variants(identity: str) -> set[str]:
-    """The words of each multi-word part of ``identity`` (a plain-text group, or a PN component
-    such as "Garcia Lopez" of "Garcia Lopez^Maria"); :func:`_variants` has the whole strings."""
+    """The single words of a name or place, matched as whole tokens (:func:`_bounded`):
+    each component of a PN value and each word of a multi-word component, or the words of a
+    place. An identity of no such kind (an ID, a date) has none: "MRN" of "MRN-4471" is not
+    a word of anyone's."""
+    if not isinstance(identity, str):
+        return set()
+    is_place = isinstance(identity, PlaceName)
+    if not (is_place or isinstance(identity, PersonName) or "^" in identity):
+        return set()
+    common = _PLACE_WORDS if is_place else _NAME_PARTICLES
     out: set[str] = set()
     for group in unicodedata.normalize("NFC", identity).split("="):
-        for part in group.split("^"):
+        parts = [group] if is_place else group.split("^")
+        for part in (p.strip() for p in parts):
             if len(re.findall(r"[^\W_]+", part)) > 1:
-                out |= _words(part)
+                out |= _words(part, common)
+            elif part and not is_place and _long_enough(part) and part.casefold() not in common:
+                out.add(part)
     return out
+
+
+def _wide(word: str) -> bool:
+    return any(unicodedata.east_asian_width(ch) in "WF" for ch in word)
 
 
 def _bounded(word: str) -> str:
     """``word`` as a whole token: not inside a longer word ("Ste" of "Suite 200" must not cut
     "Stealth", nor "Han" cut "enhanced"), while ``_``, digits and punctuation around it are
-    separators ("Eastport_t2_tse"). A number must not be part of a longer number."""
+    separators ("Eastport_t2_tse"). A number must not be part of a longer number. Words in
+    scripts written without spaces (Chinese, Japanese, Korean) are matched anywhere: there a
+    name has no token boundary to look for."""
     e = re.escape(word)
+    if _wide(word):
+        return e
     if word.isdigit():
         return rf"(?<!\d){e}(?!\d)"
     if word.isalpha():
@@ -479,9 +521,8 @@ def _identity_pattern(identities: Iterable[str]) -> re.Pattern | None:
     whole: set[str] = set()
     words: set[str] = set()
     for ident in identities:
-        ident = str(ident or "").strip()
-        whole.update(v for v in _variants(ident) if _long_enough(v))
-        words.update(_word_variants(ident))
+        whole.update(v for v in _variants(str(ident or "").strip()) if _long_enough(v))
+        words.update(_word_variants(ident))   # the kind (PlaceName, PersonName) is the object's own
     folded = {v.casefold() for v in whole}
     alts = [(v, re.escape(v)) for v in whole] + [(w, _bounded(w)) for w in words if w.casefold() not in folded]
     if not alts:
@@ -492,6 +533,8 @@ def _identity_pattern(identities: Iterable[str]) -> re.Pattern | None:
 
 
 def _variants(identity: str) -> set[str]:
+    """Whole strings matched anywhere: the identity, each ``=`` group of a PN value, its
+    names joined in the orders people write them, formatted dates."""
     identity = unicodedata.normalize("NFC", identity)
     if not identity:
         return set()
@@ -505,7 +548,9 @@ def _variants(identity: str) -> set[str]:
         if "^" not in group:
             continue
         comps = [c.strip() for c in group.split("^") if c.strip()]
-        v.update(c for c in comps if _long_enough(c))
+        # a component written in ideographs is matched anywhere (no spaces in that script);
+        # others as whole tokens (_word_variants)
+        v.update(c for c in comps if _long_enough(c) and _wide(c))
         if len(comps) >= 2:
             v.update({f"{comps[1]} {comps[0]}", f"{comps[0]} {comps[1]}", f"{comps[0]}, {comps[1]}",
                       # ideographic names are written without a space, family name first
@@ -526,10 +571,10 @@ def scan_for_phi(text: str, identities: list[str]) -> list[str]:
     hay = unicodedata.normalize("NFC", text).casefold()
     found = []
     for ident in identities:
-        ident = str(ident).strip()
-        if not ident or ident in found:
+        text = str(ident).strip()
+        if not text or text in found:
             continue
-        if any(v.casefold() in hay for v in _variants(ident)) or \
+        if any(v.casefold() in hay for v in _variants(text)) or \
                 any(re.search(_bounded(w.casefold()), hay) for w in _word_variants(ident)):
-            found.append(ident)
+            found.append(text)
     return found

@@ -103,12 +103,23 @@ def _identity_of(path) -> dict[str, str]:
         return {}
 
 
+_PERSON_KEYWORDS = frozenset({"PatientName", "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName",
+                              "ReferringPhysicianName", "PhysiciansOfRecord", "PerformingPhysicianName",
+                              "NameOfPhysiciansReadingStudy", "OperatorsName"})
+_PLACE_KEYWORDS = frozenset({"InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName"})
+
+
 def _identity_values(idents) -> list[str]:
+    """The identity strings to scrub, names and places marked as such (their single words go
+    too, each kind with its own list of words that stay: ingest.deid)."""
+    from ingest.deid import PersonName, PlaceName
+
     vals = set()
     for d in idents:
-        for v in d.values():
-            vals.add(v)
-            vals.update(x for x in v.split("\\") if x)  # each value of a multi-valued element too
+        for kw, v in d.items():
+            kind = PersonName if kw in _PERSON_KEYWORDS else PlaceName if kw in _PLACE_KEYWORDS else str
+            vals.add(kind(v))
+            vals.update(kind(x) for x in v.split("\\") if x)  # each value of a multi-valued element too
     return sorted(vals)
 
 

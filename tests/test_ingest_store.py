@@ -562,42 +562,52 @@ def test_names_are_scrubbed_in_every_way_they_are_written(name, typed):
     assert deid.scan_for_phi(typed, [name]) == [name]
 
 
+P, N = deid.PlaceName, deid.PersonName
+
+
 @pytest.mark.parametrize("identity, typed, left", [
-    ("Northgate University Hospital", "t1_mprage Northgate", "t1_mprage"),
-    ("14 Harbour Road, Eastport", "Eastport_t2_tse", "_t2_tse"),
-    ("St. Aldric Cancer Centre", "BRAIN ROUTINE Aldric", "BRAIN ROUTINE"),
-    ("JANE DOE", "swi doe", "swi"),            # a PatientName typed without ^
+    (P("Northgate University Hospital"), "t1_mprage Northgate", "t1_mprage"),
+    (P("14 Harbour Road, Eastport"), "Eastport_t2_tse", "_t2_tse"),
+    (P("St. Aldric Cancer Centre"), "BRAIN ROUTINE Aldric", "BRAIN ROUTINE"),
+    (N("JANE DOE"), "swi doe", "swi"),                     # a PatientName typed without ^
+    (N("JOHN PARK"), "swi park", "swi"),                   # a surname is a name, whatever else it means
     # the generic words of a place name identify no one and stay
-    ("Brain Research Institute of Eastport", "BRAIN ROUTINE research", "BRAIN ROUTINE research"),
-    ("Royal Hospital", "t2 new royal", "t2 new royal"),
-    ("14 Mill Lane 02115", "ep2d 14 b1000 02115", "ep2d 14 b1000"),   # a 5-digit postcode goes, a house number stays
-    ("Northgate_University_Hospital", "ax northgate", "ax"),            # any separator makes words
+    (P("Brain Research Institute of Eastport"), "BRAIN ROUTINE research", "BRAIN ROUTINE research"),
+    (P("Royal Hospital"), "t2 new royal", "t2 new royal"),
+    (P("14 Mill Lane 02115"), "ep2d 14 b1000 02115", "ep2d 14 b1000"),   # a 5-digit postcode goes, a house number stays
+    (P("Northgate_University_Hospital"), "ax northgate", "ax"),          # any separator makes words
     ("Garcia Lopez^Maria", "t2 lopez", "t2"),                            # a multi-word name component
-    ("Northgate University Hospital", "NorthgateT1", "NorthgateT1"),     # a word is a whole token only
+    (P("Northgate University Hospital"), "NorthgateT1", "NorthgateT1"),  # a word is a whole token only
+    ("HAN^KAREN", "Ax T1 enhanced han", "Ax T1 enhanced"),               # a PN component too
+    (N("山田 太郎"), "t2 山田様", "t2 様"),                               # no token boundary in that script
+    ("MRN-4471", "MRN scan", "MRN scan"),                               # an ID's parts are no one's words
 ])
-def test_a_distinctive_word_of_a_place_or_plain_name_is_scrubbed(identity, typed, left):
+def test_a_distinctive_word_of_a_place_or_name_is_scrubbed(identity, typed, left):
     assert deid.scrub_text(typed, [identity]) == left
-    assert deid.scan_for_phi(typed, [identity]) == ([identity] if typed != left else [])
+    assert deid.scan_for_phi(typed, [identity]) == ([str(identity)] if typed != left else [])
 
 
 PLACES = ["Eastport Med. Ctr., 120 Ocean Ave, Ste 200", "Buena Vista Medical Center", "Royal Free Hospital",
           "Dixon Regional Medical Center", "Centre for Medical Image Computing", "PET MR Unit, Mile End Hospital",
-          "Klinikum rechts der Isar der TUM", "Karen Han", "Ali Khan", "Jan van der Berg", "14 Harbour Road, Eastport"]
+          "Klinikum rechts der Isar der TUM", "14 Harbour Road, Eastport", "100 Boston Post Road, Wayland",
+          "Sag Harbor Hospital", "23 London Road, Reading RG1 5AN"]
+NAMES = ["Karen Han", "Ali Khan", "Jan van der Berg", "HAN^KAREN", "KHAN^ALI"]
 DESCRIPTIONS = ["t1_mprage_sag_p2_iso", "t2_medic_tra", "Ax T1 BRAVO Stealth", "t1_mprage_sag_p3_iso_Wave",
                 "3D_FLAIR_VISTA", "t1_vibe_dixon_W", "SWI_Images", "MRAC_PET_AC_Images", "T1_tumor_post",
                 "t2_haste_free_breathing", "Ax T1 enhanced", "localizer", "ep2d_diff_mddw_20_p2",
-                "Ax T2 FLAIR", "Sag CUBE T2 FLAIR", "ep2d_advanced_diff water tensor",
+                "Ax T2 FLAIR", "Sag CUBE T2 FLAIR", "ep2d_advanced_diff water tensor", "AX T1 POST",
                 # phrases of manifest reasons, which the same scrub cleans
                 "the file ends 10 bytes into its Pixel Data element", "median step 2.5 mm; steps range 2.4-2.6",
-                "inconsistent Rows x Columns: the other positions have 3", "unexpected end of the series"]
+                "inconsistent Rows x Columns: the other positions have 3", "unexpected end of the series",
+                "reading it runs past the end"]
 
 
-@pytest.mark.parametrize("place", PLACES)
-def test_the_word_scrub_leaves_sequence_names_and_reasons_whole(place):
+@pytest.mark.parametrize("identity", [P(p) for p in PLACES] + [N(n) for n in NAMES])
+def test_the_word_scrub_leaves_sequence_names_and_reasons_whole(identity):
     """A site's institution and address are the same on every exam: a word of theirs that cut
     into a description would mangle one kind of series site-wide, and reasons with it."""
     for text in DESCRIPTIONS:
-        assert deid.scrub_text(text, [place]) == text, (place, text)
+        assert deid.scrub_text(text, [identity]) == text, (identity, text)
 
 
 def test_short_ascii_identities_do_not_mangle_descriptions():
