@@ -258,12 +258,15 @@ class Ingress:
             except asyncio.TimeoutError:
                 raise RequestError(408, "request_timeout", f"no bytes of the body for "
                                    f"{self.limits.idle_timeout_s:g} s; send it again") from None
-            except (ClientDisconnect, TaskCancelledError):
-                # nginx's 499: the client closed the connection; no one reads this answer, the log
-                # does. Behind Serve's proxy the hang-up can come as the proxy cancelling the task
-                # that relays the body, whose error surfaces here instead of ClientDisconnect.
+            except ClientDisconnect:
+                # nginx's 499: the client closed the connection; no one reads this answer, the log does
                 raise RequestError(499, "client_disconnected", f"the client hung up after {n} bytes of "
                                    "the body") from None
+            except TaskCancelledError:
+                # Behind Serve's proxy a hang-up can come as the proxy cancelling the task that
+                # relays the body; so can a request timeout or a shutdown: not blamed on anyone
+                raise RequestError(499, "client_disconnected", f"the body stopped after {n} bytes: Serve "
+                                   "cancelled the request (client gone, request timeout or shutdown)") from None
             n += len(chunk)
             if n > self.limits.max_request_bytes:
                 raise RequestError(413, "request_too_large", f"the body is over the limit of "

@@ -1384,6 +1384,13 @@ def test_colour_layouts_the_standard_does_not_have_and_mixed_series_are_refused(
         read_series(bad)
     assert str(err.value).startswith(str(bad[0])) and "3 sample(s) per pixel with PhotometricInterpretation " \
         "MONOCHROME2" in str(err.value) and "\n" not in str(err.value)
+    # YBR_ICT / YBR_RCT / YBR_PARTIAL_* exist only inside compressed pixel data
+    ict = write_colour(tmp_path / "ict", _rgb((1, 4, 4)), aff)
+    ds = pydicom.dcmread(ict[0])
+    ds.PhotometricInterpretation = "YBR_ICT"
+    save(ds, ict[0])
+    with pytest.raises(SeriesError, match="YBR_ICT in uncompressed pixel data"):
+        read_series(ict)
     # a colour copy filed under the greyscale series' UID
     grey = write_classic(tmp_path / "mix", volume((2, 4, 4), seed=2), aff)
     colour = write_colour(tmp_path / "mix2", _rgb((2, 4, 4)), make_affine(AXIAL, origin=(-40.0, -55.5, 30.0)))

@@ -1006,7 +1006,8 @@ def test_a_colour_copy_matching_a_role_never_stands_in_for_it(demo_tree, tmp_pat
     write_colour(exam / "S001_SWI_fused", np.repeat(grey8[..., None], 3, axis=-1), aff,
                  series_number=swi_hdr.SeriesNumber if same_uid else 1,
                  series_uid=swi_hdr.SeriesInstanceUID if same_uid else pydicom.uid.generate_uid(),
-                 description="SWI_Images", ImageType=["DERIVED", "SECONDARY"],
+                 # the SWI's own ImageType: only the colour tells the two parts apart
+                 description="SWI_Images", ImageType=list(swi_hdr.ImageType),
                  StudyInstanceUID=first.StudyInstanceUID, PatientID=first.PatientID, PatientName=first.PatientName)
     if not grey:
         shutil.rmtree(exam / swi.name)
