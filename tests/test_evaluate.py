@@ -465,3 +465,20 @@ def test_a_check_that_cannot_run_is_a_failed_row_and_physics_is_compared_on_shar
     beat = rows[("QS-Net beats the phy", "t1w")]
     assert not beat["passed"] and beat["value"]["ssim"] == [0.905, 0.925]   # not 0.905 vs 0.73
     assert not rows[("QS-Net beats the phy", "t2w")]["passed"]                # no baseline: a failed row
+
+
+def test_generalisation_is_decided_on_shared_subjects_and_a_missing_arm_is_a_failed_row():
+    from train.evaluate.service import _checks
+
+    m = lambda s: {"ssim": s, "psnr": 30.0, "mae": 10.0, "cohort": "site_b"}  # noqa: E731
+    tables = {"metrics": {"site_b": {}}, "stats": {"qsnet_vs": {}},
+              "generalisation": {"qsnet": {"mrf": {"t1flair": m(0.80), "t2flair": m(0.70)},
+                                           "mri": {"t1flair": m(0.78)},
+                                           "p_values": {"t1flair": {"ssim": {"n": 2, "mean_a": 0.76,
+                                                                             "mean_b": 0.79}}}}}}
+    training = {("pretrain", "qsnet", "mri", c): {} for c in ("t1flair", "t2flair")}
+    rows = {r["contrast"]: r for r in _checks(tables, {"min_ssim": 0.85}, "site-A", training)
+            if r["check"].startswith("generalisation")}
+    # mrf's mean over all its subjects (0.80) beat mri's (0.78); on the two both were scored on it loses
+    assert not rows["t1flair"]["passed"] and rows["t1flair"]["value"] == [0.76, 0.79]
+    assert not rows["t2flair"]["passed"] and "no mri-input model was scored" in rows["t2flair"]["note"]

@@ -241,7 +241,12 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
 
     def record(ex, model_key, arm, contrast, pred, card=None, inputs="mrf"):
         t0 = time.perf_counter()
-        m, regs = _score(pred, ex, contrast, cfg, arm)
+        try:
+            m, regs = _score(pred, ex, contrast, cfg, arm)
+        except OSError as exc:   # the truth or a mask of a damaged store: that score, not the run
+            errors.append(f"{ex.path}: {contrast} not scored for {model_key} "
+                          f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+            return
         timing["metrics_s"] += time.perf_counter() - t0
         timing["pairs"] += 1
         base = {"cohort": ex.cohort, "site": ex.site, "subject": ex.subject, "health": ex.health,
@@ -310,6 +315,9 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
             except ValueError as exc:
                 errors.append(f"{name}: input kind {kind!r} does not match the stores: {exc}")
                 break
+            except OSError as exc:   # a damaged store (a missing data file): this exam, not the run
+                errors.append(f"{name}: {ex.path}: input not readable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+                continue
             t0 = time.perf_counter()
             try:
                 pred = predict(model, x)
@@ -351,7 +359,12 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
         for c in sorted(gen_targets & set(ex.targets)):
             for source in INPUT_KINDS["mri"]:
                 if source in ex.targets:
-                    record(ex, f"copy_{source}", "copy", c, ex.truth(source) * ex.brain, inputs="mri")
+                    try:
+                        copied = ex.truth(source) * ex.brain
+                    except OSError as exc:
+                        errors.append(f"{ex.path}: {source} not readable for the copy arm ({exc})")
+                        continue
+                    record(ex, f"copy_{source}", "copy", c, copied, inputs="mri")
     # the baselines always score: a report of them alone would stand in for the models' one
     if not any(r["card"] for r in rows):
         raise EvaluateError("no model card could be evaluated: " + ("; ".join(errors[:3]) or
@@ -650,9 +663,13 @@ def _checks(tables: dict, cfg: dict, home: str, training: dict | None = None, ph
                 # on the subjects both were scored on: a model that failed on one exam must not be
                 # compared by its mean over the others with the baseline's mean over all
                 pst = tables["stats"]["qsnet_vs"].get(cohort, {}).get("physics", {}).get(c, {})
-                if all((pst.get(k) or {}).get("n") for k in METRICS):
-                    m = {**m, **{k: pst[k]["mean_a"] for k in METRICS}}
-                    phys = {**phys, **{k: pst[k]["mean_b"] for k in METRICS}}
+                if not (pst.get("ssim") or {}).get("n"):
+                    out.append({"check": f"{cohort}: QS-Net beats the physics baseline (SSIM, PSNR and MAE)",
+                                "contrast": c, "value": None, "passed": False,
+                                "note": "not evaluated: QS-Net and the physics baseline share no scored subject"})
+                    continue
+                m = {**m, **{k: pst[k]["mean_a"] for k in METRICS if (pst.get(k) or {}).get("n")}}
+                phys = {**phys, **{k: pst[k]["mean_b"] for k in METRICS if (pst.get(k) or {}).get("n")}}
                 wins = {k: _beats(m[k], phys[k], k) for k in METRICS}
                 ok = all(wins.values())
                 why = ["lost on " + ", ".join(k for k, w in wins.items() if not w),
@@ -670,14 +687,24 @@ def _checks(tables: dict, cfg: dict, home: str, training: dict | None = None, ph
                 out.append({"check": f"{cohort}: QS-Net beats the physics baseline (SSIM, PSNR and MAE)",
                             "contrast": c, "value": {k: [m[k], phys[k]] for k in METRICS},
                             "passed": ok, "note": note.rstrip("; ")})
-    for arch, g in sorted(tables["generalisation"].items()):
-        for c in sorted(set(g["mri"]) - set(g["mrf"])):
+    gen = tables["generalisation"]
+    # the study needs another site's test exams: evaluated on its own site alone, there is none to run
+    other_site = any(cohort != cohort_name(home) for cohort in metrics)
+    expected = {(k[1], k[3]) for k in training if k[0] == "pretrain" and k[2] == "mri"} if other_site else set()
+    for arch, c in sorted(expected | {(a, c) for a, g in gen.items() for c in g["mri"]}):
+        g = gen.get(arch) or {"mrf": {}, "mri": {}}
+        if c not in g["mrf"] or c not in g["mri"]:
+            # a check that cannot run is a failed row, not a missing one
             out.append({"check": f"generalisation: {arch} with mrf inputs beats mri inputs (SSIM)", "contrast": c,
                         "value": None, "passed": False,
-                        "note": "not evaluated: the mri-input model was scored, the mrf-input one was not (see the "
-                                "errors)"})
+                        "note": f"not evaluated: no {'mrf' if c not in g['mrf'] else 'mri'}-input model was scored "
+                                "on this contrast (see the errors)"})
+    for arch, g in sorted(gen.items()):
         for c in sorted(set(g["mrf"]) & set(g["mri"])):
             a, b = g["mrf"][c], g["mri"][c]
+            pv = g["p_values"].get(c, {}).get("ssim") or {}
+            if pv.get("n"):   # on the subjects both models were scored on
+                a, b = {**a, "ssim": pv["mean_a"]}, {**b, "ssim": pv["mean_b"]}
             ok = _beats(a["ssim"], b["ssim"], "ssim")
             notes = [] if ok else [
                 _significance(g["p_values"].get(c, {}).get("ssim") or {}),
