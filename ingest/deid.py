@@ -343,12 +343,13 @@ def scrub_identities(text: str, identities: Iterable[str]) -> str:
     """``text`` without ``identities``, case-insensitively, also in the variants
     :func:`scan_for_phi` looks for ("Jane Doe" and "JaneDoe" for ``Doe^Jane``, each ``=`` group of
     an ideographic or phonetic name, formatted birth dates), in Unicode NFC whatever form either
-    came in. Anywhere in a word, not only whole words: an ID glued to a protocol name
-    ("t1_MRN123") is still an ID. ASCII strings under 3 characters are left alone: removing every
-    "1" of a one-digit ID would only mangle the text, and identifies no one; a 2-character
-    name written in ideographs (a family name) is a name, and goes. The single words of a name,
-    institution or address written as several words go too, as whole tokens only
-    (:func:`_bounded`), and not the generic ones (``_GENERIC_WORDS``)."""
+    came in. A whole identity goes anywhere in a word, not only as a whole word: an ID glued to
+    a protocol name ("t1_MRN123") is still an ID. ASCII strings under 3 characters are left
+    alone: removing every "1" of a one-digit ID would only mangle the text, and identifies no
+    one; a 2-character name written in ideographs (a family name) is a name, and goes. The
+    single words of a name (a PN component, or a :class:`PersonName` written as words) and of a
+    :class:`PlaceName` go too, as whole tokens only (:func:`_bounded`), less the particles and
+    generic words their kind keeps (``_NAME_PARTICLES``, ``_PLACE_WORDS``)."""
     pat = _identity_pattern(identities) if text else None
     if pat is None:
         return text
