@@ -39,7 +39,7 @@ DEFAULTS = {
     "targets": list(TARGETS),
     "registration": {"resolutions": 3, "iterations": 300, "samples": 4096, "histogram_bins": 32, "threads": 1,
                      "max_rotation_deg": 20.0, "max_translation_mm": 30.0, "min_mi_gain": -0.02,
-                     "min_coverage": 0.8, "mirror_margin": 0.01},
+                     "min_mi": 1.015, "min_coverage": 0.8, "mirror_margin": 0.01},
     "brain_mask": {"t1_range_ms": [750.0, 6000.0], "opening": 1, "closing": 1, "min_voxels": 500},
     # inputs: "rate" (ref / T on a fixed scale, see grid.rate_scale) or "percentiles" (per exam,
     # as the targets). A model card without "inputs" predates the choice: "percentiles".
@@ -453,6 +453,11 @@ def _prepare(task: ExamTask, cfg: dict) -> dict:
             why.append(f"rotation {rot:.1f} deg > {rc['max_rotation_deg']}")
         if shift > rc["max_translation_mm"]:
             why.append(f"shift {shift:.1f} mm > {rc['max_translation_mm']}")
+        if not (mi1 >= rc["min_mi"]):
+            # a gain alone passes noise: its normalised MI is ~1.00 before and after, and a
+            # registration that wanders within the rotation and shift limits keeps it so
+            why.append(f"normalised mutual information {mi1:.3f} < {rc['min_mi']} after registration: the "
+                       "series shares no structure with the MRF T1 map")
         if not (mi1 - mi0 >= rc["min_mi_gain"]):
             why.append(f"mutual information fell from {mi0:.3f} to {mi1:.3f}")
         if coverage < rc["min_coverage"]:
