@@ -6,7 +6,14 @@ Public API (imported lazily, so `qsnet --help` stays fast):
 """
 
 __version__ = "0.1.0"
-__all__ = ["read_series", "open_store", "__version__"]
+__all__ = ["read_series", "open_store", "first_line", "__version__"]
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as the reason part of a one-line error: its message's first line, or its
+    type's name where the message is empty (a bare `KeyError()` would otherwise leave "()")."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def __getattr__(name):

@@ -14,6 +14,8 @@ from typing import Optional
 
 import typer
 
+from ingest import first_line
+
 app = typer.Typer(
     name="qsnet",
     help="QS-Net platform: MRF maps to synthetic clinical contrasts, from DICOM to served models.",
@@ -41,7 +43,7 @@ def _run(command: str, fn, *args, _params_file: Path | None = None, **kwargs):
     except Exception as exc:  # noqa: BLE001 - the CLI boundary turns every failure into one line
         if os.environ.get("QSNET_DEBUG"):
             raise
-        msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        msg = first_line(exc)
         if _params_file is not None and msg.startswith("params: "):
             msg = f"{_params_file}: {msg[len('params: '):]}"
         fail(command, msg)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import yaml
 
+from ingest import first_line
+
 __all__ = ["load_params", "read_mapping", "ParamsError"]
 
 
@@ -23,7 +25,7 @@ def load_params(path: Path | str = "params.yaml", profile: str | None = None) ->
     except (OSError, UnicodeDecodeError) as exc:
         raise ParamsError(f"{path}: cannot read the params file ({exc.strerror if isinstance(exc, OSError) else exc})") from None
     except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise ParamsError(f"{path}: not valid YAML ({first_line(exc)})") from None
     if not isinstance(doc, dict):
         raise ParamsError(f"{path}: expected a mapping at the top level")
     name = profile or doc.get("profile")
@@ -43,7 +45,7 @@ def read_mapping(path: Path | str, what: str) -> dict:
     try:
         doc = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise ParamsError(f"{path}: cannot read the {what} ({str(exc).splitlines()[0]})") from None
+        raise ParamsError(f"{path}: cannot read the {what} ({first_line(exc)})") from None
     if not isinstance(doc, dict):
         raise ParamsError(f"{path}: not a {what} (expected a mapping)")
     return doc

@@ -46,6 +46,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ingest import first_line
+
 __all__ = ["SeriesError", "ReadPlan", "looks_like_dicom", "plan_is_current", "read_plan", "read_series",
            "parse_csa_header", "siemens_csa_image_header"]
 
@@ -717,16 +719,26 @@ _YBR = ("YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "YB
 _YBR_COMPRESSED_ONLY = ("YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "YBR_PARTIAL_422")
 
 
-def is_colour(ds, path: Path) -> str:
+def colour_model(ds) -> str | None:
     """The colour model of a dataset's pixels ("RGB", a "YBR_..." one or "PALETTE COLOR"), ""
-    for greyscale. SamplesPerPixel and PhotometricInterpretation must agree: read one way
-    when the other was meant, an image comes out as noise or as palette indices."""
+    for greyscale, None for a SamplesPerPixel and PhotometricInterpretation that disagree."""
     spp = _i(ds.get("SamplesPerPixel")) or 1
     pi = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
     if spp == 1 and pi in ("", "MONOCHROME1", "MONOCHROME2"):
         return ""
     if (spp, pi) == (1, "PALETTE COLOR") or (spp == 3 and (pi == "RGB" or pi in _YBR)):
         return pi
+    return None
+
+
+def is_colour(ds, path: Path) -> str:
+    """`colour_model`, refusing a layout the standard does not have: read one way when the
+    other was meant, an image comes out as noise or as palette indices."""
+    colour = colour_model(ds)
+    if colour is not None:
+        return colour
+    spp = _i(ds.get("SamplesPerPixel")) or 1
+    pi = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
     raise SeriesError(f"{path}: {spp} sample(s) per pixel with PhotometricInterpretation {pi or '(none)'}: "
                       "not a pixel layout of the DICOM standard (PS3.3 C.7.6.3.1.2)")
 
@@ -743,7 +755,7 @@ def _decode(ds, path: Path, ts: str) -> np.ndarray:
 
             arr = apply_color_lut(arr, ds)
     except Exception as exc:  # noqa: BLE001 - decoder errors come in many types
-        msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        msg = first_line(exc)
         raise SeriesError(f"{path}: cannot decode the {_ts_text(ts)} pixel data: {msg}") from None
     arr = np.asarray(arr)
     n_frames = _i(ds.get("NumberOfFrames")) or 1

@@ -38,6 +38,7 @@ from ingest.reader import (  # one parser for DICOM numbers
     _find,
     _i,
     acquisition_fields,
+    colour_model,
     complex_component,
     dcmread_any,
     enhanced_frame_type,
@@ -183,11 +184,7 @@ def _frame_types(ds) -> tuple[str, ...]:
 def _colour(ds) -> str:
     """The colour model of a file, "" for greyscale and for a layout the standard does not have
     (three samples called MONOCHROME2): the reader refuses that one with its own reason."""
-    from ingest.reader import _YBR
-
-    pi = _s(ds, "PhotometricInterpretation").upper()
-    spp = _i(ds.get("SamplesPerPixel")) or 1
-    return pi if (spp, pi) == (1, "PALETTE COLOR") or (spp == 3 and (pi == "RGB" or pi in _YBR)) else ""
+    return colour_model(ds) or ""
 
 
 def header_summary(ds, path: Path, size: int, plan: ReadPlan | None = None, sha256: str = "") -> FileInfo:

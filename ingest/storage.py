@@ -22,6 +22,8 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
+from ingest import first_line
+
 __all__ = ["StorageError", "is_url", "location", "name_parts", "join", "list_stores", "read_json",
            "read_bytes", "write_bytes", "exists", "check_access", "mirror", "upload", "staged",
            "pyarrow_filesystem"]
@@ -118,8 +120,8 @@ def check_access(url: str, write: bool = False) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:200]
+    # cloud SDK errors can carry a whole XML or JSON body on their first line
+    return first_line(exc)[:200]
 
 
 def exists(p: Any) -> bool:

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from ingest import first_line
+
 
 def load_config(path: Path) -> dict:
     """The first application of a Serve config file: its ``args`` with its ``deployments``
@@ -18,7 +20,7 @@ def load_config(path: Path) -> dict:
     try:
         doc = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"{path}: cannot read the Serve config ({str(exc).splitlines()[0]})") from None
+        raise ValueError(f"{path}: cannot read the Serve config ({first_line(exc)})") from None
     if not isinstance(doc, dict):
         raise ValueError(f"{path}: not a Serve config (expected a mapping with 'applications')")
     apps = doc.get("applications") or []

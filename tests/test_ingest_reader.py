@@ -1427,3 +1427,11 @@ def test_view_shows_a_colour_and_a_4d_series_of_an_exam_folder(tmp_path):
     np.testing.assert_array_equal(series["fused"], rgb)
     np.testing.assert_array_equal(series["fmri (volume 1 of 2)"], vols[1])
     assert render(tmp_path / "exam", tmp_path / "v.png").stat().st_size > 1000
+
+
+def test_an_error_line_names_a_reason_even_when_the_message_is_empty():
+    from ingest import first_line
+
+    assert first_line(ValueError("bad tag\n  traceback detail")) == "bad tag"
+    assert first_line(KeyError()) == "KeyError"
+    assert first_line(OSError(" \n")) == "OSError"

@@ -18,6 +18,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from ingest import first_line
+
 __all__ = ["SubmitError", "preflight", "submit", "STAGE_COMMANDS"]
 
 # qsnet subcommands that make sense as a cluster job
@@ -102,7 +104,7 @@ def read_runtime_env(path: Path | None) -> dict:
     try:
         RuntimeEnv(**doc)
     except Exception as exc:  # noqa: BLE001 - Ray raises TypeError/ValueError/its own
-        raise SubmitError(f"{path}: not a valid runtime_env ({str(exc).splitlines()[0]})") from None
+        raise SubmitError(f"{path}: not a valid runtime_env ({first_line(exc)})") from None
     if "working_dir" in doc:
         raise SubmitError(f"{path}: give the working directory with --working-dir, not in the runtime_env")
     excludes = list(doc.get("excludes") or [])
@@ -145,7 +147,7 @@ def cluster_gpus(address: str) -> int:
     try:
         nodes = list_nodes(address=address, timeout=int(PROBE_TIMEOUT_S) * 2)
     except Exception as exc:  # noqa: BLE001
-        raise SubmitError(f"{address}: cannot list the cluster's nodes ({str(exc).splitlines()[0]})") from None
+        raise SubmitError(f"{address}: cannot list the cluster's nodes ({first_line(exc)})") from None
     return sum(int(n.resources_total.get("GPU", 0)) for n in nodes if n.state == "ALIVE")
 
 

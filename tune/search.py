@@ -30,6 +30,7 @@ import re
 import time
 from pathlib import Path
 
+from ingest import first_line
 from tune.space import distributions, to_train, tune_config
 
 __all__ = ["Interrupted", "SearchError", "make_searcher", "run_search"]
@@ -310,7 +311,7 @@ def _figures(search: dict, reports: Path) -> list[str]:
                 fig.savefig(reports / f"{kind}-{search['name']}.png", dpi=90)
                 plt.close(fig)
             except (ValueError, RuntimeError) as exc:  # e.g. importances need two finished trials
-                notes.append(f"{kind}-{search['name']}: not drawn ({str(exc).splitlines()[0]})")
+                notes.append(f"{kind}-{search['name']}: not drawn ({first_line(exc)})")
     return notes
 
 

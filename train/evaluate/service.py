@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ingest import first_line
 from ingest.prepare.service import contract_mismatch, geometry_mismatch
 from train.evaluate.metrics import lesion_contrast, masked_metrics, paired_tests, region_metrics, to_12bit
 
@@ -225,7 +226,7 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
         try:
             exams.append(_Exam(p))
         except Exception as exc:  # noqa: BLE001 - a damaged test store is reported; the others are scored
-            errors.append(f"{p}: test store not evaluated: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+            errors.append(f"{p}: test store not evaluated: {first_line(exc)}")
     if not exams:
         raise EvaluateError(f"{stores}: no readable prepared store in split 'test': {'; '.join(errors[:2])}")
     cards = _cards(models, errors)
@@ -245,7 +246,7 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
             m, regs = _score(pred, ex, contrast, cfg, arm)
         except OSError as exc:   # the truth or a mask of a damaged store: that score, not the run
             errors.append(f"{ex.path}: {contrast} not scored for {model_key} "
-                          f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+                          f"({first_line(exc)})")
             return
         timing["metrics_s"] += time.perf_counter() - t0
         timing["pairs"] += 1
@@ -303,7 +304,7 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
         try:
             model = registry.load(card)
         except Exception as exc:  # noqa: BLE001 - a card that does not load is reported, the rest runs
-            errors.append(f"{name}: not evaluated: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+            errors.append(f"{name}: not evaluated: {first_line(exc)}")
             continue
         say(f"evaluate: {name} on {len(targets)} subject(s)")
         for ex, arm in targets:
@@ -316,14 +317,14 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
                 errors.append(f"{name}: input kind {kind!r} does not match the stores: {exc}")
                 break
             except OSError as exc:   # a damaged store (a missing data file): this exam, not the run
-                errors.append(f"{name}: {ex.path}: input not readable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+                errors.append(f"{name}: {ex.path}: input not readable ({first_line(exc)})")
                 continue
             t0 = time.perf_counter()
             try:
                 pred = predict(model, x)
             except Exception as exc:  # noqa: BLE001 - shape and size errors come as several types
                 errors.append(f"{name}: {ex.path}: the model does not take this input "
-                              f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+                              f"({first_line(exc)})")
                 break
             timing["predict_s"] += time.perf_counter() - t0
             if pred.shape != ex.brain.shape:
