@@ -4,6 +4,7 @@
     python benchmarks/demo_levers.py --width 16                        # one lever at a time
     python benchmarks/demo_levers.py --depth 4 --contrasts swi --seeds 0
     python benchmarks/demo_levers.py --epochs 18 --finetune-epochs 30
+    python benchmarks/demo_levers.py --no-norm-affine                  # the norms before 2026-12-05
     python benchmarks/demo_levers.py --more-site-b 14                  # 14 site-B exams, not 6
 
 The evaluation's SSIM bar (0.85 for every contrast) is missed on the demo for T2w, T2-FLAIR and
@@ -65,7 +66,7 @@ def fit(arch: str, contrast: str, seed: int, train, val, args, init=None, epochs
     from train.models import build
 
     torch.manual_seed(seed)
-    model = build(arch, in_channels=2, out_channels=1, width=args.width, depth=args.depth)
+    model = build(arch, in_channels=2, out_channels=1, width=args.width, depth=args.depth, norm_affine=args.norm_affine)
     tr = Trainer(model, lr=args.lr, betas=(0.5, 0.999), losses=Losses(tuple(args.ds_weights), args.adv_weight),
                  plateau_factor=0.9, plateau_after_epoch=10, ema_decay=args.ema_decay,
                  freeze_encoder=init is not None and arch in ("qsnet", "resunet"))
@@ -97,8 +98,10 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=8)
     ap.add_argument("--depth", type=int, default=6, help="U-Net levels (paper: 6; at 64 x 64 the bottleneck is 2 x 2)")
     ap.add_argument("--epochs", type=int, default=9, help="pretrain epochs (demo: 9)")
-    ap.add_argument("--finetune-epochs", type=int, default=15, help="demo: 15")
+    ap.add_argument("--finetune-epochs", type=int, default=30, help="demo: 30")
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--no-norm-affine", dest="norm_affine", action="store_false",
+                    help="QS-Net's instance norms without a learnt scale and shift (before 2026-12-05)")
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--adv-weight", type=float, default=0.01)
     ap.add_argument("--ds-weights", type=float, nargs="+", default=[0.5, 0.25, 0.125, 0.0625])
@@ -131,7 +134,8 @@ def main() -> None:
         for seed in (int(s) for s in args.seeds.split(",")):
             _, pre, _ = fit(args.arch, contrast, seed, a_train, a_val, args, epochs=args.epochs)
             _, state, _ = fit(args.arch, contrast, seed, b_train, b_val, args, init=pre, epochs=args.finetune_epochs)
-            g = build(args.arch, in_channels=2, out_channels=1, width=args.width, depth=args.depth).generator
+            g = build(args.arch, in_channels=2, out_channels=1, width=args.width, depth=args.depth,
+                      norm_affine=args.norm_affine).generator
             g.load_state_dict(state)
             g.eval()
             s = float(np.mean([_score(predict(g, ex.input("mrf")), ex, contrast, cfg)[0]["ssim"] for ex in exams]))

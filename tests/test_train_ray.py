@@ -94,6 +94,20 @@ def test_pretrain_survives_a_failure_and_finetune_freezes_the_encoder(ray_cluste
                                           "scaled between per-exam percentiles"):
         run_stage("finetune", PARAMS, stores, models, reports, runs)
 
+    # a model pretrained before QS-Net's norms learnt a scale and shift (its card has no norm_affine):
+    # it loads as it was built, and finetune refuses it in one line rather than in the workers
+    from train.models import build
+
+    doc = registry.read_card(card_path)
+    old_build = {k: v for k, v in doc["build"].items() if k != "norm_affine"}
+    old = build(**old_build, norm_affine=False)
+    registry.save(card_path.parent, old.generator, {**{k: v for k, v in doc.items() if not k.startswith("_")},
+                                                    "build": old_build})
+    assert not any(p.requires_grad for n, p in registry.load(card_path).named_parameters() if "norm" in n)
+    with pytest.raises(ParamsError, match=r"pretrain/qsnet/t1w/card.json: pretrained with norm_affine False "
+                                          r"\(params: True\): run pretrain again"):
+        run_stage("finetune", PARAMS, stores, models, reports, runs)
+
 
 def test_missing_stores_and_small_images_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="qsnet prepare"):

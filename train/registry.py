@@ -104,7 +104,8 @@ def load(card: Path | str | dict, device: str | torch.device = "cpu") -> nn.Modu
         raise RegistryError(f"{weights}: sha256 differs from the card's: the file was changed or damaged")
     cfg = doc["build"]
     try:
-        model = build(**cfg)
+        # a card written before the norms learnt a scale and shift has no such key: its weights have none
+        model = build(**{"norm_affine": False, **cfg})
     except (TypeError, ValueError) as exc:
         raise RegistryError(f"{doc['_path']}: bad build config ({exc})") from None
     if cfg.get("arch") != doc["architecture"]:

@@ -254,17 +254,26 @@ def _run_stage(stage, params, cfg, stores, models: Path, reports: Path, storage,
     from ingest import storage as st
     from train import registry
     from train.distributed import run_parallel
-    from train.models import build
+    from train.models import build, build_config
 
     tuned_doc = read_tuned(tuned)
     run_storage = str(storage) if st.is_url(storage) else str(Path(storage).resolve())
     runs, key = [], []
     for run in _runs(stage, cfg):
         r = site_run(run, stores)
+        r["hp"] = tuned_hp(tuned_doc, run["arch"], run["contrast"])
         init_sha = None
         if run["stage"] == "finetune":
             card = registry.read_card(_folder(models, {**run, "stage": "pretrain"}) / "card.json")
             registry.load(card)  # checks the weights' hash before anything trains on them
+            # the workers load these weights into the model the params build: a pretrained model of
+            # another width, depth or norm would fail there with a wall of missing keys
+            rc = {**cfg, **r["hp"]}
+            want = build_config(run["arch"], 2, 1, width=rc["width"], depth=rc["depth"])
+            have = {"norm_affine": False, **card["build"]} if "norm_affine" in want else card["build"]
+            diff = [f"{k} {have.get(k)!r} (params: {want[k]!r})" for k in want if have.get(k) != want[k]]
+            if diff:
+                raise ParamsError(f"{card['_path']}: pretrained with {', '.join(diff)}: run pretrain again")
             # only MRF inputs are scaled by the contract; the geometry holds for either kind
             check = contract_mismatch if run["inputs"] == "mrf" else geometry_mismatch
             why = check(card.get("input"), _store_attr(r["train_stores"][0], "input_contract"))
@@ -276,7 +285,6 @@ def _run_stage(stage, params, cfg, stores, models: Path, reports: Path, storage,
             if not st.exists(r["init_weights"]):
                 st.write_bytes(r["init_weights"], (Path(card["_path"]).parent / card["weights"]).read_bytes())
             r["freeze_encoder"] = run["arch"] in ("qsnet", "resunet")
-        r["hp"] = tuned_hp(tuned_doc, run["arch"], run["contrast"])
         runs.append(r)
         key.append("".join(prepare_digest(p) for p in r["train_stores"] + r["val_stores"]))
         if init_sha:
