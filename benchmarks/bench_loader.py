@@ -32,15 +32,11 @@ import torch
 
 
 def qsnet_sized(device):
-    from monai.networks.nets import DynUNet, PatchDiscriminator
+    """The paper-sized QS-Net: its DynUNet itself (heads stacked on dim 1) and its discriminator."""
+    from train.models import build
 
-    strides = [1, 2, 2, 2, 2, 2]
-    g = DynUNet(2, 2, 1, [3] * 6, strides, strides[1:], filters=[32, 64, 128, 256, 512, 512],
-                norm_name="instance", act_name=("leakyrelu", {"negative_slope": 0.01}),
-                deep_supervision=True, deep_supr_num=4, res_block=True).to(device)
-    d = PatchDiscriminator(spatial_dims=2, num_layers_d=3, channels=64, in_channels=3, out_channels=1,
-                           norm="instance").to(device)
-    return g, d
+    m = build("qsnet", width=32)
+    return m.generator.net.to(device), m.discriminator.to(device)
 
 
 def train_step_rate(device: str, batch: int, steps: int, size: int = 256) -> dict:

@@ -6,7 +6,7 @@ with concurrent clients with batching on and off, and a bounded load run.
 In one script, on this machine:
 
 - Models: a registry of random-weight QS-Net models, 5 contrasts x (pretrain on site A,
-  finetune on site B), at the demo profile's width (`params.yaml` demo.train.width, 8) and its
+  finetune on site B), at the demo profile's width (`params.yaml` demo.train.width, 12 since 2026-12-05) and its
   input contract (64 x 64). The weights do not change the cost of a forward.
 - Exam: the MRF T1 and T2 map series (S700, S701) of the demo phantom's first site-B exam
   (`data/site-B/sub-B01`), zipped in memory. Without `data/`, one site-B exam is simulated.

@@ -3,7 +3,7 @@
     python benchmarks/demo_levers.py                                   # the demo recipe, 3 seeds
     python benchmarks/demo_levers.py --width 16                        # one lever at a time
     python benchmarks/demo_levers.py --depth 4 --contrasts swi --seeds 0
-    python benchmarks/demo_levers.py --epochs 18 --finetune-epochs 30
+    python benchmarks/demo_levers.py --epochs 18
     python benchmarks/demo_levers.py --no-norm-affine                  # the norms before 2026-12-05
     python benchmarks/demo_levers.py --more-site-b 14                  # 14 site-B exams, not 6
 
@@ -95,7 +95,7 @@ def main() -> None:
     ap.add_argument("--contrasts", default="t2w,t2flair,swi")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--arch", default="qsnet")
-    ap.add_argument("--width", type=int, default=8)
+    ap.add_argument("--width", type=int, default=12, help="demo: 12 (8 before 2026-12-05)")
     ap.add_argument("--depth", type=int, default=6, help="U-Net levels (paper: 6; at 64 x 64 the bottleneck is 2 x 2)")
     ap.add_argument("--epochs", type=int, default=9, help="pretrain epochs (demo: 9)")
     ap.add_argument("--finetune-epochs", type=int, default=30, help="demo: 30")

@@ -11,7 +11,7 @@ __all__ = ["read_series", "open_store", "first_line", "__version__"]
 
 def first_line(exc: BaseException) -> str:
     """An exception as the reason part of a one-line error: its message's first line, or its
-    type's name where the message is empty (a bare `KeyError()` would otherwise leave "()")."""
+    type's name where the message is empty (`"".splitlines()` has no first line)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 

@@ -25,6 +25,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from ingest import first_line
+
 __all__ = ["Exam", "Limits", "RequestError", "model_input", "read_exam", "unpack"]
 
 
@@ -245,7 +247,7 @@ def _read_store(root: Path, site: str | None, limits: Limits = Limits()) -> Exam
         raise
     except (KeyError, ValueError, TypeError, RuntimeError, OSError) as exc:
         # RuntimeError: numcodecs' zstd on a corrupt chunk
-        raise RequestError(422, "bad_store", f"exam store: {(str(exc).splitlines() or [''])[0] or type(exc).__name__}") from None
+        raise RequestError(422, "bad_store", f"exam store: {first_line(exc)}") from None
     for r in arr:
         _check_units(r, attrs[r].get("units"))
     return Exam("zarr", arr["mrf_t1"], arr["mrf_t2"], affines["mrf_t1"], affines["mrf_t2"],

@@ -174,11 +174,36 @@ def test_unet_instance_norms_learn_a_scale_and_shift(arch):
                    if isinstance(n, torch.nn.InstanceNorm2d))
 
 
+def test_finetune_refuses_pretrained_weights_of_another_layout_only():
+    from train.stages import pretrained_mismatch
+
+    def card(arch, **kw):
+        return {"build": {**build(arch, width=8).config, **kw}}
+
+    assert pretrained_mismatch(card("qsnet"), "qsnet", 8, 6) is None
+    assert pretrained_mismatch(card("qsnet"), "qsnet", 12, 6) == "pretrained with width 8 (params: 12): run pretrain again"
+    assert pretrained_mismatch(card("resunet"), "resunet", 8, 5) == "pretrained with depth 6 (params: 5): run pretrain again"
+    # a card from before the norms learnt a scale and shift
+    old = card("qsnet")
+    del old["build"]["norm_affine"]
+    assert pretrained_mismatch(old, "qsnet", 8, 6) == "pretrained with norm_affine False (params: True): run pretrain again"
+    # Swin has no depth, and widths 8 and 12 give it the same feature size: the same weights
+    assert pretrained_mismatch(card("swin"), "swin", 12, 4) is None
+    assert pretrained_mismatch(card("swin"), "swin", 24, 6) == ("pretrained with feature_size 12 (params: 24): "
+                                                                "run pretrain again")
+    assert pretrained_mismatch(card("cgan"), "cgan", 8, 5) == "pretrained with depth 6 (params: 5): run pretrain again"
+
+
 def test_swapping_the_norms_keeps_the_state_dict_and_the_function():
     from train.models import plain_instance_norms
 
     torch.manual_seed(0)
     m = build("qsnet", width=8)
+    with torch.no_grad():   # norms as trained, not at their initial identity
+        for mod in m.generator.modules():
+            if isinstance(mod, torch.nn.InstanceNorm2d) and mod.affine:
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.5, 0.5)
     x = torch.rand(2, 2, 64, 64)
     keys = list(m.generator.state_dict())
     before = m.generator.forward_heads(x)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["ARCHITECTURES", "Model", "build", "build_config", "QSNetGenerator", "InstanceNormOps", "plain_instance_norms"]
+__all__ = ["ARCHITECTURES", "Model", "build", "build_config", "weight_layout", "QSNetGenerator", "InstanceNormOps", "plain_instance_norms"]
 
 ARCHITECTURES = ("qsnet", "resunet", "cgan", "swin")
 LEAKY = ("leakyrelu", {"negative_slope": 0.01})
@@ -134,6 +134,19 @@ def build_config(arch: str, in_channels: int = 2, out_channels: int = 1, width: 
     return cfg
 
 
+def _swin_feature_size(width: int) -> int:
+    return max(12, (width // 12) * 12 or 12)   # SwinUNETR needs a multiple of 12
+
+
+def weight_layout(cfg: dict) -> dict:
+    """What of a build config decides the names and shapes of the model's weights (two configs
+    with the same layout load each other's weights): Swin has no depth, and its width is
+    rounded to a feature size."""
+    if cfg["arch"] == "swin":
+        return {"feature_size": _swin_feature_size(cfg["width"])}
+    return {k: cfg[k] for k in ("width", "depth", "norm_affine") if k in cfg}
+
+
 def build(arch: str, in_channels: int = 2, out_channels: int = 1, width: int = 32, depth: int = 6,
           norm_affine: bool = True, **_) -> Model:
     """The model of :func:`build_config`'s arguments."""
@@ -159,7 +172,7 @@ def build(arch: str, in_channels: int = 2, out_channels: int = 1, width: int = 3
         return Model(arch, _Plain(g), _discriminator(in_channels + out_channels, channels=2 * w), "bce", cfg)
     from monai.networks.nets import SwinUNETR
 
-    g = SwinUNETR(in_channels=in_channels, out_channels=out_channels, feature_size=max(12, (w // 12) * 12 or 12),
+    g = SwinUNETR(in_channels=in_channels, out_channels=out_channels, feature_size=_swin_feature_size(w),
                   spatial_dims=2, use_v2=True)
     return Model(arch, _Plain(g), None, None, cfg)
 

@@ -91,6 +91,15 @@ def read_card(card: Path | str) -> dict:
     return doc
 
 
+def card_build(doc: dict) -> dict:
+    """A card's build config as :func:`train.models.build` takes it, checked."""
+    from train.models import build_config
+
+    # a card written before the U-Net's norms learnt a scale and shift has no such key: its
+    # weights have none
+    return build_config(**{"norm_affine": False, **doc["build"]})
+
+
 def load(card: Path | str | dict, device: str | torch.device = "cpu") -> nn.Module:
     """The generator described by ``card`` (a path to card.json or its folder), weights checked, in eval mode."""
     from train.models import build
@@ -104,8 +113,7 @@ def load(card: Path | str | dict, device: str | torch.device = "cpu") -> nn.Modu
         raise RegistryError(f"{weights}: sha256 differs from the card's: the file was changed or damaged")
     cfg = doc["build"]
     try:
-        # a card written before the norms learnt a scale and shift has no such key: its weights have none
-        model = build(**{"norm_affine": False, **cfg})
+        model = build(**card_build(doc))
     except (TypeError, ValueError) as exc:
         raise RegistryError(f"{doc['_path']}: bad build config ({exc})") from None
     if cfg.get("arch") != doc["architecture"]:

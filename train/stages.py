@@ -250,11 +250,23 @@ def run_stage(stage: str, params: dict, stores, models, reports, storage,
                 for c in cards]
 
 
+def pretrained_mismatch(card: dict, arch: str, width: int, depth: int) -> str | None:
+    """Why a pretrained model's weights do not fit the model finetune builds from params, or None.
+    The workers would otherwise fail at loading them, with a wall of missing keys."""
+    from train import registry
+    from train.models import build_config, weight_layout
+
+    have = weight_layout(registry.card_build(card))
+    want = weight_layout(build_config(arch, 2, 1, width=width, depth=depth))
+    diff = [f"{k} {have.get(k)!r} (params: {v!r})" for k, v in want.items() if have.get(k) != v]
+    return f"pretrained with {', '.join(diff)}: run pretrain again" if diff else None
+
+
 def _run_stage(stage, params, cfg, stores, models: Path, reports: Path, storage, progress, tuned) -> list[Path]:
     from ingest import storage as st
     from train import registry
     from train.distributed import run_parallel
-    from train.models import build, build_config
+    from train.models import build
 
     tuned_doc = read_tuned(tuned)
     run_storage = str(storage) if st.is_url(storage) else str(Path(storage).resolve())
@@ -266,14 +278,10 @@ def _run_stage(stage, params, cfg, stores, models: Path, reports: Path, storage,
         if run["stage"] == "finetune":
             card = registry.read_card(_folder(models, {**run, "stage": "pretrain"}) / "card.json")
             registry.load(card)  # checks the weights' hash before anything trains on them
-            # the workers load these weights into the model the params build: a pretrained model of
-            # another width, depth or norm would fail there with a wall of missing keys
             rc = {**cfg, **r["hp"]}
-            want = build_config(run["arch"], 2, 1, width=rc["width"], depth=rc["depth"])
-            have = {"norm_affine": False, **card["build"]} if "norm_affine" in want else card["build"]
-            diff = [f"{k} {have.get(k)!r} (params: {want[k]!r})" for k in want if have.get(k) != want[k]]
-            if diff:
-                raise ParamsError(f"{card['_path']}: pretrained with {', '.join(diff)}: run pretrain again")
+            why = pretrained_mismatch(card, run["arch"], rc["width"], rc["depth"])
+            if why:
+                raise ParamsError(f"{card['_path']}: {why}")
             # only MRF inputs are scaled by the contract; the geometry holds for either kind
             check = contract_mismatch if run["inputs"] == "mrf" else geometry_mismatch
             why = check(card.get("input"), _store_attr(r["train_stores"][0], "input_contract"))

@@ -84,6 +84,7 @@ def _trial(config: dict, base: dict) -> None:
 
 def plan(params: dict, stores: Path, storage: Path) -> tuple[dict, list[dict]]:
     """The checked settings and one entry per search (name, runs, identity)."""
+    from train.models import build_config
     from train.stages import HP_KEYS, params_hash, prepare_digest, site_run, train_config
 
     cfg = tune_config(params)
@@ -115,6 +116,9 @@ def plan(params: dict, stores: Path, storage: Path) -> tuple[dict, list[dict]]:
                     "num_samples": cfg["num_samples"], "grace_period": cfg["grace_period"],
                     "reduction_factor": cfg["reduction_factor"],
                     "space": {k: list(v) for k, v in cfg["space"].items()}, "train": train,
+                    # what of the model is not searched (the norms' kind): other weights, other trials
+                    "model": {k: v for k, v in build_config(cfg["arch"]).items()
+                              if k not in ("width", "depth", "in_channels", "out_channels")},
                     "data": params_hash(data)}
         identity["digest"] = params_hash(identity)
         # recorded, not compared: a fix to the code does not make an interrupted search foreign
@@ -263,7 +267,7 @@ def _collect(cfg: dict, search: dict, grid, max_t: int) -> dict:
                      "trial_id": tid, "status": status, "epochs": it,
                      cfg["metric"]: m.get(cfg["metric"]), "val_l1": m.get("val_l1"),
                      "seconds": round(float(m.get("time_total_s") or 0.0), 1),
-                     "error": str(r.error).splitlines()[0][:200] if r.error else "",
+                     "error": first_line(r.error)[:200] if r.error else "",
                      **{f"config/{k}": v for k, v in sorted((r.config or {}).items())}})
     rows.sort(key=lambda row: (row["order"] is None, row["order"] or 0, row["trial_id"]))
     return {"rows": rows, "complete": all(row["status"] != "unfinished" for row in rows)
