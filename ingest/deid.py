@@ -572,10 +572,10 @@ def scan_for_phi(text: str, identities: list[str]) -> list[str]:
     hay = unicodedata.normalize("NFC", text).casefold()
     found = []
     for ident in identities:
-        text = str(ident).strip()
-        if not text or text in found:
+        value = str(ident).strip()
+        if not value or value in found:
             continue
-        if any(v.casefold() in hay for v in _variants(text)) or \
+        if any(v.casefold() in hay for v in _variants(value)) or \
                 any(re.search(_bounded(w.casefold()), hay) for w in _word_variants(ident)):
-            found.append(text)
+            found.append(value)
     return found

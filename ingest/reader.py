@@ -719,11 +719,14 @@ _YBR = ("YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "YB
 _YBR_COMPRESSED_ONLY = ("YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "YBR_PARTIAL_422")
 
 
+def _pixel_layout(ds) -> tuple[int, str]:
+    return _i(ds.get("SamplesPerPixel")) or 1, str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+
+
 def colour_model(ds) -> str | None:
     """The colour model of a dataset's pixels ("RGB", a "YBR_..." one or "PALETTE COLOR"), ""
     for greyscale, None for a SamplesPerPixel and PhotometricInterpretation that disagree."""
-    spp = _i(ds.get("SamplesPerPixel")) or 1
-    pi = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    spp, pi = _pixel_layout(ds)
     if spp == 1 and pi in ("", "MONOCHROME1", "MONOCHROME2"):
         return ""
     if (spp, pi) == (1, "PALETTE COLOR") or (spp == 3 and (pi == "RGB" or pi in _YBR)):
@@ -737,8 +740,7 @@ def is_colour(ds, path: Path) -> str:
     colour = colour_model(ds)
     if colour is not None:
         return colour
-    spp = _i(ds.get("SamplesPerPixel")) or 1
-    pi = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    spp, pi = _pixel_layout(ds)
     raise SeriesError(f"{path}: {spp} sample(s) per pixel with PhotometricInterpretation {pi or '(none)'}: "
                       "not a pixel layout of the DICOM standard (PS3.3 C.7.6.3.1.2)")
 

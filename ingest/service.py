@@ -59,14 +59,14 @@ def _new_pool(workers: int) -> ProcessPoolExecutor:
 
 # ---------------------------------------------------------------- who an exam belongs to
 
-# what an operator may type into free text (a series description) about this exam's patient
-IDENTITY_KEYWORDS = ("PatientID", "PatientName", "PatientBirthDate", "AccessionNumber", "OtherPatientIDs",
-                     "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName",
-                     # the people and the place of the exam, which an operator types into a
-                     # description as readily as the patient's name (all in group 0008)
-                     "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
-                     "ReferringPhysicianName", "PhysiciansOfRecord", "PerformingPhysicianName",
-                     "NameOfPhysiciansReadingStudy", "OperatorsName")
+# what an operator may type into free text (a series description) about this exam's patient;
+# the people and the place of the exam go in as readily as the patient's name (all in group 0008)
+_PERSON_KEYWORDS = ("PatientName", "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName",
+                    "ReferringPhysicianName", "PhysiciansOfRecord", "PerformingPhysicianName",
+                    "NameOfPhysiciansReadingStudy", "OperatorsName")
+_PLACE_KEYWORDS = ("InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName")
+IDENTITY_KEYWORDS = ("PatientID", "PatientBirthDate", "AccessionNumber", "OtherPatientIDs") + _PERSON_KEYWORDS \
+    + _PLACE_KEYWORDS
 
 
 def _past_patient_group(tag, vr, length) -> bool:
@@ -101,12 +101,6 @@ def _identity_of(path) -> dict[str, str]:
         return out
     except Exception:  # noqa: BLE001 - the scan parsed this file; an identity it cannot give is ""
         return {}
-
-
-_PERSON_KEYWORDS = frozenset({"PatientName", "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName",
-                              "ReferringPhysicianName", "PhysiciansOfRecord", "PerformingPhysicianName",
-                              "NameOfPhysiciansReadingStudy", "OperatorsName"})
-_PLACE_KEYWORDS = frozenset({"InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName"})
 
 
 def _identity_values(idents) -> list[str]:

@@ -363,7 +363,7 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
                     try:
                         copied = ex.truth(source) * ex.brain
                     except OSError as exc:
-                        errors.append(f"{ex.path}: {source} not readable for the copy arm ({exc})")
+                        errors.append(f"{ex.path}: {source} not readable for the copy arm ({first_line(exc)})")
                         continue
                     record(ex, f"copy_{source}", "copy", c, copied, inputs="mri")
     # the baselines always score: a report of them alone would stand in for the models' one
@@ -631,6 +631,12 @@ def _beats(a: float, b: float, metric: str) -> bool:
     return a > b if HIGHER_IS_BETTER[metric] else a < b
 
 
+def _not_run(check: str, contrast: str, why: str) -> dict:
+    """A check that cannot run: a failed row saying why, not a missing one (a summary of
+    "0/0 passed" would read as a pass)."""
+    return {"check": check, "contrast": contrast, "value": None, "passed": False, "note": f"not evaluated: {why}"}
+
+
 def _checks(tables: dict, cfg: dict, home: str, training: dict | None = None, phantom: bool = False) -> list[dict]:
     """The issue's acceptance numbers, each with pass/fail, the values behind it and, where a
     check fails and the model card shows why, a note."""
@@ -642,40 +648,33 @@ def _checks(tables: dict, cfg: dict, home: str, training: dict | None = None, ph
     for cohort, models in sorted(metrics.items()):
         if cohort == cohort_name(home):
             continue
+        bar_check = f"{cohort}: QS-Net (finetuned) SSIM >= {cfg['min_ssim']}"
+        phys_check = f"{cohort}: QS-Net beats the physics baseline (SSIM, PSNR and MAE)"
         if "qsnet" not in models:
-            # a check that cannot run is a failed check, not a missing row ("0/0 passed")
-            out.append({"check": f"{cohort}: QS-Net (finetuned) SSIM >= {cfg['min_ssim']}", "contrast": "",
-                        "value": None, "passed": False,
-                        "note": "not evaluated: no finetuned QS-Net was scored on this cohort (see the errors)"})
+            out.append(_not_run(bar_check, "", "no finetuned QS-Net was scored on this cohort (see the errors)"))
             continue
         for c, m in sorted(models["qsnet"].items()):
             ok = bool(math.isfinite(m["ssim"]) and m["ssim"] >= cfg["min_ssim"])
             ref = (tables.get("reference", {}).get(cohort) or {}).get(c, {}).get("ssim", float("nan"))
             notes = [] if ok else [_reference_note(ref, m["ssim"], cfg["min_ssim"]),
                                    _undertrained(training, ("finetune", "qsnet", "mrf", c))]
-            out.append({"check": f"{cohort}: QS-Net (finetuned) SSIM >= {cfg['min_ssim']}", "contrast": c,
+            out.append({"check": bar_check, "contrast": c,
                         "value": m["ssim"], "passed": ok, "note": "; ".join(n for n in notes if n)})
             phys = models.get("physics", {}).get(c)
             if not phys:
-                out.append({"check": f"{cohort}: QS-Net beats the physics baseline (SSIM, PSNR and MAE)",
-                            "contrast": c, "value": None, "passed": False,
-                            "note": "not evaluated: the physics baseline has no prediction here (see the errors)"})
+                out.append(_not_run(phys_check, c, "the physics baseline has no prediction here (see the errors)"))
             else:
                 # on the subjects both were scored on: a model that failed on one exam must not be
                 # compared by its mean over the others with the baseline's mean over all
                 pst = tables["stats"]["qsnet_vs"].get(cohort, {}).get("physics", {}).get(c, {})
                 if not (pst.get("ssim") or {}).get("n"):
-                    out.append({"check": f"{cohort}: QS-Net beats the physics baseline (SSIM, PSNR and MAE)",
-                                "contrast": c, "value": None, "passed": False,
-                                "note": "not evaluated: QS-Net and the physics baseline share no scored subject"})
+                    out.append(_not_run(phys_check, c, "QS-Net and the physics baseline share no scored subject"))
                     continue
                 m = {**m, **{k: pst[k]["mean_a"] for k in METRICS if (pst.get(k) or {}).get("n")}}
                 phys = {**phys, **{k: pst[k]["mean_b"] for k in METRICS if (pst.get(k) or {}).get("n")}}
                 wins = {k: _beats(m[k], phys[k], k) for k in METRICS}
                 ok = all(wins.values())
-                why = ["lost on " + ", ".join(k for k, w in wins.items() if not w),
-                       _significance(tables["stats"]["qsnet_vs"].get(cohort, {}).get("physics", {}).get(c, {})
-                                     .get("ssim") or {})]
+                why = ["lost on " + ", ".join(k for k, w in wins.items() if not w), _significance(pst["ssim"])]
                 if math.isfinite(ref):
                     why.append(f"the voxel-regression reference reaches SSIM {ref:.3f} against the baseline's "
                                f"{phys['ssim']:.3f}" + (": learning from these exams can beat the equation"
@@ -685,8 +684,7 @@ def _checks(tables: dict, cfg: dict, home: str, training: dict | None = None, ph
                                "partial volume and noise), so the baseline starts close to the truth")
                 why.append(_undertrained(training, ("finetune", "qsnet", "mrf", c)))
                 note = "" if ok else "; ".join(w for w in why if w)
-                out.append({"check": f"{cohort}: QS-Net beats the physics baseline (SSIM, PSNR and MAE)",
-                            "contrast": c, "value": {k: [m[k], phys[k]] for k in METRICS},
+                out.append({"check": phys_check, "contrast": c, "value": {k: [m[k], phys[k]] for k in METRICS},
                             "passed": ok, "note": note.rstrip("; ")})
     gen = tables["generalisation"]
     # the study needs another site's test exams: evaluated on its own site alone, there is none to run
@@ -695,11 +693,9 @@ def _checks(tables: dict, cfg: dict, home: str, training: dict | None = None, ph
     for arch, c in sorted(expected | {(a, c) for a, g in gen.items() for c in g["mri"]}):
         g = gen.get(arch) or {"mrf": {}, "mri": {}}
         if c not in g["mrf"] or c not in g["mri"]:
-            # a check that cannot run is a failed row, not a missing one
-            out.append({"check": f"generalisation: {arch} with mrf inputs beats mri inputs (SSIM)", "contrast": c,
-                        "value": None, "passed": False,
-                        "note": f"not evaluated: no {'mrf' if c not in g['mrf'] else 'mri'}-input model was scored "
-                                "on this contrast (see the errors)"})
+            out.append(_not_run(f"generalisation: {arch} with mrf inputs beats mri inputs (SSIM)", c,
+                                f"no {'mrf' if c not in g['mrf'] else 'mri'}-input model was scored on this "
+                                "contrast (see the errors)"))
     for arch, g in sorted(gen.items()):
         for c in sorted(set(g["mrf"]) & set(g["mri"])):
             a, b = g["mrf"][c], g["mri"][c]
