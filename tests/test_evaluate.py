@@ -482,3 +482,40 @@ def test_generalisation_is_decided_on_shared_subjects_and_a_missing_arm_is_a_fai
     # mrf's mean over all its subjects (0.80) beat mri's (0.78); on the two both were scored on it loses
     assert not rows["t1flair"]["passed"] and rows["t1flair"]["value"] == [0.76, 0.79]
     assert not rows["t2flair"]["passed"] and "no mri-input model was scored" in rows["t2flair"]["note"]
+
+
+def test_visits_of_one_patient_are_one_subject_of_the_statistics():
+    """A GBM patient scanned twice (a follow-up) has two test exams: counted as two subjects they
+    narrowed the sd and gave the paired tests an n they do not have. They are averaged into one."""
+    from train.evaluate.service import _conspicuity, _tables, per_patient
+
+    def row(model, subject, patient, ssim, region=None, truth=None):
+        r = {"cohort": "site_b", "arm": "main", "model": model, "contrast": "t2flair", "subject": subject,
+             "patient": patient, "ssim": ssim, "psnr": 30.0, "mae": 10.0}
+        if region:
+            r.update(region=region, voxels=10, contrast_truth=truth, contrast_synth=truth / 2)
+        return r
+
+    rows = [row(m, s, p, v + (0.1 if m == "qsnet" else 0.0))
+            for m in ("qsnet", "resunet")
+            for s, p, v in (("sub-1", "pat-1", 0.6), ("sub-2", "pat-1", 0.8), ("sub-3", "pat-2", 0.5),
+                            ("sub-4", "pat-3", 0.7))]
+    merged = per_patient(rows)
+    assert len(merged) == 6 and {r["visits"] for r in merged} == {1, 2}
+    one = next(r for r in merged if r["model"] == "resunet" and r["patient"] == "pat-1")
+    assert one["ssim"] == pytest.approx(0.7) and one["visits"] == 2
+    t = _tables(merged, "site-A")
+    assert t["metrics"]["site_b"]["resunet"]["t2flair"]["n"] == 3           # patients, not exams
+    assert t["metrics"]["site_b"]["resunet"]["t2flair"]["ssim"] == pytest.approx((0.7 + 0.5 + 0.7) / 3)
+    assert t["stats"]["qsnet_vs"]["site_b"]["resunet"]["t2flair"]["ssim"]["n"] == 3
+    # a row without a patient (a store written before prepare recorded one) stands for itself
+    bare = [{k: v for k, v in r.items() if k != "patient"} for r in rows]
+    assert len(per_patient(bare)) == len(bare)
+    # lesion rows too, with the voxels of the visits summed and a missing contrast left missing
+    regs = per_patient([row("qsnet", "sub-1", "pat-1", 0.6, "oedema", 0.6),
+                        row("qsnet", "sub-2", "pat-1", 0.8, "oedema", 0.4)])
+    assert len(regs) == 1 and regs[0]["voxels"] == 20 and regs[0]["contrast_truth"] == pytest.approx(0.5)
+    assert _conspicuity(regs)["site_b"]["qsnet"]["t2flair"]["oedema"]["subjects"] == 1
+    gone = per_patient([{**row("qsnet", "sub-1", "pat-1", 0.6, "oedema", 0.6), "contrast_synth": None},
+                        {**row("qsnet", "sub-2", "pat-1", 0.8, "oedema", 0.4), "contrast_synth": None}])
+    assert gone[0]["contrast_synth"] is None

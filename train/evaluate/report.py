@@ -162,7 +162,9 @@ def write(folder: Path, rows, region_rows, tables, checks, summary, grids, exams
              f"{' (the working tree had uncommitted changes)' if prov.get('git_dirty') else ''}. "
              f"Metrics as the paper defines them: L = {cfg['data_range']:g}, K1 = {cfg['k1']:g}, K2 = {cfg['k2']:g}, "
              "inside the brain mask, on the prepared grid, each pooled over the brain voxels of a subject's whole "
-             "volume (not averaged over slices); MAE also in scanner units in subjects.csv.</p>"]
+             "volume (not averaged over slices); MAE also in scanner units in subjects.csv. A subject is a "
+             "patient: the exams of one patient's visits are averaged before any mean, sd or paired test "
+             "(subjects.csv lists each exam).</p>"]
 
     parts.append("<h2>Checks</h2>")
     body = []

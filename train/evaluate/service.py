@@ -88,6 +88,8 @@ class _Exam:
         site, subject = name_parts(path)
         self.site = str(a.get("site", site))
         self.subject = str(a.get("subject", subject))
+        # visits of one patient are one subject of the statistics (prepare deals them into one split)
+        self.patient = str(a.get("patient") or self.subject)
         self.cohort = cohort_name(self.site)
         self.health = str(a.get("cohort", ""))
         self.targets = set(a.get("targets") or [c for c in CONTRASTS if c in self.store])
@@ -250,7 +252,8 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
             return
         timing["metrics_s"] += time.perf_counter() - t0
         timing["pairs"] += 1
-        base = {"cohort": ex.cohort, "site": ex.site, "subject": ex.subject, "health": ex.health,
+        base = {"cohort": ex.cohort, "site": ex.site, "subject": ex.subject, "patient": ex.patient,
+                "health": ex.health,
                 "model": model_key, "arm": arm, "contrast": contrast,
                 "stage": card.get("stage") if card else arm,
                 "inputs": card.get("inputs") if card else inputs,
@@ -371,8 +374,8 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
         raise EvaluateError("no model card could be evaluated: " + ("; ".join(errors[:3]) or
                                                                     "no model matches the stores"))
 
-    tables = _tables(rows, home)
-    tables["lesions"] = _conspicuity(region_rows)
+    tables = _tables(per_patient(rows), home)
+    tables["lesions"] = _conspicuity(per_patient(region_rows))
     tables["blur"] = _blur_yardstick(exams, cfg)
     data_version = registry.data_version()
     card_versions = sorted({c.get("data_version") for c in cards if c.get("data_version")})
@@ -414,7 +417,7 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
         (tmp / "summary.json").write_text(_json(summary))
         from train.evaluate import report
 
-        report.write(tmp, rows, region_rows, tables, checks, summary, grids, exams, home)
+        report.write(tmp, per_patient(rows), per_patient(region_rows), tables, checks, summary, grids, exams, home)
         # the two contract files are written beside the folder, then everything is swapped in;
         # the old folder moves aside first, so a failure never leaves a half-written one
         (tmp / "metrics.json").write_text(_json(tables["metrics"]))
@@ -461,10 +464,39 @@ def _mean(v) -> float:
     return float(np.mean(v)) if v else float("nan")
 
 
-def _tables(rows: list[dict], home: str) -> dict:
-    by = defaultdict(dict)  # (cohort, arm, model, contrast) -> {subject: row}
+# per-exam numbers a patient's visits are averaged over (voxels are summed)
+_VISIT_MEANS = (*METRICS, "mae_native", "contrast_truth", "contrast_synth")
+
+
+def per_patient(rows: list[dict]) -> list[dict]:
+    """One row per patient for each (cohort, arm, model, contrast, region): the means over its
+    visits, ``visits`` their number. Two exams of one patient are not two independent subjects:
+    counted apart they would narrow the sd and inflate the paired tests' n. A row without a
+    patient stands for itself."""
+    groups: dict = defaultdict(list)
     for r in rows:
-        by[(r["cohort"], r["arm"], r["model"], r["contrast"])][r["subject"]] = r
+        groups[(r["cohort"], r["arm"], r["model"], r["contrast"], r.get("region", ""),
+                r.get("patient") or r["subject"])].append(r)
+    out = []
+    for key, rs in groups.items():
+        row = {**rs[0], "patient": key[-1], "visits": len(rs)}
+        if len(rs) > 1:
+            row["subject"] = key[-1]
+            for k in _VISIT_MEANS:
+                if k in row:
+                    v = [r[k] for r in rs if r.get(k) is not None]
+                    row[k] = _mean(v) if v else None
+            if "voxels" in row:
+                row["voxels"] = sum(int(r.get("voxels") or 0) for r in rs)
+        out.append(row)
+    return out
+
+
+def _tables(rows: list[dict], home: str) -> dict:
+    """The tables of ``rows``, one per patient (``per_patient``)."""
+    by = defaultdict(dict)  # (cohort, arm, model, contrast) -> {patient: row}
+    for r in rows:
+        by[(r["cohort"], r["arm"], r["model"], r["contrast"])][r.get("patient") or r["subject"]] = r
 
     def means(cells: dict) -> dict:
         return {m: _mean([r[m] for r in cells.values()]) for m in METRICS} | {"n": len(cells)}
@@ -533,7 +565,8 @@ def _verdict(truth: float, synth: float) -> str:
 
 def _conspicuity(region_rows: list[dict]) -> dict:
     """{cohort: {model: {contrast: {region: truth, synth, kept, verdict}}}}: the lesion contrast
-    against NAWM in the truth and in each model's synthesis, means over subjects. A synthesis
+    against NAWM in the truth and in each model's synthesis, means over the rows (one per
+    patient: ``per_patient``). A synthesis
     can score well overall and still erase a lesion: these cells show it."""
     cells = defaultdict(list)
     for r in region_rows:
