@@ -67,7 +67,8 @@ def fit(arch: str, contrast: str, seed: int, train, val, args, init=None, epochs
 
     torch.manual_seed(seed)
     model = build(arch, in_channels=2, out_channels=1, width=args.width, depth=args.depth, norm_affine=args.norm_affine)
-    tr = Trainer(model, lr=args.lr, betas=(0.5, 0.999), losses=Losses(tuple(args.ds_weights), args.adv_weight),
+    tr = Trainer(model, lr=args.lr, betas=(0.5, 0.999), losses=Losses(tuple(args.ds_weights), args.adv_weight,
+                                                                         args.ssim_weight),
                  plateau_factor=0.9, plateau_after_epoch=10, ema_decay=args.ema_decay,
                  freeze_encoder=init is not None and arch in ("qsnet", "resunet"))
     if init is not None:
@@ -104,6 +105,7 @@ def main() -> None:
                     help="QS-Net's instance norms without a learnt scale and shift (before 2026-12-05)")
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--adv-weight", type=float, default=0.01)
+    ap.add_argument("--ssim-weight", type=float, default=0.0, help="(1 - SSIM) in the generator loss (paper: 0)")
     ap.add_argument("--ds-weights", type=float, nargs="+", default=[0.5, 0.25, 0.125, 0.0625])
     ap.add_argument("--ema-decay", type=float, default=0.9)
     ap.add_argument("--more-site-b", type=int, default=0, help="simulate this many site-B exams (demo: 6)")
@@ -130,6 +132,7 @@ def main() -> None:
     cfg = {"data_range": 4095.0, "k1": 0.01, "k2": 0.03}
     t0 = time.perf_counter()
     ssim: dict[str, list[float]] = {}
+    others: dict[str, dict[str, list[float]]] = {}   # MAE and PSNR: an SSIM lever may cost them
     for contrast in args.contrasts.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             _, pre, _ = fit(args.arch, contrast, seed, a_train, a_val, args, epochs=args.epochs)
@@ -138,13 +141,19 @@ def main() -> None:
                       norm_affine=args.norm_affine).generator
             g.load_state_dict(state)
             g.eval()
-            s = float(np.mean([_score(predict(g, ex.input("mrf")), ex, contrast, cfg)[0]["ssim"] for ex in exams]))
+            scores = [_score(predict(g, ex.input("mrf")), ex, contrast, cfg)[0] for ex in exams]
+            s = float(np.mean([m["ssim"] for m in scores]))
             ssim.setdefault(contrast, []).append(round(s, 4))
-            print(f"{contrast} seed {seed}: site-B test SSIM {s:.4f}", flush=True)
+            for k in ("mae", "psnr"):
+                others.setdefault(contrast, {}).setdefault(k, []).append(round(float(np.mean([m[k] for m in scores])), 2))
+            print(f"{contrast} seed {seed}: site-B test SSIM {s:.4f}, MAE {others[contrast]['mae'][-1]:.1f}, "
+                  f"PSNR {others[contrast]['psnr'][-1]:.2f}", flush=True)
     entry = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
              "recipe": {k: v for k, v in vars(args).items() if k not in ("out", "stores", "threads")},
              "site_b_exams": {"finetune": len(b_train), "val": len(b_val), "test": len(b_test)},
              "ssim": {c: {"mean": round(float(np.mean(v)), 4), "seeds": v} for c, v in ssim.items()},
+             **{k: {c: {"mean": round(float(np.mean(o[k])), 2), "seeds": o[k]} for c, o in others.items()}
+                for k in ("mae", "psnr")},
              "seconds": round(time.perf_counter() - t0, 1)}
     print(json.dumps(entry["ssim"]))
     out = Path(args.out)

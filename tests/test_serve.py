@@ -32,7 +32,7 @@ CONTRASTS = ("t1w", "t2w", "t1flair", "t2flair", "swi")
 KEY = "test-key-0123456789"
 UID_ROOT = "1.2.3.4.5."  # a site's own root (serve.yaml uid_root): new UIDs start with it
 LIMITS = {"max_request_bytes": 4 << 20, "max_unpacked_bytes": 64 << 20, "max_ratio": 200, "max_entries": 500,
-          "max_concurrent_uploads": 2, "queue_timeout_s": 1.0, "idle_timeout_s": 6.0}
+          "max_concurrent_uploads": 2, "queue_timeout_s": 1.0, "idle_timeout_s": 15.0}
 
 
 def _free_port() -> int:
@@ -540,15 +540,15 @@ def test_stalled_uploads_time_out_and_never_hold_the_health_probe(server, mrf_zi
                   "Content-Type: application/zip\r\nContent-Length: 100000\r\n\r\n".encode() + mrf_zip[:1000])
         stalled.append(s)
     try:
-        time.sleep(2)   # both reach the replica and wait for the rest of their bodies
+        time.sleep(3)   # both reach the replica and wait for the rest of their bodies
         t = time.perf_counter()
         assert httpx.get(server["base"] + "/healthz", timeout=5).status_code == 200
-        assert time.perf_counter() - t < 2
+        assert time.perf_counter() - t < 5   # well inside the idle timeout: not queued behind the uploads
         r = server["client"].post("/v1/synthesize", content=mrf_zip, headers={"Content-Type": "application/zip"})
         assert r.status_code == 503 and r.json()["error"]["code"] == "busy", r.text
         assert r.headers["Retry-After"] == "5"
         for s in stalled:
-            answer = b""   # the idle timeout (6 s) ends them; headers and body may come apart
+            answer = b""   # the idle timeout (15 s) ends them; headers and body may come apart
             while b"request_timeout" not in answer:
                 chunk = s.recv(4096)
                 if not chunk:
@@ -590,10 +590,12 @@ def test_a_client_that_hangs_up_mid_upload_is_not_a_server_failure(server, mrf_z
     """A client gone before its body arrived is the client's doing: logged as such, never as a 500
     (which pages whoever watches the server's error rate). Which of two ways it is logged is a
     race: the replica's body read sees the hang-up ("refused 499 client_disconnected"), or Serve's
-    proxy sees it first and cancels the request ("cancelled by Serve"); a loaded machine gives the
-    second. Either is right; a failure or a 500 is not."""
+    proxy sees it first and cancels the request ("cancelled by Serve", or only the proxy's own
+    line when the handler had not started); a loaded machine gives the second. Either is right;
+    a failure or a 500 is not."""
     def hang_ups(text):
-        return text.count("client_disconnected") + text.count("cancelled by Serve")
+        return (text.count("client_disconnected") + text.count("cancelled by Serve")
+                + text.count("disconnected, cancelling request"))
 
     start = server["log"].read_text(errors="replace")
     before = hang_ups(start)
@@ -608,6 +610,8 @@ def test_a_client_that_hangs_up_mid_upload_is_not_a_server_failure(server, mrf_z
         if hang_ups(text) > before:
             break
         time.sleep(0.5)
+    time.sleep(2)   # the replica's own lines, if the proxy's came first
+    text = server["log"].read_text(errors="replace")
     tail = text[len(start):][-4000:]   # this test's lines only
     assert hang_ups(text) > before, tail
     assert "status 500" not in tail and "failed (" not in tail and " 500 " not in tail, tail

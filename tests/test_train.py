@@ -67,6 +67,30 @@ def test_each_deep_supervision_head_contributes_to_the_loss(k):
         assert (grad > 0) == expect, (k, w, grad)
 
 
+def test_the_ssim_term_is_the_evaluations_ssim_and_trains_the_generator():
+    """(1 - SSIM) joins the loss only with a weight, as MONAI's SSIMLoss on the evaluation's
+    window and constants: an independent SSIM of the same pair (the evaluation's, skimage's
+    twin) gives the same number, and it has a gradient."""
+    from train.evaluate.metrics import ssim_map
+
+    torch.manual_seed(0)
+    model = build("qsnet", width=8)
+    b = batch(size=64)
+    _, parts, _ = Trainer(model, losses=Losses(adv_weight=0.0)).generator_loss(b["input"], b["target"])
+    assert "ssim" not in parts   # the paper's loss: no SSIM term unless asked for
+    tr = Trainer(model, losses=Losses(ds_weights=(), adv_weight=0.0, ssim_weight=1.0))
+    tr.g.eval()
+    loss, parts, out = tr.generator_loss(b["input"], b["target"])
+    x, y = out.detach().double().numpy(), b["target"].double().numpy()
+    # MONAI's window is valid-only (no padding): compare the maps away from a 5-pixel border
+    ref = np.mean([ssim_map(x[i, 0], y[i, 0], 1.0)[5:-5, 5:-5].mean() for i in range(len(x))])
+    assert float(parts["ssim"]) == pytest.approx(1 - ref, abs=1e-4)
+    assert float(loss.detach()) == pytest.approx(float(parts["l1"]) + float(parts["ssim"]), rel=1e-5)
+    pred = torch.rand_like(b["target"], requires_grad=True)
+    tr._ssim_loss(pred, b["target"]).backward()
+    assert float(pred.grad.abs().sum()) > 0   # a gradient, not a reported number only
+
+
 def test_frozen_encoder_keeps_its_bytes_and_has_no_optimiser_state():
     torch.manual_seed(0)
     model = build("qsnet", width=8)
@@ -376,6 +400,7 @@ def test_registry_round_trip_and_bad_files(tmp_path):
                                      ({"betas": [0.5]}, "train.betas must be two numbers"),
                                      ({"betas": [0.5, 1.0]}, "train.betas must be two numbers"),
                                      ({"adv_weight": "0.01"}, "train.adv_weight must be a number, 0 or more"),
+                                     ({"ssim_weight": -1}, "train.ssim_weight must be a number, 0 or more"),
                                      ({"ds_weights": [0.5, -1]}, "train.ds_weights must be a list of numbers"),
                                      ({"plateau_factor": 0}, r"train.plateau_factor must be a number in \(0, 1\]"),
                                      ({"depth": 12}, "train.depth must be a whole number of U-Net levels"),

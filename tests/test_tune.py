@@ -90,9 +90,9 @@ def test_bad_search_settings_are_one_line_errors(change, needle):
 def test_a_suggestion_becomes_train_params():
     base = {"betas": [0.5, 0.999], "ds_weights": [0.5, 0.25, 0.125, 0.0625]}
     hp = to_train({"lr": 0.01, "beta1": 0.7, "ds_weight": 0.8, "width": 12, "depth": 5, "noise": 0.02,
-                   "plateau_after_epoch": 3}, base)
+                   "plateau_after_epoch": 3, "ssim_weight": 0.5}, base)
     assert hp == {"lr": 0.01, "betas": [0.7, 0.999], "ds_weights": [0.8, 0.4, 0.2, 0.1], "width": 12, "depth": 5,
-                  "augment": {"noise": 0.02}, "plateau_after_epoch": 3}
+                  "augment": {"noise": 0.02}, "plateau_after_epoch": 3, "ssim_weight": 0.5}
     check_hp(hp, "best.yaml: train")  # what a search writes, training must accept
 
 

@@ -95,7 +95,7 @@ def train_loop_per_worker(config: dict) -> None:
         torch.manual_seed(c["seed"])
         model = build(run["arch"], in_channels=2, out_channels=1, width=c["width"], depth=c.get("depth", 6))
         tr = Trainer(model, lr=c["lr"], lr_d=c.get("lr_d"), betas=c["betas"],
-                     losses=Losses(tuple(c["ds_weights"]), c["adv_weight"]),
+                     losses=Losses(tuple(c["ds_weights"]), c["adv_weight"], c.get("ssim_weight", 0.0)),
                      plateau_factor=c["plateau_factor"], plateau_after_epoch=c["plateau_after_epoch"],
                      device=device, freeze_encoder=run.get("freeze_encoder", False), amp=c.get("amp", True),
                      ema_decay=c.get("ema_decay", 0.0), compile=c.get("compile", False))

@@ -3,7 +3,8 @@ benchmark times alone.
 
 Generator loss (paper 2.4): L1(output, target) + sum_k w_k L1(head_k, target resized to head
 k) (QS-Net's deep supervision) + adv_weight * adversarial term (least squares for QS-Net,
-binary cross-entropy for the pix2pix cGAN). Adam on the generator and the discriminator;
+binary cross-entropy for the pix2pix cGAN) + ssim_weight * (1 - SSIM(output, target)) (MONAI's
+SSIMLoss, the evaluation's window and constants; not in the paper, 0 there). Adam on the generator and the discriminator;
 the learning rate is multiplied by ``plateau_factor`` when the validation loss plateaus, only
 after epoch ``plateau_after_epoch``. With ``ema_decay`` > 0, an exponential moving average of
 the generator's weights is what validation scores and what the best weights are taken from.
@@ -27,6 +28,7 @@ __all__ = ["Losses", "Trainer", "freeze"]
 class Losses:
     ds_weights: tuple[float, ...] = (0.5, 0.25, 0.125, 0.0625)
     adv_weight: float = 0.01
+    ssim_weight: float = 0.0
 
 
 def freeze(module: nn.Module) -> None:
@@ -61,6 +63,12 @@ class Trainer:
         self.model = model
         self.device = torch.device(device)
         self.losses = losses or Losses()
+        if self.losses.ssim_weight:
+            from monai.losses import SSIMLoss
+
+            # the evaluation's SSIM (Gaussian window, sigma 1.5, K1 0.01, K2 0.03) on the [0, 1] targets
+            self._ssim_loss = SSIMLoss(spatial_dims=2, data_range=1.0, kernel_type="gaussian", win_size=11,
+                                       kernel_sigma=1.5, k1=0.01, k2=0.03)
         self.g = model.generator.to(self.device)
         self.d = model.discriminator.to(self.device) if model.discriminator is not None else None
         if freeze_encoder:
@@ -160,6 +168,10 @@ class Trainer:
             lk = F.l1_loss(h, resize_like(y, h))
             loss = loss + w * lk
             parts[f"ds{k + 1}"] = lk.detach()
+        if self.losses.ssim_weight:
+            s = self._ssim_loss(out.float(), y.float())
+            loss = loss + self.losses.ssim_weight * s
+            parts["ssim"] = s.detach()
         if self.d is not None:
             pred = self._d_call(torch.cat([x, out], 1))[-1]
             adv = self._adv(pred, True)

@@ -33,18 +33,18 @@ CONTRASTS = ("t1w", "t2w", "t1flair", "t2flair", "swi")
 DEFAULTS = {
     "archs": ["qsnet"], "contrasts": list(CONTRASTS), "inputs": "mrf", "width": 32, "epochs": 200,
     "batch_size": 1, "lr": 2e-4, "betas": [0.5, 0.999], "plateau_factor": 0.9, "plateau_after_epoch": 100,
-    "ds_weights": [0.5, 0.25, 0.125, 0.0625], "adv_weight": 0.01, "num_workers": 1, "use_gpu": "auto",
+    "ds_weights": [0.5, 0.25, 0.125, 0.0625], "adv_weight": 0.01, "ssim_weight": 0.0, "num_workers": 1, "use_gpu": "auto",
     "checkpoint_every": 1, "max_failures": 1, "augment": True, "loader_workers": 0, "amp": True,
     "extra_runs": [], "finetune_epochs": None, "parallel_runs": 1, "lr_d": None, "depth": 6, "ema_decay": 0.0,
     "compile": False,
 }
 # the training hyperparameters a Ray Train run carries (train.distributed reads them)
 HP_KEYS = ("width", "depth", "epochs", "batch_size", "lr", "lr_d", "betas", "plateau_factor", "plateau_after_epoch",
-           "ds_weights", "adv_weight", "augment", "checkpoint_every", "loader_workers", "amp", "seed", "ema_decay",
-           "compile")
+           "ds_weights", "adv_weight", "ssim_weight", "augment", "checkpoint_every", "loader_workers", "amp", "seed",
+           "ema_decay", "compile")
 # what a tuned configuration (``qsnet tune``'s best.yaml) may set, per architecture and contrast
 AUGMENT_KEYS = frozenset({"rotate_deg", "elastic_px", "noise"})  # train.data.Augment's strengths
-TUNABLE = ("lr", "lr_d", "betas", "adv_weight", "ds_weights", "width", "depth", "augment", "plateau_factor",
+TUNABLE = ("lr", "lr_d", "betas", "adv_weight", "ssim_weight", "ds_weights", "width", "depth", "augment", "plateau_factor",
            "plateau_after_epoch", "batch_size")
 # (site, training split, validation split) per stage
 DATA = {"pretrain": ("site-A", "train", "val"), "finetune": ("site-B", "finetune", "val"),
@@ -167,8 +167,9 @@ def check_hp(hp: dict, where: str) -> None:
         bad("betas", "two numbers in [0, 1), e.g. [0.5, 0.999]")
     if "plateau_factor" in hp and (not _is_num(hp["plateau_factor"]) or not 0 < hp["plateau_factor"] <= 1):
         bad("plateau_factor", "a number in (0, 1]")
-    if "adv_weight" in hp and (not _is_num(hp["adv_weight"]) or hp["adv_weight"] < 0):
-        bad("adv_weight", "a number, 0 or more")
+    for key in ("adv_weight", "ssim_weight"):
+        if key in hp and (not _is_num(hp[key]) or hp[key] < 0):
+            bad(key, "a number, 0 or more")
     if "ds_weights" in hp and (not isinstance(hp["ds_weights"], (list, tuple))
                                or not all(_is_num(w) and w >= 0 for w in hp["ds_weights"])):
         bad("ds_weights", "a list of numbers, 0 or more (one per deep-supervision head)")

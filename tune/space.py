@@ -24,7 +24,7 @@ __all__ = ["NAMES", "REPORTED", "distributions", "to_train", "tune_config"]
 NAMES = {
     "lr": "generator learning rate", "lr_d": "discriminator learning rate",
     "beta1": "Adam beta1", "beta2": "Adam beta2",
-    "adv_weight": "adversarial loss weight", "ds_weight": "first deep-supervision weight (the others halve)",
+    "adv_weight": "adversarial loss weight", "ssim_weight": "weight of (1 - SSIM) in the generator loss", "ds_weight": "first deep-supervision weight (the others halve)",
     "width": "channels of the first U-Net level", "depth": "U-Net levels",
     "rotate_deg": "augmentation: rotation (degrees)", "elastic_px": "augmentation: elastic displacement (pixels)",
     "noise": "augmentation: input noise (share of range)",
@@ -40,7 +40,8 @@ VALID = {
     "lr": (lambda v: v > 0, "> 0"), "lr_d": (lambda v: v > 0, "> 0"),
     "beta1": (lambda v: 0 < v < 1, "in (0, 1)"), "beta2": (lambda v: 0 < v < 1, "in (0, 1)"),
     "plateau_factor": (lambda v: 0 < v < 1, "in (0, 1)"),
-    **{k: (lambda v: v >= 0, ">= 0") for k in ("adv_weight", "ds_weight", "rotate_deg", "elastic_px", "noise")},
+    **{k: (lambda v: v >= 0, ">= 0") for k in ("adv_weight", "ssim_weight", "ds_weight", "rotate_deg", "elastic_px",
+                                                 "noise")},
 }
 # what the trainable reports each epoch (train.distributed's metrics), so a search can rank by it
 REPORTED = ("score", "val_l1", "train_l1", "train_loss_g")
@@ -183,7 +184,7 @@ def to_train(suggestion: dict, base: dict) -> dict:
     """A suggested configuration as train params (only the keys it sets), ``base`` the profile's
     train section (for the halves of a pair it does not move, e.g. beta2 when only beta1 is searched)."""
     hp: dict = {}
-    for key in ("lr", "lr_d", "adv_weight", "plateau_factor"):
+    for key in ("lr", "lr_d", "adv_weight", "ssim_weight", "plateau_factor"):
         if key in suggestion:
             hp[key] = float(suggestion[key])
     for key in ("width", "depth", "plateau_after_epoch", "batch_size"):
