@@ -176,8 +176,10 @@ def test_lesion_regions_and_contrast(evaluated):
 
     _, out, _ = evaluated
     rows = list(csv.DictReader(open(out / "evaluate" / "regions.csv")))
-    assert {r["region"] for r in rows} == {"tumour", "enhancing", "oedema"}
+    assert {r["region"] for r in rows} == {"tumour", "enhancing", "oedema", "outside_lesions"}
     assert {r["cohort"] for r in rows} == {"site_b"}  # only the GBM site has lesions
+    # the rest of the brain is scored, with no lesion contrast to keep
+    assert all(r["contrast_truth"] == "" for r in rows if r["region"] == "outside_lesions")
     phys = [r for r in rows if r["model"] == "physics" and r["region"] == "oedema" and r["contrast"] == "t2flair"]
     # the equation made the targets: synthetic and true lesion contrast agree
     for r in phys:
@@ -190,6 +192,7 @@ def test_lesion_conspicuity_is_summarised_with_a_verdict(evaluated):
     summary = json.loads((out / "evaluate" / "summary.json").read_text())
     les = summary["lesions"]
     assert set(les) == {"site_b"}
+    assert all("outside_lesions" not in regs for models in les["site_b"].values() for regs in models.values())
     cell = les["site_b"]["physics"]["t2flair"]["oedema"]
     assert cell["truth"] > 0.2 and abs(cell["kept"] - 1) < 0.1 and cell["verdict"] == "kept"
     assert cell["subjects"] == 3
@@ -519,3 +522,21 @@ def test_visits_of_one_patient_are_one_subject_of_the_statistics():
     gone = per_patient([{**row("qsnet", "sub-1", "pat-1", 0.6, "oedema", 0.6), "contrast_synth": None},
                         {**row("qsnet", "sub-2", "pat-1", 0.8, "oedema", 0.4), "contrast_synth": None}])
     assert gone[0]["contrast_synth"] is None
+
+
+def test_the_generalisation_pair_is_also_shown_outside_and_inside_the_lesions(evaluated):
+    """The whole-brain pair mixes healthy tissue of another site with lesions neither input kind
+    was trained on: the summary, the report and a failed check's note say which one is which."""
+    from train.evaluate.service import _region_note
+
+    _, out, _ = evaluated
+    summary = json.loads((out / "evaluate" / "summary.json").read_text())
+    cells = summary["generalisation_by_region"]["site_b"]["qsnet"]["t1flair"]
+    assert {"outside_lesions", "tumour", "oedema"} <= set(cells)
+    assert all(v["n"] == 3 and -1 <= v["mrf"] <= 1 and -1 <= v["mri"] <= 1 for v in cells.values()), cells
+    assert "outside lesions" in (out / "evaluate" / "report.html").read_text()
+    note = _region_note({"tumour": {"mrf": 0.5, "mri": 0.6, "n": 3}, "outside_lesions": {"mrf": 0.8, "mri": 0.7, "n": 3}})
+    assert note == "SSIM outside the lesions mrf 0.800 against mri 0.700, in the tumour mrf 0.500 against mri 0.600"
+    checks = json.loads((out / "evaluate" / "checks.json").read_text())["checks"]
+    failed = [c for c in checks if c["check"].startswith("generalisation: qsnet") and not c["passed"]]
+    assert all("outside the lesions mrf" in c["note"] for c in failed)

@@ -247,6 +247,20 @@ def write(folder: Path, rows, region_rows, tables, checks, summary, grids, exams
                             + [_fmt(p.get("wilcoxon_p")), _fmt(p.get("ttest_p"))])
         parts.append(_table(["model", "contrast", "mrf SSIM", "mrf PSNR", "mrf MAE", "mri SSIM", "mri PSNR",
                              "mri MAE", "SSIM Wilcoxon p", "SSIM t-test p"], body))
+        by_region = tables.get("generalisation_regions") or {}
+        body = [[html.escape(cohort), LABEL.get(arch, arch), c, reg.replace("_", " "), _fmt(v["mrf"]), _fmt(v["mri"]),
+                 "mrf" if v["mrf"] > v["mri"] else "mri" if v["mri"] > v["mrf"] else "–", v["n"]]
+                for cohort, archs in sorted(by_region.items()) for arch in _models(archs)
+                for c, regs in sorted(archs[arch].items())
+                for reg, v in sorted(regs.items(), key=lambda kv: (kv[0] != "outside_lesions", kv[0]))]
+        if body:
+            parts.append("<p>The same pairs inside each lesion region of the phantom's labels and in the brain "
+                         "outside them (SSIM, means over the subjects both were scored on). The site-A training "
+                         "exams are healthy: neither input kind has seen a lesion, and the whole-brain result "
+                         "above mixes how each generalises to healthy tissue of another site with how it "
+                         "extrapolates to lesions.</p>"
+                         + _table(["cohort", "model", "contrast", "region", "mrf SSIM", "mri SSIM", "better",
+                                   "subjects"], body))
         copies = tables.get("copies") or {}
         body = [[html.escape(cohort), c, src, _fmt(v["ssim"]), _fmt(v["psnr"]), _fmt(v["mae"])]
                 for cohort, by_c in sorted(copies.items()) for c, srcs in sorted(by_c.items())
@@ -258,8 +272,9 @@ def write(folder: Path, rows, region_rows, tables, checks, summary, grids, exams
                          + _table(["cohort", "contrast", "mri input copied", "SSIM", "PSNR", "MAE"], body))
 
     if region_rows:
-        parts.append("<h2>Lesions: metrics inside the tumour, enhancing rim and oedema, and lesion contrast "
-                     "against normal-appearing white matter ((lesion − NAWM) / NAWM), true against synthetic</h2>")
+        parts.append("<h2>Lesions: metrics inside the tumour, enhancing rim and oedema (and in the brain outside "
+                     "them), and lesion contrast against normal-appearing white matter ((lesion − NAWM) / NAWM), "
+                     "true against synthetic</h2>")
         agg = defaultdict(list)
         for r in region_rows:
             if r["arm"] in TABLE_ARMS:

@@ -45,6 +45,9 @@ HIGHER_IS_BETTER = {"ssim": True, "psnr": True, "mae": False}
 # phantom label values (ingest.phantom.anatomy.LABELS) of the lesion regions and the reference tissue
 REGIONS = {"tumour": (8, 9, 11), "enhancing": (9,), "oedema": (10,)}
 NAWM = 3
+# The brain outside every lesion label, scored beside the lesions: a model trained on healthy
+# exams can do well here and badly inside a lesion, and the whole-brain mean hides which.
+OUTSIDE = "outside_lesions"
 EVAL_DEFAULTS = {"data_range": 4095.0, "k1": 0.01, "k2": 0.03, "min_ssim": 0.85}
 
 
@@ -102,6 +105,9 @@ class _Exam:
             lab = np.asarray(self.store.read("truth_labels"))
             self.regions = {k: np.isin(lab, v) & self.brain for k, v in REGIONS.items()}
             self.regions = {k: m for k, m in self.regions.items() if m.any()}
+            if self.regions:
+                self.regions[OUTSIDE] = self.brain & ~np.isin(lab, sorted({v for vs in REGIONS.values()
+                                                                            for v in vs}))
             self.nawm = (lab == NAWM) & self.brain
         else:
             self.nawm = None
@@ -168,9 +174,10 @@ def _score(pred01: np.ndarray, ex: _Exam, contrast: str, cfg: dict, arm: str = "
     if ex.regions:
         nawm = ex.nawm & mask if ex.nawm is not None else None
         for name, r in region_metrics(p, t, mask, ex.regions, L, k1, k2).items():
+            lesion = name != OUTSIDE   # the rest of the brain has no contrast against NAWM to keep
             regions.append({"region": name, **{k: r[k] for k in ("mae", "ssim", "psnr", "voxels")},
-                            "contrast_truth": lesion_contrast(t, ex.regions[name] & mask, nawm),
-                            "contrast_synth": lesion_contrast(p, ex.regions[name] & mask, nawm)})
+                            "contrast_truth": lesion_contrast(t, ex.regions[name] & mask, nawm) if lesion else None,
+                            "contrast_synth": lesion_contrast(p, ex.regions[name] & mask, nawm) if lesion else None})
     return m, regions
 
 
@@ -376,6 +383,7 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
 
     tables = _tables(per_patient(rows), home)
     tables["lesions"] = _conspicuity(per_patient(region_rows))
+    tables["generalisation_regions"] = _generalisation_by_region(per_patient(region_rows))
     tables["blur"] = _blur_yardstick(exams, cfg)
     data_version = registry.data_version()
     card_versions = sorted({c.get("data_version") for c in cards if c.get("data_version")})
@@ -401,6 +409,7 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
                "physics": {f"{s}/{c}": b.to_dict() for (s, c), b in baselines["physics"].items()},
                "reference": {f"{s}/{c}": b.to_dict() for (s, c), b in baselines["reference"].items()},
                "lesions": tables["lesions"], "blurred_truth_ssim": tables["blur"],
+               "generalisation_by_region": tables["generalisation_regions"],
                "cards": len(cards)}
 
     ev = out / "evaluate"
@@ -546,6 +555,36 @@ def _tables(rows: list[dict], home: str) -> dict:
 MIN_LESION_CONTRAST = 0.2
 
 
+def _generalisation_by_region(region_rows: list[dict]) -> dict:
+    """``{cohort: {arch: {contrast: {region: {"mrf", "mri", "n"}}}}}``: the generalisation pair's
+    SSIM inside each lesion region and in the brain outside them, means over the patients both
+    input kinds were scored on (rows from ``per_patient``). The check is decided on the whole
+    brain, as the paper's; this says where a whole-brain result comes from."""
+    cells: dict = defaultdict(dict)
+    for r in region_rows:
+        if r["arm"].startswith("generalisation_") and r.get("ssim") is not None:
+            cells[(r["cohort"], r["model"], r["contrast"], r["region"], r["arm"].split("_", 1)[1])][
+                r.get("patient") or r["subject"]] = r["ssim"]
+    out: dict = {}
+    for (cohort, arch, c, region, kind), by in sorted(cells.items()):
+        if kind != "mrf":
+            continue
+        other = cells.get((cohort, arch, c, region, "mri"), {})
+        shared = sorted(set(by) & set(other))
+        if shared:
+            out.setdefault(cohort, {}).setdefault(arch, {}).setdefault(c, {})[region] = {
+                "mrf": _mean([by[p] for p in shared]), "mri": _mean([other[p] for p in shared]), "n": len(shared)}
+    return out
+
+
+def _region_note(cells: dict) -> str:
+    """Where a generalisation pair is won and lost: outside the lesions and inside them."""
+    parts = [f"{'outside the lesions' if reg == OUTSIDE else 'in the ' + reg} mrf {v['mrf']:.3f} against mri "
+             f"{v['mri']:.3f}" for reg, v in sorted(cells.items(), key=lambda kv: (kv[0] != OUTSIDE, kv[0]))
+             if math.isfinite(v["mrf"]) and math.isfinite(v["mri"])]
+    return ("SSIM " + ", ".join(parts)) if parts else ""
+
+
 def _kept(truth: float, synth: float) -> float:
     """The share of a lesion's true contrast the synthesis keeps; NaN where the truth is too faint."""
     if not (math.isfinite(truth) and math.isfinite(synth)) or abs(truth) < MIN_LESION_CONTRAST:
@@ -570,8 +609,8 @@ def _conspicuity(region_rows: list[dict]) -> dict:
     can score well overall and still erase a lesion: these cells show it."""
     cells = defaultdict(list)
     for r in region_rows:
-        if r["arm"] in ("main", "physics", "reference") and r.get("contrast_truth") is not None \
-                and r.get("contrast_synth") is not None:
+        if r["arm"] in ("main", "physics", "reference") and r["region"] != OUTSIDE \
+                and r.get("contrast_truth") is not None and r.get("contrast_synth") is not None:
             cells[(r["cohort"], r["model"], r["contrast"], r["region"])].append(r)
     out: dict = {}
     for (cohort, model, c, region), rs in sorted(cells.items()):
@@ -738,6 +777,8 @@ def _checks(tables: dict, cfg: dict, home: str, training: dict | None = None, ph
             ok = _beats(a["ssim"], b["ssim"], "ssim")
             notes = [] if ok else [
                 _significance(g["p_values"].get(c, {}).get("ssim") or {}),
+                _region_note(tables.get("generalisation_regions", {}).get(a.get("cohort"), {}).get(arch, {})
+                             .get(c, {})),
                 f"the mri input holds {c} itself" if c in INPUT_KINDS["mri"] else
                 _copy_note(tables.get("copies", {}).get(a.get("cohort"), {}).get(c, {}), c, b["ssim"]),
                 *(_undertrained(training, ("pretrain", arch, k, c)) for k in ("mrf", "mri"))]
