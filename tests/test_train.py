@@ -91,6 +91,26 @@ def test_the_ssim_term_is_the_evaluations_ssim_and_trains_the_generator():
     assert float(pred.grad.abs().sum()) > 0   # a gradient, not a reported number only
 
 
+def test_the_ssim_term_stays_in_fp32_under_bf16_autocast():
+    """On a GPU the generator loss runs under bf16 autocast: MONAI's window convolutions would
+    run in bf16 too, and on smooth images (small local variances) the term came out 3x too
+    large with a gradient pointing elsewhere. Here a smooth output and target, CPU autocast."""
+    from train.evaluate.metrics import ssim_map
+
+    tr = Trainer(build("qsnet", width=8), losses=Losses(ds_weights=(), adv_weight=0.0, ssim_weight=1.0))
+    g = torch.Generator().manual_seed(0)
+    t = torch.linspace(0, 1, 64)
+    smooth = 0.25 + 0.05 * torch.sin(6 * t)[None, None, :, None] * torch.cos(4 * t)[None, None, None, :]
+    y = smooth + 0.01 * torch.randn(2, 1, 64, 64, generator=g)
+    out = (smooth + 0.01 * torch.randn(2, 1, 64, 64, generator=g)).requires_grad_(True)
+    tr._forward_heads = lambda x: (out, [])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, parts, _ = tr.generator_loss(torch.zeros(2, 2, 64, 64), y)
+    ref = np.mean([ssim_map(out.detach()[i, 0].double().numpy(), y[i, 0].double().numpy(), 1.0)[5:-5, 5:-5].mean()
+                   for i in range(2)])
+    assert float(parts["ssim"]) == pytest.approx(1 - ref, abs=1e-3)
+
+
 def test_frozen_encoder_keeps_its_bytes_and_has_no_optimiser_state():
     torch.manual_seed(0)
     model = build("qsnet", width=8)

@@ -4,7 +4,9 @@ benchmark times alone.
 Generator loss (paper 2.4): L1(output, target) + sum_k w_k L1(head_k, target resized to head
 k) (QS-Net's deep supervision) + adv_weight * adversarial term (least squares for QS-Net,
 binary cross-entropy for the pix2pix cGAN) + ssim_weight * (1 - SSIM(output, target)) (MONAI's
-SSIMLoss, the evaluation's window and constants; not in the paper, 0 there). Adam on the generator and the discriminator;
+SSIMLoss, the evaluation's window and constants; not in the paper, 0 there). The SSIM term is
+averaged over the whole slice (valid windows), not over the brain as the evaluation's: the
+background, near 1, dilutes it by each slice's brain fraction. Adam on the generator and the discriminator;
 the learning rate is multiplied by ``plateau_factor`` when the validation loss plateaus, only
 after epoch ``plateau_after_epoch``. With ``ema_decay`` > 0, an exponential moving average of
 the generator's weights is what validation scores and what the best weights are taken from.
@@ -169,7 +171,10 @@ class Trainer:
             loss = loss + w * lk
             parts[f"ds{k + 1}"] = lk.detach()
         if self.losses.ssim_weight:
-            s = self._ssim_loss(out.float(), y.float())
+            # in fp32 even under bf16 autocast: the window's variances are differences of squares
+            # whose bf16 rounding (~2e-3 at 0.25) is larger than C2 (9e-4)
+            with torch.autocast(self.device.type, enabled=False):
+                s = self._ssim_loss(out.float(), y.float())
             loss = loss + self.losses.ssim_weight * s
             parts["ssim"] = s.detach()
         if self.d is not None:

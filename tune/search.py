@@ -104,6 +104,9 @@ def plan(params: dict, stores: Path, storage: Path) -> tuple[dict, list[dict]]:
     # rank trials trained differently against each other (epochs and checkpoints are the search's)
     # compile changes how fast a trial trains, not what it learns
     train = {k: tcfg[k] for k in HP_KEYS if k not in ("epochs", "checkpoint_every", "compile")}
+    if not train.get("ssim_weight"):
+        # 0 trains as before the key existed: a search saved then still resumes
+        train.pop("ssim_weight", None)
     train["inputs"] = tcfg["inputs"]
     train = json.loads(json.dumps(train, default=str))   # as read back from qsnet-search.json
     searches = []

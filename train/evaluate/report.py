@@ -255,7 +255,8 @@ def write(folder: Path, rows, region_rows, tables, checks, summary, grids, exams
                 for reg, v in sorted(regs.items(), key=lambda kv: (kv[0] != "outside_lesions", kv[0]))]
         if body:
             parts.append("<p>The same pairs inside each lesion region of the phantom's labels and in the brain "
-                         "outside them (SSIM, means over the subjects both were scored on). The site-A training "
+                         "away from them (<i>outside lesions</i>: beyond the SSIM window's 5-pixel reach), SSIM "
+                         "on the exams both were scored on, means over their subjects. The site-A training "
                          "exams are healthy: neither input kind has seen a lesion, and the whole-brain result "
                          "above mixes how each generalises to healthy tissue of another site with how it "
                          "extrapolates to lesions.</p>"

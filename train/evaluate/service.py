@@ -45,9 +45,12 @@ HIGHER_IS_BETTER = {"ssim": True, "psnr": True, "mae": False}
 # phantom label values (ingest.phantom.anatomy.LABELS) of the lesion regions and the reference tissue
 REGIONS = {"tumour": (8, 9, 11), "enhancing": (9,), "oedema": (10,)}
 NAWM = 3
-# The brain outside every lesion label, scored beside the lesions: a model trained on healthy
-# exams can do well here and badly inside a lesion, and the whole-brain mean hides which.
+# The brain away from every lesion label, scored beside the lesions: a model trained on healthy
+# exams can do well there and badly inside a lesion, and the whole-brain mean hides which.
+# "Away" is beyond the reach of the SSIM window (Gaussian sigma 1.5 truncated at 3.5: 5 pixels
+# in-plane, a square support), so no voxel of it scores a window that sees a lesion.
 OUTSIDE = "outside_lesions"
+OUTSIDE_MARGIN_PX = 5
 EVAL_DEFAULTS = {"data_range": 4095.0, "k1": 0.01, "k2": 0.03, "min_ssim": 0.85}
 
 
@@ -106,8 +109,13 @@ class _Exam:
             self.regions = {k: np.isin(lab, v) & self.brain for k, v in REGIONS.items()}
             self.regions = {k: m for k, m in self.regions.items() if m.any()}
             if self.regions:
-                self.regions[OUTSIDE] = self.brain & ~np.isin(lab, sorted({v for vs in REGIONS.values()
-                                                                            for v in vs}))
+                from scipy import ndimage
+
+                lesion = np.isin(lab, sorted({v for vs in REGIONS.values() for v in vs}))
+                reach = np.ones((1, 2 * OUTSIDE_MARGIN_PX + 1, 2 * OUTSIDE_MARGIN_PX + 1), bool)
+                away = self.brain & ~ndimage.binary_dilation(lesion, structure=reach)
+                if away.any():
+                    self.regions[OUTSIDE] = away
             self.nawm = (lab == NAWM) & self.brain
         else:
             self.nawm = None
@@ -381,9 +389,9 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
         raise EvaluateError("no model card could be evaluated: " + ("; ".join(errors[:3]) or
                                                                     "no model matches the stores"))
 
-    tables = _tables(per_patient(rows), home)
+    tables = _tables(rows, home)
     tables["lesions"] = _conspicuity(per_patient(region_rows))
-    tables["generalisation_regions"] = _generalisation_by_region(per_patient(region_rows))
+    tables["generalisation_regions"] = _generalisation_by_region(region_rows)
     tables["blur"] = _blur_yardstick(exams, cfg)
     data_version = registry.data_version()
     card_versions = sorted({c.get("data_version") for c in cards if c.get("data_version")})
@@ -501,14 +509,26 @@ def per_patient(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _shared_by_patient(a: dict, b: dict) -> tuple[list[dict], list[dict]]:
+    """Two sides' ``{exam: row}`` cut to the exams both were scored on, then averaged per
+    patient (``per_patient``), in one patient order. Averaged first, a patient's visit that only
+    one side scored would weigh into its mean and not the other's."""
+    shared = sorted(set(a) & set(b))
+    pa = {r["patient"]: r for r in per_patient([a[s] for s in shared])}
+    pb = {r["patient"]: r for r in per_patient([b[s] for s in shared])}
+    return [pa[p] for p in sorted(pa)], [pb[p] for p in sorted(pa)]
+
+
 def _tables(rows: list[dict], home: str) -> dict:
-    """The tables of ``rows``, one per patient (``per_patient``)."""
-    by = defaultdict(dict)  # (cohort, arm, model, contrast) -> {patient: row}
+    """The tables of ``rows`` (one per exam): means over patients, paired tests over the
+    patients of the exams both sides were scored on."""
+    by = defaultdict(dict)  # (cohort, arm, model, contrast) -> {exam: row}
     for r in rows:
-        by[(r["cohort"], r["arm"], r["model"], r["contrast"])][r.get("patient") or r["subject"]] = r
+        by[(r["cohort"], r["arm"], r["model"], r["contrast"])][r["subject"]] = r
 
     def means(cells: dict) -> dict:
-        return {m: _mean([r[m] for r in cells.values()]) for m in METRICS} | {"n": len(cells)}
+        patients = per_patient(list(cells.values()))
+        return {m: _mean([r[m] for r in patients]) for m in METRICS} | {"n": len(patients)}
 
     metrics: dict = defaultdict(lambda: defaultdict(dict))
     reference: dict = defaultdict(dict)  # not in metrics.json: the report contract names its models
@@ -522,8 +542,8 @@ def _tables(rows: list[dict], home: str) -> dict:
             copies[cohort].setdefault(c, {})[model.split("_", 1)[1]] = means(cells)
 
     def paired(a: dict, b: dict) -> dict:
-        subj = sorted(set(a) & set(b))
-        return {m: paired_tests([a[s][m] for s in subj], [b[s][m] for s in subj]) for m in METRICS}
+        ra, rb = _shared_by_patient(a, b)
+        return {m: paired_tests([r[m] for r in ra], [r[m] for r in rb]) for m in METRICS}
 
     stats: dict = {"qsnet_vs": defaultdict(lambda: defaultdict(dict)), "generalisation": {}, "two_stage_vs_scratch": {}}
     for (cohort, arm, model, c), cells in by.items():
@@ -557,23 +577,21 @@ MIN_LESION_CONTRAST = 0.2
 
 def _generalisation_by_region(region_rows: list[dict]) -> dict:
     """``{cohort: {arch: {contrast: {region: {"mrf", "mri", "n"}}}}}``: the generalisation pair's
-    SSIM inside each lesion region and in the brain outside them, means over the patients both
-    input kinds were scored on (rows from ``per_patient``). The check is decided on the whole
-    brain, as the paper's; this says where a whole-brain result comes from."""
+    SSIM inside each lesion region and in the brain outside them, on the exams both input kinds
+    were scored on, means over their patients (region rows, one per exam). The check is decided
+    on the whole brain, as the paper's; this says where a whole-brain result comes from."""
     cells: dict = defaultdict(dict)
     for r in region_rows:
         if r["arm"].startswith("generalisation_") and r.get("ssim") is not None:
-            cells[(r["cohort"], r["model"], r["contrast"], r["region"], r["arm"].split("_", 1)[1])][
-                r.get("patient") or r["subject"]] = r["ssim"]
+            cells[(r["cohort"], r["model"], r["contrast"], r["region"], r["arm"].split("_", 1)[1])][r["subject"]] = r
     out: dict = {}
     for (cohort, arch, c, region, kind), by in sorted(cells.items()):
         if kind != "mrf":
             continue
-        other = cells.get((cohort, arch, c, region, "mri"), {})
-        shared = sorted(set(by) & set(other))
-        if shared:
+        ra, rb = _shared_by_patient(by, cells.get((cohort, arch, c, region, "mri"), {}))
+        if ra:
             out.setdefault(cohort, {}).setdefault(arch, {}).setdefault(c, {})[region] = {
-                "mrf": _mean([by[p] for p in shared]), "mri": _mean([other[p] for p in shared]), "n": len(shared)}
+                "mrf": _mean([r["ssim"] for r in ra]), "mri": _mean([r["ssim"] for r in rb]), "n": len(ra)}
     return out
 
 
