@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from train.evaluate.service import outside_first
+
 ORDER = ("qsnet", "resunet", "cgan", "swin", "physics", "voxel", "qsnet_scratch")
 LABEL = {"qsnet": "QS-Net", "resunet": "Res-UNet", "cgan": "cGAN", "swin": "Swin", "physics": "Physics",
          "voxel": "Voxel regression (reference)", "qsnet_scratch": "QS-Net (scratch)"}
@@ -252,7 +254,7 @@ def write(folder: Path, rows, region_rows, tables, checks, summary, grids, exams
                  "mrf" if v["mrf"] > v["mri"] else "mri" if v["mri"] > v["mrf"] else "–", v["n"]]
                 for cohort, archs in sorted(by_region.items()) for arch in _models(archs)
                 for c, regs in sorted(archs[arch].items())
-                for reg, v in sorted(regs.items(), key=lambda kv: (kv[0] != "outside_lesions", kv[0]))]
+                for reg in outside_first(regs) for v in [regs[reg]]]
         if body:
             parts.append("<p>The same pairs inside each lesion region of the phantom's labels and in the brain "
                          "away from them (<i>outside lesions</i>: beyond the SSIM window's 5-pixel reach), SSIM "

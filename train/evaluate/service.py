@@ -51,6 +51,12 @@ NAWM = 3
 # in-plane, a square support), so no voxel of it scores a window that sees a lesion.
 OUTSIDE = "outside_lesions"
 OUTSIDE_MARGIN_PX = 5
+
+
+def outside_first(regions) -> list[str]:
+    """Region names in the order the report and the notes give them: the brain away from the
+    lesions, then the lesion regions by name."""
+    return sorted(regions, key=lambda r: (r != OUTSIDE, r))
 EVAL_DEFAULTS = {"data_range": 4095.0, "k1": 0.01, "k2": 0.03, "min_ssim": 0.85}
 
 
@@ -390,7 +396,8 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
                                                                     "no model matches the stores"))
 
     tables = _tables(rows, home)
-    tables["lesions"] = _conspicuity(per_patient(region_rows))
+    patient_regions = per_patient(region_rows)
+    tables["lesions"] = _conspicuity(patient_regions)
     tables["generalisation_regions"] = _generalisation_by_region(region_rows)
     tables["blur"] = _blur_yardstick(exams, cfg)
     data_version = registry.data_version()
@@ -434,7 +441,7 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
         (tmp / "summary.json").write_text(_json(summary))
         from train.evaluate import report
 
-        report.write(tmp, per_patient(rows), per_patient(region_rows), tables, checks, summary, grids, exams, home)
+        report.write(tmp, per_patient(rows), patient_regions, tables, checks, summary, grids, exams, home)
         # the two contract files are written beside the folder, then everything is swapped in;
         # the old folder moves aside first, so a failure never leaves a half-written one
         (tmp / "metrics.json").write_text(_json(tables["metrics"]))
@@ -598,7 +605,7 @@ def _generalisation_by_region(region_rows: list[dict]) -> dict:
 def _region_note(cells: dict) -> str:
     """Where a generalisation pair is won and lost: outside the lesions and inside them."""
     parts = [f"{'outside the lesions' if reg == OUTSIDE else 'in the ' + reg} mrf {v['mrf']:.3f} against mri "
-             f"{v['mri']:.3f}" for reg, v in sorted(cells.items(), key=lambda kv: (kv[0] != OUTSIDE, kv[0]))
+             f"{v['mri']:.3f}" for reg in outside_first(cells) for v in [cells[reg]]
              if math.isfinite(v["mrf"]) and math.isfinite(v["mri"])]
     return ("SSIM " + ", ".join(parts)) if parts else ""
 
