@@ -238,6 +238,14 @@ def header_summary(ds, path: Path, size: int, plan: ReadPlan | None = None, sha2
 _WHOLE_FILE_MAX = 64 << 20  # larger files are left to pydicom, which reads the header only
 
 _NOT_DICOM = "not DICOM (no 'DICM' signature after the 128-byte preamble)"
+_NOT_IMAGE = "not an image ("
+
+
+def benign_problem(reason: str) -> bool:
+    """Whether a problem :func:`scan` reports is a file that is no DICOM image at all (a README,
+    a DICOMDIR, a structured report), not ours to read; any other problem is a file that is, or
+    claims to be, a DICOM image that could not be read, and a slice of a series may be in it."""
+    return reason == _NOT_DICOM or reason.startswith(_NOT_IMAGE)
 # uncompressed, not deflated: the file size alone tells whether the pixel data is complete
 _NATIVE_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
 _DEFLATED = "1.2.840.10008.1.2.1.99"
@@ -260,7 +268,7 @@ def _native_pixel_bytes(ds) -> int | None:
 def _lite_summary(ds, path: Path, size: int, mtime_ns: int | None, buf: bytes) -> tuple[FileInfo | None, str]:
     sop_class = _s(ds, "SOPClassUID") or str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
     if not is_image_sop_class(sop_class):
-        return None, f"not an image ({sop_class_name(sop_class)}): ingest reads image storage classes only"
+        return None, f"{_NOT_IMAGE}{sop_class_name(sop_class)}): ingest reads image storage classes only"
     if not _s(ds, "SeriesInstanceUID"):
         return None, "DICOM file without SeriesInstanceUID: cannot tell which series it belongs to"
     plan = read_plan(ds, path, size, mtime_ns) if mtime_ns is not None else None
@@ -311,7 +319,7 @@ def _read_header(path: Path, size: int, mtime_ns: int | None = None) -> tuple[Fi
     meta = getattr(ds, "file_meta", None)
     sop_class = _s(ds, "SOPClassUID") or (str(meta.get("MediaStorageSOPClassUID", "")) if meta else "")
     if not is_image_sop_class(sop_class):
-        return None, f"not an image ({sop_class_name(sop_class)}): ingest reads image storage classes only"
+        return None, f"{_NOT_IMAGE}{sop_class_name(sop_class)}): ingest reads image storage classes only"
     ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     if ts == _DEFLATED:
         # pydicom inflates a deflated data set whole, so the file position tells nothing about

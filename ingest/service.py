@@ -249,7 +249,7 @@ def load_sites(sites_dir: Path | None) -> dict[str, dict]:
 
 def plan_exams(src: Path, sites: dict[str, dict], jobs: int = 1, pool=None):
     """Scan SRC once: DICOM files grouped into exams (site, study), plus rows for the rest."""
-    from ingest.series import scan
+    from ingest.series import benign_problem, scan
 
     infos, problems = scan(src, jobs=jobs, pool=pool)
     rows = []
@@ -270,8 +270,7 @@ def plan_exams(src: Path, sites: dict[str, dict], jobs: int = 1, pool=None):
             continue
         # Valid DICOM that is not an image (DICOMDIR, reports, presentation states) and
         # non-DICOM files are not ours to ingest; anything else wrong is quarantined.
-        benign = reason.startswith(("not DICOM", "not an image"))
-        status = "ignored" if benign else "quarantined"
+        status = "ignored" if benign_problem(reason) else "quarantined"
         rows.append(_row(src, rel, status, _clean_reason(reason, src), site=site or ""))
     # Exams are studies (StudyInstanceUID within a site), as a PACS sees them: copies of one
     # study in two folders are one exam, one folder holding two studies is two exams. The

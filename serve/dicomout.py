@@ -55,6 +55,9 @@ def _slice_index(ds, inv_affine: np.ndarray) -> int:
 
 
 _UID_ROOT = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*\.")
+_UID_ROOT_MAX = 40
+# transfer syntaxes that lose information (JPEG baseline and extended, JPEG-LS near-lossless)
+_LOSSY_SYNTAXES = ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.81")
 
 
 def check_uid_root(root: str | None) -> str | None:
@@ -64,9 +67,12 @@ def check_uid_root(root: str | None) -> str | None:
     if root is None or root == "":
         return None
     root = str(root)
-    if not _UID_ROOT.fullmatch(root) or len(root) > 54:
+    # pydicom fills the rest of the 64 characters with random digits: 24 of them (80 bits) keep
+    # a collision unlikely over a PACS's lifetime of SOP instances; 10, after a 54-character
+    # root, gave one in 300,000
+    if not _UID_ROOT.fullmatch(root) or len(root) > _UID_ROOT_MAX:
         raise ValueError(f"uid_root {root!r}: not a UID root (digits and dots, no leading zeros, ending in '.', "
-                         "at most 54 characters): your organisation's registered root, such as '1.2.3.4.'")
+                         f"at most {_UID_ROOT_MAX} characters): your organisation's registered root, such as '1.2.3.4.'")
     return root
 
 
@@ -99,6 +105,11 @@ def source_headers(affine: np.ndarray, n_slices: int, t1_files: list[Path],
                 at[_slice_index(h, inv)] = h
         out.append(at)
     _check_slices(out[0], n_slices)
+    if not all(h.get("StudyInstanceUID") for h in out[0].values()):
+        # a series of a new study would not be filed with the exam, and a PACS refuses an
+        # instance without one (Type 1): the client can take NIfTI instead
+        raise ValueError("the MRF T1 map series has no StudyInstanceUID (an anonymiser removed it?): a synthetic "
+                         "series could not be filed in its study")
     lacking = [h for h in out[0].values() if not h.get("FrameOfReferenceUID")]
     if lacking:
         # Type 1 for an image with a position: an anonymiser may have dropped it. One frame for
@@ -180,7 +191,8 @@ def dicom_series(stored: np.ndarray, t1_at: dict, t2_at: dict, contrast: str, ca
     shared.SeriesDate = shared.ContentDate = now.strftime("%Y%m%d")
     shared.SeriesTime = shared.ContentTime = now.strftime("%H%M%S")
     shared.ScanningSequence, shared.SequenceVariant, shared.ScanOptions = "RM", "NONE", ""
-    shared.MRAcquisitionType = "2D"
+    # the MRF acquisition's own (Type 2: empty when the source has none; a 3D MRF is not 2D)
+    shared.MRAcquisitionType = str(first.get("MRAcquisitionType") or "")
     shared.EchoTime = shared.RepetitionTime = shared.EchoTrainLength = None
     shared.SamplesPerPixel = 1
     shared.PhotometricInterpretation = "MONOCHROME2"
@@ -189,7 +201,11 @@ def dicom_series(stored: np.ndarray, t1_at: dict, t2_at: dict, contrast: str, ca
     shared.RescaleIntercept, shared.RescaleSlope, shared.RescaleType = 0, 1, "US"
     shared.WindowCenter, shared.WindowWidth = 2048, 4096
     shared.BurnedInAnnotation = "NO"
-    shared.LossyImageCompression = "00"
+    # lossy once, lossy for good (PS3.3 C.7.6.1.1.5): maps that came JPEG-compressed pass it on
+    lossy = any(str(h.get("LossyImageCompression", "")) == "01"
+                or str(h.get("file_meta", Dataset()).get("TransferSyntaxUID", "")) in _LOSSY_SYNTAXES
+                for at in (t1_at, t2_at) for h in at.values())
+    shared.LossyImageCompression = "01" if lossy else "00"
     encodings = convert_encodings(first.get("SpecificCharacterSet") or "ISO_IR 6")
     common = _encode(shared, encodings)
     out = []

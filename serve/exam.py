@@ -316,13 +316,27 @@ def _names_map(name: str, tag: str) -> bool:
     return any(re.fullmatch(rf"(?:mrf)?{tag}(?:maps?)?", w) for w in re.split(r"[^a-z0-9]+", stem))
 
 
+def _upload_path(path, root: Path) -> str:
+    """A file of the upload as its sender named it (never the server's temporary folder)."""
+    p = Path(path)
+    return str(p.relative_to(root)) if p.is_relative_to(root) else p.name
+
+
 def _read_dicom(root: Path, sites: dict[str, dict], site: str | None, work: Path) -> Exam:
     from ingest.deid import load_key
-    from ingest.series import group_series, scan
-    from ingest.service import ExamJob, ingest_exam, recognise
+    from ingest.series import benign_problem, group_series, scan
+    from ingest.service import ExamJob, _clean_reason, ingest_exam, recognise
     from ingest.store import open_store
 
     infos, problems = scan(root)
+    # A damaged file may hold a slice of a map: synthesising without it would return series a
+    # slice short, or a slice moved, with nothing to say so. The client resends the exam.
+    damaged = [(p, why) for p, why in problems if not benign_problem(why)]
+    if damaged:
+        p, why = damaged[0]
+        more = f" (and {len(damaged) - 1} more damaged file(s))" if len(damaged) > 1 else ""
+        raise RequestError(422, "bad_dicom", f"{_upload_path(p, root)}: {_clean_reason(why, root)}{more}; "
+                           "resend the exam with every file complete")
     if not infos:
         why = problems[0][1] if problems else "no file"
         raise RequestError(422, "no_dicom", f"no DICOM image in the upload ({why})")
@@ -380,8 +394,16 @@ def _read_dicom(root: Path, sites: dict[str, dict], site: str | None, work: Path
     sources = {}
     for r in ("mrf_t1", "mrf_t2"):
         sources[r] = sorted(root / row["path"] for row in rows if row["role"] == r and row["status"] == "ingested")
-    notes = [f"{r['path']}: {r['reason']}" for r in rows if r["status"] != "ingested"]
-    return Exam("dicom", st.read("mrf_t1"), st.read("mrf_t2"), np.asarray(attrs["mrf_t1"]["affine_lps"], float),
+    notes = [f"{_upload_path(p, root)}: {_clean_reason(why, root)}" for p, why in problems]
+    notes += [f"{r['path']}: {r['reason']}" for r in rows if r["status"] != "ingested"]
+    maps = {r: st.read(r) for r in ("mrf_t1", "mrf_t2")}
+    for r, v in maps.items():
+        if v.ndim != 3:
+            # ingest keeps repeats at one slice position as a 4th axis: as slices they would be
+            # volumes mistaken for slices, on the grid and in the write-back
+            raise RequestError(422, "wrong_shape", f"{r}: a {v.ndim}-D series {tuple(v.shape)} (repeated images at "
+                               "each slice position?); an MRF map is one 3-D volume, one image per slice")
+    return Exam("dicom", maps["mrf_t1"], maps["mrf_t2"], np.asarray(attrs["mrf_t1"]["affine_lps"], float),
                 np.asarray(attrs["mrf_t2"]["affine_lps"], float), site=chosen if known else None,
                 sources=sources, notes=notes)
 

@@ -469,6 +469,10 @@ BAD = {
         f"{d.name}/{f.name}": f.read_bytes() for d in sorted(ctx["exam"].glob("S70*"))
         for i, f in enumerate(sorted(d.iterdir())) if not (d.name.startswith("S700") and i == 5)}), "", 422,
         "bad_mrf_series"),
+    # a slice short, the synthetic series came back with no word of the missing top slice
+    "the last slice of each map cut short": (lambda ctx: _zip({
+        f"{d.name}/{f.name}": f.read_bytes()[:-500] if i == len(list(d.iterdir())) - 1 else f.read_bytes()
+        for d in sorted(ctx["exam"].glob("S70*")) for i, f in enumerate(sorted(d.iterdir()))}), "", 422, "bad_dicom"),
     "maps in seconds": (lambda ctx: _nifti_pair(ctx["tmp"], ctx["raw"], lambda r, v, a: (v / 1000.0, a)), "", 422,
                         "bad_maps"),
     "store units not ms": (lambda ctx: _store_edited(ctx["tmp"], ctx["raw"], lambda a: {**a, "units": "s"}), "", 422,
@@ -875,6 +879,62 @@ def test_write_back_reads_bare_dicom_and_refuses_a_short_series_before_the_model
     files = dicom_series(np.zeros(exam.t1.shape, np.uint16), t1_at, t2_at, "t1w", {"id": "m"}, 9900)
     ref = pydicom.dcmread(io.BytesIO(files[0][1]))
     assert [r.ReferencedSOPClassUID for r in ref.SourceImageSequence] == [t2_at[0].SOPClassUID]
+
+
+def test_a_damaged_slice_is_refused_and_a_stray_file_is_a_note(exam_b, tmp_path):
+    """A truncated slice file refuses the request, naming it (the synthesis would be a slice
+    short); a file that is no DICOM image is kept as a note of the answer, not dropped unsaid."""
+    from ingest.service import load_sites
+    from serve.exam import RequestError, read_exam
+
+    up = tmp_path / "u"
+    for d in sorted(exam_b.glob("S70*")):
+        shutil.copytree(d, up / d.name)
+    (up / "README.txt").write_text("exported maps\n")
+    exam = read_exam(up, load_sites(None), None, tmp_path / "s1")
+    assert exam.notes == ["README.txt: not DICOM (no 'DICM' signature after the 128-byte preamble)"]
+    last = sorted((up / "S700_MRF-FISP_T1_Map").iterdir())[-1]
+    last.write_bytes(last.read_bytes()[:-500])
+    with pytest.raises(RequestError) as e:
+        read_exam(up, load_sites(None), None, tmp_path / "s2")
+    assert e.value.code == "bad_dicom" and e.value.status == 422
+    assert str(e.value).startswith(f"S700_MRF-FISP_T1_Map/{last.name}: pixel data truncated")
+    assert str(tmp_path) not in str(e.value)
+
+
+def test_write_back_needs_the_study_and_keeps_the_maps_lossy_flag(exam_b, tmp_path):
+    """Without a StudyInstanceUID (Type 1) a series cannot be filed in its exam: refused when
+    the headers are read, before the models. Maps that were lossy-compressed stay flagged, and
+    the acquisition type is the MRF series' own."""
+    from ingest.service import load_sites
+    from serve.dicomout import check_uid_root, dicom_series, source_headers
+    from serve.exam import read_exam
+
+    for d in sorted(exam_b.glob("S70*")):
+        (tmp_path / "u" / d.name).mkdir(parents=True)
+        for f in sorted(d.iterdir()):
+            ds = pydicom.dcmread(f)
+            del ds.StudyInstanceUID
+            ds.save_as(tmp_path / "u" / d.name / f.name)
+    exam = read_exam(tmp_path / "u", load_sites(None), None, tmp_path / "s")
+    with pytest.raises(ValueError, match="has no StudyInstanceUID"):
+        source_headers(exam.affine, exam.t1.shape[0], exam.sources["mrf_t1"], exam.sources["mrf_t2"])
+
+    for d in sorted(exam_b.glob("S70*")):
+        shutil.copytree(d, tmp_path / "v" / d.name)
+    exam = read_exam(tmp_path / "v", load_sites(None), None, tmp_path / "s2")
+    heads = source_headers(exam.affine, exam.t1.shape[0], exam.sources["mrf_t1"], exam.sources["mrf_t2"])
+    stored = np.zeros(exam.t1.shape, np.uint16)
+    out = pydicom.dcmread(io.BytesIO(dicom_series(stored, *heads, "t1w", {"id": "m"}, 9900)[0][1]))
+    assert out.LossyImageCompression == "00"
+    assert out.MRAcquisitionType == heads[0][0].get("MRAcquisitionType", "")
+    heads[1][1].LossyImageCompression = "01"
+    out = pydicom.dcmread(io.BytesIO(dicom_series(stored, *heads, "t1w", {"id": "m"}, 9900)[0][1]))
+    assert out.LossyImageCompression == "01"
+    # a root that leaves fewer than 24 random digits of the 64 is refused
+    assert check_uid_root("1." + "2." * 19) == "1." + "2." * 19
+    with pytest.raises(ValueError, match="at most 40 characters"):
+        check_uid_root("1." + "2." * 20)
 
 
 def test_a_prediction_that_is_not_finite_is_not_written():
