@@ -557,3 +557,27 @@ def test_the_generalisation_pair_is_also_shown_outside_and_inside_the_lesions(ev
     row = next(r for r in _checks(tables, {"min_ssim": 0.85}, "site-A") if r["check"].startswith("generalisation"))
     assert not row["passed"]
     assert "SSIM outside the lesions mrf 0.750 against mri 0.710, in the oedema mrf 0.600 against mri 0.700" in row["note"]
+
+
+def test_a_missed_bar_says_whether_it_is_lost_near_the_lesions():
+    """QS-Net's mean over the brain mixes lesions, which the finetune split shows twice, with the
+    rest: a failed bar's note says which one misses it."""
+    from train.evaluate.service import _bar_region_note, _checks, _qsnet_by_region
+
+    rows = [{"cohort": "site_b", "arm": "main", "model": m, "contrast": "t2flair", "region": reg, "ssim": v}
+            for m, reg, v in [("qsnet", "outside_lesions", 0.86), ("qsnet", "outside_lesions", 0.88),
+                              ("qsnet", "oedema", 0.6), ("swin", "oedema", 0.9)]]
+    cells = _qsnet_by_region(rows)["site_b"]["t2flair"]
+    assert cells == {"oedema": {"ssim": 0.6, "n": 1}, "outside_lesions": {"ssim": 0.87, "n": 2}}
+    assert _bar_region_note(cells, 0.85) == ("the brain beyond 5 px of the lesions reaches 0.870, above the bar: "
+                                             "the lesions and their surroundings pull the mean down (SSIM in the "
+                                             "oedema 0.600)")
+    assert "reaches only 0.800: short of the bar away from the lesions too" in _bar_region_note(
+        {**cells, "outside_lesions": {"ssim": 0.8, "n": 2}}, 0.85)
+    assert _bar_region_note({"oedema": {"ssim": 0.6, "n": 1}}, 0.85) == ""   # a cohort without lesions
+    m = {"ssim": 0.83, "psnr": 20.0, "mae": 300.0}
+    tables = {"metrics": {"site_b": {"qsnet": {"t2flair": m}}}, "stats": {"qsnet_vs": {}},
+              "generalisation": {}, "qsnet_regions": {"site_b": {"t2flair": cells}}}
+    row = next(r for r in _checks(tables, {"min_ssim": 0.85}, "site-A") if "SSIM >=" in r["check"])
+    assert not row["passed"] and "reaches 0.870, above the bar" in row["note"]
+

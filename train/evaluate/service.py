@@ -399,6 +399,7 @@ def evaluate(models: Path, stores: Path, out: Path, params: dict | None = None, 
     patient_regions = per_patient(region_rows)
     tables["lesions"] = _conspicuity(patient_regions)
     tables["generalisation_regions"] = _generalisation_by_region(region_rows)
+    tables["qsnet_regions"] = _qsnet_by_region(patient_regions)
     tables["blur"] = _blur_yardstick(exams, cfg)
     data_version = registry.data_version()
     card_versions = sorted({c.get("data_version") for c in cards if c.get("data_version")})
@@ -602,6 +603,33 @@ def _generalisation_by_region(region_rows: list[dict]) -> dict:
     return out
 
 
+def _qsnet_by_region(region_rows: list[dict]) -> dict:
+    """``{cohort: {contrast: {region: {"ssim", "n"}}}}``: the finetuned QS-Net's SSIM inside each
+    lesion region and in the brain outside their reach, means over the rows (one per patient)."""
+    cells = defaultdict(list)
+    for r in region_rows:
+        if r["arm"] == "main" and r["model"] == "qsnet" and r.get("ssim") is not None:
+            cells[(r["cohort"], r["contrast"], r["region"])].append(r["ssim"])
+    out: dict = {}
+    for (cohort, c, region), v in sorted(cells.items()):
+        out.setdefault(cohort, {}).setdefault(c, {})[region] = {"ssim": _mean(v), "n": len(v)}
+    return out
+
+
+def _bar_region_note(cells: dict, bar: float) -> str:
+    """Where a missed SSIM bar is lost: in the lesions and near them, or in the rest of the brain too."""
+    out = cells.get(OUTSIDE, {}).get("ssim", float("nan"))
+    inside = [f"{reg} {cells[reg]['ssim']:.3f}" for reg in outside_first(cells)
+              if reg != OUTSIDE and math.isfinite(cells[reg]["ssim"])]
+    if not math.isfinite(out) or not inside:
+        return ""
+    where = (f"the brain beyond {OUTSIDE_MARGIN_PX} px of the lesions reaches {out:.3f}, above the bar: the lesions "
+             "and their surroundings pull the mean down" if out >= bar else
+             f"the brain beyond {OUTSIDE_MARGIN_PX} px of the lesions reaches only {out:.3f}: short of the bar away "
+             "from the lesions too")
+    return f"{where} (SSIM in the {', '.join(inside)})"
+
+
 def _region_note(cells: dict) -> str:
     """Where a generalisation pair is won and lost: outside the lesions and inside them."""
     parts = [f"{'outside the lesions' if reg == OUTSIDE else 'in the ' + reg} mrf {v['mrf']:.3f} against mri "
@@ -754,6 +782,8 @@ def _checks(tables: dict, cfg: dict, home: str, training: dict | None = None, ph
             ok = bool(math.isfinite(m["ssim"]) and m["ssim"] >= cfg["min_ssim"])
             ref = (tables.get("reference", {}).get(cohort) or {}).get(c, {}).get("ssim", float("nan"))
             notes = [] if ok else [_reference_note(ref, m["ssim"], cfg["min_ssim"]),
+                                   _bar_region_note(tables.get("qsnet_regions", {}).get(cohort, {}).get(c, {}),
+                                                    cfg["min_ssim"]),
                                    _undertrained(training, ("finetune", "qsnet", "mrf", c))]
             out.append({"check": bar_check, "contrast": c,
                         "value": m["ssim"], "passed": ok, "note": "; ".join(n for n in notes if n)})
