@@ -80,6 +80,16 @@ def test_bad_spaces_are_one_line_errors(space, needle):
     ({"per_contrast": "no"}, "tune.per_contrast must be true or false"),
     ({"seed": "abc"}, "tune.seed must be a whole number or null"),
     ({"resources": 2}, "tune.resources must be a mapping"),
+    ({"resources": {"num_workers": 1, "cpu_per_worker": 2}},
+     "unknown tune.resources key(s) ['cpu_per_worker'] (known: num_workers, cpus_per_worker, use_gpu)"),
+    ({"arch": "swin"}, "tune.arch swin is not in train.archs ['qsnet']"),
+    # PARAMS: 3-epoch trials, train.plateau_after_epoch 1
+    ({"space": {"plateau_factor": {"uniform": [0.5, 0.9]}}},
+     "tune.space.plateau_factor (with train.plateau_after_epoch 1): with plateau_after_epoch 1 the plateau rule "
+     "never changes a trial of 3 epochs"),
+    ({"space": {"plateau_after_epoch": {"randint": [0, 2]}}}, "leave plateau_factor and plateau_after_epoch out"),
+    ({"epochs": 12, "space": {"plateau_after_epoch": {"randint": [2, 5]}}}, "keep plateau_after_epoch at 4 or less"),
+    ({"epochs": 12, "space": {"plateau_after_epoch": {"choice": [0, 6]}}}, "keep plateau_after_epoch at 4 or less"),
 ])
 def test_bad_search_settings_are_one_line_errors(change, needle):
     with pytest.raises(ParamsError) as e:
@@ -87,13 +97,102 @@ def test_bad_search_settings_are_one_line_errors(change, needle):
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("image_size, depths, bad", [(48, [4, 5], None), (48, [5, 6], 6), (72, [4], None),
+                                                     (72, [4, 5], 5), (64, [5, 6], None), (None, [6], None)])
+def test_a_searched_depth_must_fit_the_prepared_images(image_size, depths, bad):
+    """Checked before any trial: the generators halve the image depth - 1 times and need at least
+    2**depth pixels (72 x 72 takes 4 levels, not 5; the default image_size is 64)."""
+    extra = {"prepare": {"image_size": image_size}} if image_size else {}
+    params = _params({**PARAMS["tune"], "space": {"depth": {"choice": depths}}}, **extra)
+    if bad is None:
+        assert tune_config(params)["space"]["depth"] == ("choice", depths)
+        return
+    with pytest.raises(ParamsError) as e:
+        tune_config(params)
+    assert str(e.value).startswith(f"params: tune.space.depth: a {bad}-level U-Net does not fit the prepared "
+                                   f"{image_size} x {image_size} images (prepare.image_size")
+
+
+def test_the_fit_rule_is_the_models_own():
+    import torch
+
+    from train.models import build
+    from tune.space import depth_fits
+
+    for depth, size in ((4, 40), (4, 36), (5, 48), (5, 40), (5, 16)):
+        g = build("qsnet", width=4, depth=depth).generator.eval()
+        try:
+            with torch.no_grad():
+                out = g(torch.zeros(1, 2, size, size))
+            trains = (out[0] if isinstance(out, (list, tuple)) else out).shape[-1] == size
+        except (RuntimeError, ValueError):   # a skip of another size; a 1 x 1 level's instance norm
+            trains = False
+        assert trains == depth_fits(size, depth), (depth, size)
+
+
+def test_the_plateau_rule_s_reach_is_the_training_loop_s():
+    """plateau_latest(E) is the last plateau_after_epoch whose rule lowers the learning rate of a
+    later epoch of an E-epoch run, with train.loop's own Trainer (a constant validation loss: the
+    soonest the rule can act)."""
+    from train.loop import Trainer
+    from train.models import build
+    from tune.space import plateau_latest
+
+    def changes(epochs, after):
+        tr = Trainer(build("qsnet", width=4, depth=3), lr=1.0, plateau_factor=0.5, plateau_after_epoch=after)
+        rates = []
+        for _ in range(epochs):
+            rates.append(tr.opt_g.param_groups[0]["lr"])   # the rate this epoch trains with
+            tr.end_epoch(1.0)
+        return len(set(rates)) > 1
+
+    for epochs in (6, 10, 14):
+        latest = plateau_latest(epochs)
+        assert latest == epochs - 8
+        assert not changes(epochs, latest + 1)
+        if latest >= 0:
+            assert changes(epochs, latest)
+
+
+@pytest.mark.parametrize("spec", [{"choice": [0, 4]}, {"randint": [0, 4]}])
+def test_plateau_after_epoch_zero_is_accepted_as_choice_and_randint_alike(spec):
+    cfg = tune_config(_params({**PARAMS["tune"], "epochs": 12, "space": {"plateau_after_epoch": spec}}))
+    assert cfg["space"]["plateau_after_epoch"][1] == list(next(iter(spec.values())))
+
+
+def test_both_profiles_tune_sections_pass_the_checks():
+    from ingest.params import load_params
+
+    for profile in ("demo", "paper"):
+        cfg = tune_config(load_params(Path(__file__).resolve().parents[1] / "params.yaml", profile=profile))
+        assert cfg["space"]
+
+
 def test_a_suggestion_becomes_train_params():
-    base = {"betas": [0.5, 0.999], "ds_weights": [0.5, 0.25, 0.125, 0.0625]}
+    base = {"betas": [0.5, 0.999], "ds_weights": [0.5, 0.25, 0.125, 0.0625], "augment": False}
     hp = to_train({"lr": 0.01, "beta1": 0.7, "ds_weight": 0.8, "width": 12, "depth": 5, "noise": 0.02,
                    "plateau_after_epoch": 3, "ssim_weight": 0.5}, base)
     assert hp == {"lr": 0.01, "betas": [0.7, 0.999], "ds_weights": [0.8, 0.4, 0.2, 0.1], "width": 12, "depth": 5,
-                  "augment": {"noise": 0.02}, "plateau_after_epoch": 3, "ssim_weight": 0.5}
+                  "augment": {"elastic_px": 0.0, "noise": 0.02, "rotate_deg": 0.0}, "plateau_after_epoch": 3,
+                  "ssim_weight": 0.5}
     check_hp(hp, "best.yaml: train")  # what a search writes, training must accept
+
+
+@pytest.mark.parametrize("profile, want", [
+    (False, {"rotate_deg": 0.0, "elastic_px": 0.0}),          # off in the profile: stays off
+    (True, {"rotate_deg": 15.0, "elastic_px": 2.0}),          # on: train.data.Augment's strengths
+    ({"rotate_deg": 5.0}, {"rotate_deg": 5.0, "elastic_px": 2.0}),
+])
+def test_a_searched_augmentation_strength_leaves_the_others_as_the_profile_has_them(profile, want):
+    """A searched noise alone became augment {noise: x}, which train.data turns into Augment's
+    default rotation and deformation too: switched on where the profile had augment: false."""
+    from train.data import Augment
+
+    hp = to_train({"noise": 0.02}, {"augment": profile})
+    assert hp["augment"] == {**want, "noise": 0.02}
+    # what a trial's dataset builds from it (train.distributed passes the mapping to Augment)
+    aug = Augment(64, **hp["augment"])
+    assert (aug.geometric is None) == (profile is False) and aug.noise == 0.02
 
 
 def test_a_tuned_augmentation_is_checked(tmp_path):
@@ -135,6 +234,81 @@ def test_disabled_search_writes_a_best_yaml_that_changes_nothing(tmp_path):
     assert summary == {"searched": False}
     assert read_tuned(tmp_path / "tuned" / "best.yaml") == {}
     assert not (tmp_path / "runs").exists()
+    # the same bytes every time: the DVC stage's output, so a second `dvc repro` has nothing to do
+    first = (tmp_path / "tuned" / "best.yaml").read_bytes()
+    run_search(_params({**PARAMS["tune"], "enabled": False}), tmp_path / "none", tmp_path / "tuned",
+               tmp_path / "reports", tmp_path / "runs")
+    assert (tmp_path / "tuned" / "best.yaml").read_bytes() == first
+
+
+def _best_yaml(path: Path, **fields) -> Path:
+    doc = {"searched": True, "profile": "t", "arch": "qsnet",
+           "scope": {"contrasts": ["t1w", "t2w"], "inputs": "mrf", "stages": ["pretrain", "finetune"]},
+           "train": {}, "by_contrast": {"t1w": {"lr": 0.005}, "t2w": {"lr": 0.007, "width": 6}}, **fields}
+    path.write_text(yaml.safe_dump({k: v for k, v in doc.items() if v is not None}))
+    return path
+
+
+def test_tuned_values_reach_only_the_runs_they_were_searched_for(tmp_path):
+    from train.stages import tuned_hp
+
+    tuned = read_tuned(_best_yaml(tmp_path / "best.yaml"), _params())
+    run = {"arch": "qsnet", "contrast": "t2w", "inputs": "mrf", "stage": "pretrain"}
+    assert tuned_hp(tuned, run) == {"lr": 0.007, "width": 6}
+    # finetune builds the model pretrain built: it takes them too
+    assert tuned_hp(tuned, {**run, "stage": "finetune"}) == {"lr": 0.007, "width": 6}
+    # not the mri-input extra runs, the scratch runs, other contrasts or other architectures
+    for other in ({"inputs": "mri"}, {"stage": "scratch"}, {"contrast": "swi"}, {"arch": "resunet"}):
+        assert tuned_hp(tuned, {**run, **other}) == {}, other
+    # a shared search's values, within its contrasts
+    shared = read_tuned(_best_yaml(tmp_path / "shared.yaml", by_contrast={}, train={"lr": 0.003}))
+    assert tuned_hp(shared, run) == {"lr": 0.003} and tuned_hp(shared, {**run, "contrast": "t1flair"}) == {}
+
+
+def test_a_best_yaml_from_before_the_scope_applies_to_its_whole_arch(tmp_path):
+    """Written before best.yaml recorded its scope and profile: read as it was then, its values go
+    to every run of its architecture."""
+    from train.stages import tuned_hp
+
+    old = tmp_path / "best.yaml"
+    old.write_text("searched: true\narch: qsnet\ntrain: {lr: 0.01}\nby_contrast: {}\n")
+    tuned = read_tuned(old, _params())
+    assert tuned["scope"] is None
+    for run in ({"contrast": "t1w", "inputs": "mrf", "stage": "pretrain"},
+                {"contrast": "swi", "inputs": "mri", "stage": "scratch"}):
+        assert tuned_hp(tuned, {"arch": "qsnet", **run}) == {"lr": 0.01}
+    assert tuned_hp(tuned, {"arch": "swin", "contrast": "t1w", "inputs": "mrf", "stage": "pretrain"}) == {}
+
+
+@pytest.mark.parametrize("fields, params, needle", [
+    ({"profile": "paper"}, {}, "best.yaml: searched for profile 'paper', not 't': run `qsnet tune` with this profile"),
+    ({"arch": "swin"}, {}, "best.yaml: searched for architecture swin, which params' train.archs ['qsnet'] does not "
+                           "train"),
+    ({"scope": {"contrasts": ["t1w"], "inputs": "mrf", "stages": ["pretrain"]}}, {},
+     "best.yaml: by_contrast names ['t2w'], outside its scope's contrasts ['t1w']"),
+    ({"scope": {"contrasts": ["t1w", "t2w"], "inputs": "dwi", "stages": ["pretrain"]}}, {}, "best.yaml: scope must map"),
+])
+def test_a_best_yaml_for_other_params_is_refused(tmp_path, fields, params, needle):
+    path = _best_yaml(tmp_path / "best.yaml", **fields)
+    with pytest.raises(ParamsError) as e:
+        read_tuned(path, _params(**params))
+    assert str(e.value).startswith(f"{tmp_path / needle.split(':')[0]}:") and needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_pretrain_refuses_a_best_yaml_of_another_profile_before_it_trains(tmp_path):
+    stores = tmp_path / "stores"   # never read: the refusal comes first
+    stores.mkdir()
+    params = _write_params(tmp_path / "params.yaml", PARAMS["tune"])
+    best = _best_yaml(tmp_path / "best.yaml", profile="paper")
+    r = subprocess.run([QSNET, "pretrain", "--params", str(params), "--stores", str(stores), "--models",
+                        str(tmp_path / "models"), "--reports", str(tmp_path / "rep"), "--storage", str(tmp_path / "r"),
+                        "--tuned", str(best)], capture_output=True, text=True,
+                       env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}, timeout=300)
+    assert r.returncode == 1 and r.stderr.strip() == (
+        f"qsnet pretrain: error: {best}: searched for profile 'paper', not 't': run `qsnet tune` with this profile "
+        "(or give the other profile's best.yaml)")
+    assert not (tmp_path / "models").exists()
 
 
 def test_cli_errors_before_ray_starts(tmp_path):
@@ -153,6 +327,8 @@ def test_cli_errors_before_ray_starts(tmp_path):
     assert r.returncode == 1 and "never reported by the trainable" in r.stderr
     r = run(PARAMS["tune"], "--resume")
     assert r.returncode == 1 and "no search to resume here" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run(PARAMS["tune"], "--resume", "--fresh")
+    assert r.returncode == 2 and r.stderr.strip() == "qsnet tune: error: --resume and --fresh contradict each other: give one"
     # a folder that holds another search (here: another space) is not resumed
     (tmp_path / "runs" / "t1w").mkdir(parents=True)
     (tmp_path / "runs" / "t1w" / "qsnet-search.json").write_text(json.dumps({"digest": "0" * 16, "space": {}}))
@@ -216,12 +392,18 @@ def test_search_interrupted_and_resumed_runs_only_the_rest(tmp_path):
     summary = json.loads((reports / "summary.json").read_text())
     assert summary["trials"] == 4 and summary["stopped_early"] >= 1
 
-    # a finished search resumes to the same answer without running anything
+    # a finished search resumes to the same answer without running anything, with --resume and
+    # without it (what the DVC stage runs): best.yaml written again, byte for byte
     n_events = len(_events(events))
-    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert len(_events(events)) == n_events
-    assert read_tuned(out / "best.yaml")["by_contrast"] == tuned["by_contrast"]
+    written = (out / "best.yaml").read_bytes()
+    for extra in (["--resume"], []):
+        (out / "best.yaml").unlink()
+        r = subprocess.run(cmd + extra, capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert len(_events(events)) == n_events
+        assert (out / "best.yaml").read_bytes() == written
+    assert "its 4 trials reused, none run" in r.stdout
+    assert not list(runs.glob("*.previous-*"))
 
     # search -> train: pretrain takes the best configuration as its params for QS-Net t1w
     r = subprocess.run([QSNET, "pretrain", "--params", str(params), "--stores", str(stores), "--models",
@@ -253,8 +435,11 @@ def test_shared_search_tunes_every_contrast_at_once(tmp_path):
     assert max(int(row["epochs"]) for row in rows) == 4
     tuned = read_tuned(tmp_path / "tuned" / "best.yaml")
     assert tuned["by_contrast"] == {} and "lr" in tuned["train"]
-    assert tuned_hp(tuned, "qsnet", "t2w") == tuned_hp(tuned, "qsnet", "t1w") == tuned["train"]
-    assert tuned_hp(tuned, "swin", "t1w") == {}
+    run = {"arch": "qsnet", "contrast": "t1w", "inputs": "mrf", "stage": "pretrain"}
+    assert tuned_hp(tuned, {**run, "contrast": "t2w"}) == tuned_hp(tuned, run) == tuned["train"]
+    assert tuned_hp(tuned, {**run, "arch": "swin"}) == {}
+    # the shared search trained t1w and t2w only: the other contrasts keep the profile's params
+    assert tuned_hp(tuned, {**run, "contrast": "swi"}) == {}
 
 
 def _stub_plan(monkeypatch):
@@ -335,6 +520,108 @@ def test_resume_of_a_search_interrupted_in_its_first_contrast_runs_the_rest(tmp_
     assert calls == [("t1w", "fresh"), ("t1w", "resume"), ("t2w", "fresh")]
     assert set(summary["searches"]) == {"t1w", "t2w"}
     assert not list((tmp_path / "runs").glob("*.previous-*"))  # nothing of the first session set aside
+
+
+def _stub_one(monkeypatch, interrupt_first: bool = False) -> list:
+    """_one without Ray: each call records (search, mode) and ends every trial (or, with
+    ``interrupt_first``, leaves the first call's second trial unfinished)."""
+    import tune.search as ts
+
+    monkeypatch.setattr(ts, "_figures", lambda search, reports: [])
+    calls = []
+
+    def one(cfg, search, mode, progress=None):
+        calls.append((search["name"], mode))
+        (search["dir"] / "tuner.pkl").write_bytes(b"x")  # Tune has saved its experiment state
+        done = not (interrupt_first and len(calls) == 1)
+        return {"rows": [{"search": search["name"], "order": i, "trial_id": f"{search['name']}{i}",
+                          "status": "finished" if done or i == 0 else "unfinished", "epochs": 2, "score": 0.1 + i,
+                          "config/lr": 0.001 * (i + 1)} for i in range(2)], "complete": done}
+
+    monkeypatch.setattr(ts, "_one", one)
+    return calls
+
+
+def test_a_finished_search_is_reused_and_a_changed_space_starts_afresh(tmp_path, monkeypatch):
+    """What `dvc repro` runs (no --resume): a finished search of the same identity is written out
+    again without training, a search of another identity is set aside and run anew."""
+    import tune.search as ts
+
+    _stub_plan(monkeypatch)
+    calls = _stub_one(monkeypatch)
+    args = (Path("/x"), tmp_path / "tuned", tmp_path / "reports", tmp_path / "runs")
+    best = tmp_path / "tuned" / "best.yaml"
+    ts.run_search(_stub_params(), *args)
+    assert calls == [("t1w", "fresh"), ("t2w", "fresh")]
+    written = best.read_bytes()
+    doc = yaml.safe_load(written)
+    assert doc["profile"] is None and doc["arch"] == "qsnet"    # _stub_params names no profile
+    assert doc["scope"] == {"contrasts": ["t1w", "t2w"], "inputs": "mrf", "stages": ["pretrain", "finetune"]}
+    assert set(doc["identity"]) == {"t1w", "t2w"} and doc["by_contrast"]["t1w"]["lr"] == 0.001
+
+    said = []
+    best.unlink()
+    # train params no trial reads (the pretrain stage's epochs, other archs) do not make it another search
+    params = _stub_params()
+    params["train"].update(epochs=7, finetune_epochs=9, archs=["qsnet", "swin"])
+    summary = ts.run_search(params, *args, progress=said.append)
+    assert calls == [("t1w", "fresh"), ("t2w", "fresh")]           # nothing trained
+    assert best.read_bytes() == written and set(summary["searches"]) == {"t1w", "t2w"}
+    assert any("t1w: finished earlier with these params; its 2 trials reused, none run" in m for m in said)
+
+    # another space: each search is set aside and searched anew
+    ts.run_search(_stub_params(space={"lr": {"loguniform": [1e-5, 1e-2]}}), *args, progress=said.append)
+    assert calls[2:] == [("t1w", "fresh"), ("t2w", "fresh")]
+    assert any("t1w: a different search (differs from params in: space); set aside" in m for m in said)
+    assert len(list((tmp_path / "runs").glob("t1w.previous-*"))) == 1
+    # and --fresh searches again even when nothing changed
+    ts.run_search(_stub_params(space={"lr": {"loguniform": [1e-5, 1e-2]}}), *args, fresh=True)
+    assert calls[4:] == [("t1w", "fresh"), ("t2w", "fresh")]
+    assert len(list((tmp_path / "runs").glob("t1w.previous-*"))) == 2
+    with pytest.raises(ts.SearchError, match="--resume and --fresh contradict each other"):
+        ts.run_search(_stub_params(), *args, fresh=True, resume=True)
+
+
+def test_an_interrupted_search_is_resumed_without_resume(tmp_path, monkeypatch):
+    import tune.search as ts
+
+    _stub_plan(monkeypatch)
+    calls = _stub_one(monkeypatch, interrupt_first=True)
+    args = (Path("/x"), tmp_path / "tuned", tmp_path / "reports", tmp_path / "runs")
+    with pytest.raises(ts.Interrupted, match=r"`qsnet tune --resume` \(or `qsnet tune`, `dvc repro`"):
+        ts.run_search(_stub_params(), *args)
+    ts.run_search(_stub_params(), *args)
+    assert calls == [("t1w", "fresh"), ("t1w", "resume"), ("t2w", "fresh")]
+    assert not list((tmp_path / "runs").glob("*.previous-*"))
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"resources": {"num_workers": 2}}, "num_workers"),      # a trial's DDP batch
+    ({"resources": {"cpus_per_worker": 2}}, None),           # how fast, not what it learns
+    ({"max_concurrent": 1}, None),
+])
+def test_what_makes_a_search_another_one(tmp_path, monkeypatch, change, needle):
+    import tune.search as ts
+
+    _stub_plan(monkeypatch)
+    _, before = ts.plan(_stub_params(), Path("/x"), tmp_path)
+    _, after = ts.plan(_stub_params(**change), Path("/x"), tmp_path)
+    ts._fresh(before[0])
+    assert ts._state(after[0])[0] == ("other" if needle else "unstarted")
+    if needle:
+        assert f"differs from params in: {needle})" in ts._state(after[0])[1]
+
+
+def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    import tune.search as ts
+
+    order = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(ts.os, "fsync", lambda fd: (order.append("fsync"), real_fsync(fd)))
+    monkeypatch.setattr(ts.os, "replace", lambda a, b: (order.append("replace"), real_replace(a, b)))
+    ts._atomic(tmp_path / "x.json", "{}\n")
+    assert order == ["fsync", "replace"] and (tmp_path / "x.json").read_text() == "{}\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
 
 
 def test_shared_search_ranks_only_trials_that_trained_every_contrast():
@@ -493,7 +780,8 @@ def test_cluster_addresses_that_are_not_a_dashboard(monkeypatch, address, want):
     ({"depth": {"randint": [-2, 3]}}, "depth: values must be 3 to 8 U-Net levels"),
     ({"depth": {"choice": [2, 5]}}, "depth: values must be 3 to 8 U-Net levels"),   # a winner pretrain refused
     ({"lr": {"loguniform": ["1e-4", "1e-2"]}}, "YAML reads 1e-4 as text: write 1.0e-4"),
-    ({"batch_size": {"choice": [True, 2]}}, "batch_size: choices must be positive integers"),
+    ({"batch_size": {"choice": [True, 2]}}, "batch_size: choices must be whole numbers"),
+    ({"width": {"choice": [0, 4]}}, "width: values must be at least 1, got 0"),
     ({"lr": {"choice": ["fast"]}}, "lr: choices must be numbers"),
     ({"lr": {"uniform": [-0.01, 0.01]}}, "lr: values must be > 0"),
     ({"beta1": {"uniform": [0.5, 1.5]}}, "beta1: values must be in (0, 1)"),
@@ -530,6 +818,45 @@ def test_a_trial_without_a_score_yet_is_stopped_not_the_search(tmp_path):
         trial_id, config = "t1", {}
 
     assert asha.on_trial_result(None, Trial(), {"training_iteration": 1, "score": None}) == TrialScheduler.STOP
+
+
+def test_a_trial_stopped_without_a_score_ends_cleanly(tmp_path):
+    """Tune ends a trial the scheduler stopped with on_trial_complete and the same score-less
+    result: ASHA multiplied None there, the trial ended in ERROR and a resume trained it again."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from tune.resumable import ResumableASHA
+
+    state = tmp_path / "asha.pkl"
+    asha = ResumableASHA(str(state), time_attr="trial_epoch", max_t=4, grace_period=1, reduction_factor=2)
+    asha.set_search_properties("score", "min")
+
+    class Trial:
+        config = {}
+
+        def __init__(self, tid):
+            self.trial_id = tid
+
+    bad, good = Trial("bad"), Trial("good")
+    for t in (bad, good):
+        asha.on_trial_add(None, t)
+    nothing = {"trial_epoch": 1, "score": None}
+    assert asha.on_trial_result(None, bad, nothing) == TrialScheduler.STOP
+    asha.on_trial_complete(None, bad, nothing)     # raised TypeError
+    assert asha.on_trial_result(None, good, {"trial_epoch": 1, "score": 0.2}) == TrialScheduler.CONTINUE
+    asha.on_trial_complete(None, good, {"trial_epoch": 4, "score": 0.1})
+    assert asha._trial_info == {}
+    # the state file follows every change: a restored copy knows neither trial is running
+    again = ResumableASHA(str(state), time_attr="trial_epoch", max_t=4, grace_period=1, reduction_factor=2)
+    again._load()
+    assert again._trial_info == {}
+    # a pending trial removed (Ctrl-C before it started) leaves the saved state too
+    pending = Trial("pending")
+    again.on_trial_add(None, pending)
+    again.on_trial_remove(None, pending)
+    third = ResumableASHA(str(state), time_attr="trial_epoch", max_t=4, grace_period=1, reduction_factor=2)
+    third._load()
+    assert "pending" not in third._trial_info
 
 
 def test_a_search_saved_by_an_older_version_resumes_on_this_version_s_clock(tmp_path):

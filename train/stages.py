@@ -104,9 +104,11 @@ def train_config(params: dict) -> dict:
     return cfg
 
 
-def read_tuned(path: Path | None) -> dict:
-    """The overrides of a tuned configuration: ``{"arch", "train": {...}, "by_contrast": {c: {...}}}``,
-    empty when no search ran (``searched: false``) or no file is given."""
+def read_tuned(path: Path | None, params: dict | None = None) -> dict:
+    """The overrides of a tuned configuration: ``{"arch", "scope", "train": {...}, "by_contrast":
+    {c: {...}}}``, empty when no search ran (``searched: false``) or no file is given. With
+    ``params``, a file written for another profile, or for an architecture params do not train, is
+    refused: its values would be applied to models they were never searched for, or to none."""
     from ingest.params import read_mapping
 
     if path is None:
@@ -126,14 +128,51 @@ def read_tuned(path: Path | None) -> dict:
     check_hp(doc.get("train") or {}, f"{path}: train")
     for c, part in (doc.get("by_contrast") or {}).items():
         check_hp(part or {}, f"{path}: by_contrast.{c}")
-    return {"arch": doc["arch"], "train": doc.get("train") or {}, "by_contrast": doc.get("by_contrast") or {},
-            "file": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    scope = _tuned_scope(doc, path)
+    if params is not None:
+        if doc.get("profile") is not None and doc["profile"] != params.get("profile"):
+            raise ParamsError(f"{path}: searched for profile {doc['profile']!r}, not {params.get('profile')!r}: "
+                              "run `qsnet tune` with this profile (or give the other profile's best.yaml)")
+        archs = (params.get("train") or {}).get("archs", DEFAULTS["archs"])
+        if doc["arch"] not in archs:
+            raise ParamsError(f"{path}: searched for architecture {doc['arch']}, which params' train.archs "
+                              f"{archs} does not train: run `qsnet tune` again with these params")
+    return {"arch": doc["arch"], "scope": scope, "train": doc.get("train") or {},
+            "by_contrast": doc.get("by_contrast") or {}, "file": str(path),
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
-def tuned_hp(tuned: dict, arch: str, contrast: str) -> dict:
-    if not tuned or tuned["arch"] != arch:
+def _tuned_scope(doc: dict, path: Path) -> dict | None:
+    """The runs a best.yaml's values are for (contrasts, inputs, stages), checked; None for a file
+    written before `qsnet tune` recorded it, whose values go, as they did then, to every run of
+    its architecture."""
+    scope = doc.get("scope")
+    if scope is None:
+        return None
+    if (not isinstance(scope, dict) or set(scope) != {"contrasts", "inputs", "stages"}
+            or not isinstance(scope["contrasts"], list) or not set(scope["contrasts"]) <= set(CONTRASTS)
+            or scope["inputs"] not in ("mrf", "mri")
+            or not isinstance(scope["stages"], list) or not set(scope["stages"]) <= set(STAGES)):
+        raise ParamsError(f"{path}: scope must map contrasts (of {', '.join(CONTRASTS)}), inputs (mrf or mri) and "
+                          f"stages (of {', '.join(STAGES)}), got {scope!r}")
+    outside = sorted(set(doc.get("by_contrast") or {}) - set(scope["contrasts"]))
+    if outside:
+        raise ParamsError(f"{path}: by_contrast names {outside}, outside its scope's contrasts {scope['contrasts']}")
+    return scope
+
+
+def tuned_hp(tuned: dict, run: dict) -> dict:
+    """The tuned values for ``run`` (arch, contrast, inputs, stage): those of its search when the
+    run is in the file's scope, else none. Pretrain and finetune of a searched arch, contrast and
+    inputs take them (finetune must build the model pretrain built); runs with other inputs and
+    the scratch runs (site B from random weights) were never searched: they keep the profile's."""
+    if not tuned or tuned["arch"] != run["arch"]:
         return {}
-    return {**tuned["train"], **tuned["by_contrast"].get(contrast, {})}
+    scope = tuned.get("scope")
+    if scope is not None and (run["contrast"] not in scope["contrasts"] or run["inputs"] != scope["inputs"]
+                              or run["stage"] not in scope["stages"]):
+        return {}
+    return {**tuned["train"], **tuned["by_contrast"].get(run["contrast"], {})}
 
 
 def _is_int(v) -> bool:
@@ -229,7 +268,7 @@ def _folder(root: Path, run: dict) -> Path:
 def run_stage(stage: str, params: dict, stores, models, reports, storage,
               progress=None, tuned: Path | None = None) -> list[Path]:
     """Train every model of ``stage`` in one Ray Train run; returns the model card paths.
-    ``tuned``: a search's best.yaml, whose values replace the profile's for its architecture.
+    ``tuned``: a search's best.yaml, whose values replace the profile's for the runs it searched (``tuned_hp``).
     ``stores``, ``models``, ``reports`` and ``storage`` may be fsspec URLs (``s3://...``): stores
     are read in place, models and reports written locally and uploaded when the stage succeeds,
     ``storage`` is Ray Train's run storage (every node reads and writes it)."""
@@ -239,6 +278,7 @@ def run_stage(stage: str, params: dict, stores, models, reports, storage,
     if stage not in ("pretrain", "finetune"):
         raise ParamsError(f"unknown stage {stage!r}")
     cfg = train_config(params)
+    read_tuned(tuned, params)  # a best.yaml of another profile or architecture fails before Ray starts
     for loc in (stores, models, reports, storage):
         st.check_access(str(loc), write=loc is not stores)
     # before any data is read: params that ask for GPUs the cluster lacks fail here, in one line
@@ -269,12 +309,12 @@ def _run_stage(stage, params, cfg, stores, models: Path, reports: Path, storage,
     from train.distributed import run_parallel
     from train.models import build
 
-    tuned_doc = read_tuned(tuned)
+    tuned_doc = read_tuned(tuned, params)
     run_storage = str(storage) if st.is_url(storage) else str(Path(storage).resolve())
     runs, key = [], []
     for run in _runs(stage, cfg):
         r = site_run(run, stores)
-        r["hp"] = tuned_hp(tuned_doc, run["arch"], run["contrast"])
+        r["hp"] = tuned_hp(tuned_doc, run)
         init_sha = None
         if run["stage"] == "finetune":
             card = registry.read_card(_folder(models, {**run, "stage": "pretrain"}) / "card.json")

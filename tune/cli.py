@@ -25,12 +25,17 @@ def register(app: typer.Typer) -> None:
         params: Path = typer.Option(Path("params.yaml"), "--params", help="Params file; its `tune` section (search "
                                     "space, trials, resources) and `train` section are read."),
         profile: str | None = typer.Option(None, "--profile", help="Profile instead of the file's `profile`."),
-        resume: bool = typer.Option(False, "--resume", help="Continue the interrupted search of these params in "
-                                    "--storage: finished trials are kept, the rest run."),
+        resume: bool = typer.Option(False, "--resume", help="Only continue the interrupted search of these params "
+                                    "in --storage (finished trials are kept, the rest run); no such search is an "
+                                    "error. Without it a search of these params is continued too."),
+        fresh: bool = typer.Option(False, "--fresh", help="Start a new search even when --storage holds a "
+                                   "finished or unfinished one of these params (it is set aside, not deleted)."),
         enable: bool = typer.Option(False, "--enable", help="Search even when params say tune.enabled: false."),
     ):
         """Search QS-Net's training hyperparameters with Ray Tune (Optuna TPE, ASHA early stopping) and write the
-        best configuration, which the pretrain and finetune stages can take as their params."""
+        best configuration, which the pretrain and finetune stages can take as their params. A finished search of
+        the same params in --storage is reused (nothing trained), an unfinished one continued, one of other
+        params set aside for a new one."""
         from ingest.params import load_params
         from ingest.storage import check_access, is_url, location
         from tune.search import Interrupted, run_search
@@ -42,16 +47,19 @@ def register(app: typer.Typer) -> None:
             if is_url(val):
                 fail("tune", f"{opt} {val}: a URL is not supported here; give a folder (for --storage, one "
                              "every node sees, e.g. a shared volume)")
+        if resume and fresh:
+            fail("tune", "--resume and --fresh contradict each other: give one", 2)
         out, reports, storage = Path(out), Path(reports), Path(storage)
         p = _run("tune", load_params, params, profile)
-        if (p.get("tune") or {}).get("enabled") or enable or resume:
+        if (p.get("tune") or {}).get("enabled") or enable or resume or fresh:
             _run("tune", tune_config, p, _params_file=params)  # a bad space fails before Ray starts
             if not is_url(stores) and not Path(stores).is_dir():
                 fail("tune", f"{stores}: no prepared stores (run `qsnet prepare` first)")
             _run("tune", check_access, stores)
         def search():
             try:
-                return run_search(p, location(stores), out, reports, storage, resume=resume, force=enable, progress=typer.echo)
+                return run_search(p, location(stores), out, reports, storage, resume=resume, fresh=fresh,
+                                  force=enable, progress=typer.echo)
             except Interrupted as exc:  # Ctrl-C: Tune saved the state; the conventional exit code
                 fail("tune", str(exc), 130)
 

@@ -3,7 +3,9 @@
 - ``ResumableASHA``: Ray Tune restores a search's searcher on ``Tuner.restore`` but not its
   scheduler. A resumed search would start with empty rungs, and the first trials after a resume
   could never be stopped (nothing to compare them with). This subclass writes its rungs to a file
-  after every result and reads them back the first time a restored copy is used.
+  after every change (a trial added, a result, a trial ended or removed) and reads them back the
+  first time a restored copy is used. A result without a score (a trial whose validation loss was
+  never finite) stops that trial and is kept out of the rungs.
 - ``TrialEvents``: each trial's start and end, per session, in a JSON-lines file: what ran when,
   from the driver's side (a stopped trial never reaches the end of its own function).
 
@@ -72,7 +74,8 @@ class ResumableASHA(ASHAScheduler):
 
     def on_trial_add(self, tune_controller, trial):
         self._load()
-        return super().on_trial_add(tune_controller, trial)
+        super().on_trial_add(tune_controller, trial)
+        self._save()
 
     def on_trial_result(self, tune_controller, trial, result):
         self._load()
@@ -85,3 +88,19 @@ class ResumableASHA(ASHAScheduler):
         action = super().on_trial_result(tune_controller, trial, result)
         self._save()
         return action
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        self._load()
+        if result.get(self._metric) is None:
+            # the STOP above ends here, with the same score-less result: ASHA would multiply None,
+            # the trial would end in ERROR and a resume (resume_errored) would train it again with
+            # the same seed, to the same end. It has no place in a rung: it only leaves
+            self._trial_info.pop(trial.trial_id, None)
+        else:
+            super().on_trial_complete(tune_controller, trial, result)
+        self._save()
+
+    def on_trial_remove(self, tune_controller, trial):
+        self._load()
+        super().on_trial_remove(tune_controller, trial)
+        self._save()

@@ -5,8 +5,14 @@ loop, so a trial trains exactly as the pretrain stage does) and forwards the wor
 reports to Tune (``TuneReportCallback``). ``OptunaSearch`` (TPE, seeded) suggests the
 configurations, ``ASHAScheduler`` stops weak trials at its rungs (``trial_epoch`` counts
 epochs). The Optuna study lives in a journal file in the experiment folder and Tune keeps its
-experiment folder, so ``resume=True`` continues an interrupted search: finished trials are not
-run again, trials that were running start over.
+experiment folder, so a search continues where it stopped: finished trials are not run again,
+trials that were running start over.
+
+What a run does with the folder of each search is decided by its identity (``qsnet-search.json``,
+everything that decides the trials' results): by default a finished search of the same identity
+is reused (best.yaml and the reports written again from its recorded trials, nothing trained),
+an unfinished one is resumed, and one of another identity is set aside and a new search starts.
+``fresh=True`` always starts anew; ``resume=True`` only continues (anything else is an error).
 
 Layout, per search (``<contrast>`` or ``shared``)::
 
@@ -109,6 +115,9 @@ def plan(params: dict, stores: Path, storage: Path) -> tuple[dict, list[dict]]:
         train.pop("ssim_weight", None)
     train["inputs"] = tcfg["inputs"]
     train = json.loads(json.dumps(train, default=str))   # as read back from qsnet-search.json
+    # the Ray Train workers of a trial: its DDP batch is batch_size x num_workers. Not its CPUs
+    # per worker or max_concurrent: those change how fast the search runs, not what a trial learns
+    workers = cfg["resources"]["num_workers"]
     searches = []
     for contrasts in groups:
         name = contrasts[0] if cfg["per_contrast"] else "shared"
@@ -119,6 +128,10 @@ def plan(params: dict, stores: Path, storage: Path) -> tuple[dict, list[dict]]:
                     "num_samples": cfg["num_samples"], "grace_period": cfg["grace_period"],
                     "reduction_factor": cfg["reduction_factor"],
                     "space": {k: list(v) for k, v in cfg["space"].items()}, "train": train,
+                    "num_workers": workers,
+                    # how a suggestion becomes train params (tune.space.to_train), versioned: a
+                    # search before 2 trained a searched augmentation strength with the others on
+                    "to_train": 2,
                     # what of the model is not searched (the norms' kind): other weights, other trials
                     "model": {k: v for k, v in build_config(cfg["arch"]).items()
                               if k not in ("width", "depth", "in_channels", "out_channels")},
@@ -130,27 +143,49 @@ def plan(params: dict, stores: Path, storage: Path) -> tuple[dict, list[dict]]:
     return {**cfg, "train": tcfg}, searches
 
 
-def _check_resume(search: dict) -> str:
-    """'missing', 'resume' or 'done' for ``resume=True``; a foreign experiment is an error."""
+def _state(search: dict) -> tuple[str, str]:
+    """What the search's folder holds, and why: 'missing', 'other' (another search, or an
+    unreadable identity), 'unstarted' (no Ray Tune state yet), 'resume' or 'done'."""
     from ray.tune import Tuner
 
     d = search["dir"]
     ident = d / IDENTITY
     if not ident.exists():
-        return "missing"
+        return "missing", f"no {IDENTITY}"
     try:
         theirs = json.loads(ident.read_text())
     except ValueError as exc:
-        raise SearchError(f"{ident}: unreadable ({exc})") from None
-    if theirs.get("digest") != search["identity"]["digest"]:
-        diff = _differences(theirs, search["identity"])
-        raise SearchError(f"{d}: a different search (differs from params in: {', '.join(diff) or 'identity'}); "
-                          "will not resume it; run `qsnet tune --enable` (without --resume) to start afresh")
+        return "other", f"{ident}: unreadable ({exc})"
+    if not isinstance(theirs, dict) or theirs.get("digest") != search["identity"]["digest"]:
+        diff = _differences(theirs if isinstance(theirs, dict) else {}, search["identity"])
+        return "other", f"a different search (differs from params in: {', '.join(diff) or 'identity'})"
     if (d / "done.json").exists():
-        return "done"
+        return "done", "finished"
     if not Tuner.can_restore(str(d)):
-        raise SearchError(f"{d}: no Ray Tune experiment state to resume (was it started?)")
-    return "resume"
+        return "unstarted", "no Ray Tune experiment state to resume (was it started?)"
+    return "resume", "unfinished"
+
+
+def _check_resume(search: dict) -> str:
+    """'missing', 'resume' or 'done' for ``resume=True``; a foreign experiment is an error."""
+    state, why = _state(search)
+    d = search["dir"]
+    if state == "other":
+        raise SearchError(f"{d}: {why}; will not resume it; run `qsnet tune` without --resume (it sets this "
+                          "folder aside and starts afresh)")
+    if state == "unstarted":
+        raise SearchError(f"{d}: {why}")
+    return state
+
+
+def _default_mode(search: dict, progress=None) -> str:
+    """'done', 'resume' or 'fresh': what a run without --resume or --fresh does with the folder."""
+    state, why = _state(search)
+    if state in ("done", "resume"):
+        return state
+    if state != "missing" and progress:
+        progress(f"tune: search {search['name']}: {why}; set aside, a new search starts")
+    return "fresh"
 
 
 def _differences(theirs: dict, ours: dict) -> list[str]:
@@ -170,8 +205,15 @@ def _differences(theirs: dict, ours: dict) -> list[str]:
 def _fresh(search: dict) -> None:
     d = search["dir"]
     if d.exists():
-        # an earlier search of this name is kept beside, never deleted
-        d.rename(d.with_name(f"{d.name}.previous-{time.strftime('%Y%m%dT%H%M%S')}"))
+        # an earlier search of this name is kept beside, never deleted (nor renamed onto an
+        # earlier one set aside in the same second)
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        aside = d.with_name(f"{d.name}.previous-{stamp}")
+        n = 1
+        while aside.exists():
+            aside = d.with_name(f"{d.name}.previous-{stamp}-{n}")
+            n += 1
+        d.rename(aside)
     d.mkdir(parents=True)
     _atomic(d / IDENTITY, json.dumps(search["identity"], indent=1, sort_keys=True) + "\n")
 
@@ -323,20 +365,28 @@ def _figures(search: dict, reports: Path) -> list[str]:
 
 
 def run_search(params: dict, stores: Path, out: Path, reports: Path, storage: Path, resume: bool = False,
-               force: bool = False, progress=None) -> dict:
-    """Run (or, with ``resume``, continue) the searches of params; write best.yaml and the report.
+               force: bool = False, progress=None, fresh: bool = False) -> dict:
+    """Run the searches of params (reusing a finished one and resuming an unfinished one of the
+    same identity; ``fresh``: always anew; ``resume``: only continue); write best.yaml and the report.
 
-    With ``tune.enabled: false`` (and neither ``force`` nor ``resume``) no search runs: best.yaml
-    says so and the training stages use the profile's own params. Returns the summary."""
+    With ``tune.enabled: false`` (and none of ``force``, ``resume``, ``fresh``) no search runs:
+    best.yaml says so and the training stages use the profile's own params. Returns the summary."""
     out, reports = Path(out), Path(reports)
+    if resume and fresh:
+        raise SearchError("--resume and --fresh contradict each other: give one")
     raw = params.get("tune") if isinstance(params.get("tune"), dict) else {}
-    if not (raw.get("enabled") or force or resume):
-        _write_outputs(out, reports, {"searched": False,
+    if not (raw.get("enabled") or force or resume or fresh):
+        _write_outputs(out, reports, {"searched": False, "profile": params.get("profile"),
                                       "note": "tune.enabled is false in params: the training stages use the "
                                               "profile's own train params"}, [], {"searched": False})
         return {"searched": False}
     cfg, searches = plan(params, stores, storage)
-    modes = {s["name"]: (_check_resume(s) if resume else "fresh") for s in searches}
+    if fresh:
+        modes = {s["name"]: "fresh" for s in searches}
+    elif resume:
+        modes = {s["name"]: _check_resume(s) for s in searches}
+    else:
+        modes = {s["name"]: _default_mode(s, progress) for s in searches}
     if resume:
         if all(m == "missing" for m in modes.values()):
             raise SearchError(f"{Path(storage).resolve()}: no search to resume here (no {IDENTITY} of these params); "
@@ -351,7 +401,10 @@ def run_search(params: dict, stores: Path, out: Path, reports: Path, storage: Pa
                 result = json.loads((s["dir"] / "done.json").read_text())
             except ValueError as exc:
                 raise SearchError(f"{s['dir'] / 'done.json'}: unreadable ({exc}); delete it and run "
-                                  "`qsnet tune --resume` to collect the search again") from None
+                                  "`qsnet tune` to collect the search again") from None
+            if progress:
+                progress(f"tune: search {s['name']}: finished earlier with these params; its "
+                         f"{len(result['rows'])} trials reused, none run (`qsnet tune --fresh` searches again)")
         else:
             if modes[s["name"]] == "fresh":
                 _fresh(s)
@@ -359,7 +412,8 @@ def run_search(params: dict, stores: Path, out: Path, reports: Path, storage: Pa
             if not result["complete"]:
                 n = sum(r["status"] != "unfinished" for r in result["rows"])
                 raise Interrupted(f"search {s['name']} interrupted with {n} of {cfg['num_samples']} trials ended; "
-                                  "continue it with `qsnet tune --resume`")
+                                  "continue it with `qsnet tune --resume` (or `qsnet tune`, `dvc repro`: a search "
+                                  "of the same params resumes)")
             _atomic(s["dir"] / "done.json", json.dumps(result, indent=1, default=str) + "\n")
         all_rows.extend(result["rows"])
         best = _best(cfg, result["rows"], cfg["epochs"] * len(s["runs"]), len(s["runs"]))
@@ -372,8 +426,13 @@ def run_search(params: dict, stores: Path, out: Path, reports: Path, storage: Pa
                                "train": to_train(suggestion, cfg["train"])}
         reports.mkdir(parents=True, exist_ok=True)
         notes += _figures(s, reports)
-    doc = {"searched": True, "arch": cfg["arch"], "metric": cfg["metric"], "mode": cfg["mode"],
-           "per_contrast": cfg["per_contrast"]}
+    # the runs the values were searched for: the stages apply them there only (train.stages.tuned_hp),
+    # not to other contrasts, other inputs or the scratch runs; the profile and the searches'
+    # identities tell a stale file from this one
+    doc = {"searched": True, "profile": params.get("profile"), "arch": cfg["arch"],
+           "scope": {"contrasts": list(cfg["contrasts"]), "inputs": cfg["train"]["inputs"],
+                     "stages": ["pretrain", "finetune"]},
+           "metric": cfg["metric"], "mode": cfg["mode"], "per_contrast": cfg["per_contrast"]}
     if cfg["per_contrast"]:
         doc["train"] = {}
         doc["by_contrast"] = {name: b["train"] for name, b in best_doc.items()}
@@ -382,6 +441,7 @@ def run_search(params: dict, stores: Path, out: Path, reports: Path, storage: Pa
         doc["by_contrast"] = {}
     doc["scores"] = {name: {cfg["metric"]: b[cfg["metric"]], "trial_id": b["trial_id"], "epochs": b["epochs"]}
                      for name, b in best_doc.items()}
+    doc["identity"] = {s["name"]: s["identity"]["digest"] for s in searches}
     summary = {"searched": True, "searches": best_doc, "trials": len(all_rows),
                "stopped_early": sum(r["status"] == "stopped_early" for r in all_rows),
                "errors": sum(r["status"] == "error" for r in all_rows), "notes": notes,
@@ -393,7 +453,11 @@ def run_search(params: dict, stores: Path, out: Path, reports: Path, storage: Pa
 def _atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        # on disk before the rename: after a crash the name holds the old text or the new, whole
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -403,7 +467,8 @@ def _write_outputs(out: Path, reports: Path, doc: dict, rows: list[dict], summar
     import yaml
 
     head = ("# Written by `qsnet tune`: the best configuration found, as train params. The pretrain and\n"
-            "# finetune stages read it (`--tuned`); `searched: false` means they use the profile's params.\n")
+            "# finetune stages read it (`--tuned`) and apply it to the runs of its scope only (its arch,\n"
+            "# contrasts and inputs); `searched: false` means they use the profile's params.\n")
     _atomic(out / "best.yaml", head + yaml.safe_dump(doc, sort_keys=False))
     reports.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()

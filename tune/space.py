@@ -104,6 +104,10 @@ def tune_config(params: dict) -> dict:
     if cfg["grace_period"] > cfg["epochs"]:
         raise ParamsError(f"params: tune.grace_period {cfg['grace_period']} > tune.epochs {cfg['epochs']}")
     res = cfg["resources"]
+    unknown = sorted(set(res) - set(DEFAULTS["resources"]))
+    if unknown:  # a misspelt key (cpu_per_worker) would run every trial with the default it meant to change
+        raise ParamsError(f"params: unknown tune.resources key(s) {unknown} "
+                          f"(known: {', '.join(DEFAULTS['resources'])})")
     for key in ("num_workers", "cpus_per_worker"):
         if not isinstance(res.get(key), int) or isinstance(res[key], bool) or res[key] < 1:
             raise ParamsError(f"params: tune.resources.{key} must be a positive integer, got {res.get(key)!r}")
@@ -113,7 +117,79 @@ def tune_config(params: dict) -> dict:
     cfg["space"] = parse_space(cfg["space"])
     if cfg["seed"] is None:
         cfg["seed"] = int(params.get("seed", 0))
+    _check_against_train(cfg, params)
     return cfg
+
+
+def _check_against_train(cfg: dict, params: dict) -> None:
+    """What the search settings must agree on with the train and prepare sections, checked before
+    any trial runs: a search whose winner no stage trains, or whose values a trial cannot use."""
+    from train.stages import train_config
+
+    tcfg = train_config(params)
+    if cfg["arch"] not in tcfg["archs"]:
+        raise ParamsError(f"params: tune.arch {cfg['arch']} is not in train.archs {tcfg['archs']}: no stage would "
+                          "train with its tuned values")
+    space = cfg["space"]
+    if "depth" in space:
+        from ingest.prepare.service import config as prepare_config
+
+        size = prepare_config(params)["image_size"]
+        for d in _values(space["depth"]):
+            if not depth_fits(size, d):
+                raise ParamsError(f"params: tune.space.depth: a {d}-level U-Net does not fit the prepared {size} x "
+                                  f"{size} images (prepare.image_size: it needs at least {2 ** d} pixels, a multiple "
+                                  f"of {2 ** (d - 1)})")
+    if "plateau_factor" in space or "plateau_after_epoch" in space:
+        latest = plateau_latest(cfg["epochs"])
+        if "plateau_after_epoch" in space:
+            worst = max(_values(space["plateau_after_epoch"]))
+            where = "tune.space.plateau_after_epoch"
+        else:
+            worst = tcfg["plateau_after_epoch"]
+            where = f"tune.space.plateau_factor (with train.plateau_after_epoch {worst})"
+        if worst > latest:
+            # a value the rule never reaches trains exactly as every other such value: a dimension
+            # of pure noise for TPE, whose arbitrary "best" pretrain and finetune would then take
+            key = "plateau_after_epoch" if "plateau_after_epoch" in space else "train.plateau_after_epoch"
+            fix = (f"keep {key} at {latest} or less" if latest >= 0
+                   else "leave plateau_factor and plateau_after_epoch out of the space")
+            raise ParamsError(f"params: {where}: with plateau_after_epoch {worst} the plateau rule never changes a "
+                              f"trial of {cfg['epochs']} epochs (tune.epochs): it lowers the learning rate at the end "
+                              f"of epoch plateau_after_epoch + {_patience() + 2} at the soonest, and a later epoch "
+                              f"must train with it; {fix}, or raise tune.epochs")
+
+
+def _values(spec: tuple) -> list:
+    """The values an integer dimension can take (the bounds of a randint)."""
+    kind, args = spec
+    return list(args) if kind in ("choice", "randint") else []
+
+
+def depth_fits(size: int, depth: int) -> bool:
+    """Whether a ``depth``-level U-Net trains on ``size`` x ``size`` images: it halves them
+    ``depth - 1`` times, and its skip connections need every level whole (measured on the
+    qsnet, resunet and cgan generators: 5 levels take 32, 48, 64, 80, 96 pixels, not 24 or 72)."""
+    return size >= 2 ** depth and size % 2 ** (depth - 1) == 0
+
+
+def _patience() -> int:
+    import inspect
+
+    from train.loop import Trainer
+
+    # train.distributed builds every Trainer with its default patience
+    return int(inspect.signature(Trainer).parameters["patience"].default)
+
+
+def plateau_latest(epochs: int) -> int:
+    """The largest ``plateau_after_epoch`` whose plateau rule can change a run of ``epochs``.
+
+    train.loop steps ReduceLROnPlateau (patience p) at the end of each epoch after epoch
+    ``plateau_after_epoch`` = a: its first step sets the best loss and only the (p + 1)-th worse
+    one after it lowers the rate, at the end of epoch a + p + 2 at the soonest; the epoch after
+    that must still train. So a <= epochs - p - 3."""
+    return epochs - _patience() - 3
 
 
 def parse_space(space) -> dict:
@@ -131,8 +207,9 @@ def parse_space(space) -> dict:
         if kind == "choice":
             if not isinstance(args, list) or not args:
                 raise ParamsError(f"params: tune.space.{name}: choice needs a non-empty list of values")
-            if name in INTEGER and not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in args):
-                raise ParamsError(f"params: tune.space.{name}: choices must be positive integers, got {args!r}")
+            # the range of each integer is VALID's, as for randint (plateau_after_epoch may be 0)
+            if name in INTEGER and not all(isinstance(v, int) and not isinstance(v, bool) for v in args):
+                raise ParamsError(f"params: tune.space.{name}: choices must be whole numbers, got {args!r}")
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in args):
                 raise ParamsError(f"params: tune.space.{name}: choices must be numbers, got {args!r}")
             _check_values(name, args)
@@ -196,7 +273,24 @@ def to_train(suggestion: dict, base: dict) -> dict:
     if "ds_weight" in suggestion:
         n = len(base.get("ds_weights") or [0.5, 0.25, 0.125, 0.0625])
         hp["ds_weights"] = [float(suggestion["ds_weight"]) * 0.5 ** i for i in range(n)]
-    aug = {k: float(suggestion[k]) for k in ("rotate_deg", "elastic_px", "noise") if k in suggestion}
-    if aug:
-        hp["augment"] = aug
+    searched = {k: float(suggestion[k]) for k in ("rotate_deg", "elastic_px", "noise") if k in suggestion}
+    if searched:
+        # every strength written out: a mapping's missing keys take Augment's defaults, so a searched
+        # noise alone would switch rotation and deformation on where the profile has them off
+        hp["augment"] = {**profile_augment(base), **searched}
     return hp
+
+
+def profile_augment(base: dict) -> dict:
+    """The augmentation strengths the train section ``base`` trains with (all 0 when it is off)."""
+    import inspect
+
+    from train.data import Augment
+    from train.stages import AUGMENT_KEYS, DEFAULTS
+
+    aug = base.get("augment", DEFAULTS["augment"])
+    if not aug:
+        return {k: 0.0 for k in sorted(AUGMENT_KEYS)}
+    sig = inspect.signature(Augment).parameters
+    given = aug if isinstance(aug, dict) else {}
+    return {k: float(given.get(k, sig[k].default)) for k in sorted(AUGMENT_KEYS)}
