@@ -117,7 +117,7 @@ def test_the_fit_rule_is_the_models_own():
     import torch
 
     from train.models import build
-    from tune.space import depth_fits
+    from train.models import depth_fits
 
     for depth, size in ((4, 40), (4, 36), (5, 48), (5, 40), (5, 16)):
         g = build("qsnet", width=4, depth=depth).generator.eval()

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["ARCHITECTURES", "Model", "build", "build_config", "weight_layout", "QSNetGenerator", "InstanceNormOps", "plain_instance_norms"]
+__all__ = ["ARCHITECTURES", "Model", "build", "build_config", "depth_fits", "weight_layout", "QSNetGenerator", "InstanceNormOps", "plain_instance_norms"]
 
 ARCHITECTURES = ("qsnet", "resunet", "cgan", "swin")
 LEAKY = ("leakyrelu", {"negative_slope": 0.01})
@@ -93,6 +93,13 @@ class _Plain(nn.Module):
 
     def forward(self, x):
         return self.net(x)
+
+
+def depth_fits(size: int, depth: int) -> bool:
+    """Whether a ``depth``-level U-Net trains on ``size`` x ``size`` images: it halves them
+    ``depth - 1`` times, and its skip connections need every level whole (measured on the
+    qsnet, resunet and cgan generators: 5 levels take 32, 48, 64, 80, 96 pixels, not 24 or 72)."""
+    return size >= 2 ** depth and size % 2 ** (depth - 1) == 0
 
 
 @dataclass

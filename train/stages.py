@@ -307,7 +307,7 @@ def _run_stage(stage, params, cfg, stores, models: Path, reports: Path, storage,
     from ingest import storage as st
     from train import registry
     from train.distributed import run_parallel
-    from train.models import build
+    from train.models import build, depth_fits
 
     tuned_doc = read_tuned(tuned, params)
     run_storage = str(storage) if st.is_url(storage) else str(Path(storage).resolve())
@@ -342,9 +342,9 @@ def _run_stage(stage, params, cfg, stores, models: Path, reports: Path, storage,
 
     size = min(zarr.open_group(str(r["train_stores"][0]), mode="r")["brain"].shape[-1] for r in runs)
     depth = max([cfg["depth"]] + [r["hp"].get("depth", 0) for r in runs])
-    if size < 2 ** depth:
+    if not depth_fits(size, depth):
         raise ParamsError(f"prepared images are {size} x {size}: a {depth}-level U-Net needs at least "
-                          f"{2 ** depth} x {2 ** depth} (params prepare.image_size)")
+                          f"{2 ** depth} x {2 ** depth}, a multiple of {2 ** (depth - 1)} (params prepare.image_size)")
     hp = {k: cfg[k] for k in HP_KEYS}
     if stage == "finetune":  # site B's finetune split is smaller than site A's: more epochs, similar steps
         hp["epochs"] = cfg["finetune_epochs"]

@@ -133,6 +133,7 @@ def _check_against_train(cfg: dict, params: dict) -> None:
     space = cfg["space"]
     if "depth" in space:
         from ingest.prepare.service import config as prepare_config
+        from train.models import depth_fits
 
         size = prepare_config(params)["image_size"]
         for d in _values(space["depth"]):
@@ -164,13 +165,6 @@ def _values(spec: tuple) -> list:
     """The values an integer dimension can take (the bounds of a randint)."""
     kind, args = spec
     return list(args) if kind in ("choice", "randint") else []
-
-
-def depth_fits(size: int, depth: int) -> bool:
-    """Whether a ``depth``-level U-Net trains on ``size`` x ``size`` images: it halves them
-    ``depth - 1`` times, and its skip connections need every level whole (measured on the
-    qsnet, resunet and cgan generators: 5 levels take 32, 48, 64, 80, 96 pixels, not 24 or 72)."""
-    return size >= 2 ** depth and size % 2 ** (depth - 1) == 0
 
 
 def _patience() -> int:
