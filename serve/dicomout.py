@@ -3,7 +3,8 @@
 Each output slice is built from the header of the MRF T1 map slice at the same position: the
 same patient and study (StudyInstanceUID, so the PACS files it in the original exam), frame of
 reference, ImagePositionPatient, ImageOrientationPatient, PixelSpacing and slice thickness; new
-Series and SOP Instance UIDs; ImageType DERIVED\\SECONDARY\\SYNTHETIC; "SYNTHETIC" at the head of
+Series and SOP Instance UIDs, hashes of the source, the model and the pixels (a resent answer
+files nothing twice); ImageType DERIVED\\SECONDARY\\SYNTHETIC; "SYNTHETIC" at the head of
 SeriesDescription; the derivation (model, weights, source series) in DerivationDescription and
 SourceImageSequence. Pixels are 12-bit (0-4095), the range the evaluation scores in.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import hashlib
 import re
 from pathlib import Path
 
@@ -76,11 +78,14 @@ def check_uid_root(root: str | None) -> str | None:
     return root
 
 
-def _new_uid(root: str | None) -> str:
-    from pydicom.uid import generate_uid
+def _derived_uid(root: str | None, *parts) -> str:
+    """A UID under ``root`` (None: pydicom's) that is a hash of ``parts``: the same answer to the
+    same exam gets the same UIDs, so a client's retry files nothing twice in the PACS (an
+    instance it has already is a duplicate it drops), while any change of pixels, model or
+    source makes new ones. 24 digits or more of the hash follow the root (check_uid_root)."""
+    from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 
-    # generate_uid(None) would make a 2.25 (UUID) UID; without a root of the site's, pydicom's
-    return generate_uid(root) if root else generate_uid()
+    return generate_uid(root or PYDICOM_ROOT_UID, entropy_srcs=["|".join(str(p) for p in parts)])
 
 
 def source_headers(affine: np.ndarray, n_slices: int, t1_files: list[Path],
@@ -115,7 +120,8 @@ def source_headers(affine: np.ndarray, n_slices: int, t1_files: list[Path],
         # Type 1 for an image with a position: an anonymiser may have dropped it. One frame for
         # the request (another slice's, else a new one), so every synthetic series shares it.
         frame = next((h.FrameOfReferenceUID for h in out[0].values() if h.get("FrameOfReferenceUID")), None)
-        frame = frame or _new_uid(check_uid_root(uid_root))
+        frame = frame or _derived_uid(check_uid_root(uid_root), "qsnet-frame", out[0][0].get("StudyInstanceUID"),
+                                      out[0][0].get("SeriesInstanceUID"))
         for h in lacking:
             h.FrameOfReferenceUID = frame
     return out[0], out[1]
@@ -176,7 +182,10 @@ def dicom_series(stored: np.ndarray, t1_at: dict, t2_at: dict, contrast: str, ca
         if kw not in shared:
             setattr(shared, kw, "")
     shared.SOPClassUID = MR_IMAGE_STORAGE
-    shared.SeriesInstanceUID = _new_uid(uid_root)
+    pixels = hashlib.sha256(np.ascontiguousarray(stored, "<u2").tobytes()).hexdigest()
+    shared.SeriesInstanceUID = _derived_uid(uid_root, "qsnet-series", first.get("StudyInstanceUID"),
+                                            first.get("SeriesInstanceUID"), contrast, card.get("weights_sha256", ""),
+                                            model_id, series_number, pixels)
     shared.Modality = "MR"
     shared.SeriesNumber = int(series_number)
     shared.SeriesDescription = f"SYNTHETIC {label} (qsnet {model_id})"[:64]
@@ -215,7 +224,7 @@ def dicom_series(stored: np.ndarray, t1_at: dict, t2_at: dict, contrast: str, ca
         for kw in _COPY_SLICE:
             if kw in src:
                 ds.add(copy.deepcopy(src.data_element(kw)))
-        ds.SOPInstanceUID = _new_uid(uid_root)
+        ds.SOPInstanceUID = _derived_uid(uid_root, "qsnet-sop", shared.SeriesInstanceUID, k)
         refs = []
         for h in (src, t2_at.get(k)):
             # the scan accepts a SOP Class UID given only in the file meta, or none at all (a bare

@@ -931,6 +931,18 @@ def test_write_back_needs_the_study_and_keeps_the_maps_lossy_flag(exam_b, tmp_pa
     heads[1][1].LossyImageCompression = "01"
     out = pydicom.dcmread(io.BytesIO(dicom_series(stored, *heads, "t1w", {"id": "m"}, 9900)[0][1]))
     assert out.LossyImageCompression == "01"
+    # a resent answer has the same UIDs (a PACS drops the duplicate); other pixels, another
+    # contrast or other weights get new ones
+    uids = lambda files: [pydicom.dcmread(io.BytesIO(b)).SOPInstanceUID for _, b in files]  # noqa: E731
+    a = dicom_series(stored, *heads, "t1w", {"id": "m", "weights_sha256": "ab"}, 9900)
+    assert uids(a) == uids(dicom_series(stored, *heads, "t1w", {"id": "m", "weights_sha256": "ab"}, 9900))
+    assert len(set(uids(a))) == len(a)
+    other = stored.copy()
+    other[0, 0, 0] = 1
+    for b in (dicom_series(other, *heads, "t1w", {"id": "m", "weights_sha256": "ab"}, 9900),
+              dicom_series(stored, *heads, "t2w", {"id": "m", "weights_sha256": "ab"}, 9901),
+              dicom_series(stored, *heads, "t1w", {"id": "m", "weights_sha256": "cd"}, 9900)):
+        assert not set(uids(a)) & set(uids(b))
     # a root that leaves fewer than 24 random digits of the 64 is refused
     assert check_uid_root("1." + "2." * 19) == "1." + "2." * 19
     with pytest.raises(ValueError, match="at most 40 characters"):
