@@ -69,9 +69,9 @@ def check_uid_root(root: str | None) -> str | None:
     if root is None or root == "":
         return None
     root = str(root)
-    # pydicom fills the rest of the 64 characters with random digits: 24 of them (80 bits) keep
-    # a collision unlikely over a PACS's lifetime of SOP instances; 10, after a 54-character
-    # root, gave one in 300,000
+    # the rest of the 64 characters are the UID's own digits (random, or a hash: _derived_uid):
+    # 24 of them (80 bits) keep a collision unlikely over a PACS's lifetime of SOP instances;
+    # 10, after a 54-character root, gave one in 300,000 random UIDs
     if not _UID_ROOT.fullmatch(root) or len(root) > _UID_ROOT_MAX:
         raise ValueError(f"uid_root {root!r}: not a UID root (digits and dots, no leading zeros, ending in '.', "
                          f"at most {_UID_ROOT_MAX} characters): your organisation's registered root, such as '1.2.3.4.'")
