@@ -179,3 +179,27 @@ def test_uploading_a_registry_again_leaves_unchanged_models_alone(s3, tmp_path, 
         storage.upload(tmp_path / "reg", url)
     assert touched == ["rm pretrain/qsnet/t2w/card.json", "pretrain/qsnet/t2w/extra/curve.json",
                        "pretrain/qsnet/t2w/model.pt", "pretrain/qsnet/t2w/card.json"]
+
+
+def test_submit_checks_the_s3_paths_it_reads_and_writes(s3, tmp_path):  # noqa: F811
+    """Before anything is sent: a stores prefix with nothing under it (a typo) and a registry the
+    credentials cannot write are refused; paths that are fine go on to the cluster probe."""
+    from train.submit import SubmitError, preflight
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "params.yaml").write_text(PARAMS)
+    s3.fs().pipe_file(f"{s3.bucket}/prepared/site-A/x/zarr.json", b"{}")
+    b = f"s3://{s3.bucket}"
+    dead = "http://127.0.0.1:9"
+    with patched_environ(s3.env):
+        with pytest.raises(SubmitError, match=f"--stores {b}/prepped: nothing there to read"):
+            preflight(dead, work, ["qsnet", "pretrain", "--stores", f"{b}/prepped", "--models", f"{b}/models"])
+        with pytest.raises(SubmitError, match="cannot reach a Ray dashboard"):
+            preflight(dead, work, ["qsnet", "pretrain", "--stores", f"{b}/prepared", "--models", f"{b}/models",
+                                   "--reports", f"{b}/reports", "--storage", f"{b}/runs"])
+        # the write check leaves nothing behind
+        assert not [k for k in s3.keys() if "write-check" in k]
+        with pytest.raises(SubmitError, match="No such option: --storess"):
+            preflight(dead, work, ["qsnet", "pretrain", "--storess", f"{b}/prepared"])
+

@@ -123,7 +123,13 @@ def _parsed(command: list[str]):
         cli._load_plugins()
         commands = typer.main.get_command(cli.app).commands
     cmd = commands[command[1]]
-    ctx = cmd.make_context(command[1], list(command[2:]), resilient_parsing=True)
+    try:
+        ctx = cmd.make_context(command[1], list(command[2:]))
+    except Exception as exc:  # noqa: BLE001 - click's UsageError (typer may vendor its own click)
+        # a misspelt option found here, not after the upload when the job dies with exit code 2
+        # (and an option after it no longer reads as its default in the checks below)
+        why = exc.format_message() if hasattr(exc, "format_message") else first_line(exc)
+        raise SubmitError(f"{shlex.join(command)}: {why}") from None
     # typer may bring its own click: options told apart by their dashes, not by class
     labels = {p.name: (p.opts[0] if p.opts and p.opts[0].startswith("-") else p.name.upper()) for p in cmd.params}
     return ctx, labels
@@ -179,10 +185,19 @@ def preflight(address: str | None, working_dir: Path, command: list[str], runtim
             raise SubmitError(f"{opt} {val}: qsnet {command[1]} writes to folders, not URLs; give a folder every "
                               "node sees (a shared volume)")
         if storage.is_url(val):
+            # with the submitter's credentials, which the workers should share (platform/README.md):
+            # an output the job cannot write fails after hours of training, an input that is not
+            # there once the job starts
             try:
-                storage.check_access(val, write=False)
+                storage.check_access(val, write=written)
+                missing = not written and not storage.exists(val)
             except storage.StorageError as exc:
                 raise SubmitError(f"{opt} {exc}") from None
+            except Exception as exc:  # noqa: BLE001 - botocore/aiohttp raise many kinds for one cause
+                raise SubmitError(f"{opt} {val}: storage not reachable ({first_line(exc)})") from None
+            if missing:
+                raise SubmitError(f"{what}: nothing there to read (check the path; `qsnet prepare` and the "
+                                  "stages upload to it)")
         elif written and not Path(val).is_absolute():
             where = "an absolute folder every node sees" if command[1] in ("tune", "prepare") else "an s3:// URL"
             warnings.append(f"{what}: a relative path lands in the job's temporary copy of the working "
